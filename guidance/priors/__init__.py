@@ -1,0 +1,36 @@
+"""Priors: the frozen 2D teachers. Registry: name -> (config dataclass, builder).
+
+``auto`` picks the embedded ``shapes`` prior on machines without CUDA (and says so).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from threedgen.errors import unknown_name
+from threedgen.guidance.priors.shapes.prior import ShapesPrior, ShapesPriorConfig
+
+PRIORS = {
+    "shapes": (ShapesPriorConfig, ShapesPrior),
+}
+PRIOR_CHOICES = ("auto",) + tuple(PRIORS)
+
+
+def resolve_prior_name(name: str, device: torch.device, announce: bool = True) -> str:
+    if name == "auto":
+        chosen = "shapes"
+        if announce:
+            why = ("Stable Diffusion support is not installed in this version" if device.type == "cuda"
+                   else "no CUDA device")
+            print(f"threedgen: --prior auto -> the embedded 'shapes' prior ({why})", file=sys.stderr)
+        return chosen
+    if name not in PRIORS:
+        raise unknown_name("prior", name, PRIOR_CHOICES)
+    return name
+
+
+def build_prior(cfg, device: torch.device):
+    _, cls = PRIORS[cfg.name]
+    return cls(cfg).to(device)

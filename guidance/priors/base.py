@@ -1,0 +1,85 @@
+"""The Prior contract: a frozen diffusion model as score distillation sees it.
+
+A prior maps rendered RGB into its model space (``encode_images``), predicts noise for a batch of
+noisy inputs with one conditioning per item (``predict_noise``; cond and uncond are batched by the
+caller into one call), and exposes its noise schedule (``alphas_cumprod``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from threedgen.cameras import Cameras
+
+VIEW_TAGS = ("front", "side", "back", "overhead")
+
+
+def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                      beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's schedule: "scaled_linear" betas (linear in sqrt(beta)), cumulative
+    product of ``1 - beta``. float32 ``[T]``, as diffusers' schedulers compute it."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass
+class PromptEmbeds:
+    """A prompt as the prior understands it, computed once per run.
+
+    ``cond``: the prompt; ``uncond``: the negative prompt (or the empty prompt when none);
+    ``empty``: the empty prompt; ``by_view``: view-dependent variants of ``cond`` keyed by view tag
+    (empty when the prior does not use view-dependent prompting). Values are prior-specific
+    conditioning objects (a text-encoder tensor, or the shapes prior's object sets).
+    """
+
+    prompt: str
+    negative_prompt: str
+    cond: Any
+    uncond: Any
+    empty: Any
+    by_view: dict[str, Any] = field(default_factory=dict)
+
+    def cond_for(self, cameras: Cameras) -> list[Any]:
+        """One conditioning per camera: the view-dependent variant where there is one."""
+        return [self.by_view.get(tag, self.cond) for tag in cameras.view_tags] if self.by_view \
+            else [self.cond] * len(cameras)
+
+    def uncond_for(self, cameras: Cameras) -> list[Any]:
+        return [self.uncond] * len(cameras)
+
+    def empty_for(self, cameras: Cameras) -> list[Any]:
+        return [self.empty] * len(cameras)
+
+
+class Prior(torch.nn.Module):
+    """Base class of priors. Subclasses set the attributes and implement the four methods."""
+
+    name: str = "prior"
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    resolution: int = 64  # model-space input size the prior expects from encode_images
+    alphas_cumprod: torch.Tensor
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        raise NotImplementedError
+
+    def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Differentiable: rgb ``[B,3,H,W]`` in [0,1] -> model space."""
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> rgb ``[B,3,H,W]`` in [0,1] (previews)."""
+        raise NotImplementedError
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[Any],
+                      views: Optional[Cameras] = None) -> torch.Tensor:
+        """eps prediction ``[N,C,h,w]`` for ``x_t [N,C,h,w]``, integer ``t [N]``, one conditioning
+        per item, and optionally the camera (with its background) each item was rendered from."""
+        raise NotImplementedError
+
+    def truth(self, prompt: str):
+        """The true object for ``prompt`` (shapes prior only); None where the prior has no truth."""
+        return None

@@ -1,0 +1,214 @@
+"""The embedded ``shapes`` prior: an exact diffusion model of a small world of coloured shapes.
+
+For a finite image set {X_i} with prior weights pi_i, diffused as ``x_t = a_t x0 + s_t eps``, the
+optimal denoiser is exact:
+
+    w_i    = softmax_i( log pi_i - ||x_t - a_t X_i||^2 / (2 s_t^2) )
+    x0_hat = sum_i w_i X_i,        eps_hat = (x_t - a_t x0_hat) / s_t
+
+The images are every (shape, colour, teacher view) of the world, composited over the background
+the render used. Colour is separable (``X = 2 albedo * shade - 2 b * alpha + (2 b - 1)`` in [-1,1]
+pixel space), so the squared distances to all colours of a (shape, view) come from a handful of dot
+products: the whole mixture is two matrix products per batch.
+
+Conditioning: the prompt selects its object's images; the unconditional branch is every object of
+the world (or the negative prompt's objects), so classifier-free guidance means something. The
+optional camera kernel ``log pi_v = kappa * <d, d_v>`` (von Mises-Fisher on viewing directions)
+weights teacher views by their closeness to the render's camera; both branches keep it (the text is
+dropped, not the camera). With ``camera_kappa = 0`` the prior is text-only, like Stable Diffusion,
+and view-dependent prompt tags restrict the text branch to teacher views with the same tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from threedgen.cameras import Cameras, view_tag
+from threedgen.errors import UserError
+from threedgen.guidance.priors.base import VIEW_TAGS, Prior, PromptEmbeds, sd_alphas_cumprod
+from threedgen.guidance.priors.shapes import render as shapes_render
+from threedgen.guidance.priors.shapes.sdf import SDFS, truth_mesh
+from threedgen.guidance.priors.shapes.vocab import COLOURS, SHAPES, parse_negative, parse_prompt
+
+
+@dataclass
+class ShapesPriorConfig:
+    name: str = "shapes"
+    resolution: int = 64
+    # Camera kernel concentration (von Mises-Fisher); 0 = text only.
+    camera_kappa: float = 1000.0
+    # Teacher view grid: elevations (degrees) x azimuths every `azimuth_step` degrees.
+    elevations: list[float] = field(default_factory=lambda: [-10.0, 5.0, 20.0, 35.0, 50.0, 65.0])
+    azimuth_step: float = 10.0
+    distance: float = 2.5
+    fovy: float = 40.0
+    supersample: int = 2
+    # Text-only mode: restrict the text branch to teacher views with the render's view tag.
+    view_dependent_prompting: bool = True
+    # Limit the world to some shapes (None = all); used by tests for speed.
+    shapes: Optional[list[str]] = None
+
+
+@dataclass(frozen=True)
+class ShapesCondition:
+    """A set of objects (indices into ``ShapesPrior.objects``) and an optional view-tag restriction."""
+
+    objects: tuple[int, ...]
+    view_tag: Optional[str] = None
+
+
+@dataclass
+class ShapeTruth:
+    """The true object of a prompt: its SDF, albedo and a mesh, for evaluation."""
+
+    shape: str
+    colour: str
+    albedo: tuple[float, float, float]
+    _mesh: object = None
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        return SDFS[self.shape](points)
+
+    def mesh(self):
+        if self._mesh is None:
+            self._mesh = truth_mesh(self.shape)
+        return self._mesh
+
+    def render(self, cameras: Cameras, height: int, width: int, supersample: int = 2):
+        """``rgb [B,H,W,3]`` over each camera's background and ``alpha [B,H,W]``."""
+        shade, alpha = shapes_render.sphere_trace(self.shape, cameras, height, width, supersample)
+        albedo = torch.tensor(self.albedo)
+        bg = cameras.background[:, None, None, :].float()
+        rgb = albedo * shade[..., None] + bg * (1 - alpha[..., None])
+        return rgb, alpha
+
+
+class ShapesPrior(Prior):
+    name = "shapes"
+    prediction_type = "epsilon"
+
+    def __init__(self, cfg: ShapesPriorConfig | None = None):
+        super().__init__()
+        cfg = cfg or ShapesPriorConfig()
+        self.cfg = cfg
+        self.resolution = int(cfg.resolution)
+        self.shapes = tuple(cfg.shapes) if cfg.shapes else SHAPES
+        for s in self.shapes:
+            if s not in SHAPES:
+                raise UserError(f"unknown shape {s!r} in prior.shapes; valid: {', '.join(SHAPES)}")
+        self.colours = tuple(COLOURS)
+        self.objects = [(s, c) for s in range(len(self.shapes)) for c in range(len(self.colours))]
+        self.grid = shapes_render.ViewGrid(tuple(float(e) for e in cfg.elevations), float(cfg.azimuth_step),
+                                           float(cfg.distance), float(cfg.fovy))
+        teacher = self.grid.cameras()
+        self.teacher_tags = [view_tag(float(e), float(a)) for e, a in zip(teacher.elevation, teacher.azimuth)]
+        maps = [torch.stack(shapes_render.cached_maps(s, self.grid, self.resolution, cfg.supersample), 1)
+                for s in self.shapes]  # each [V,2,H,W]
+        m = torch.stack(maps).flatten(3)  # [S,V,2,HW]: shade (premultiplied), alpha
+        ones = torch.ones_like(m[:, :, :1])
+        basis = torch.cat([m, ones], 2).double()
+        self.register_buffer("maps", m, persistent=False)
+        self.register_buffer("gram", basis @ basis.transpose(-1, -2), persistent=False)  # [S,V,3,3]
+        self.register_buffer("teacher_dirs", teacher.view_dirs, persistent=False)  # [V,3]
+        self.register_buffer("albedo", torch.tensor([COLOURS[c] for c in self.colours]), persistent=False)
+        self.register_buffer("alphas_cumprod", sd_alphas_cumprod(self.num_train_timesteps), persistent=False)
+        tags = torch.tensor([[t == tag for t in self.teacher_tags] for tag in VIEW_TAGS])
+        self.register_buffer("tag_mask", tags, persistent=False)  # [4,V]
+
+    # ---- prompts -------------------------------------------------------------------------
+    def _object_index(self, colour: str, shape: str) -> int:
+        if shape not in self.shapes:
+            raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(self.shapes)})")
+        return self.shapes.index(shape) * len(self.colours) + self.colours.index(colour)
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        colour, shape = parse_prompt(prompt)
+        cond = ShapesCondition((self._object_index(colour, shape),))
+        everything = ShapesCondition(tuple(range(len(self.objects))))
+        uncond = everything
+        patterns = parse_negative(negative_prompt) if negative_prompt.strip() else []
+        if patterns:
+            chosen = tuple(i for i, (s, c) in enumerate(self.objects)
+                           if any((pc is None or self.colours[c] == pc) and (ps is None or self.shapes[s] == ps)
+                                  for pc, ps in patterns))
+            if not chosen:
+                raise UserError(f"negative prompt {negative_prompt!r} names nothing in this prior's world")
+            uncond = ShapesCondition(chosen)
+        by_view = {}
+        if self.cfg.camera_kappa == 0 and self.cfg.view_dependent_prompting:
+            by_view = {tag: ShapesCondition(cond.objects, tag) for tag in VIEW_TAGS}
+        return PromptEmbeds(prompt, negative_prompt, cond, uncond, everything, by_view)
+
+    def truth(self, prompt: str) -> ShapeTruth:
+        colour, shape = parse_prompt(prompt)
+        return ShapeTruth(shape, colour, COLOURS[colour])
+
+    # ---- images --------------------------------------------------------------------------
+    def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        if rgb.shape[-2:] != (self.resolution, self.resolution):
+            rgb = F.interpolate(rgb, (self.resolution, self.resolution), mode="bilinear",
+                                align_corners=False, antialias=True)
+        return rgb * 2.0 - 1.0
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1.0) / 2.0).clamp(0, 1)
+
+    # ---- the exact denoiser --------------------------------------------------------------
+    def log_view_prior(self, views: Optional[Cameras], n: int) -> torch.Tensor:
+        """``log pi_v`` per item ``[N,V]`` (unnormalised; constants cancel in the softmax)."""
+        v = self.teacher_dirs.shape[0]
+        if views is None or self.cfg.camera_kappa == 0:
+            return torch.zeros(n, v, dtype=torch.float64, device=self.maps.device)
+        dirs = views.view_dirs.to(self.teacher_dirs).double()
+        return float(self.cfg.camera_kappa) * (dirs @ self.teacher_dirs.double().T)
+
+    @torch.no_grad()
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[ShapesCondition],
+                   views: Optional[Cameras] = None) -> torch.Tensor:
+        """Posterior mean ``x0_hat [N,3,H,W]`` of the image given ``x_t``."""
+        n, c, h, w = x_t.shape
+        if (h, w) != (self.resolution, self.resolution) or c != 3:
+            raise ValueError(f"shapes prior expects [N,3,{self.resolution},{self.resolution}], got {list(x_t.shape)}")
+        if len(cond) != n:
+            raise ValueError(f"{len(cond)} conditionings for {n} inputs")
+        S, V = self.maps.shape[:2]
+        x = x_t.reshape(n, 3, -1).float()
+        flat = self.maps.reshape(S * V * 2, -1)
+        dots = (x @ flat.T).double().reshape(n, 3, S, V, 2)  # x_ch . {shade, alpha}
+        sums = x.double().sum(-1)  # x_ch . 1
+        abar = self.alphas_cumprod.to(x_t.device)[t.long()].double()
+        a, s2 = abar.sqrt(), 1.0 - abar
+        bg = (views.background.to(x_t.device).double() if views is not None
+              else torch.ones(n, 3, dtype=torch.float64, device=x_t.device))
+        log_pi = self.log_view_prior(views, n)
+        agg = torch.zeros(n, 3, S, V, 3, dtype=torch.float64, device=x_t.device)
+        for i, cnd in enumerate(cond):
+            objs = torch.tensor(cnd.objects, device=x_t.device)
+            shape_idx = objs // len(self.colours)
+            albedo = self.albedo[objs % len(self.colours)].double()  # [O,3]
+            coef = torch.stack([2 * albedo, (-2 * bg[i]).expand_as(albedo), (2 * bg[i] - 1).expand_as(albedo)], -1)  # [O,3ch,3k]
+            d = torch.cat([dots[i][:, shape_idx], sums[i][:, None, None, None].expand(3, len(objs), V, 1)], -1)  # [3ch,O,V,3k]
+            x_dot_X = torch.einsum("ock,covk->ov", coef, d)
+            X_norm2 = torch.einsum("ock,ovkl,ocl->ov", coef, self.gram[shape_idx], coef)
+            logits = log_pi[i][None, :] - (a[i] ** 2 * X_norm2 - 2 * a[i] * x_dot_X) / (2 * s2[i])
+            if cnd.view_tag is not None:
+                mask = self.tag_mask[VIEW_TAGS.index(cnd.view_tag)]
+                if mask.any():
+                    logits = logits.masked_fill(~mask[None, :], float("-inf"))
+            weights = torch.softmax(logits.flatten(), 0).reshape(logits.shape)  # [O,V]
+            # x0_hat = sum_i w_i X_i, collected per channel onto each (shape, view) basis map.
+            agg[i].index_add_(1, shape_idx, torch.einsum("ov,ock->covk", weights, coef))
+        out = (agg[..., :2].reshape(n * 3, S * V * 2).float() @ flat).double()
+        out = out.reshape(n, 3, h * w) + agg[..., 2].sum((2, 3))[..., None]
+        return out.reshape(n, 3, h, w).to(x_t.dtype)
+
+    @torch.no_grad()
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[ShapesCondition],
+                      views: Optional[Cameras] = None) -> torch.Tensor:
+        x0 = self.predict_x0(x_t, t, cond, views)
+        abar = self.alphas_cumprod.to(x_t.device)[t.long()].to(x_t.dtype)[:, None, None, None]
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()

@@ -1,0 +1,117 @@
+"""Rendering the shapes prior's images: sphere tracing of the exact SDFs, cached on disk.
+
+Each image is stored as two maps at the prior's resolution: ``shade`` = shading x coverage
+(premultiplied) and ``alpha`` = coverage, both from ``supersample^2`` rays per pixel. Shading is
+view-independent: ``ambient + diffuse * max(0, n . light)``; an object's RGB over a background ``b``
+is ``albedo * shade + b * (1 - alpha)``. Colour is separable, so one pair of maps per (shape, view)
+serves every colour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from threedgen.cameras import Cameras
+from threedgen.guidance.priors.shapes.sdf import SDFS
+
+RENDER_VERSION = 1
+LIGHT_DIR = (0.35, 0.85, 0.40)  # world space, normalised at use
+AMBIENT, DIFFUSE = 0.30, 0.70
+
+
+@dataclass(frozen=True)
+class ViewGrid:
+    """The teacher's views: every ``azimuth_step`` degrees at each elevation."""
+
+    elevations: tuple[float, ...] = (-10.0, 5.0, 20.0, 35.0, 50.0, 65.0)
+    azimuth_step: float = 10.0
+    distance: float = 2.5
+    fovy: float = 40.0
+
+    def cameras(self) -> Cameras:
+        n_az = int(round(360.0 / self.azimuth_step))
+        az = torch.arange(n_az, dtype=torch.float32) * self.azimuth_step
+        el = torch.tensor(self.elevations, dtype=torch.float32)
+        el_grid, az_grid = torch.meshgrid(el, az, indexing="ij")
+        return Cameras.from_angles(el_grid.reshape(-1), az_grid.reshape(-1), self.distance, self.fovy)
+
+
+def sphere_trace(shape: str, cameras: Cameras, height: int, width: int, supersample: int = 2,
+                 iterations: int = 96, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shade, alpha)`` maps ``[B,H,W]`` of one shape seen by ``cameras`` (float32)."""
+    sdf = SDFS[shape]
+    light = torch.tensor(LIGHT_DIR, dtype=torch.float64)
+    light = light / light.norm()
+    shades, alphas = [], []
+    for start in range(0, len(cameras), chunk):
+        cams = Cameras(*(getattr(cameras, k)[start:start + chunk] for k in
+                         ("c2w", "fovy", "elevation", "azimuth", "distance", "background")))
+        o, d = cams.rays(height * supersample, width * supersample)
+        o, d = o.reshape(-1, 3).double(), d.reshape(-1, 3).double()
+        dist = cams.distance.double()[:, None].expand(-1, o.shape[0] // len(cams)).reshape(-1)
+        t = dist - 0.9
+        hit = torch.zeros(o.shape[0], dtype=torch.bool)
+        idx = torch.arange(o.shape[0])  # rays still marching
+        for _ in range(iterations):
+            step = sdf(o[idx] + d[idx] * t[idx, None])
+            done = step < 1e-4
+            hit[idx[done]] = True
+            t[idx] += step
+            idx = idx[~done & (t[idx] < dist[idx] + 0.9)]
+            if idx.numel() == 0:
+                break
+        p = o + d * t[..., None]
+        eps = 1e-4
+        grad = torch.stack([sdf(p + eps * e) - sdf(p - eps * e) for e in torch.eye(3, dtype=torch.float64)], -1)
+        normal = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        shade = (AMBIENT + DIFFUSE * (normal @ light).clamp(min=0)) * hit
+        size = (len(cams), height * supersample, width * supersample)
+        shade, hit = shade.reshape(size), hit.reshape(size)
+        pool = torch.nn.functional.avg_pool2d
+        shades.append(pool(shade[:, None], supersample)[:, 0].float())
+        alphas.append(pool(hit[:, None].double(), supersample)[:, 0].float())
+    return torch.cat(shades), torch.cat(alphas)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("THREEDGEN_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("threedgen"))
+
+
+def cached_maps(shape: str, grid: ViewGrid, resolution: int, supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher maps of one shape, ``[V,H,W]`` each, rendered once and cached on disk.
+
+    The cache key covers every parameter that changes a pixel, so a stale file is never used."""
+    params = {"version": RENDER_VERSION, "shape": shape, "grid": asdict(grid), "resolution": resolution,
+              "supersample": supersample, "light": LIGHT_DIR, "ambient": AMBIENT, "diffuse": DIFFUSE}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root() / "shapes" / f"{shape}-{resolution}-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as data:
+                return torch.from_numpy(data["shade"].copy()), torch.from_numpy(data["alpha"].copy())
+        except Exception:  # a damaged cache file is simply rendered again
+            pass
+    shade, alpha = sphere_trace(shape, grid.cameras(), resolution, resolution, supersample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, shade=shade.numpy(), alpha=alpha.numpy())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return shade, alpha

@@ -1,0 +1,81 @@
+"""Score Distillation Sampling (DreamFusion: Poole et al. 2022, "DreamFusion: Text-to-3D using 2D
+Diffusion", eq. 3):
+
+    t ~ U{min_step, max_step},  eps ~ N(0, I),  x_t = a_t x + s_t eps
+    g = w(t) * (eps_cfg(x_t, t) - eps),   eps_cfg = eps_u + s * (eps_y - eps_u)
+
+with ``w(t) = 1 - alphas_cumprod[t]`` ("sds"), 1 ("uniform") or ``sqrt(abar)(1-abar)``
+("fantasia3d"). Cond and uncond are one batched prior call. Optional element-wise clipping of g
+(threestudio's ``grad_clip``). Note the CFG convention: diffusers' (D); threestudio's SDS uses
+``e_y + s(e_y - e_u)`` (T), so its scale 100 equals 101 here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from threedgen.cameras import Cameras
+from threedgen.errors import UserError
+from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient
+from threedgen.guidance.priors.base import PromptEmbeds
+from threedgen.schedule import check_schedule, schedule_value
+
+WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+
+
+@dataclass
+class SDSConfig:
+    name: str = "sds"
+    guidance_scale: float = 100.0
+    # Schedules (threedgen.schedule): a number, [v0, v1] or [start_step, v0, v1, end_step].
+    min_step_percent: Any = 0.02
+    max_step_percent: Any = 0.98
+    weighting: str = "sds"
+    grad_clip: Any = None  # a schedule, or None for no clipping
+
+
+def sds_weight(weighting: str, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    if weighting == "sds":
+        return 1 - alphas_cumprod_t
+    if weighting == "uniform":
+        return torch.ones_like(alphas_cumprod_t)
+    if weighting == "fantasia3d":
+        return alphas_cumprod_t.sqrt() * (1 - alphas_cumprod_t)
+    raise UserError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+
+
+class SDS(Guidance):
+    name = "sds"
+
+    def __init__(self, cfg: SDSConfig, prior):
+        super().__init__(cfg, prior)
+        if cfg.weighting not in WEIGHTINGS:
+            raise UserError(f"guidance.weighting must be one of {', '.join(WEIGHTINGS)}; got {cfg.weighting!r}")
+        check_schedule("guidance.min_step_percent", cfg.min_step_percent, 0.0, 1.0)
+        check_schedule("guidance.max_step_percent", cfg.max_step_percent, 0.0, 1.0)
+        check_schedule("guidance.grad_clip", cfg.grad_clip, 0.0, float("inf"))
+
+    def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
+                max_steps: int) -> GuidanceOutput:
+        """``images [B,H,W,3]`` in [0,1] -> loss whose gradient on the prior input is g / B."""
+        prior, cfg = self.prior, self.cfg
+        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        b = x.shape[0]
+        t = self.sample_timesteps(b, step, max_steps, x.device)
+        with torch.no_grad():
+            abar = prior.alphas_cumprod.to(x.device)[t].view(b, 1, 1, 1)
+            eps = torch.randn_like(x)
+            x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps
+            eps_pred = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                           embeds.cond_for(cameras) + embeds.uncond_for(cameras),
+                                           cameras.cat(cameras))
+            eps_y, eps_u = eps_pred.chunk(2)
+            eps_cfg = eps_u + cfg.guidance_scale * (eps_y - eps_u)
+            grad = sds_weight(cfg.weighting, abar) * (eps_cfg - eps)
+            clip = schedule_value(cfg.grad_clip, step, max_steps)
+            if clip is not None:
+                grad = grad.clamp(-clip, clip)
+        return GuidanceOutput(inject_gradient(x, grad), grad.flatten(1).norm(dim=1).mean(), t)

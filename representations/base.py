@@ -1,0 +1,46 @@
+"""The Representation contract: the 3D thing that is optimised and rendered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from threedgen.cameras import Cameras
+
+
+@dataclass
+class RenderOutput:
+    """Renders in ``[B,H,W,C]``: ``rgb`` (C=3, composited over each camera's background),
+    ``alpha`` (C=1, accumulated opacity), ``depth`` (C=1, expected ray distance), ``normal``
+    (C=3) where the representation provides it."""
+
+    rgb: torch.Tensor
+    alpha: torch.Tensor
+    depth: torch.Tensor
+    normal: Optional[torch.Tensor] = None
+
+
+class Representation(torch.nn.Module):
+    """Base class. Subclasses implement ``render``, ``parameter_groups`` and ``extract_mesh``."""
+
+    name = "representation"
+
+    def render(self, cameras: Cameras, height: int, width: int) -> RenderOutput:
+        raise NotImplementedError
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups (``params``, ``lr``, ``name``) from the representation's config."""
+        raise NotImplementedError
+
+    def on_step(self, step: int) -> None:
+        """Maintenance after an optimizer step (occupancy grid update, densify/prune)."""
+
+    def regularizers(self, out: RenderOutput) -> dict[str, torch.Tensor]:
+        """Representation-specific losses on a render (name -> scalar, weighted in the system)."""
+        return {}
+
+    def extract_mesh(self, resolution: int = 128):
+        """A ``trimesh.Trimesh`` with vertex colours, +Y up, in world units."""
+        raise NotImplementedError

@@ -1,0 +1,125 @@
+"""Density + colour fields for the NeRF representation.
+
+- ``DenseGridField`` (CPU default): a density voxel grid and a coarser colour grid, trilinearly
+  interpolated with ``grid_sample``. Measured 6-10x faster per step than a pure-PyTorch hash grid
+  at the same quality on a 2-core CPU (see the shapes prior design notes).
+- ``HashGridField`` (CUDA default): a multiresolution hash encoding (Instant-NGP) with a small MLP;
+  tiny-cuda-nn when it imports on a CUDA device, the pure-PyTorch encoding otherwise.
+
+Every field maps world points ``[P,3]`` (inside ``[-bound, bound]^3``) to a raw density ``[P]``
+(before the activation) and an RGB colour ``[P,3]`` in [0,1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _sample_grid(grid: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Trilinear lookup: ``grid [C,D,H,W]``, points ``[P,3]`` in [-1,1] (x->W, y->H, z->D) -> ``[P,C]``."""
+    out = F.grid_sample(grid[None], unit.view(1, 1, 1, -1, 3), mode="bilinear", align_corners=True)
+    return out.view(grid.shape[0], -1).T
+
+
+class DenseGridField(torch.nn.Module):
+    def __init__(self, bound: float, density_resolution: int = 64, color_resolution: int = 32):
+        super().__init__()
+        self.bound = bound
+        r, c = density_resolution, color_resolution
+        self.density = torch.nn.Parameter(torch.zeros(1, r, r, r))
+        self.color = torch.nn.Parameter(torch.zeros(3, c, c, c))
+
+    def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = points / self.bound
+        return _sample_grid(self.density, unit)[:, 0], torch.sigmoid(_sample_grid(self.color, unit))
+
+    def parameter_groups(self, lr_density: float, lr_color: float) -> list[dict]:
+        return [{"params": [self.density], "lr": lr_density, "name": "density"},
+                {"params": [self.color], "lr": lr_color, "name": "color"}]
+
+
+class HashEncoding(torch.nn.Module):
+    """Multiresolution hash encoding in pure PyTorch (Mueller et al. 2022, eq. 3-4): per level,
+    the 8 corners of the point's cell are hashed (or indexed densely when the level fits) into a
+    table of ``n_features`` vectors and trilinearly interpolated."""
+
+    PRIMES = (1, 2654435761, 805459861)
+
+    def __init__(self, n_levels: int = 16, n_features: int = 2, log2_table: int = 19,
+                 base_resolution: int = 16, max_resolution: int = 2048):
+        super().__init__()
+        self.n_levels, self.n_features = n_levels, n_features
+        growth = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(n_levels - 1, 1))
+        self.resolutions = [int(math.floor(base_resolution * growth ** i)) for i in range(n_levels)]
+        self.table_size = 2 ** log2_table
+        sizes = [min(self.table_size, (r + 1) ** 3) for r in self.resolutions]
+        self.offsets = [0]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.table = torch.nn.Parameter(torch.empty(self.offsets[-1], n_features).uniform_(-1e-4, 1e-4))
+        corners = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)])
+        self.register_buffer("corners", corners, persistent=False)
+
+    @property
+    def output_dim(self) -> int:
+        return self.n_levels * self.n_features
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        """``x01 [P,3]`` in [0,1] -> features ``[P, levels*features]``."""
+        feats = []
+        for level, res in enumerate(self.resolutions):
+            pos = x01 * res
+            cell = pos.floor().long().clamp(0, res - 1)
+            frac = pos - cell
+            idx = cell[:, None, :] + self.corners[None]  # [P,8,3]
+            size = self.offsets[level + 1] - self.offsets[level]
+            if (res + 1) ** 3 <= size:
+                flat = idx[..., 0] * (res + 1) ** 2 + idx[..., 1] * (res + 1) + idx[..., 2]
+            else:
+                flat = (idx[..., 0] * self.PRIMES[0]) ^ (idx[..., 1] * self.PRIMES[1]) ^ (idx[..., 2] * self.PRIMES[2])
+                flat = flat % size
+            w = torch.where(self.corners[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # [P,8]
+            vals = self.table[flat + self.offsets[level]]  # [P,8,F]
+            feats.append((w[..., None] * vals).sum(1))
+        return torch.cat(feats, -1)
+
+
+class HashGridField(torch.nn.Module):
+    def __init__(self, bound: float, n_levels: int = 16, log2_table: int = 19, hidden: int = 64,
+                 use_tcnn: bool = True):
+        super().__init__()
+        self.bound = bound
+        self.tcnn = None
+        if use_tcnn and torch.cuda.is_available():
+            try:  # optional, CUDA only; imported lazily
+                import tinycudann as tcnn
+
+                self.tcnn = tcnn.NetworkWithInputEncoding(
+                    3, 4,
+                    {"otype": "HashGrid", "n_levels": n_levels, "n_features_per_level": 2,
+                     "log2_hashmap_size": log2_table, "base_resolution": 16,
+                     "per_level_scale": math.exp(math.log(2048 / 16) / (n_levels - 1))},
+                    {"otype": "FullyFusedMLP", "activation": "ReLU", "output_activation": "None",
+                     "n_neurons": hidden, "n_hidden_layers": 1})
+            except Exception:  # not installed or not built for this GPU: the PyTorch path below
+                self.tcnn = None
+        if self.tcnn is None:
+            self.encoding = HashEncoding(n_levels=n_levels, log2_table=log2_table)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(self.encoding.output_dim, hidden), torch.nn.ReLU(),
+                                           torch.nn.Linear(hidden, 4))
+
+    def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x01 = ((points / self.bound) + 1) / 2
+        x01 = x01.clamp(0, 1)
+        out = self.tcnn(x01).float() if self.tcnn is not None else self.mlp(self.encoding(x01))
+        return out[:, 0], torch.sigmoid(out[:, 1:])
+
+    def parameter_groups(self, lr_density: float, lr_color: float) -> list[dict]:
+        # One network: the encoding takes the density learning rate, the MLP a tenth of it.
+        if self.tcnn is not None:
+            return [{"params": list(self.tcnn.parameters()), "lr": lr_density, "name": "tcnn"}]
+        return [{"params": [self.encoding.table], "lr": lr_density, "name": "encoding"},
+                {"params": list(self.mlp.parameters()), "lr": lr_density * 0.1, "name": "mlp"}]

@@ -1,0 +1,3 @@
+from threedgen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The ``threedgen`` command line.
+
+    threedgen run --prompt "a red cube" [--guidance sds] [--representation nerf] [--prior auto]
+                  [--steps N] [--seed N] [--out DIR] [key=value ...]
+    threedgen run --resume RUN_DIR [--steps N]
+    threedgen export RUN_DIR [--format glb|obj|ply ...] [--resolution N]
+    threedgen eval RUN_DIR
+    threedgen guidance list
+
+Bad input prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from threedgen.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_arg(name: str, lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise UserError(f"{name} must be an integer from {lo} to {hi}; got {text!r}") from None
+        if not lo <= value <= hi:
+            raise UserError(f"{name} must be an integer from {lo} to {hi}; got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from threedgen.config import MAX_STEPS
+
+    parser = _Parser(prog="threedgen", description="Text-to-3D generation by score distillation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="generate a 3D asset from a prompt",
+                         description="Optimise a 3D representation against a 2D diffusion prior; "
+                                     "writes a run folder and prints its path as the last line.")
+    run.add_argument("--prompt", help='what to make, e.g. "a red cube"')
+    run.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    run.add_argument("--guidance", default="sds", help="guidance method (`threedgen guidance list`)")
+    run.add_argument("--representation", default="nerf", help="3D representation: nerf")
+    run.add_argument("--prior", default="auto", help="auto (shapes on CPU) or shapes")
+    run.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="optimisation steps")
+    run.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), help="random seed")
+    run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
+    run.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="config overrides, e.g. guidance.guidance_scale=50 representation.num_samples=48")
+
+    export = sub.add_parser("export", help="re-export meshes of a run from its last checkpoint")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", action="append", choices=["glb", "obj", "ply"],
+                        help="mesh format (repeat for several; default: all three)")
+    export.add_argument("--resolution", type=_int_arg("--resolution", 8, 1024), default=None,
+                        help="marching-cubes grid resolution (default from the run's config)")
+
+    ev = sub.add_parser("eval", help="score a run against the truth (shapes prior)")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    g = sub.add_parser("guidance", help="guidance methods")
+    g.add_argument("action", choices=["list"])
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from threedgen.config import build_config, parse_overrides
+    from threedgen.runner import run
+
+    if args.resume:
+        if args.prompt is not None or args.overrides:
+            raise UserError("--resume continues a run with its own config; drop --prompt and overrides")
+        run_dir = run(resume=args.resume, steps=args.steps, progress_bar=not args.no_progress)
+    else:
+        if args.prompt is None:
+            raise UserError('--prompt is required, e.g. threedgen run --prompt "a red cube"')
+        flags = {"prompt": args.prompt}
+        if args.negative_prompt is not None:
+            flags["negative_prompt"] = args.negative_prompt
+        for key in ("steps", "seed", "device"):
+            if getattr(args, key) is not None:
+                flags[key] = getattr(args, key)
+        prior = args.prior
+        from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior_name
+        from threedgen.errors import unknown_name
+
+        if prior not in PRIOR_CHOICES:
+            raise unknown_name("prior", prior, PRIOR_CHOICES)
+        overlay = "shapes" if prior == "auto" else prior  # auto resolves to shapes on this version
+        cfg = build_config(args.guidance, args.representation, overlay, parse_overrides(args.overrides), flags)
+        cfg.prior.name = prior if prior != "auto" else cfg.prior.name
+        run_dir = run(cfg, out=args.out, progress_bar=not args.no_progress)
+    status = json.loads((run_dir / "status.json").read_text())
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        print(f"mask_iou {m['mask_iou']:.3f}  psnr {m['psnr']:.2f} dB  chamfer {m['chamfer']:.4f}  "
+              f"({status.get('total_seconds', 0):.0f} s)", file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from threedgen.export import export_run_outputs
+    from threedgen.runner import load_trained
+
+    cfg, system, run_dir = load_trained(args.run_dir)
+    summary = export_run_outputs(system.representation, cfg, run_dir, formats=args.format, resolution=args.resolution)
+    for f in summary["files"]:
+        print(f)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from threedgen.evaluate import evaluate_run, format_table
+
+    metrics = evaluate_run(args.run_dir)
+    print(json.dumps(metrics, indent=1) if args.json else format_table(metrics))
+    return 0
+
+
+def _cmd_guidance(args) -> int:
+    from threedgen.guidance import GUIDANCE_INFO
+
+    print(f"{'method':<8} {'paper':<36} teacher passes per step")
+    for name, (paper, cost) in GUIDANCE_INFO.items():
+        print(f"{name:<8} {paper:<36} {cost}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance}[args.command](args)
+    except UserError as exc:
+        print(f"threedgen: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("threedgen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

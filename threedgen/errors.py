@@ -1,0 +1,22 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class UserError(Exception):
+    """Bad input: the message says what was wrong, what is allowed, and what to try."""
+
+
+def nearest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
+    """The valid names closest to ``name`` (nearest first), then the rest in order."""
+    valid = list(valid)
+    close = difflib.get_close_matches(name, valid, n=n, cutoff=0.0)
+    return close + [v for v in valid if v not in close]
+
+
+def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:
+    names = nearest(str(name), valid)
+    return UserError(f"unknown {kind} {name!r}; valid: {', '.join(names)}")

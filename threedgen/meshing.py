@@ -1,0 +1,85 @@
+"""Meshes from density fields: marching cubes at a given level, clean-up, vertex colours.
+
+Orientation: threedgen's world is +Y up with the object's front towards +Z, which is glTF's
+convention, so meshes are written without any axis change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from threedgen.errors import UserError
+
+
+@torch.no_grad()
+def grid_values(fn: Callable[[torch.Tensor], torch.Tensor], bound: float, resolution: int,
+                device: torch.device | str = "cpu", chunk: int = 2 ** 18) -> np.ndarray:
+    lin = torch.linspace(-bound, bound, resolution, device=device)
+    pts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3)
+    out = torch.cat([fn(pts[i:i + chunk]).float().cpu() for i in range(0, pts.shape[0], chunk)])
+    return out.reshape(resolution, resolution, resolution).numpy()
+
+
+def half_transmittance_level(values: np.ndarray, voxel: float) -> float:
+    """The automatic isosurface level: march axis-aligned rays through the density grid from all six
+    sides; on each ray that ends at least half absorbed, take the density where transmittance first
+    drops below 0.5; return the median. The mesh's surface then sits where the field's renders put
+    the silhouette, whether the field is sharp or soft, with no hand-tuned constant."""
+    levels = []
+    for axis in range(3):
+        for flip in (False, True):
+            v = np.moveaxis(values, axis, 0)
+            v = v[::-1] if flip else v
+            optical = np.cumsum(np.maximum(v, 0), axis=0) * voxel
+            crossed = optical > np.log(2.0)
+            hit = crossed[-1]
+            if not hit.any():
+                continue
+            first = crossed.argmax(axis=0)
+            levels.append(np.take_along_axis(v, first[None], axis=0)[0][hit])
+    if not levels:
+        return float("inf")
+    return float(np.median(np.concatenate(levels)))
+
+
+@torch.no_grad()
+def mesh_from_field(density_fn, color_fn, bound: float, resolution: int, threshold: float | None = None,
+                    min_component_fraction: float = 0.02, device: torch.device | str = "cpu"):
+    """Marching cubes of ``density_fn`` at ``threshold`` (None: ``half_transmittance_level``) over
+    ``[-bound, bound]^3``; components with
+    fewer than ``min_component_fraction`` of the largest one's faces (floaters) are dropped;
+    vertex colours come from ``color_fn``."""
+    import mcubes
+    import trimesh
+
+    if resolution < 8 or resolution > 1024:
+        raise UserError(f"mesh resolution must be between 8 and 1024; got {resolution}")
+    values = grid_values(density_fn, bound, resolution, device)
+    if not np.isfinite(values).all():
+        raise UserError("the density field holds non-finite values; the run diverged and cannot be exported")
+    if threshold is None:
+        threshold = half_transmittance_level(values, 2 * bound / (resolution - 1))
+    if not values.max() > threshold:
+        raise UserError(f"the density field is empty at the isosurface level {threshold:.3g} "
+                        f"(max density {values.max():.3g}); nothing to export")
+    # Pad so the surface closes at the box's faces.
+    padded = np.pad(values, 1, constant_values=0.0)
+    verts, faces = mcubes.marching_cubes(padded, float(threshold))
+    verts = (verts - 1) * (2 * bound / (resolution - 1)) - bound
+    mesh = trimesh.Trimesh(verts, faces.astype(np.int64), process=True)
+    parts = mesh.split(only_watertight=False)
+    if len(parts) > 1:
+        biggest = max(len(p.faces) for p in parts)
+        mesh = trimesh.util.concatenate([p for p in parts if len(p.faces) >= min_component_fraction * biggest])
+    # mcubes orients faces for increasing values inside; make normals point out of the solid.
+    mesh.invert()
+    trimesh.repair.fix_normals(mesh)
+    pts = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)
+    rgb = torch.cat([color_fn(pts[i:i + 2 ** 16]).float().cpu() for i in range(0, len(pts), 2 ** 16)])
+    rgba = np.concatenate([(rgb.clamp(0, 1).numpy() * 255).round().astype(np.uint8),
+                           np.full((len(pts), 1), 255, np.uint8)], 1)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)
+    return mesh

@@ -1,0 +1,69 @@
+"""Run folders and safe writes.
+
+A run folder is ``<out>/<slug>-<YYYYmmdd-HHMMSS>[-n]``: the slug keeps ASCII letters and digits of
+the prompt only (never separators, dots or the raw prompt), so no prompt can name a path.
+Files are written to a temporary name in the same folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import unicodedata
+from contextlib import contextmanager
+from pathlib import Path
+
+from threedgen.errors import UserError
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "prompt"
+
+
+def check_writable(out: Path) -> Path:
+    """Create ``out`` if needed and prove it is writable; UserError with the path otherwise."""
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"output folder {str(out)!r} is not writable ({exc.strerror or exc})") from None
+    return out.resolve()
+
+
+def new_run_dir(out: Path, prompt: str) -> Path:
+    out = check_writable(out)
+    base = f"{slugify(prompt)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1000):
+        path = out / (base if n == 0 else f"{base}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a run folder in {out}")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; rename it into place when the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem + "-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,52 @@
+"""One small type for values annealed over a run (timestep bounds, clipping, weights).
+
+A schedule is written in YAML as either
+- a number: constant, e.g. ``0.98``;
+- ``[v0, v1]``: linear from v0 at step 0 to v1 at the last step;
+- ``[start_step, v0, v1, end_step]``: v0 until ``start_step``, linear to v1 at ``end_step``, then v1
+  (threestudio's convention).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from threedgen.errors import UserError
+
+ScheduleSpec = Union[float, int, Sequence[float]]
+
+
+def schedule_value(spec: ScheduleSpec | None, step: int, max_steps: int) -> float | None:
+    if spec is None:
+        return None
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    values = [float(v) for v in spec]
+    if len(values) == 2:
+        start, v0, v1, end = 0.0, values[0], values[1], float(max(max_steps, 1))
+    elif len(values) == 4:
+        start, v0, v1, end = values
+    else:
+        raise UserError(f"a schedule is a number, [v0, v1] or [start_step, v0, v1, end_step]; got {list(spec)}")
+    if step <= start or end <= start:
+        return v0 if step <= start else v1
+    if step >= end:
+        return v1
+    return v0 + (v1 - v0) * (step - start) / (end - start)
+
+
+def check_schedule(name: str, spec: ScheduleSpec | None, low: float, high: float) -> None:
+    """Reject a schedule whose values leave [low, high] (or are not finite)."""
+    if spec is None:
+        return
+    if isinstance(spec, (int, float)):
+        vals = [float(spec)]
+    else:
+        vals = [float(v) for v in spec]
+        if len(vals) == 4:
+            vals = vals[1:3]
+        elif len(vals) != 2:
+            raise UserError(f"{name}: a schedule is a number, [v0, v1] or [start_step, v0, v1, end_step]; got {list(spec)}")
+    for v in vals:
+        if not (low <= v <= high):
+            raise UserError(f"{name} must lie in [{low}, {high}]; got {v}")

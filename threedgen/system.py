@@ -1,0 +1,103 @@
+"""The Lightning system: one score-distillation run.
+
+``training_step`` is the algorithm: sample cameras (the datamodule) -> render -> guidance ->
+regularisers -> step. Optimisation is manual so that a non-finite loss or gradient skips the step
+instead of reaching the parameters; ``global_step`` therefore counts optimizer steps taken
+(skipped steps are counted separately and logged).
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from threedgen.cameras import CameraSampler, Cameras, CameraStream
+
+
+class CameraDataModule(pl.LightningDataModule):
+    """Random training cameras; the stream restarts at the trainer's step, so a resumed run sees
+    the cameras an uninterrupted run would have."""
+
+    def __init__(self, sampler: CameraSampler):
+        super().__init__()
+        self.sampler = sampler
+
+    def train_dataloader(self):
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return torch.utils.data.DataLoader(CameraStream(self.sampler, start), batch_size=None, num_workers=0)
+
+    def transfer_batch_to_device(self, batch: Cameras, device, dataloader_idx: int) -> Cameras:
+        return batch.to(device)
+
+
+class DivergedError(RuntimeError):
+    pass
+
+
+class System(pl.LightningModule):
+    def __init__(self, cfg, prior, representation, guidance, embeds):
+        super().__init__()
+        self.cfg = cfg
+        self.representation = representation
+        self.guidance = guidance
+        # The frozen prior is shared and never checkpointed: keep it out of the module tree.
+        object.__setattr__(self, "prior", prior)
+        self.embeds = embeds
+        self.automatic_optimization = False
+        self.skipped_steps = 0
+        self._bad_in_a_row = 0
+
+    def configure_optimizers(self):
+        groups = self.representation.parameter_groups() + self.guidance.extra_parameters()
+        opt = self.cfg.optimizer
+        return torch.optim.Adam(groups, betas=tuple(opt.betas), eps=opt.eps)
+
+    def training_step(self, cameras: Cameras, batch_idx: int):
+        step, max_steps = self.global_step, self.cfg.steps
+        size = self.cfg.render.resolution
+        out = self.representation.render(cameras, size, size)
+        guided = self.guidance(out.rgb, self.embeds, cameras, step, max_steps)
+        loss = guided.loss + self.regularizers(out)
+
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self._finite(loss):
+            opt.step()
+            self._bad_in_a_row = 0
+            self.representation.on_step(self.global_step)
+        else:
+            self.skipped_steps += 1
+            self._bad_in_a_row += 1
+            if self._bad_in_a_row >= self.cfg.optimizer.max_consecutive_bad_steps:
+                raise DivergedError(f"diverged: {self._bad_in_a_row} non-finite steps in a row at step {step}")
+        self.log_dict({"loss": guided.loss.detach(), "grad_norm": guided.grad_norm,
+                       "t": guided.t.float().mean(), "skipped": float(self.skipped_steps)},
+                      prog_bar=True, on_step=True, batch_size=len(cameras))
+        return loss.detach()
+
+    def regularizers(self, out) -> torch.Tensor:
+        lc = self.cfg.loss
+        total = out.rgb.new_zeros(())
+        alpha = out.alpha.clamp(1e-5, 1 - 1e-5)
+        if lc.lambda_sparsity:
+            total = total + lc.lambda_sparsity * alpha.mean()
+        if lc.lambda_opaque:
+            entropy = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log())
+            total = total + lc.lambda_opaque * entropy.mean()
+        for value in self.representation.regularizers(out).values():
+            total = total + value
+        return total
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        ok = torch.isfinite(loss)
+        if grads:
+            ok = ok & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        return bool(ok)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("threedgen", {}).get("skipped_steps", 0))
