@@ -22,7 +22,7 @@ import torch
 from threedgen.cameras import Cameras
 from threedgen.guidance.priors.shapes.sdf import SDFS
 
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # bump whenever a shape, the shading or the tracer changes
 LIGHT_DIR = (0.35, 0.85, 0.40)  # world space, normalised at use
 AMBIENT, DIFFUSE = 0.30, 0.70
 

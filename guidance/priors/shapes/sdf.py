@@ -64,25 +64,44 @@ def capsule(p: torch.Tensor, radius: float = 0.22, half_length: float = 0.23) ->
     return torch.sqrt(p[..., 0] ** 2 + y * y + p[..., 2] ** 2) - radius
 
 
+def _segment_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ab = b - a
+    t = (((p - a) * ab).sum(-1) / (ab * ab).sum()).clamp(0, 1)
+    return (p - a - t[..., None] * ab).norm(dim=-1)
+
+
+def _triangle_distance(p: torch.Tensor, a, b, c) -> torch.Tensor:
+    """Unsigned distance from points to a triangle: to its plane where the projection falls inside,
+    to the nearest edge otherwise."""
+    n = torch.cross(b - a, c - a, dim=-1)
+    n = n / n.norm()
+    inside = torch.ones(p.shape[:-1], dtype=torch.bool, device=p.device)
+    for u, v in ((a, b), (b, c), (c, a)):
+        inside &= (torch.cross((v - u).expand_as(p), p - u, dim=-1) * n).sum(-1) >= 0
+    plane = ((p - a) * n).sum(-1).abs()
+    edges = torch.minimum(torch.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)),
+                          _segment_distance(p, c, a))
+    return torch.where(inside, plane, edges)
+
+
 def pyramid(p: torch.Tensor, base: float = 0.8, height: float = 0.8) -> torch.Tensor:
-    """A square pyramid: base side ``base`` at y = -height/2, apex at y = +height/2."""
-    s = base
-    h = height / s  # height in units of the base side
-    x, y, z = p[..., 0] / s, (p[..., 1] + height / 2) / s, p[..., 2] / s
-    m2 = h * h + 0.25
-    x, z = x.abs(), z.abs()
-    x, z = torch.maximum(x, z), torch.minimum(x, z)  # fold so that x >= z
-    x, z = x - 0.5, z - 0.5
-    qx = z
-    qy = h * y - 0.5 * x
-    qz = h * x + 0.5 * y
-    ss = (-qx).clamp(min=0)
-    t = ((qy - 0.5 * z) / (m2 + 0.25)).clamp(0, 1)
-    a = m2 * (qx + ss) ** 2 + qy * qy
-    b = m2 * (qx + 0.5 * t) ** 2 + (qy - m2 * t) ** 2
-    d2 = torch.where(torch.minimum(qy, -qx * m2 - qy * 0.5) > 0, torch.zeros_like(a), torch.minimum(a, b))
-    sign = torch.sign(torch.maximum(qz, -y))
-    return torch.sqrt((d2 + qz * qz) / m2) * sign * s
+    """A square pyramid: base side ``base`` at y = -height/2, apex at y = +height/2. Exact: the
+    distance to the nearest face (a convex polyhedron's faces), negative inside, where the signed
+    distance is the largest of the face planes' distances."""
+    h, r = height / 2, base / 2
+    t = lambda *v: torch.tensor(v, dtype=p.dtype, device=p.device)  # noqa: E731
+    corners = [t(-r, -h, -r), t(r, -h, -r), t(r, -h, r), t(-r, -h, r)]
+    apex = t(0.0, h, 0.0)
+    # Outward-facing triangles: two for the base, four for the sides (counter-clockwise from outside).
+    tris = [(corners[0], corners[1], corners[2]), (corners[0], corners[2], corners[3])]
+    tris += [(corners[i], apex, corners[(i + 1) % 4]) for i in range(4)]
+    unsigned = torch.stack([_triangle_distance(p, *tri) for tri in tris]).amin(0)
+    planes = []
+    for a, b, c in tris[1:]:
+        n = torch.cross(b - a, c - a, dim=-1)
+        planes.append(((p - a) * (n / n.norm())).sum(-1))
+    inside = torch.stack(planes).amax(0) < 0
+    return torch.where(inside, -unsigned, unsigned)
 
 
 SDFS: dict[str, SDF] = {"cube": cube, "sphere": sphere, "cylinder": cylinder, "cone": cone,

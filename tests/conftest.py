@@ -1,0 +1,20 @@
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# One render cache for the whole session (the shapes prior renders each shape once), and a scratch
+# folder for any CUDA extension build nerfacc or gsplat might attempt.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="threedgen-tests-"))
+os.environ.setdefault("THREEDGEN_CACHE", str(_SESSION_DIR / "cache"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_SESSION_DIR / "torch_extensions"))
+
+
+@pytest.fixture
+def tiny_prior_cfg():
+    """A small shapes world: 16x16 images, 8 views, two shapes (fast, still every code path)."""
+    from threedgen.guidance.priors.shapes.prior import ShapesPriorConfig
+
+    return ShapesPriorConfig(resolution=16, elevations=[10.0, 40.0], azimuth_step=90.0,
+                             shapes=["cube", "torus"], camera_kappa=50.0, camera_kernel_max_angle=0.0)

@@ -1,0 +1,104 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from threedgen.cameras import Cameras
+from threedgen.errors import UserError
+from threedgen.representations.nerf import NeRF, NeRFConfig, ray_aabb
+
+
+def _cams(n=2, bg=(1.0, 1.0, 1.0)):
+    return Cameras.from_angles([20.0] * n, [0.0, 90.0][:n], 2.5, 40.0, bg)
+
+
+def test_render_shapes_ranges_and_gradients():
+    nerf = NeRF(NeRFConfig(bound=0.75))
+    out = nerf.render(_cams(), 16, 12)
+    assert out.rgb.shape == (2, 16, 12, 3) and out.alpha.shape == (2, 16, 12, 1) and out.depth.shape == (2, 16, 12, 1)
+    assert out.alpha.min() >= 0 and out.alpha.max() <= 1 + 1e-5
+    assert out.alpha.max() > 0.5  # the density blob is visible
+    (out.rgb.sum() + out.alpha.sum()).backward()
+    for name, p in nerf.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_empty_field_shows_the_background():
+    nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0))
+    with torch.no_grad():
+        nerf.field.density.fill_(-30.0)
+    bg = torch.tensor([[0.2, 0.4, 0.6]])
+    out = nerf.render(_cams(1, bg), 8, 8)
+    torch.testing.assert_close(out.rgb, bg.view(1, 1, 1, 3).expand(1, 8, 8, 3), atol=1e-5, rtol=0)
+
+
+def test_volume_rendering_matches_the_quadrature():
+    # Constant density sigma and colour c inside the box: alpha = 1 - exp(-sigma * chord).
+    nerf = NeRF(NeRFConfig(bound=0.5, density_blob_scale=0.0, num_samples=64)).eval()
+    sigma = 3.0
+    with torch.no_grad():
+        nerf.field.density.fill_(math.log(math.expm1(sigma)))  # softplus^-1
+        nerf.field.color.fill_(0.0)  # sigmoid(0) = 0.5
+    cams = Cameras.from_angles([0.0], [0.0], 2.0, 10.0, (0.0, 0.0, 0.0))
+    out = nerf.render(cams, 1, 1)  # a ray along -Z through the origin: chord 1.0
+    expected = 1 - math.exp(-sigma * 1.0)
+    assert out.alpha.item() == pytest.approx(expected, rel=1e-4)
+    assert out.rgb[0, 0, 0, 0].item() == pytest.approx(0.5 * expected, rel=1e-4)
+
+
+def test_ray_aabb():
+    o = torch.tensor([[0.0, 0.0, 3.0], [0.0, 5.0, 3.0]])
+    d = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, -1.0]])
+    near, far = ray_aabb(o, d, 1.0)
+    assert near[0].item() == pytest.approx(2.0) and far[0].item() == pytest.approx(4.0)
+    assert near[1] == far[1]  # a miss
+
+
+def test_hash_grid_field_renders_and_learns_on_cpu():
+    nerf = NeRF(NeRFConfig(field="hash", bound=0.75, hash_levels=4, hash_log2_table=12, num_samples=8))
+    assert nerf.field_kind == "hash" and nerf.field.tcnn is None
+    out = nerf.render(_cams(1), 8, 8)
+    out.rgb.mean().backward()
+    assert nerf.field.encoding.table.grad.abs().sum() > 0
+    names = {g["name"] for g in nerf.parameter_groups()}
+    assert names == {"encoding", "mlp"}
+
+
+def test_defaults_by_device_and_cuda_only_sampler():
+    nerf = NeRF(NeRFConfig())
+    assert nerf.field_kind == "grid" and nerf.sampler_kind == "dense"
+    with pytest.raises(UserError, match="occgrid needs CUDA"):
+        NeRF(NeRFConfig(sampler="occgrid"))
+    with pytest.raises(UserError, match="field"):
+        NeRF(NeRFConfig(field="triplane"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: nerfacc occupancy-grid sampling needs a GPU")
+def test_cuda_occgrid_matches_dense_path():  # pragma: no cover
+    cfg = NeRFConfig(bound=0.75, render_step_size=0.002)
+    dense = NeRF(NeRFConfig(bound=0.75, field="grid", sampler="dense", num_samples=512), "cuda").cuda().eval()
+    occ = NeRF(NeRFConfig(bound=0.75, field="grid", sampler="occgrid", render_step_size=0.002), "cuda").cuda().eval()
+    occ.load_state_dict(dense.state_dict(), strict=False)
+    for step in range(300):
+        occ.on_step(step)
+    cams = _cams().to("cuda")
+    a, b = dense.render(cams, 32, 32), occ.render(cams, 32, 32)
+    assert (a.alpha - b.alpha).abs().mean() < 0.02
+
+
+def test_extract_mesh_of_a_sphere_has_the_right_radius_and_colours():
+    nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0, density_resolution=64))
+    lin = torch.linspace(-0.75, 0.75, 64)
+    zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
+    r = torch.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
+    with torch.no_grad():
+        nerf.field.density.copy_(torch.where(r < 0.5, 8.0, -20.0)[None])
+        nerf.field.color[0].fill_(3.0)  # red
+        nerf.field.color[1:].fill_(-3.0)
+    mesh = nerf.extract_mesh(96)
+    radii = np.linalg.norm(mesh.vertices, axis=1)
+    assert abs(np.median(radii) - 0.5) < 0.03
+    assert mesh.is_watertight and mesh.volume > 0  # outward normals
+    rgb = mesh.visual.vertex_colors[:, :3].astype(int)
+    assert (rgb[:, 0] > 200).all() and (rgb[:, 1] < 30).all()

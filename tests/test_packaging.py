@@ -1,0 +1,59 @@
+"""Packaging: import names, the console script, the torch range, and a built wheel's contents."""
+
+import importlib
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["threedgen", "threedgen.guidance", "threedgen.guidance.priors",
+                                  "threedgen.representations", "threedgen.webui"])
+def test_import_names(name):
+    module = importlib.import_module(name)
+    assert module.__name__ == name
+
+
+def test_root_folders_are_not_top_level_packages():
+    # `guidance` and `webui` are names of unrelated PyPI packages: never importable from us.
+    import threedgen.guidance
+
+    assert Path(threedgen.guidance.__file__).resolve().parent == ROOT / "guidance"
+    for name in ("guidance", "representations", "webui"):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or Path(spec.origin or "").resolve().parent != ROOT / name
+
+
+def test_torch_range_admits_the_cpu_wheel():
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if d.startswith("torch"))
+    assert torch_req.specifier.contains("2.13.0")
+    assert not torch_req.specifier.contains("2.14.0"), "a range admitting newer torch pulls a CUDA build"
+
+
+def test_console_script_declared_and_runs():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["threedgen"] == "threedgen.cli:main"
+    proc = subprocess.run([sys.executable, "-m", "threedgen", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "run" in proc.stdout and "eval" in proc.stdout
+
+
+def test_wheel_contains_the_subpackages_and_configs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next(tmp_path.glob("threedgen-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in ("threedgen/cli.py", "threedgen/guidance/sds.py", "threedgen/guidance/priors/shapes/prior.py",
+                 "threedgen/representations/nerf.py", "threedgen/webui/__init__.py",
+                 "threedgen/configs/sds-nerf.yaml", "threedgen/configs/priors/shapes.yaml"):
+        assert path in names, path
+    assert not any(n.startswith(("guidance/", "webui/", "representations/")) for n in names)
