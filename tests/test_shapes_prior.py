@@ -230,3 +230,13 @@ def test_encode_images_maps_to_minus_one_one_and_resizes(tiny_prior_cfg):
     x.sum().backward()
     assert rgb.grad is not None and rgb.grad.abs().sum() > 0
     assert torch.allclose(prior.decode(prior.encode_images(torch.full((1, 3, 16, 16), 0.25))), torch.tensor(0.25))
+
+
+def test_pyramid_trace_bound_is_conservative_with_the_same_surface():
+    from threedgen.guidance.priors.shapes.sdf import pyramid, pyramid_bound
+
+    pts = torch.rand(5000, 3, dtype=torch.float64) * 1.4 - 0.7
+    exact, bound = pyramid(pts), pyramid_bound(pts)
+    assert (bound <= exact + 1e-9).all()
+    inside = exact < 0
+    torch.testing.assert_close(bound[inside], exact[inside])

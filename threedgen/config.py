@@ -228,12 +228,10 @@ def build_config(guidance: str = "sds", representation: str = "nerf", prior: str
         data = base
     data = _deep_merge(data, overrides or {})
     data = _deep_merge(data, flags or {})
-    data.setdefault("guidance", {}).setdefault("name", guidance)
-    data.setdefault("representation", {}).setdefault("name", representation)
-    data.setdefault("prior", {}).setdefault("name", prior)
-    for section in ("guidance", "representation", "prior"):
-        if not isinstance(data[section], dict):
+    for section, name in (("guidance", guidance), ("representation", representation), ("prior", prior)):
+        if not isinstance(data.setdefault(section, {}), dict):
             raise UserError(f"config key {section!r} is a section; set {section}.name=... instead")
+        data[section].setdefault("name", name)
     _check_keys(data, RunConfig)
     sections = {}
     for section in ("guidance", "representation", "prior"):

@@ -45,13 +45,14 @@ def resolve_device(name: str) -> torch.device:
 def build_components(cfg: RunConfig, device: torch.device, prior=None):
     """prior, prompt embeddings, representation, guidance and the system for ``cfg``."""
     from threedgen.guidance import GUIDANCE
-    from threedgen.guidance.priors import build_prior
+    from threedgen.guidance.priors import build_prior, check_prompt
     from threedgen.representations import REPRESENTATION_CLASSES
     from threedgen.system import System
 
+    check_prompt(cfg.prior, cfg.prompt, cfg.negative_prompt)
+    check_prior_cameras(cfg)
     if prior is None:
         prior = build_prior(cfg.prior, device)
-    check_prior_cameras(cfg)
     embeds = prior.encode_prompt(cfg.prompt, cfg.negative_prompt)
     representation = REPRESENTATION_CLASSES[cfg.representation.name][1](cfg.representation, device)
     guidance = GUIDANCE[cfg.guidance.name][1](cfg.guidance, prior)
@@ -147,7 +148,12 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     device = resolve_device(cfg.device)
     cfg.prior.name = resolve_prior_name(cfg.prior.name, device)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    system = build_components(cfg, device)  # checks the prompt before any file is written
+    if resume is None:
+        from threedgen.guidance.priors import check_prompt
+
+        check_prompt(cfg.prior, cfg.prompt, cfg.negative_prompt)  # before any folder is made
+        check_writable(Path(out))
+    system = build_components(cfg, device)
     if resume is None:
         run_dir = new_run_dir(Path(out), cfg.prompt)
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))

@@ -31,6 +31,10 @@ def resolve_prior_name(name: str, device: torch.device, announce: bool = True) -
     return name
 
 
+def check_prompt(cfg, prompt: str, negative_prompt: str = "") -> None:
+    PRIORS[cfg.name][1].check_prompt(cfg, prompt, negative_prompt)
+
+
 def build_prior(cfg, device: torch.device):
     _, cls = PRIORS[cfg.name]
     return cls(cfg).to(device)

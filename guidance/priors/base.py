@@ -63,6 +63,10 @@ class Prior(torch.nn.Module):
     resolution: int = 64  # model-space input size the prior expects from encode_images
     alphas_cumprod: torch.Tensor
 
+    @classmethod
+    def check_prompt(cls, cfg, prompt: str, negative_prompt: str = "") -> None:
+        """Reject a prompt the prior cannot take, cheaply, before the prior is built."""
+
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         raise NotImplementedError
 

@@ -131,6 +131,13 @@ class ShapesPrior(Prior):
             raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(self.shapes)})")
         return self.shapes.index(shape) * len(self.colours) + self.colours.index(colour)
 
+    @classmethod
+    def check_prompt(cls, cfg, prompt: str, negative_prompt: str = "") -> None:
+        _, shape = parse_prompt(prompt)
+        if cfg.shapes and shape not in cfg.shapes:
+            raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(cfg.shapes)})")
+        parse_negative(negative_prompt)
+
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         colour, shape = parse_prompt(prompt)
         cond = ShapesCondition((self._object_index(colour, shape),))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.guidance.priors.shapes.sdf import SDFS
+from threedgen.guidance.priors.shapes.sdf import TRACE_SDFS
 
 RENDER_VERSION = 2  # bump whenever a shape, the shading or the tracer changes
 LIGHT_DIR = (0.35, 0.85, 0.40)  # world space, normalised at use
@@ -47,7 +47,7 @@ class ViewGrid:
 def sphere_trace(shape: str, cameras: Cameras, height: int, width: int, supersample: int = 2,
                  iterations: int = 96, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``(shade, alpha)`` maps ``[B,H,W]`` of one shape seen by ``cameras`` (float32)."""
-    sdf = SDFS[shape]
+    sdf = TRACE_SDFS[shape]
     light = torch.tensor(LIGHT_DIR, dtype=torch.float64)
     light = light / light.norm()
     shades, alphas = [], []

@@ -85,27 +85,41 @@ def _triangle_distance(p: torch.Tensor, a, b, c) -> torch.Tensor:
 
 
 def pyramid(p: torch.Tensor, base: float = 0.8, height: float = 0.8) -> torch.Tensor:
-    """A square pyramid: base side ``base`` at y = -height/2, apex at y = +height/2. Exact: the
-    distance to the nearest face (a convex polyhedron's faces), negative inside, where the signed
-    distance is the largest of the face planes' distances."""
+    """A square pyramid: base side ``base`` at y = -height/2, apex at y = +height/2.
+
+    Exact: by the pyramid's symmetries (x -> -x, z -> -z, x <-> z) every point folds into the wedge
+    x >= z >= 0, where the nearest surface point lies on the +X side triangle or on the base; the
+    point is inside when it is below the +X face's plane and above the base."""
     h, r = height / 2, base / 2
+    ax, az = p[..., 0].abs(), p[..., 2].abs()
+    q = torch.stack([torch.maximum(ax, az), p[..., 1], torch.minimum(ax, az)], -1)
     t = lambda *v: torch.tensor(v, dtype=p.dtype, device=p.device)  # noqa: E731
-    corners = [t(-r, -h, -r), t(r, -h, -r), t(r, -h, r), t(-r, -h, r)]
-    apex = t(0.0, h, 0.0)
-    # Outward-facing triangles: two for the base, four for the sides (counter-clockwise from outside).
-    tris = [(corners[0], corners[1], corners[2]), (corners[0], corners[2], corners[3])]
-    tris += [(corners[i], apex, corners[(i + 1) % 4]) for i in range(4)]
-    unsigned = torch.stack([_triangle_distance(p, *tri) for tri in tris]).amin(0)
-    planes = []
-    for a, b, c in tris[1:]:
-        n = torch.cross(b - a, c - a, dim=-1)
-        planes.append(((p - a) * (n / n.norm())).sum(-1))
-    inside = torch.stack(planes).amax(0) < 0
+    a, b, c = t(r, -h, -r), t(0.0, h, 0.0), t(r, -h, r)
+    side = _triangle_distance(q, a, b, c)
+    base_d = torch.sqrt((q[..., 0] - r).clamp(min=0) ** 2 + (q[..., 2] - r).clamp(min=0) ** 2 + (q[..., 1] + h) ** 2)
+    unsigned = torch.minimum(side, base_d)
+    normal = t(height, base / 2, 0.0)
+    plane = ((q - a) * (normal / normal.norm())).sum(-1)
+    inside = (plane < 0) & (q[..., 1] > -h)
     return torch.where(inside, -unsigned, unsigned)
+
+
+def pyramid_bound(p: torch.Tensor, base: float = 0.8, height: float = 0.8) -> torch.Tensor:
+    """The largest of the pyramid's face-plane distances: exact inside and on the surface, a lower
+    bound of the distance outside, so sphere tracing with it is safe and much cheaper."""
+    h, r = height / 2, base / 2
+    n = torch.tensor([height, base / 2], dtype=p.dtype, device=p.device)
+    n = n / n.norm()
+    side = (torch.maximum(p[..., 0].abs(), p[..., 2].abs()) - r) * n[0] + (p[..., 1] + h) * n[1]
+    return torch.maximum(side, -(p[..., 1] + h))
 
 
 SDFS: dict[str, SDF] = {"cube": cube, "sphere": sphere, "cylinder": cylinder, "cone": cone,
                         "torus": torus, "capsule": capsule, "pyramid": pyramid}
+
+
+# What the sphere tracer marches: a cheaper conservative bound where one exists (same zero set).
+TRACE_SDFS: dict[str, SDF] = {**SDFS, "pyramid": pyramid_bound}
 
 
 def truth_mesh(shape: str, resolution: int = 160):
