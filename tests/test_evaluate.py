@@ -1,0 +1,80 @@
+"""Evaluation: a perfect prediction scores IoU 1, a turned one is found at the right yaw."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from threedgen.cameras import Cameras
+from threedgen.evaluate import chamfer, evaluate_representation, mask_iou, psnr, rotate_y
+from threedgen.guidance.priors.shapes.prior import ShapeTruth
+from threedgen.meshing import silhouette_level
+from threedgen.representations.base import Representation, RenderOutput
+
+
+class TruthRepresentation(Representation):
+    """Renders the true shape, turned by ``yaw`` degrees about +Y."""
+
+    def __init__(self, truth: ShapeTruth, yaw: float = 0.0):
+        super().__init__()
+        self.truth, self.yaw = truth, yaw
+
+    def render(self, cameras, height, width):
+        # The object turned by +yaw, seen from azimuth a, looks like the original from a - yaw.
+        turned = Cameras.from_angles(cameras.elevation, cameras.azimuth - self.yaw, cameras.distance,
+                                     cameras.fovy, cameras.background)
+        rgb, alpha = self.truth.render(turned, height, width)
+        return RenderOutput(rgb, alpha[..., None], torch.zeros_like(alpha[..., None]))
+
+
+def _truth(shape="cube"):
+    return ShapeTruth(shape, "red", (0.86, 0.10, 0.10))
+
+
+def test_perfect_prediction_scores_one():
+    truth = _truth("torus")
+    m = evaluate_representation(TruthRepresentation(truth), truth, 2.5, 40.0, mesh=truth.mesh(), size=32)
+    assert m["mask_iou"] == 1.0 and m["mask_iou_unaligned"] == 1.0
+    assert m["psnr"] > 60 and m["best_yaw_degrees"] == 0.0
+    assert m["chamfer"] < 0.005  # the sampling floor of 20k points per surface
+    assert len(m["views"]) >= 8
+
+
+def test_turned_prediction_is_aligned_by_the_yaw_search():
+    truth = _truth("pyramid")
+    turned_mesh = truth.mesh().copy()
+    turned_mesh.vertices = rotate_y(np.asarray(turned_mesh.vertices), 30.0)
+    m = evaluate_representation(TruthRepresentation(truth, yaw=30.0), truth, 2.5, 40.0, mesh=turned_mesh, size=32)
+    assert m["best_yaw_degrees"] in (30.0, -60.0)  # the pyramid is 90-degree symmetric
+    assert m["mask_iou"] == pytest.approx(1.0, abs=1e-9)
+    assert m["mask_iou_unaligned"] < 0.97
+    assert m["chamfer"] < 0.005
+    assert chamfer(turned_mesh, truth.mesh(), 0.0) > 2 * m["chamfer"]
+
+
+def test_metric_helpers():
+    a = np.zeros((1, 4, 4)); a[0, :2] = 1
+    b = np.zeros((1, 4, 4)); b[0, :, :2] = 1
+    assert mask_iou(a, b)[0] == pytest.approx(4 / 12)
+    assert psnr(np.zeros((1, 2, 2, 3)), np.full((1, 2, 2, 3), 0.1))[0] == pytest.approx(20.0)
+    # rotate_y turns +Z towards +X, like the azimuth.
+    np.testing.assert_allclose(rotate_y(np.array([[0.0, 0.0, 1.0]]), 90.0), [[1.0, 0.0, 0.0]], atol=1e-12)
+
+
+def test_silhouette_level_soft_and_sharp():
+    lin = np.linspace(-1, 1, 64)
+    x, y, z = np.meshgrid(lin, lin, lin, indexing="ij")
+    r = np.sqrt(x * x + y * y + z * z)
+    voxel = 2 / 63
+    sharp = np.where(r < 0.5, 50.0, 0.0).astype(np.float32)
+    level = silhouette_level(sharp, voxel)
+    assert 0 < level < 50
+    soft = (20 * np.exp(-(r / 0.3) ** 2)).astype(np.float32)
+    lv = silhouette_level(soft, voxel)
+    # The rendered silhouette of the soft ball: lines whose optical depth reaches ln 2.
+    depth = soft.sum(axis=2) * voxel
+    rad_render = np.sqrt((x[..., 0] ** 2 + y[..., 0] ** 2)[depth >= math.log(2)].max())
+    rad_mesh = np.sqrt((r[soft > lv]) ** 2).max()
+    assert abs(rad_render - rad_mesh) < 2 * voxel
+    assert silhouette_level(np.zeros((8, 8, 8), np.float32), voxel) == float("inf")
