@@ -102,3 +102,37 @@ def test_extract_mesh_of_a_sphere_has_the_right_radius_and_colours():
     assert mesh.is_watertight and mesh.volume > 0  # outward normals
     rgb = mesh.visual.vertex_colors[:, :3].astype(int)
     assert (rgb[:, 0] > 200).all() and (rgb[:, 1] < 30).all()
+
+
+def test_extract_mesh_fills_enclosed_cavities():
+    # A thick shell (density only where 0.3 < r < 0.5) must export as one outer surface.
+    nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0, density_resolution=64))
+    lin = torch.linspace(-0.75, 0.75, 64)
+    zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
+    r = torch.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
+    with torch.no_grad():
+        nerf.field.density.copy_(torch.where((r < 0.5) & (r > 0.3), 8.0, -20.0)[None])
+    mesh = nerf.extract_mesh(96)
+    assert len(mesh.split(only_watertight=False)) == 1
+    assert np.linalg.norm(mesh.vertices, axis=1).min() > 0.45
+
+
+def test_extract_mesh_drops_small_floaters_and_rejects_bad_fields():
+    nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0, density_resolution=64))
+    lin = torch.linspace(-0.75, 0.75, 64)
+    zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
+    r = torch.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
+    speck = torch.sqrt((xx - 0.6) ** 2 + (yy - 0.6) ** 2 + (zz - 0.6) ** 2) < 0.04
+    with torch.no_grad():
+        nerf.field.density.copy_(torch.where((r < 0.4) | speck, 8.0, -20.0)[None])
+    mesh = nerf.extract_mesh(96)
+    assert len(mesh.split(only_watertight=False)) == 1
+    assert np.abs(mesh.vertices).max() < 0.45
+    with torch.no_grad():
+        nerf.field.density.fill_(-20.0)
+    with pytest.raises(UserError, match="empty"):
+        nerf.extract_mesh(32)
+    with torch.no_grad():
+        nerf.field.density[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="non-finite"):
+        nerf.extract_mesh(32)

@@ -20,14 +20,16 @@ def test_import_names(name):
     assert module.__name__ == name
 
 
-def test_root_folders_are_not_top_level_packages():
-    # `guidance` and `webui` are names of unrelated PyPI packages: never importable from us.
-    import threedgen.guidance
-
-    assert Path(threedgen.guidance.__file__).resolve().parent == ROOT / "guidance"
-    for name in ("guidance", "representations", "webui"):
-        spec = importlib.util.find_spec(name)
-        assert spec is None or Path(spec.origin or "").resolve().parent != ROOT / name
+def test_root_folders_are_not_top_level_packages(tmp_path):
+    # `guidance` and `webui` are names of unrelated PyPI packages: the install must not provide them.
+    code = ("import importlib.util, threedgen.guidance, threedgen.webui, threedgen.representations\n"
+            "print(threedgen.guidance.__file__)\n"
+            "print([n for n in ('guidance', 'representations', 'webui') if importlib.util.find_spec(n)])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    where, found = proc.stdout.splitlines()
+    assert Path(where).name == "__init__.py" and Path(where).parent.name == "guidance"
+    assert found == "[]"
 
 
 def test_torch_range_admits_the_cpu_wheel():

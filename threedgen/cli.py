@@ -96,16 +96,13 @@ def _cmd_run(args) -> int:
         for key in ("steps", "seed", "device"):
             if getattr(args, key) is not None:
                 flags[key] = getattr(args, key)
-        prior = args.prior
-        from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior_name
-        from threedgen.errors import unknown_name
+        from threedgen.guidance.priors import resolve_prior_name
+        from threedgen.runner import resolve_device
 
-        if prior not in PRIOR_CHOICES:
-            raise unknown_name("prior", prior, PRIOR_CHOICES)
-        overlay = "shapes" if prior == "auto" else prior  # auto resolves to shapes on this version
-        cfg = build_config(args.guidance, args.representation, overlay, parse_overrides(args.overrides), flags)
-        cfg.prior.name = prior if prior != "auto" else cfg.prior.name
-        run_dir = run(cfg, out=args.out, progress_bar=not args.no_progress)
+        # "auto" is resolved here (and said on stderr) so that the prior's config overlay applies.
+        prior, note = resolve_prior_name(args.prior, resolve_device(args.device or "auto"))
+        cfg = build_config(args.guidance, args.representation, prior, parse_overrides(args.overrides), flags)
+        run_dir = run(cfg, out=args.out, progress_bar=not args.no_progress, note=note)
     status = json.loads((run_dir / "status.json").read_text())
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():

@@ -54,7 +54,7 @@ def silhouette_level(values: np.ndarray, voxel: float, candidates: int = 256) ->
 def mesh_from_field(density_fn, color_fn, bound: float, resolution: int, threshold: float | None = None,
                     min_component_fraction: float = 0.02, device: torch.device | str = "cpu"):
     """Marching cubes of ``density_fn`` at ``threshold`` (None: ``silhouette_level``) over
-    ``[-bound, bound]^3``; components with
+    ``[-bound, bound]^3``, enclosed cavities filled; components with
     fewer than ``min_component_fraction`` of the largest one's faces (floaters) are dropped;
     vertex colours come from ``color_fn``."""
     import mcubes
@@ -70,6 +70,15 @@ def mesh_from_field(density_fn, color_fn, bound: float, resolution: int, thresho
     if not values.max() > threshold:
         raise UserError(f"the density field is empty at the isosurface level {threshold:.3g} "
                         f"(max density {values.max():.3g}); nothing to export")
+    # Score distillation never sees inside an opaque object, so low-density pockets there are
+    # arbitrary: fill enclosed cavities so they do not become inner surfaces (a torus's hole is
+    # open to the outside and stays).
+    from scipy.ndimage import binary_fill_holes
+
+    solid = values > threshold
+    cavities = binary_fill_holes(solid) & ~solid
+    if cavities.any():
+        values = np.where(cavities, values.max(), values)
     # Pad so the surface closes at the box's faces.
     padded = np.pad(values, 1, constant_values=0.0)
     verts, faces = mcubes.marching_cubes(padded, float(threshold))

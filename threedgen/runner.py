@@ -70,6 +70,29 @@ def check_prior_cameras(cfg: RunConfig) -> None:
                             f"camera.fovy_range=[{p.fovy},{p.fovy}] (or change prior.distance/prior.fovy)")
 
 
+class _StepProgressBar:
+    """Lightning's tqdm bar, counted in optimizer steps out of ``max_steps`` (right after a resume too)."""
+
+    def __new__(cls, prompt: str):
+        from pytorch_lightning.callbacks import TQDMProgressBar
+
+        class StepProgressBar(TQDMProgressBar):
+            def on_train_epoch_start(self, trainer, *_):
+                bar = self.train_progress_bar
+                bar.reset(total=trainer.max_steps)
+                bar.n = trainer.global_step
+                bar.set_description(prompt[:32])
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                n = trainer.global_step
+                if n % self.refresh_rate == 0 or n == trainer.max_steps:
+                    self.train_progress_bar.n = n
+                    self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+                    self.train_progress_bar.refresh()
+
+        return StepProgressBar(refresh_rate=10)
+
+
 class _PreviewCallback:
     """Saves a front-view preview every ``preview_every`` steps (previews/latest.png too)."""
 
@@ -114,7 +137,10 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
     from pytorch_lightning.loggers import CSVLogger
 
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
-                                 every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=1)
+                                 auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every,
+                                 save_last=True, save_top_k=1)
+    if progress_bar:
+        callbacks = [*callbacks, _StepProgressBar(cfg.prompt)]
     return pl.Trainer(
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         logger=CSVLogger(run_dir, name="logs", version=""), log_every_n_steps=10,
@@ -124,7 +150,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
 
 
 def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,
-        steps: Optional[int] = None, progress_bar: bool = True, callbacks=()) -> Path:
+        steps: Optional[int] = None, progress_bar: bool = True, callbacks=(), note: Optional[str] = None) -> Path:
     """Train, export and (where the prior has a truth) evaluate. Returns the run folder."""
     import pytorch_lightning as pl
 
@@ -146,13 +172,16 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         check_writable(run_dir)
     assert cfg is not None
     device = resolve_device(cfg.device)
-    cfg.prior.name = resolve_prior_name(cfg.prior.name, device)
+    cfg.prior.name, auto_note = resolve_prior_name(cfg.prior.name, device)
+    note = note or auto_note
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if resume is None:
         from threedgen.guidance.priors import check_prompt
 
         check_prompt(cfg.prior, cfg.prompt, cfg.negative_prompt)  # before any folder is made
         check_writable(Path(out))
+    if note:
+        print_err(f"threedgen: {note}")
     system = build_components(cfg, device)
     if resume is None:
         run_dir = new_run_dir(Path(out), cfg.prompt)

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from threedgen.errors import unknown_name
@@ -18,17 +16,14 @@ PRIORS = {
 PRIOR_CHOICES = ("auto",) + tuple(PRIORS)
 
 
-def resolve_prior_name(name: str, device: torch.device, announce: bool = True) -> str:
+def resolve_prior_name(name: str, device: torch.device) -> tuple[str, str | None]:
+    """The prior to use for ``name`` and, when ``auto`` chose it, a note saying which and why."""
     if name == "auto":
-        chosen = "shapes"
-        if announce:
-            why = ("Stable Diffusion support is not installed in this version" if device.type == "cuda"
-                   else "no CUDA device")
-            print(f"threedgen: --prior auto -> the embedded 'shapes' prior ({why})", file=sys.stderr)
-        return chosen
+        why = ("diffusers priors are not in this version yet" if device.type == "cuda" else "no CUDA device")
+        return "shapes", f"--prior auto -> the embedded 'shapes' prior ({why})"
     if name not in PRIORS:
         raise unknown_name("prior", name, PRIOR_CHOICES)
-    return name
+    return name, None
 
 
 def check_prompt(cfg, prompt: str, negative_prompt: str = "") -> None:

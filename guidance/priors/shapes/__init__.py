@@ -1,0 +1,1 @@
+"""The embedded ``shapes`` prior: an exact diffusion model of coloured primitive shapes."""

@@ -1,0 +1,57 @@
+"""The Lightning system: non-finite steps never reach the parameters; checkpoints and steps."""
+
+import pytest
+import torch
+
+from threedgen.config import build_config, parse_overrides
+from threedgen.runner import make_trainer, quiet_libraries
+from threedgen.system import CameraDataModule, DivergedError, System
+from threedgen.cameras import CameraSampler
+from threedgen.guidance.sds import SDS, SDSConfig
+from threedgen.representations.nerf import NeRF
+from mock_prior import MockPrior
+
+
+class FlakyPrior(MockPrior):
+    """Predicts NaN on the calls listed in ``bad_calls``."""
+
+    def __init__(self, bad_calls):
+        super().__init__(resolution=16)
+        self.bad_calls = set(bad_calls)
+
+    def predict_noise(self, x_t, t, cond, views=None):
+        eps = super().predict_noise(x_t, t, cond, views)
+        return eps * float("nan") if self.calls in self.bad_calls else eps
+
+
+def _system(tmp_path, prior, steps, **over):
+    quiet_libraries()
+    items = ["render.resolution=16", "representation.num_samples=8", "prior.shapes=[cube]",
+             f"optimizer.max_consecutive_bad_steps={over.get('max_bad', 50)}"]
+    cfg = build_config(overrides=parse_overrides(items), flags={"prompt": "a red cube", "steps": steps,
+                                                                "checkpoint_every": 2, "preview_every": 1000})
+    rep = NeRF(cfg.representation)
+    system = System(cfg, prior, rep, SDS(SDSConfig(guidance_scale=7.5), prior), prior.encode_prompt("p"))
+    trainer = make_trainer(cfg, tmp_path, torch.device("cpu"), progress_bar=False)
+    return cfg, system, trainer
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    prior = FlakyPrior(bad_calls={2, 3})
+    cfg, system, trainer = _system(tmp_path, prior, steps=4)
+    before = [p.detach().clone() for p in system.parameters()]
+    trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, 0)))
+    assert trainer.global_step == 4  # optimizer steps actually taken
+    assert system.skipped_steps == 2 and prior.calls == 6
+    for p, b in zip(system.parameters(), before):
+        assert torch.isfinite(p).all()
+        assert not torch.equal(p, b)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "step-000004.ckpt").is_file()
+
+
+def test_many_bad_steps_in_a_row_fail_as_diverged(tmp_path):
+    prior = FlakyPrior(bad_calls=set(range(1, 100)))
+    cfg, system, trainer = _system(tmp_path, prior, steps=50, max_bad=5)
+    with pytest.raises(DivergedError, match="diverged: 5 non-finite steps"):
+        trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, 0)))
