@@ -18,7 +18,7 @@ def test_look_at_conventions():
     centre = centre / centre.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(centre, -eye / eye.norm(dim=-1, keepdim=True), atol=1e-6, rtol=0)
     # Image up is world up for a level camera: the top row's rays point higher.
-    o, d = cams[:1].rays(4, 4) if hasattr(cams, "__getitem__") else cams.rays(4, 4)
+    o, d = cams[:1].rays(4, 4)
     assert d[0, 0, :, 1].mean() > d[0, -1, :, 1].mean()
 
 

@@ -87,13 +87,23 @@ def test_cuda_occgrid_matches_dense_path():  # pragma: no cover
     assert (a.alpha - b.alpha).abs().mean() < 0.02
 
 
-def test_extract_mesh_of_a_sphere_has_the_right_radius_and_colours():
+def _grid_nerf(solid):
+    """A dense-grid NeRF whose raw density is 8 where ``solid(x, y, z)`` holds and -20 elsewhere."""
     nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0, density_resolution=64))
     lin = torch.linspace(-0.75, 0.75, 64)
     zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
-    r = torch.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
     with torch.no_grad():
-        nerf.field.density.copy_(torch.where(r < 0.5, 8.0, -20.0)[None])
+        nerf.field.density.copy_(torch.where(solid(xx, yy, zz), 8.0, -20.0)[None])
+    return nerf
+
+
+def _radius(x, y, z, cx=0.0, cy=0.0, cz=0.0):
+    return torch.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2)
+
+
+def test_extract_mesh_of_a_sphere_has_the_right_radius_and_colours():
+    nerf = _grid_nerf(lambda x, y, z: _radius(x, y, z) < 0.5)
+    with torch.no_grad():
         nerf.field.color[0].fill_(3.0)  # red
         nerf.field.color[1:].fill_(-3.0)
     mesh = nerf.extract_mesh(96)
@@ -106,25 +116,14 @@ def test_extract_mesh_of_a_sphere_has_the_right_radius_and_colours():
 
 def test_extract_mesh_fills_enclosed_cavities():
     # A thick shell (density only where 0.3 < r < 0.5) must export as one outer surface.
-    nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0, density_resolution=64))
-    lin = torch.linspace(-0.75, 0.75, 64)
-    zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
-    r = torch.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
-    with torch.no_grad():
-        nerf.field.density.copy_(torch.where((r < 0.5) & (r > 0.3), 8.0, -20.0)[None])
+    nerf = _grid_nerf(lambda x, y, z: (_radius(x, y, z) < 0.5) & (_radius(x, y, z) > 0.3))
     mesh = nerf.extract_mesh(96)
     assert len(mesh.split(only_watertight=False)) == 1
     assert np.linalg.norm(mesh.vertices, axis=1).min() > 0.45
 
 
 def test_extract_mesh_drops_small_floaters_and_rejects_bad_fields():
-    nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0, density_resolution=64))
-    lin = torch.linspace(-0.75, 0.75, 64)
-    zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
-    r = torch.sqrt(xx ** 2 + yy ** 2 + zz ** 2)
-    speck = torch.sqrt((xx - 0.6) ** 2 + (yy - 0.6) ** 2 + (zz - 0.6) ** 2) < 0.04
-    with torch.no_grad():
-        nerf.field.density.copy_(torch.where((r < 0.4) | speck, 8.0, -20.0)[None])
+    nerf = _grid_nerf(lambda x, y, z: (_radius(x, y, z) < 0.4) | (_radius(x, y, z, 0.6, 0.6, 0.6) < 0.04))
     mesh = nerf.extract_mesh(96)
     assert len(mesh.split(only_watertight=False)) == 1
     assert np.abs(mesh.vertices).max() < 0.45

@@ -78,16 +78,20 @@ class Cameras:
         tags = [view_tag(float(e), float(a)) for e, a in zip(el, az)]
         return cls(look_at_c2w(el, az, dist), fov, el, az, dist, bg, tags)
 
+    TENSORS = ("c2w", "fovy", "elevation", "azimuth", "distance", "background")
+
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def __getitem__(self, index: slice) -> "Cameras":
+        """A slice of the batch (``cams[2:4]``)."""
+        return Cameras(*(getattr(self, k)[index] for k in self.TENSORS), view_tags=self.view_tags[index])
+
     def to(self, device) -> "Cameras":
-        return replace(self, **{k: getattr(self, k).to(device) for k in
-                                ("c2w", "fovy", "elevation", "azimuth", "distance", "background")})
+        return replace(self, **{k: getattr(self, k).to(device) for k in self.TENSORS})
 
     def cat(self, other: "Cameras") -> "Cameras":
-        return Cameras(*(torch.cat([getattr(self, k), getattr(other, k)]) for k in
-                         ("c2w", "fovy", "elevation", "azimuth", "distance", "background")),
+        return Cameras(*(torch.cat([getattr(self, k), getattr(other, k)]) for k in self.TENSORS),
                        view_tags=self.view_tags + other.view_tags)
 
     def with_background(self, background: torch.Tensor) -> "Cameras":

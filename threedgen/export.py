@@ -36,10 +36,7 @@ def render_views(representation, cameras: Cameras, size: int, chunk: int = 4) ->
     rgbs, alphas = [], []
     try:
         for i in range(0, len(cameras), chunk):
-            sub = Cameras(*(getattr(cameras, k)[i:i + chunk] for k in
-                            ("c2w", "fovy", "elevation", "azimuth", "distance", "background")),
-                          view_tags=cameras.view_tags[i:i + chunk])
-            out = representation.render(sub, size, size)
+            out = representation.render(cameras[i:i + chunk], size, size)
             rgbs.append(out.rgb.clamp(0, 1).cpu())
             alphas.append(out.alpha[..., 0].cpu())
     finally:

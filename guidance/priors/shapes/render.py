@@ -52,8 +52,7 @@ def sphere_trace(shape: str, cameras: Cameras, height: int, width: int, supersam
     light = light / light.norm()
     shades, alphas = [], []
     for start in range(0, len(cameras), chunk):
-        cams = Cameras(*(getattr(cameras, k)[start:start + chunk] for k in
-                         ("c2w", "fovy", "elevation", "azimuth", "distance", "background")))
+        cams = cameras[start:start + chunk]
         o, d = cams.rays(height * supersample, width * supersample)
         o, d = o.reshape(-1, 3).double(), d.reshape(-1, 3).double()
         dist = cams.distance.double()[:, None].expand(-1, o.shape[0] // len(cams)).reshape(-1)
