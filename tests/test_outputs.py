@@ -1,0 +1,52 @@
+"""Run folders and output writers."""
+
+import numpy as np
+import pytest
+
+from threedgen.rundir import atomic_path, new_run_dir, slugify
+
+
+@pytest.mark.parametrize("prompt,slug", [
+    ("a red cube", "a-red-cube"),
+    ("../../etc/passwd", "etc-passwd"),
+    ("C:\\x", "c-x"),
+    ("~", "prompt"),
+    ("a/b", "a-b"),
+    ("${oc.env:HOME}", "oc-env-home"),
+    ("un cube rouge café ☕ مكعب", "un-cube-rouge-cafe"),
+    ("x" * 200, "x" * 40),
+])
+def test_slugs_are_safe(prompt, slug):
+    assert slugify(prompt) == slug
+
+
+def test_run_dirs_stay_inside_out_and_never_collide(tmp_path):
+    a = new_run_dir(tmp_path, "../../etc/passwd")
+    b = new_run_dir(tmp_path, "../../etc/passwd")
+    assert a != b and a.parent == tmp_path.resolve() and b.parent == tmp_path.resolve()
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "mesh.glb"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["mesh.glb"]
+
+
+def test_turntable_falls_back_to_gif(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+
+    from threedgen.export import write_turntable
+
+    frames = (np.random.default_rng(0).random((3, 16, 16, 3)) * 255).astype(np.uint8)
+    assert write_turntable(frames, tmp_path).name == "turntable.mp4"
+
+    def no_encoder(*args, **kwargs):
+        raise RuntimeError("no ffmpeg")
+
+    monkeypatch.setattr(imageio, "get_writer", no_encoder)
+    path = write_turntable(frames, tmp_path)
+    assert path.name == "turntable.gif" and len(imageio.mimread(path)) == 3
