@@ -10,7 +10,6 @@ Conventions (used everywhere in threedgen):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -179,7 +178,3 @@ def orbit(n: int, elevation: float, distance: float, fovy: float, background=(1.
     """``n`` cameras evenly spaced in azimuth at one elevation (turntables, previews, eval)."""
     az = start_azimuth + torch.arange(n, dtype=torch.float32) * (360.0 / n)
     return Cameras.from_angles(torch.full((n,), float(elevation)), az, distance, fovy, background)
-
-
-def fov_to_focal(fovy_deg: float, height: int) -> float:
-    return 0.5 * height / math.tan(0.5 * math.radians(fovy_deg))
