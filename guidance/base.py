@@ -47,9 +47,9 @@ class Guidance(torch.nn.Module):
 
     def step_range(self, step: int, max_steps: int) -> tuple[int, int]:
         T = self.prior.num_train_timesteps
-        lo = schedule_value(self.cfg.min_step_percent, step, max_steps)
-        hi = schedule_value(self.cfg.max_step_percent, step, max_steps)
-        return int(T * lo), max(int(T * lo), int(T * hi))
+        lo = min(int(T * schedule_value(self.cfg.min_step_percent, step, max_steps)), T - 1)
+        hi = min(int(T * schedule_value(self.cfg.max_step_percent, step, max_steps)), T - 1)
+        return lo, max(lo, hi)
 
     def sample_timesteps(self, batch: int, step: int, max_steps: int, device) -> torch.Tensor:
         lo, hi = self.step_range(step, max_steps)

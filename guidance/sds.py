@@ -36,6 +36,13 @@ class SDSConfig:
     weighting: str = "sds"
     grad_clip: Any = None  # a schedule, or None for no clipping
 
+    def check(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"guidance.weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
+        check_schedule("guidance.min_step_percent", self.min_step_percent, 0.0, 1.0)
+        check_schedule("guidance.max_step_percent", self.max_step_percent, 0.0, 1.0)
+        check_schedule("guidance.grad_clip", self.grad_clip, 0.0, float("inf"))
+
 
 def sds_weight(weighting: str, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
     if weighting == "sds":
@@ -52,11 +59,7 @@ class SDS(Guidance):
 
     def __init__(self, cfg: SDSConfig, prior):
         super().__init__(cfg, prior)
-        if cfg.weighting not in WEIGHTINGS:
-            raise UserError(f"guidance.weighting must be one of {', '.join(WEIGHTINGS)}; got {cfg.weighting!r}")
-        check_schedule("guidance.min_step_percent", cfg.min_step_percent, 0.0, 1.0)
-        check_schedule("guidance.max_step_percent", cfg.max_step_percent, 0.0, 1.0)
-        check_schedule("guidance.grad_clip", cfg.grad_clip, 0.0, float("inf"))
+        cfg.check()
 
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:

@@ -89,11 +89,11 @@ class HashEncoding(torch.nn.Module):
 
 class HashGridField(torch.nn.Module):
     def __init__(self, bound: float, n_levels: int = 16, log2_table: int = 19, hidden: int = 64,
-                 use_tcnn: bool = True):
+                 device: torch.device | str = "cpu"):
         super().__init__()
         self.bound = bound
         self.tcnn = None
-        if use_tcnn and torch.cuda.is_available():
+        if torch.device(device).type == "cuda":
             try:  # optional, CUDA only; imported lazily
                 import tinycudann as tcnn
 

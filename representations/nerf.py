@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from threedgen.cameras import Cameras
-from threedgen.errors import UserError
+from threedgen.errors import UserError, check_range
 from threedgen.representations.base import Representation, RenderOutput
 from threedgen.representations.fields import DenseGridField, HashGridField
 
@@ -49,6 +49,26 @@ class NeRFConfig:
     # Isosurface level for export; None = automatic (see threedgen.meshing).
     mesh_threshold: Optional[float] = None
 
+    def check(self) -> None:
+        for key, allowed in (("field", ("auto", "grid", "hash")), ("sampler", ("auto", "dense", "occgrid")),
+                             ("density_activation", ("softplus", "exp"))):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"representation.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        check_range("representation.bound", self.bound, 1e-3, 100)
+        check_range("representation.density_resolution", self.density_resolution, 4, 512, integer=True)
+        check_range("representation.color_resolution", self.color_resolution, 4, 512, integer=True)
+        check_range("representation.num_samples", self.num_samples, 1, 1024, integer=True)
+        check_range("representation.hash_levels", self.hash_levels, 1, 32, integer=True)
+        check_range("representation.hash_log2_table", self.hash_log2_table, 8, 24, integer=True)
+        check_range("representation.render_step_size", self.render_step_size, 1e-5, 1)
+        check_range("representation.occgrid_resolution", self.occgrid_resolution, 8, 512, integer=True)
+        check_range("representation.density_blob_scale", self.density_blob_scale, 0, 1e4)
+        check_range("representation.density_blob_radius", self.density_blob_radius, 1e-3, 100)
+        check_range("representation.lr_density", self.lr_density, 0, 100)
+        check_range("representation.lr_color", self.lr_color, 0, 100)
+        if self.mesh_threshold is not None:
+            check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
+
 
 def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Entry and exit distances of rays ``[R,3]`` through the box ``[-bound, bound]^3`` (slab
@@ -68,12 +88,7 @@ class NeRF(Representation):
         super().__init__()
         self.cfg = cfg
         device = torch.device(device)
-        if cfg.field not in ("auto", "grid", "hash"):
-            raise UserError(f"representation.field must be auto, grid or hash; got {cfg.field!r}")
-        if cfg.sampler not in ("auto", "dense", "occgrid"):
-            raise UserError(f"representation.sampler must be auto, dense or occgrid; got {cfg.sampler!r}")
-        if cfg.density_activation not in ("softplus", "exp"):
-            raise UserError(f"representation.density_activation must be softplus or exp; got {cfg.density_activation!r}")
+        cfg.check()
         cuda = device.type == "cuda"
         self.field_kind = cfg.field if cfg.field != "auto" else ("hash" if cuda else "grid")
         self.sampler_kind = cfg.sampler if cfg.sampler != "auto" else ("occgrid" if cuda else "dense")
@@ -82,7 +97,7 @@ class NeRF(Representation):
         if self.field_kind == "grid":
             self.field = DenseGridField(cfg.bound, cfg.density_resolution, cfg.color_resolution)
         else:
-            self.field = HashGridField(cfg.bound, cfg.hash_levels, cfg.hash_log2_table)
+            self.field = HashGridField(cfg.bound, cfg.hash_levels, cfg.hash_log2_table, device=device)
         self.estimator = None
         if self.sampler_kind == "occgrid":
             import nerfacc  # CUDA kernels are built lazily by nerfacc on first use

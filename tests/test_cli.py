@@ -39,6 +39,9 @@ def _files(path):
     (["eval", "no/such/run"], "is not a threedgen run folder"),
     (["export", "no/such/run"], "is not a threedgen run folder"),
     (["run", "--resume", "no/such/run"], "is not a threedgen run folder"),
+    (["run", "--resume", "x", "--seed", "3"], "drop --seed"),
+    (["run", "--resume", "x", "--guidance", "sds2"], "drop --guidance"),
+    (["run", "--prompt", "a red cube", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -48,6 +48,19 @@ def test_unknown_keys_name_the_nearest(override, expected):
     ("representation.name=mesh", "unknown representation 'mesh'; valid: nerf"),
     ("prior.name=sd", "unknown prior 'sd'"),
     ("guidance=3", "section"),
+    ("guidance.min_step_percent=abc", "a schedule is a number"),
+    ("guidance.max_step_percent=[0.9]", "a schedule is a number"),
+    ("guidance.weighting=log", "guidance.weighting must be one of sds, uniform, fantasia3d"),
+    ("prior.azimuth_step=0", "prior.azimuth_step must be a number from 1 to 360"),
+    ("prior.supersample=0", "prior.supersample must be an integer from 1 to 4"),
+    ("prior.camera_kappa=.nan", "prior.camera_kappa"),
+    ("prior.resolution=4096", "prior.resolution"),
+    ("representation.density_blob_radius=0", "representation.density_blob_radius"),
+    ("representation.field=3", "representation.field must be one of auto, grid, hash"),
+    ("representation.num_samples=0", "representation.num_samples"),
+    ("camera.elevation_range=[50,10]", "low <= high"),
+    ("camera.fovy_range=[0,0]", "camera.fovy_range"),
+    ("device=gpu", "device must be auto, cpu, cuda or cuda:N"),
     ("not a pair", "key=value"),
     ("../x=1", "dotted name"),
 ])
@@ -64,6 +77,16 @@ def test_interpolations_are_never_resolved(text):
     dumped = to_yaml(cfg)
     assert os.environ.get("HOME", "/root") not in dumped.replace("/root/", "")  # no environment value leaks
     assert yaml.safe_load(dumped)["negative_prompt"] == text
+
+
+def test_text_fields_keep_the_text_as_typed():
+    cfg = build_config(overrides=parse_overrides(["negative_prompt=no", "device=cpu"]), flags={"prompt": "a red cube"})
+    assert cfg.negative_prompt == "no" and cfg.device == "cpu"
+
+
+def test_prior_names_never_pick_files():
+    with pytest.raises(UserError, match="unknown prior"):
+        build_config(prior="../sds-nerf", flags={"prompt": "a red cube"})
 
 
 def test_snapshot_round_trip(tmp_path):

@@ -50,3 +50,6 @@ def test_turntable_falls_back_to_gif(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio, "get_writer", no_encoder)
     path = write_turntable(frames, tmp_path)
     assert path.name == "turntable.gif" and len(imageio.mimread(path)) == 3
+    from PIL import Image
+
+    assert Image.open(path).info["duration"] == pytest.approx(1000 / 12, abs=5)  # GIF stores centiseconds

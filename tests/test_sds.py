@@ -72,6 +72,13 @@ def test_timestep_range_and_annealing():
     assert ts.min() >= 20 and ts.max() <= 500
 
 
+def test_full_timestep_range_stays_inside_the_schedule():
+    sds = SDS(SDSConfig(min_step_percent=0.0, max_step_percent=1.0), MockPrior())
+    assert sds.step_range(0, 10) == (0, 999)
+    torch.manual_seed(0)
+    assert sds.sample_timesteps(100_000, 0, 10, "cpu").max() == 999
+
+
 def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="weighting"):
         SDS(SDSConfig(weighting="log"), MockPrior())

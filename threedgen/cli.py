@@ -17,9 +17,11 @@ import json
 import sys
 from typing import Optional
 
-from threedgen.errors import UserError
+from threedgen.errors import RunFailed, UserError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
+PARSER_DEFAULTS = {"guidance": "sds", "representation": "nerf", "prior": "auto"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "writes a run folder and prints its path as the last line.")
     run.add_argument("--prompt", help='what to make, e.g. "a red cube"')
     run.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    run.add_argument("--guidance", default="sds", help="guidance method (`threedgen guidance list`)")
-    run.add_argument("--representation", default="nerf", help="3D representation: nerf")
-    run.add_argument("--prior", default="auto", help="auto (shapes on CPU) or shapes")
+    run.add_argument("--guidance", default=PARSER_DEFAULTS["guidance"], help="guidance method (`threedgen guidance list`)")
+    run.add_argument("--representation", default=PARSER_DEFAULTS["representation"], help="3D representation: nerf")
+    run.add_argument("--prior", default=PARSER_DEFAULTS["prior"], help="auto (shapes on CPU) or shapes")
     run.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="optimisation steps")
     run.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), help="random seed")
     run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
@@ -84,8 +86,13 @@ def _cmd_run(args) -> int:
     from threedgen.runner import run
 
     if args.resume:
-        if args.prompt is not None or args.overrides:
-            raise UserError("--resume continues a run with its own config; drop --prompt and overrides")
+        given = [flag for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                                          ("--seed", args.seed), ("--device", args.device),
+                                          ("key=value overrides", args.overrides or None))
+                 if value is not None]
+        given += [f"--{k}" for k in ("guidance", "representation", "prior") if getattr(args, k) != PARSER_DEFAULTS[k]]
+        if given:
+            raise UserError(f"--resume continues a run with its own config (only --steps may change); drop {', '.join(given)}")
         run_dir = run(resume=args.resume, steps=args.steps, progress_bar=not args.no_progress)
     else:
         if args.prompt is None:
@@ -152,8 +159,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("threedgen: interrupted", file=sys.stderr)
+    except RunFailed as exc:
+        print(f"threedgen: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:
+        print(f"threedgen: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

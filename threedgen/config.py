@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from threedgen.cameras import CameraSamplerConfig
-from threedgen.errors import UserError, nearest, unknown_name
+from threedgen.errors import UserError, check_range, nearest, unknown_name
 
 MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 1_000_000
@@ -140,6 +141,36 @@ def _load_yaml(relative: str) -> dict:
 
 # ---- overrides --------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class RawValue:
+    """An override as typed and as YAML reads it; a text field takes the text (so that
+    ``negative_prompt=no`` stays "no", not False)."""
+
+    raw: str
+    parsed: Any
+
+
+def _resolve_raw(data: dict, schema) -> dict:
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+    out = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        if isinstance(value, RawValue):
+            out[key] = value.raw if hint in (str, Optional[str]) else value.parsed
+        elif isinstance(value, dict):
+            sub = None
+            if schema is RunConfig and key in _SECTIONS:
+                name = value.get("name")
+                name = name.raw if isinstance(name, RawValue) else name
+                sub = _registry(key).get(name, (None,))[0]
+            elif key in hints and dataclasses.is_dataclass(hints[key]):
+                sub = hints[key]
+            out[key] = _resolve_raw(value, sub)
+        else:
+            out[key] = value
+    return out
+
+
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -167,7 +198,7 @@ def parse_overrides(items: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {key!r} sets a field inside a value")
-        node[parts[-1]] = value
+        node[parts[-1]] = RawValue(raw, value)
     return out
 
 
@@ -198,13 +229,17 @@ def _check_keys(data: dict, schema, prefix: str = "") -> None:
             raise UserError(f"config key {prefix + key!r} takes a value, not a section")
 
 
-def _section_class(section: str, name: str):
+def _registry(section: str) -> dict:
     from threedgen.guidance import GUIDANCE
     from threedgen.guidance.priors import PRIORS
     from threedgen.representations import REPRESENTATION_CLASSES
 
-    registry = {"guidance": GUIDANCE, "representation": REPRESENTATION_CLASSES, "prior": PRIORS}[section]
-    if name not in registry:
+    return {"guidance": GUIDANCE, "representation": REPRESENTATION_CLASSES, "prior": PRIORS}[section]
+
+
+def _section_class(section: str, name: str):
+    registry = _registry(section)
+    if not isinstance(name, str) or name not in registry:
         raise unknown_name(section, name, registry)
     return registry[name][0]
 
@@ -214,7 +249,10 @@ def build_config(guidance: str = "sds", representation: str = "nerf", prior: str
                  base: Optional[dict] = None) -> RunConfig:
     """Merge the layers into a validated ``RunConfig``. ``base`` replaces the presets (resume)."""
     from threedgen.guidance import GUIDANCE
+    from threedgen.guidance.priors import PRIORS
 
+    if prior not in PRIORS:  # checked before its name picks an overlay file
+        raise unknown_name("prior", prior, PRIORS)
     if guidance not in GUIDANCE:
         raise unknown_name("guidance", guidance, GUIDANCE)
     if representation not in REPRESENTATIONS:
@@ -227,7 +265,7 @@ def build_config(guidance: str = "sds", representation: str = "nerf", prior: str
     else:
         data = base
     data = _deep_merge(data, overrides or {})
-    data = _deep_merge(data, flags or {})
+    data = _resolve_raw(_deep_merge(data, flags or {}), RunConfig)
     for section, name in (("guidance", guidance), ("representation", representation), ("prior", prior)):
         if not isinstance(data.setdefault(section, {}), dict):
             raise UserError(f"config key {section!r} is a section; set {section}.name=... instead")
@@ -282,6 +320,19 @@ def validate(cfg: RunConfig) -> None:
     scale = getattr(cfg.guidance, "guidance_scale", 0.0)
     if not (math.isfinite(scale) and scale >= 0):
         raise UserError(f"guidance.guidance_scale must be a finite number >= 0; got {scale}")
+    for section in (cfg.guidance, cfg.representation, cfg.prior):
+        if hasattr(section, "check"):
+            section.check()
+    c = cfg.camera
+    for name, rng, lo, hi in (("camera.elevation_range", c.elevation_range, -90, 90),
+                              ("camera.azimuth_range", c.azimuth_range, -360, 360),
+                              ("camera.distance_range", c.distance_range, 0.1, 100),
+                              ("camera.fovy_range", c.fovy_range, 1, 170)):
+        for v in rng:
+            check_range(name, v, lo, hi)
+        if len(rng) != 2 or rng[0] > rng[1]:
+            raise UserError(f"{name} must be [low, high] with low <= high; got {list(rng)}")
+    check_range("camera.random_background_prob", c.random_background_prob, 0, 1)
     for fmt in cfg.export.formats:
         if fmt not in ("glb", "obj", "ply"):
             raise UserError(f"export.formats: unknown format {fmt!r}; valid: glb, obj, ply")

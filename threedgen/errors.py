@@ -17,6 +17,21 @@ def nearest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
     return close + [v for v in valid if v not in close]
 
 
+class RunFailed(Exception):
+    """A run that started but could not finish (diverged, ...); the message says what to try."""
+
+
+def check_range(name: str, value, low: float, high: float, integer: bool = False) -> None:
+    """UserError unless ``value`` is a finite number (an integer if asked) in ``[low, high]``."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer()) and low <= value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise UserError(f"{name} must be {kind} from {low:g} to {high:g}; got {value!r}")
+
+
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:
     names = nearest(str(name), valid)
     return UserError(f"unknown {kind} {name!r}; valid: {', '.join(names)}")

@@ -149,5 +149,5 @@ def format_table(metrics: dict) -> str:
     ch = metrics["chamfer"]
     lines.append(f"mask_iou {metrics['mask_iou']:.3f} (best yaw {metrics['best_yaw_degrees']:+.0f} deg)  "
                  f"mask_iou_unaligned {metrics['mask_iou_unaligned']:.3f}  psnr {metrics['psnr']:.2f} dB  "
-                 f"chamfer {ch:.4f}" if ch is not None else "chamfer n/a")
+                 + (f"chamfer {ch:.4f}" if ch is not None else "chamfer n/a"))
     return "\n".join(lines)

@@ -68,7 +68,7 @@ def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
         print(f"threedgen: mp4 encoder unavailable ({exc}); writing turntable.gif", file=sys.stderr)
         path = Path(run_dir) / "turntable.gif"
         with atomic_path(path) as tmp:
-            imageio.mimsave(tmp, list(frames), format="GIF", duration=1.0 / fps)
+            imageio.mimsave(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)  # ms per frame
         return path
 
 

@@ -17,10 +17,15 @@ from threedgen.errors import UserError
 @torch.no_grad()
 def grid_values(fn: Callable[[torch.Tensor], torch.Tensor], bound: float, resolution: int,
                 device: torch.device | str = "cpu", chunk: int = 2 ** 18) -> np.ndarray:
+    """``fn`` on a ``resolution^3`` grid over ``[-bound, bound]^3``, indexed ``[x, y, z]``; points are
+    made one x-slab at a time so memory stays at one slab plus the result."""
     lin = torch.linspace(-bound, bound, resolution, device=device)
-    pts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3)
-    out = torch.cat([fn(pts[i:i + chunk]).float().cpu() for i in range(0, pts.shape[0], chunk)])
-    return out.reshape(resolution, resolution, resolution).numpy()
+    yz = torch.stack(torch.meshgrid(lin, lin, indexing="ij"), -1).reshape(-1, 2)
+    out = np.empty((resolution, resolution * resolution), np.float32)
+    for i, x in enumerate(lin):
+        pts = torch.cat([x.expand(yz.shape[0], 1), yz], 1)
+        out[i] = torch.cat([fn(pts[j:j + chunk]).float().cpu() for j in range(0, pts.shape[0], chunk)]).numpy()
+    return out.reshape(resolution, resolution, resolution)
 
 
 def silhouette_level(values: np.ndarray, voxel: float, candidates: int = 256) -> float:

@@ -34,11 +34,18 @@ def quiet_libraries() -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    import re
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name or ""):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use device=cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
 
 
@@ -186,11 +193,20 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     if resume is None:
         run_dir = new_run_dir(Path(out), cfg.prompt)
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
-    write_status(run_dir, "running", step=0, max_steps=cfg.steps)
+    write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps)
     started = time.time()
     try:
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
-        trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path)
+        try:
+            trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path)
+        except SystemExit:
+            # Lightning turns Ctrl-C into a graceful stop and sys.exit(1), leaving SIGINT ignored.
+            if not trainer.interrupted:
+                raise
+            import signal
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         train_seconds = time.time() - started
         system.representation.eval()
@@ -200,6 +216,9 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             from threedgen.evaluate import evaluate_run
 
             metrics = evaluate_run(run_dir, system=system)
+    except KeyboardInterrupt:
+        write_status(run_dir, "interrupted", max_steps=cfg.steps)
+        raise
     except BaseException as exc:
         write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise

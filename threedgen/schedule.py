@@ -39,10 +39,13 @@ def check_schedule(name: str, spec: ScheduleSpec | None, low: float, high: float
     """Reject a schedule whose values leave [low, high] (or are not finite)."""
     if spec is None:
         return
-    if isinstance(spec, (int, float)):
-        vals = [float(spec)]
-    else:
-        vals = [float(v) for v in spec]
+    if isinstance(spec, (str, bool)):
+        raise UserError(f"{name}: a schedule is a number, [v0, v1] or [start_step, v0, v1, end_step]; got {spec!r}")
+    try:
+        vals = [float(spec)] if isinstance(spec, (int, float)) else [float(v) for v in spec]
+    except (TypeError, ValueError):
+        raise UserError(f"{name}: a schedule is a number, [v0, v1] or [start_step, v0, v1, end_step]; got {spec!r}") from None
+    if not isinstance(spec, (int, float)):
         if len(vals) == 4:
             vals = vals[1:3]
         elif len(vals) != 2:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from threedgen.errors import RunFailed
 from threedgen.cameras import CameraSampler, Cameras, CameraStream
 
 
 class CameraDataModule(pl.LightningDataModule):
-    """Random training cameras; the stream restarts at the trainer's step, so a resumed run sees
-    the cameras an uninterrupted run would have."""
+    """Random training cameras drawn from ``(seed, batch number)``; the stream restarts at the
+    trainer's step, so a resumed run sees the cameras an uninterrupted run would have (exactly so
+    when no step was skipped as non-finite; the timestep and noise draws are not replayed)."""
 
     def __init__(self, sampler: CameraSampler):
         super().__init__()
@@ -30,7 +32,7 @@ class CameraDataModule(pl.LightningDataModule):
         return batch.to(device)
 
 
-class DivergedError(RuntimeError):
+class DivergedError(RunFailed):
     pass
 
 
@@ -70,7 +72,8 @@ class System(pl.LightningModule):
             self.skipped_steps += 1
             self._bad_in_a_row += 1
             if self._bad_in_a_row >= self.cfg.optimizer.max_consecutive_bad_steps:
-                raise DivergedError(f"diverged: {self._bad_in_a_row} non-finite steps in a row at step {step}")
+                raise DivergedError(f"diverged: {self._bad_in_a_row} non-finite steps in a row at step {step}; "
+                                    "try a lower learning rate or guidance scale")
         self.log_dict({"loss": guided.loss.detach(), "grad_norm": guided.grad_norm,
                        "t": guided.t.float().mean(), "skipped": float(self.skipped_steps)},
                       prog_bar=True, on_step=True, batch_size=len(cameras))

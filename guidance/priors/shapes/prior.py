@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from threedgen.cameras import Cameras, view_tag
-from threedgen.errors import UserError
+from threedgen.errors import UserError, check_range
 from threedgen.guidance.priors.base import VIEW_TAGS, Prior, PromptEmbeds, sd_alphas_cumprod
 from threedgen.guidance.priors.shapes import render as shapes_render
 from threedgen.guidance.priors.shapes.sdf import SDFS, truth_mesh
@@ -57,6 +57,19 @@ class ShapesPriorConfig:
     view_dependent_prompting: bool = True
     # Limit the world to some shapes (None = all); used by tests for speed.
     shapes: Optional[list[str]] = None
+
+    def check(self) -> None:
+        check_range("prior.resolution", self.resolution, 8, 256, integer=True)
+        check_range("prior.camera_kappa", self.camera_kappa, 0, 1e6)
+        check_range("prior.camera_kernel_max_angle", self.camera_kernel_max_angle, 0, 180)
+        check_range("prior.azimuth_step", self.azimuth_step, 1, 360)
+        check_range("prior.distance", self.distance, 1.0, 100)
+        check_range("prior.fovy", self.fovy, 1, 170)
+        check_range("prior.supersample", self.supersample, 1, 4, integer=True)
+        if not self.elevations or len(self.elevations) > 32:
+            raise UserError("prior.elevations must list 1 to 32 elevations in degrees")
+        for e in self.elevations:
+            check_range("prior.elevations[]", e, -89, 89)
 
 
 @dataclass(frozen=True)
