@@ -124,3 +124,30 @@ def test_red_cube_reaches_the_quality_bar(tmp_path, capsys):
     assert metrics["mask_iou"] >= 0.85, metrics["mask_iou"]
     assert metrics["chamfer"] < 0.06
     assert "mask_iou" in captured.err
+
+
+def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "threedgen", "run", "--prompt", "a red cube", "--out", str(tmp_path),
+                             "--no-progress", "--steps", "5000", *SMALL], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    status = None
+    while time.time() < deadline:  # wait until training has saved a checkpoint
+        found = list(tmp_path.glob("*/checkpoints/last.ckpt"))
+        if found:
+            status = found[0].parent.parent / "status.json"
+            break
+        time.sleep(0.5)
+    assert status is not None, "no checkpoint within 120 s"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("threedgen: interrupted; continue with: threedgen run --resume ")
+    state = json.loads(status.read_text())
+    assert state["status"] == "interrupted" and 0 < state["step"] < 5000

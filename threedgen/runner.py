@@ -29,7 +29,8 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (".*does not have many workers.*", ".*litlogger.*", ".*pytree.*", ".*LeafSpec.*",
                     ".*GPU available.*", ".*TPU available.*", ".*checkpoint.*callbacks.*",
-                    ".*Checkpoint directory .* exists and is not empty.*", ".*upgrade.*litmodels.*"):
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*upgrade.*litmodels.*",
+                    ".*manual optimization and every_n_train_steps.*"):
         warnings.filterwarnings("ignore", pattern)
 
 
@@ -195,6 +196,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
     write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps)
     started = time.time()
+    trainer = None
     try:
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
         try:
@@ -217,7 +219,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
 
             metrics = evaluate_run(run_dir, system=system)
     except KeyboardInterrupt:
-        write_status(run_dir, "interrupted", max_steps=cfg.steps)
+        write_status(run_dir, "interrupted", max_steps=cfg.steps,
+                     step=int(trainer.global_step) if trainer is not None else None)
         raise
     except BaseException as exc:
         write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
