@@ -1,6 +1,7 @@
 """Packaging: import names, the console script, the torch range, and a built wheel's contents."""
 
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,13 @@ def test_wheel_contains_the_subpackages_and_configs(tmp_path):
                  "threedgen/configs/sds-nerf.yaml", "threedgen/configs/priors/shapes.yaml"):
         assert path in names, path
     assert not any(n.startswith(("guidance/", "webui/", "representations/")) for n in names)
+    # The installed package (not the source tree) finds its presets.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import threedgen; from threedgen.config import build_config\n"
+            "print(threedgen.__file__); print(build_config(flags={'prompt': 'a red cube'}).representation.bound)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where, bound = proc.stdout.split()
+    assert where.startswith(str(site)) and bound == "0.75"

@@ -117,15 +117,16 @@ def clean_prompt(prompt: str, what: str = "prompt") -> str:
 # ---- presets ----------------------------------------------------------------------------------
 
 def _config_text(relative: str) -> Optional[str]:
-    root = Path(__file__).resolve().parent.parent / "configs"
-    path = root / relative
-    if path.is_file():
-        return path.read_text()
+    """A preset's text: from the installed package (``threedgen.configs``), else from the source
+    tree's ``configs/`` (an editable install, where that folder is not importable)."""
     try:
         res = resources.files("threedgen.configs").joinpath(relative)
-        return res.read_text() if res.is_file() else None
+        if res.is_file():
+            return res.read_text()
     except (ModuleNotFoundError, FileNotFoundError):
-        return None
+        pass
+    path = Path(__file__).resolve().parent.parent / "configs" / relative
+    return path.read_text() if path.is_file() else None
 
 
 def available_presets() -> list[str]:
