@@ -1,6 +1,5 @@
 """Every bad input of the CLI: one line on stderr, exit code 2, nothing written."""
 
-import os
 
 import pytest
 

@@ -76,7 +76,6 @@ def test_defaults_by_device_and_cuda_only_sampler():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: nerfacc occupancy-grid sampling needs a GPU")
 def test_cuda_occgrid_matches_dense_path():  # pragma: no cover
-    cfg = NeRFConfig(bound=0.75, render_step_size=0.002)
     dense = NeRF(NeRFConfig(bound=0.75, field="grid", sampler="dense", num_samples=512), "cuda").cuda().eval()
     occ = NeRF(NeRFConfig(bound=0.75, field="grid", sampler="occgrid", render_step_size=0.002), "cuda").cuda().eval()
     occ.load_state_dict(dense.state_dict(), strict=False)

@@ -139,7 +139,6 @@ def test_denoiser_matches_brute_force(tiny_prior_cfg, t_value):
                                 torch.rand(4, 3, generator=g))
     cond = [embeds.cond, embeds.cond, embeds.uncond, embeds.uncond]
     # Inputs near a real image make the posterior sharp (the hard case for precision).
-    x0 = _brute_force_eps.__globals__["shapes_render"]
     t = torch.full((4,), t_value)
     abar = prior.alphas_cumprod[t_value]
     clean = prior.encode_images(torch.rand(4, 3, 16, 16, generator=g))

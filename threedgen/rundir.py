@@ -7,6 +7,7 @@ Files are written to a temporary name in the same folder and renamed into place.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -67,3 +68,9 @@ def atomic_path(path: Path):
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    """``status.json``: running / succeeded / failed / interrupted, with the step and timings."""
+    atomic_write_text(Path(run_dir) / "status.json",
+                      json.dumps({"status": status, "time": time.time(), **extra}, indent=1))

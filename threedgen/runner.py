@@ -7,7 +7,6 @@ and previews, and scores the result when the prior knows the truth.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 
 from threedgen.config import RunConfig, load_run_config, to_yaml
 from threedgen.errors import UserError
-from threedgen.rundir import atomic_write_text, check_writable, new_run_dir
+from threedgen.rundir import atomic_write_text, check_writable, new_run_dir, write_status
 
 CONFIG_NAME = "config.yaml"
 
@@ -53,12 +52,11 @@ def resolve_device(name: str) -> torch.device:
 def build_components(cfg: RunConfig, device: torch.device, prior=None):
     """prior, prompt embeddings, representation, guidance and the system for ``cfg``."""
     from threedgen.guidance import GUIDANCE
-    from threedgen.guidance.priors import build_prior, check_prompt
+    from threedgen.guidance.priors import build_prior, check_run
     from threedgen.representations import REPRESENTATION_CLASSES
     from threedgen.system import System
 
-    check_prompt(cfg.prior, cfg.prompt, cfg.negative_prompt)
-    check_prior_cameras(cfg)
+    check_run(cfg)
     if prior is None:
         prior = build_prior(cfg.prior, device)
     embeds = prior.encode_prompt(cfg.prompt, cfg.negative_prompt)
@@ -67,92 +65,22 @@ def build_components(cfg: RunConfig, device: torch.device, prior=None):
     return System(cfg, prior, representation, guidance, embeds).to(device)
 
 
-def check_prior_cameras(cfg: RunConfig) -> None:
-    """The shapes prior's images were rendered at one distance and field of view: the training
-    cameras must use the same ones."""
-    p, c = cfg.prior, cfg.camera
-    if cfg.prior.name == "shapes":
-        if tuple(c.distance_range) != (p.distance, p.distance) or tuple(c.fovy_range) != (p.fovy, p.fovy):
-            raise UserError(f"the shapes prior sees the object from distance {p.distance} with fovy {p.fovy}; "
-                            f"set camera.distance_range=[{p.distance},{p.distance}] and "
-                            f"camera.fovy_range=[{p.fovy},{p.fovy}] (or change prior.distance/prior.fovy)")
-
-
-class _StepProgressBar:
-    """Lightning's tqdm bar, counted in optimizer steps out of ``max_steps`` (right after a resume too)."""
-
-    def __new__(cls, prompt: str):
-        from pytorch_lightning.callbacks import TQDMProgressBar
-
-        class StepProgressBar(TQDMProgressBar):
-            def on_train_epoch_start(self, trainer, *_):
-                bar = self.train_progress_bar
-                bar.reset(total=trainer.max_steps)
-                bar.n = trainer.global_step
-                bar.set_description(prompt[:32])
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                n = trainer.global_step
-                if n % self.refresh_rate == 0 or n == trainer.max_steps:
-                    self.train_progress_bar.n = n
-                    self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-                    self.train_progress_bar.refresh()
-
-        return StepProgressBar(refresh_rate=10)
-
-
-class _PreviewCallback:
-    """Saves a front-view preview every ``preview_every`` steps (previews/latest.png too)."""
-
-    def __new__(cls, *args, **kwargs):
-        import pytorch_lightning as pl
-
-        class PreviewCallback(pl.Callback):
-            def __init__(self, run_dir: Path, cfg: RunConfig):
-                self.run_dir, self.cfg = run_dir, cfg
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                step = trainer.global_step
-                if step % self.cfg.preview_every or step == getattr(self, "_last", -1):
-                    return
-                self._last = step
-                from threedgen.cameras import Cameras
-                from threedgen.export import render_views, write_image
-                import numpy as np
-
-                c = self.cfg.camera
-                cams = Cameras.from_angles([20.0, 20.0], [0.0, 90.0], float(np.mean(c.distance_range)),
-                                           float(np.mean(c.fovy_range))).to(module.device)
-                rgb, _ = render_views(module.representation, cams, 128)
-                image = np.concatenate(list(rgb), axis=1)
-                folder = self.run_dir / "previews"
-                folder.mkdir(exist_ok=True)
-                write_image(folder / f"step-{step:06d}.png", image)
-                write_image(folder / "latest.png", image)
-                write_status(self.run_dir, "running", step=step, max_steps=self.cfg.steps)
-
-        return PreviewCallback(*args, **kwargs)
-
-
-def write_status(run_dir: Path, status: str, **extra) -> None:
-    atomic_write_text(Path(run_dir) / "status.json",
-                      json.dumps({"status": status, "time": time.time(), **extra}, indent=1))
-
-
 def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_bar: bool = True, callbacks=()):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
+    from threedgen.callbacks import PreviewCallback, StepProgressBar
+
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
                                  auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every,
                                  save_last=True, save_top_k=1)
     if progress_bar:
-        callbacks = [*callbacks, _StepProgressBar(cfg.prompt)]
+        callbacks = [*callbacks, StepProgressBar(cfg.prompt)]
     return pl.Trainer(
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         logger=CSVLogger(run_dir, name="logs", version=""), log_every_n_steps=10,
-        callbacks=[checkpoint, _PreviewCallback(run_dir, cfg), *callbacks],
+        callbacks=[checkpoint, PreviewCallback(run_dir, cfg), *callbacks],
         enable_progress_bar=progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir, max_epochs=-1)
 
@@ -184,9 +112,9 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     note = note or auto_note
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if resume is None:
-        from threedgen.guidance.priors import check_prompt
+        from threedgen.guidance.priors import check_run
 
-        check_prompt(cfg.prior, cfg.prompt, cfg.negative_prompt)  # before any folder is made
+        check_run(cfg)  # prompt and prior settings, before any folder is made or prior built
         check_writable(Path(out))
     if note:
         print_err(f"threedgen: {note}")

@@ -26,8 +26,12 @@ def resolve_prior_name(name: str, device: torch.device) -> tuple[str, str | None
     return name, None
 
 
-def check_prompt(cfg, prompt: str, negative_prompt: str = "") -> None:
-    PRIORS[cfg.name][1].check_prompt(cfg, prompt, negative_prompt)
+def check_run(run_cfg) -> None:
+    """What the chosen prior can check cheaply before it is built: the prompt, and that the run's
+    cameras suit it."""
+    cls = PRIORS[run_cfg.prior.name][1]
+    cls.check_prompt(run_cfg.prior, run_cfg.prompt, run_cfg.negative_prompt)
+    cls.check_cameras(run_cfg.prior, run_cfg.camera)
 
 
 def build_prior(cfg, device: torch.device):

@@ -67,6 +67,10 @@ class Prior(torch.nn.Module):
     def check_prompt(cls, cfg, prompt: str, negative_prompt: str = "") -> None:
         """Reject a prompt the prior cannot take, cheaply, before the prior is built."""
 
+    @classmethod
+    def check_cameras(cls, cfg, camera_cfg) -> None:
+        """Reject training-camera settings the prior cannot judge (e.g. another distance)."""
+
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         raise NotImplementedError
 

@@ -151,6 +151,16 @@ class ShapesPrior(Prior):
             raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(cfg.shapes)})")
         parse_negative(negative_prompt)
 
+    @classmethod
+    def check_cameras(cls, cfg, camera_cfg) -> None:
+        """The teacher images were rendered at one distance and field of view: the training
+        cameras must use the same ones."""
+        d, f = cfg.distance, cfg.fovy
+        if tuple(camera_cfg.distance_range) != (d, d) or tuple(camera_cfg.fovy_range) != (f, f):
+            raise UserError(f"the shapes prior sees the object from distance {d} with fovy {f}; "
+                            f"set camera.distance_range=[{d},{d}] and camera.fovy_range=[{f},{f}] "
+                            "(or change prior.distance/prior.fovy)")
+
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         colour, shape = parse_prompt(prompt)
         cond = ShapesCondition((self._object_index(colour, shape),))

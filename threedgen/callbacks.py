@@ -1,0 +1,62 @@
+"""Lightning callbacks of a run: a step-counted progress bar and periodic previews.
+
+Imported only when a trainer is made, so the CLI answers bad input without importing Lightning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+from threedgen.cameras import Cameras
+from threedgen.export import render_views, write_image
+from threedgen.rundir import write_status
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, counted in optimizer steps out of ``max_steps`` (right after a resume too)."""
+
+    def __init__(self, prompt: str, refresh_rate: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+        self.prompt = prompt
+
+    def on_train_epoch_start(self, trainer, *_):
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.n = trainer.global_step
+        bar.set_description(self.prompt[:32])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = trainer.global_step
+        if n % self.refresh_rate == 0 or n == trainer.max_steps:
+            self.train_progress_bar.n = n
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            self.train_progress_bar.refresh()
+
+
+class PreviewCallback(pl.Callback):
+    """Saves a two-view preview every ``preview_every`` steps (previews/latest.png too) and the
+    run's status with the step reached."""
+
+    def __init__(self, run_dir: Path, cfg):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.cfg.preview_every or step == self._last:
+            return
+        self._last = step
+        c = self.cfg.camera
+        cams = Cameras.from_angles([20.0, 20.0], [0.0, 90.0], float(np.mean(c.distance_range)),
+                                   float(np.mean(c.fovy_range))).to(module.device)
+        rgb, _ = render_views(module.representation, cams, 128)
+        image = np.concatenate(list(rgb), axis=1)
+        folder = self.run_dir / "previews"
+        folder.mkdir(exist_ok=True)
+        write_image(folder / f"step-{step:06d}.png", image)
+        write_image(folder / "latest.png", image)
+        write_status(self.run_dir, "running", step=step, max_steps=self.cfg.steps)
