@@ -5,7 +5,8 @@ Diffusion", eq. 3):
     g = w(t) * (eps_cfg(x_t, t) - eps),   eps_cfg = eps_u + s * (eps_y - eps_u)
 
 with ``w(t) = 1 - alphas_cumprod[t]`` ("sds"), 1 ("uniform") or ``sqrt(abar)(1-abar)``
-("fantasia3d"). Cond and uncond are one batched prior call. Optional element-wise clipping of g
+("fantasia3d"). Cond and uncond are one batched prior call (``threedgen.guidance.cfg``; Perp-Neg
+when the prior's prompt settings ask for it). Optional element-wise clipping of g
 (threestudio's ``grad_clip``). Note the CFG convention: diffusers' (D); threestudio's SDS uses
 ``e_y + s(e_y - e_u)`` (T), so its scale 100 equals 101 here.
 """
@@ -19,6 +20,7 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
+from threedgen.guidance.cfg import guided_noise
 from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient
 from threedgen.guidance.priors.base import PromptEmbeds
 from threedgen.schedule import check_schedule, schedule_value
@@ -72,11 +74,7 @@ class SDS(Guidance):
             abar = prior.alphas_cumprod.to(x.device)[t].view(b, 1, 1, 1)
             eps = torch.randn_like(x)
             x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps
-            eps_pred = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                           embeds.cond_for(cameras) + embeds.uncond_for(cameras),
-                                           cameras.cat(cameras))
-            eps_y, eps_u = eps_pred.chunk(2)
-            eps_cfg = eps_u + cfg.guidance_scale * (eps_y - eps_u)
+            eps_cfg = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale).eps
             grad = sds_weight(cfg.weighting, abar) * (eps_cfg - eps)
             clip = schedule_value(cfg.grad_clip, step, max_steps)
             if clip is not None:

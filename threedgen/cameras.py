@@ -37,14 +37,16 @@ def look_at_c2w(elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch.
     return c2w
 
 
-def view_tag(elevation: float, azimuth: float, front_threshold: float = 45.0, overhead_threshold: float = 60.0) -> str:
-    """The view-dependent prompt tag of a camera: ``front``, ``side``, ``back`` or ``overhead``."""
+def view_tag(elevation: float, azimuth: float, front_threshold: float = 45.0, overhead_threshold: float = 60.0,
+             back_threshold: float | None = None) -> str:
+    """The view-dependent prompt tag of a camera: ``front``, ``side``, ``back`` or ``overhead``
+    (thresholds in degrees; ``back_threshold`` defaults to ``front_threshold``)."""
     if elevation > overhead_threshold:
         return "overhead"
     az = (azimuth + 180.0) % 360.0 - 180.0
     if abs(az) < front_threshold:
         return "front"
-    if abs(az) > 180.0 - front_threshold:
+    if abs(az) > 180.0 - (front_threshold if back_threshold is None else back_threshold):
         return "back"
     return "side"
 
@@ -92,6 +94,11 @@ class Cameras:
     def cat(self, other: "Cameras") -> "Cameras":
         return Cameras(*(torch.cat([getattr(self, k), getattr(other, k)]) for k in self.TENSORS),
                        view_tags=self.view_tags + other.view_tags)
+
+    def repeat_interleave(self, n: int) -> "Cameras":
+        """Each camera ``n`` times in a row (``[c0, c0, c1, c1, ...]`` for n = 2)."""
+        return Cameras(*(getattr(self, k).repeat_interleave(n, dim=0) for k in self.TENSORS),
+                       view_tags=[tag for tag in self.view_tags for _ in range(n)])
 
     def with_background(self, background: torch.Tensor) -> "Cameras":
         return replace(self, background=background.to(self.c2w).expand(len(self), 3).clone())

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--negative-prompt", default=None, help="what to steer away from")
     run.add_argument("--guidance", default=PARSER_DEFAULTS["guidance"], help="guidance method (`threedgen guidance list`)")
     run.add_argument("--representation", default=PARSER_DEFAULTS["representation"], help="3D representation: nerf")
-    run.add_argument("--prior", default=PARSER_DEFAULTS["prior"], help="auto (shapes on CPU) or shapes")
+    run.add_argument("--prior", default=PARSER_DEFAULTS["prior"], help="auto (Stable Diffusion 2.1 base on CUDA, shapes on CPU), shapes, "
+                     "stable-diffusion, deepfloyd-if, a Hugging Face id or a local diffusers folder")
     run.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="optimisation steps")
     run.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), help="random seed")
     run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
@@ -103,12 +104,15 @@ def _cmd_run(args) -> int:
         for key in ("steps", "seed", "device"):
             if getattr(args, key) is not None:
                 flags[key] = getattr(args, key)
-        from threedgen.guidance.priors import resolve_prior_name
+        from threedgen.guidance.priors import resolve_prior
         from threedgen.runner import resolve_device
 
-        # "auto" is resolved here (and said on stderr) so that the prior's config overlay applies.
-        prior, note = resolve_prior_name(args.prior, resolve_device(args.device or "auto"))
-        cfg = build_config(args.guidance, args.representation, prior, parse_overrides(args.overrides), flags)
+        # Resolved here (and "auto" said on stderr) so that the prior's config overlay applies.
+        choice = resolve_prior(args.prior, resolve_device(args.device or "auto"))
+        if choice.model is not None:
+            flags["prior"] = {"model": choice.model}
+        cfg = build_config(args.guidance, args.representation, choice.name, parse_overrides(args.overrides), flags)
+        note = choice.note
         run_dir = run(cfg, out=args.out, progress_bar=not args.no_progress, note=note)
     status = json.loads((run_dir / "status.json").read_text())
     metrics_file = run_dir / "metrics.json"

@@ -91,7 +91,6 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     import pytorch_lightning as pl
 
     from threedgen.export import export_run_outputs
-    from threedgen.guidance.priors import resolve_prior_name
     from threedgen.system import CameraDataModule
     from threedgen.cameras import CameraSampler
 
@@ -108,8 +107,6 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         check_writable(run_dir)
     assert cfg is not None
     device = resolve_device(cfg.device)
-    cfg.prior.name, auto_note = resolve_prior_name(cfg.prior.name, device)
-    note = note or auto_note
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if resume is None:
         from threedgen.guidance.priors import check_run

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from threedgen.cameras import Cameras
+from threedgen.cameras import Cameras, view_tag
 
 VIEW_TAGS = ("front", "side", "back", "overhead")
 
@@ -31,8 +31,10 @@ class PromptEmbeds:
 
     ``cond``: the prompt; ``uncond``: the negative prompt (or the empty prompt when none);
     ``empty``: the empty prompt; ``by_view``: view-dependent variants of ``cond`` keyed by view tag
-    (empty when the prior does not use view-dependent prompting). Values are prior-specific
-    conditioning objects (a text-encoder tensor, or the shapes prior's object sets).
+    (empty when the prior does not use view-dependent prompting), chosen per camera with
+    ``view_thresholds`` (front, back, overhead; degrees). Values are prior-specific conditioning
+    objects (text-encoder tensors, or the shapes prior's object sets). ``perp_neg``: the guidance
+    combines the views by Perp-Neg (``threedgen.guidance.cfg``); needs tensor conditionings.
     """
 
     prompt: str
@@ -41,10 +43,17 @@ class PromptEmbeds:
     uncond: Any
     empty: Any
     by_view: dict[str, Any] = field(default_factory=dict)
+    view_thresholds: tuple[float, float, float] = (45.0, 45.0, 60.0)
+    perp_neg: bool = False
+
+    def tags_for(self, cameras: Cameras) -> list[str]:
+        front, back, overhead = self.view_thresholds
+        return [view_tag(float(e), float(a), front, overhead, back)
+                for e, a in zip(cameras.elevation.tolist(), cameras.azimuth.tolist())]
 
     def cond_for(self, cameras: Cameras) -> list[Any]:
         """One conditioning per camera: the view-dependent variant where there is one."""
-        return [self.by_view.get(tag, self.cond) for tag in cameras.view_tags] if self.by_view \
+        return [self.by_view.get(tag, self.cond) for tag in self.tags_for(cameras)] if self.by_view \
             else [self.cond] * len(cameras)
 
     def uncond_for(self, cameras: Cameras) -> list[Any]:
@@ -70,6 +79,14 @@ class Prior(torch.nn.Module):
     @classmethod
     def check_cameras(cls, cfg, camera_cfg) -> None:
         """Reject training-camera settings the prior cannot judge (e.g. another distance)."""
+
+    @classmethod
+    def check_model(cls, cfg) -> None:
+        """Check that the prior's model can be found (weights present or downloadable)."""
+
+    @classmethod
+    def build(cls, cfg, device: torch.device) -> "Prior":
+        return cls(cfg).to(device)
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Priors built on diffusers models: Stable Diffusion 1.x/2.x and DeepFloyd IF stage I."""

@@ -1,0 +1,182 @@
+"""What Stable Diffusion and DeepFloyd IF share as priors: loading, text encoding (once per
+prompt, cached in memory), view-dependent prompting, and one batched UNet call per guidance step
+with the model's prediction converted to eps.
+
+Precision: fp16 weights on CUDA, fp32 on CPU (``prior.dtype``). The UNet's inputs are cast to the
+weights' dtype and its outputs back to fp32, so guidance arithmetic is always fp32. Attention
+uses PyTorch's scaled-dot-product kernels (diffusers' ``*2_0`` processors, its default on
+torch 2), which pick flash / memory-efficient attention on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from threedgen.cameras import Cameras
+from threedgen.errors import UserError, check_range
+from threedgen.guidance.priors.base import VIEW_TAGS, Prior, PromptEmbeds
+from threedgen.guidance.priors.diffusion.source import ModelSource, load_component, resolve_source
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class DiffusionPriorConfig:
+    name: str = "stable-diffusion"
+    # A Hugging Face Hub id or a local folder in the diffusers layout.
+    model: str = "stabilityai/stable-diffusion-2-1-base"
+    revision: Optional[str] = None
+    local_files_only: bool = False  # never touch the network (HF_HUB_OFFLINE=1 does the same)
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    channels_last: bool = True  # UNet memory format on CUDA
+    # View-dependent prompting: "<prompt>, front view" / side / back / overhead by camera angle.
+    view_dependent_prompting: bool = True
+    front_threshold: float = 45.0  # |azimuth| below this: front
+    back_threshold: float = 45.0  # |azimuth| above 180 minus this: back
+    overhead_threshold: float = 60.0  # elevation above this: overhead
+    perp_neg: bool = False  # Perp-Neg (4 UNet passes per view instead of 2)
+    keep_text_encoder: bool = False  # free the text encoder after the prompt is encoded
+
+    def check(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UserError(f"prior.dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_range("prior.front_threshold", self.front_threshold, 0, 180)
+        check_range("prior.back_threshold", self.back_threshold, 0, 180)
+        check_range("prior.overhead_threshold", self.overhead_threshold, -90, 90)
+        if self.perp_neg and not self.view_dependent_prompting:
+            raise UserError("prior.perp_neg needs prior.view_dependent_prompting=true (it mixes the view prompts)")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError("prior.dtype=float16 needs a CUDA device; on CPU use float32 (the default) or bfloat16")
+    return dtype
+
+
+class DiffusionPrior(Prior):
+    """Base of the diffusers priors. Subclasses load their image side (``_load_image_model``) and
+    implement ``encode_images``/``decode`` and ``_encode_texts``."""
+
+    @staticmethod
+    def text_classes():
+        """(tokenizer class, text encoder class) from transformers."""
+        raise NotImplementedError
+
+    def __init__(self, cfg: DiffusionPriorConfig, device: torch.device | str = "cpu"):
+        super().__init__()
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        cfg.check()
+        self.cfg = cfg
+        device = torch.device(device)
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.source = self.check_model(cfg)
+        scheduler = load_component(self.source, DDPMScheduler, "scheduler")
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise UserError(f"model {cfg.model!r}: unsupported prediction type {self.prediction_type!r}")
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.float().clone(), persistent=False)
+        self.unet = load_component(self.source, UNet2DConditionModel, "unet", torch_dtype=self.dtype)
+        self._load_image_model()
+        self.tokenizer = load_component(self.source, self.text_classes()[0], "tokenizer")
+        self.text_encoder = None
+        self.text_encoder_loads = 0  # how often the text encoder was loaded (released after use)
+        self.text_encoder_calls = 0  # how many batches it encoded
+        self._prompt_cache: dict[tuple[str, str], PromptEmbeds] = {}
+        self.requires_grad_(False).eval()
+        self.to(device)
+        if device.type == "cuda" and cfg.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+
+    # ---- model discovery ---------------------------------------------------------------------
+
+    @classmethod
+    def check_model(cls, cfg) -> ModelSource:
+        source = resolve_source(cfg.model, cfg.revision, cfg.local_files_only)
+        if source.kind != cfg.name:
+            raise UserError(f"model {cfg.model!r} is a {source.pipeline_class} ({source.kind}), not {cfg.name}; "
+                            f"use --prior {source.kind} or pass the model as --prior {cfg.model}")
+        return source
+
+    @classmethod
+    def build(cls, cfg, device: torch.device) -> "DiffusionPrior":
+        return cls(cfg, device)
+
+    def _load_image_model(self) -> None:
+        """Load what turns images into model space (the VAE for latent models)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    # ---- text --------------------------------------------------------------------------------
+
+    def _text_encoder_module(self):
+        if self.text_encoder is None:
+            self.text_encoder = load_component(self.source, self.text_classes()[1], "text_encoder",
+                                               dtype=self.dtype).to(self.device).requires_grad_(False).eval()
+            self.text_encoder_loads += 1
+        return self.text_encoder
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """``[len(texts), L, D]`` hidden states of the text encoder."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        """Encoded once per (prompt, negative prompt) and kept in memory; every view variant in
+        the same text-encoder batch."""
+        key = (prompt, negative_prompt)
+        if key in self._prompt_cache:
+            return self._prompt_cache[key]
+        cfg = self.cfg
+        texts = [prompt, negative_prompt, ""]
+        if cfg.view_dependent_prompting:
+            texts += [f"{prompt}, {tag} view" for tag in VIEW_TAGS]
+        unique = list(dict.fromkeys(texts))
+        hidden = self._encode_texts(unique)
+        self.text_encoder_calls += 1
+        if not cfg.keep_text_encoder:
+            self.text_encoder = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        by_text = {text: hidden[i] for i, text in enumerate(unique)}
+        embeds = PromptEmbeds(
+            prompt, negative_prompt, cond=by_text[prompt], uncond=by_text[negative_prompt], empty=by_text[""],
+            by_view={tag: by_text[f"{prompt}, {tag} view"] for tag in VIEW_TAGS} if cfg.view_dependent_prompting else {},
+            view_thresholds=(cfg.front_threshold, cfg.back_threshold, cfg.overhead_threshold), perp_neg=cfg.perp_neg)
+        self._prompt_cache[key] = embeds
+        return embeds
+
+    # ---- noise prediction --------------------------------------------------------------------
+
+    def unet_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], unet=None) -> torch.Tensor:
+        """The UNet's raw prediction (the model's own parameterisation, learned-variance channels
+        dropped), fp32, for one conditioning per item."""
+        unet = self.unet if unet is None else unet
+        context = torch.stack([c.to(self.device, self.dtype) for c in cond])
+        out = unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=context).sample
+        return out[:, :x_t.shape[1]].float()
+
+    def to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Convert the model's prediction to eps: v -> ``a_t v + s_t x_t``; x0 -> ``(x_t - a_t x0) / s_t``."""
+        if self.prediction_type == "epsilon":
+            return out
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        if self.prediction_type == "v_prediction":
+            return a * out + s * x_t.float()
+        return (x_t.float() - a * out) / s
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[Any],
+                      views: Optional[Cameras] = None) -> torch.Tensor:
+        """eps for ``x_t [N,C,h,w]`` at integer ``t [N]``; ``cond``: N text embeddings. Camera
+        poses are not used (Stable Diffusion and IF are text-only)."""
+        return self.to_eps(self.unet_output(x_t, t, cond), x_t, t)
