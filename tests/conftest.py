@@ -18,3 +18,27 @@ def tiny_prior_cfg():
 
     return ShapesPriorConfig(resolution=16, elevations=[10.0, 40.0], azimuth_step=90.0,
                              shapes=["cube", "torus"], camera_kappa=50.0, camera_kernel_max_angle=0.0)
+
+
+# ---- tiny diffusers models (random weights, saved in the layout users download) ----------------
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    from tiny_diffusers import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_dir(tmp_path_factory):
+    from tiny_diffusers import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_if_dir(tmp_path_factory):
+    from tiny_diffusers import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if")
+

@@ -126,10 +126,10 @@ def _cmd_run(args) -> int:
 
 def _cmd_export(args) -> int:
     from threedgen.export import export_run_outputs
-    from threedgen.runner import load_trained
+    from threedgen.runner import load_representation
 
-    cfg, system, run_dir = load_trained(args.run_dir)
-    summary = export_run_outputs(system.representation, cfg, run_dir, formats=args.format, resolution=args.resolution)
+    cfg, representation, run_dir = load_representation(args.run_dir)
+    summary = export_run_outputs(representation, cfg, run_dir, formats=args.format, resolution=args.resolution)
     for f in summary["files"]:
         print(f)
     return 0

@@ -115,10 +115,15 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
     """Score a run folder; writes ``metrics.json`` there and returns the metrics."""
     import trimesh
 
-    from threedgen.runner import load_trained
+    from threedgen.guidance.priors import PRIORS
+    from threedgen.runner import load_trained, open_run
 
     run_dir = Path(run_dir).expanduser().resolve()
     if system is None:
+        cfg = open_run(run_dir)[0]
+        if not PRIORS[cfg.prior.name][1].has_truth:  # say so before loading anything heavy
+            raise UserError(f"prior {cfg.prior.name!r} has no ground truth; `threedgen eval` scores runs of the "
+                            "embedded shapes prior only")
         cfg, system, run_dir = load_trained(run_dir)
     else:
         cfg = system.cfg

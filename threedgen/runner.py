@@ -157,9 +157,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     return run_dir
 
 
-def load_trained(run_dir: str | Path, device: str | None = None):
-    """(cfg, system) of a run folder with the weights of its last checkpoint."""
-    quiet_libraries()
+def open_run(run_dir: str | Path):
+    """(cfg, run_dir, last checkpoint) of a run folder, or a one-line UserError."""
     run_dir = Path(run_dir).expanduser().resolve()
     config_file = run_dir / CONFIG_NAME
     if not config_file.is_file():
@@ -168,15 +167,42 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise UserError(f"run {str(run_dir)!r} has no checkpoint yet (checkpoints/last.ckpt)")
-    dev = resolve_device(device or cfg.device)
-    system = build_components(cfg, dev)
+    return cfg, run_dir, ckpt
+
+
+def _load_state(module: torch.nn.Module, ckpt: Path, device, prefix: str = "") -> None:
     try:
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
-        system.load_state_dict(state["state_dict"])
+        state = torch.load(ckpt, map_location=device, weights_only=True)["state_dict"]
+        if prefix:
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(state)
     except Exception as exc:
         raise UserError(f"checkpoint {str(ckpt)!r} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def load_trained(run_dir: str | Path, device: str | None = None):
+    """(cfg, system, run_dir) of a run folder with the weights of its last checkpoint."""
+    quiet_libraries()
+    cfg, run_dir, ckpt = open_run(run_dir)
+    dev = resolve_device(device or cfg.device)
+    system = build_components(cfg, dev)
+    _load_state(system, ckpt, dev)
     system.eval()
     return cfg, system, run_dir
+
+
+def load_representation(run_dir: str | Path, device: str | None = None):
+    """(cfg, representation, run_dir): the trained 3D representation alone, without building the
+    prior (exporting a Stable Diffusion run does not load Stable Diffusion)."""
+    from threedgen.representations import REPRESENTATION_CLASSES
+
+    quiet_libraries()
+    cfg, run_dir, ckpt = open_run(run_dir)
+    dev = resolve_device(device or cfg.device)
+    representation = REPRESENTATION_CLASSES[cfg.representation.name][1](cfg.representation, dev)
+    _load_state(representation, ckpt, dev, prefix="representation.")
+    representation.eval()
+    return cfg, representation, run_dir
 
 
 def print_err(*args) -> None:

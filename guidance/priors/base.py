@@ -70,6 +70,7 @@ class Prior(torch.nn.Module):
     num_train_timesteps: int = 1000
     prediction_type: str = "epsilon"
     resolution: int = 64  # model-space input size the prior expects from encode_images
+    has_truth: bool = False  # truth() returns the true object (the shapes prior)
     alphas_cumprod: torch.Tensor
 
     @classmethod

@@ -74,6 +74,8 @@ class LoRAFakeScore(torch.nn.Module):
 
     def _set_adapters(self, on: bool) -> None:
         (self.unet.enable_adapters if on else self.unet.disable_adapters)()
+        for param in self.lora.values():  # peft turns requires_grad off with the adapter
+            param.requires_grad_(True)
 
     def enable(self) -> None:
         """Leave the adapter on (the shared UNet then predicts the fake score, not the prior)."""

@@ -80,16 +80,30 @@ def hub_reachable() -> bool:
 
 @contextlib.contextmanager
 def quiet_hub():
-    """Silence huggingface_hub's retry chatter and progress noise for the duration."""
+    """Silence huggingface_hub's retry chatter and the libraries' weight-loading bars."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
     loggers = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    from huggingface_hub import utils as hub_utils
+
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    for module, _ in bars:  # the "Loading weights" bars; the Hub's download bars stay
+        module.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        for module, was in bars:
+            if was:
+                module.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,6 +150,26 @@ def _kind(pipeline_class: str, model: str) -> str:
     raise UserError(f"model {model!r} is {what}; threedgen takes Stable Diffusion 1.x/2.x or DeepFloyd IF stage I")
 
 
+WEIGHTED = ("unet", "vae", "text_encoder")
+
+
+def _check_components(folder: Path, index: dict, model: str) -> None:
+    """Every component the prior loads is there, with safetensors weights where it has weights."""
+    for name in ("unet", "scheduler", "tokenizer", "text_encoder", "vae"):
+        entry = index.get(name)
+        if name == "vae" and entry is None:
+            continue  # pixel-space models (DeepFloyd IF) have no VAE
+        sub = folder / name
+        if not isinstance(entry, list) or entry[0] is None or not sub.is_dir():
+            raise UserError(f"model {model!r} has no {name}/ component; re-download it or save the full pipeline "
+                            "with save_pretrained")
+        if name in WEIGHTED and not any(sub.glob("*.safetensors")):
+            pickled = [p.name for p in sub.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+            detail = f" (only {pickled[0]})" if pickled else ""
+            raise UserError(f"model {model!r} ({name}) has no safetensors weights{detail}; threedgen never loads "
+                            "pickle (.bin/.ckpt) weights (convert with save_pretrained(..., safe_serialization=True))")
+
+
 def resolve_source(model: str, revision: Optional[str] = None, local_files_only: bool = False) -> ModelSource:
     """Find ``model`` and read its ``model_index.json``; one-line errors for everything that can
     go wrong. Touches the network only for a Hub id that is not cached, and then only after a
@@ -154,8 +188,11 @@ def resolve_source(model: str, revision: Optional[str] = None, local_files_only:
         if not index.is_file():
             raise UserError(f"folder {model!r} is not a diffusers model (no model_index.json); expected the layout "
                             "of e.g. stabilityai/stable-diffusion-2-1-base: model_index.json, unet/, vae/, ...")
-        cls = _read_index(index, model)["_class_name"]
-        return ModelSource(model, str(path.resolve()), True, cls, _kind(cls, model), True)
+        data = _read_index(index, model)
+        cls = data["_class_name"]
+        source = ModelSource(model, str(path.resolve()), True, cls, _kind(cls, model), True)
+        _check_components(path, data, model)
+        return source
     if model.startswith(("/", ".", "~")) or not HUB_ID.match(model):
         raise UserError(f"model {model!r}: no such folder (and not a Hub id of the form owner/name)")
     from huggingface_hub import hf_hub_download

@@ -109,6 +109,7 @@ class ShapeTruth:
 class ShapesPrior(Prior):
     name = "shapes"
     prediction_type = "epsilon"
+    has_truth = True
 
     def __init__(self, cfg: ShapesPriorConfig | None = None):
         super().__init__()

@@ -1,0 +1,100 @@
+"""The LoRA fake score on a diffusers prior's UNet: exact at start, trainable, switchable, the
+teacher untouched, saved and loaded as safetensors."""
+
+import pytest
+import torch
+
+from threedgen.errors import UserError
+from threedgen.guidance.priors.diffusion.lora import LoRAFakeScore
+from tiny_diffusers import load_prior
+
+
+@pytest.fixture
+def prior(tiny_sd_dir):
+    return load_prior(tiny_sd_dir)
+
+
+def _inputs(prior):
+    embeds = prior.encode_prompt("a red cube")
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 32, 32)
+    t = torch.tensor([30, 600])
+    c2w = torch.eye(4).expand(2, 4, 4).clone()
+    c2w[:, :3, 3] = torch.tensor([[0.0, 0.5, 2.0], [1.5, 0.5, -1.0]])
+    return x, t, [embeds.cond, embeds.cond], c2w
+
+
+def _train(lora, x, t, cond, camera, steps=3):
+    opt = torch.optim.Adam(lora.trainable_parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = (lora.model_output(x, t, cond, camera) - 0.5).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_untrained_fake_score_equals_the_prior_and_training_moves_only_it(prior):
+    x, t, cond, c2w = _inputs(prior)
+    teacher = prior.predict_noise(x, t, cond)
+    lora = LoRAFakeScore(prior, rank=4)
+    cam = lora.camera_input(c2w)
+    assert cam.shape == (2, 16)
+    torch.testing.assert_close(lora.predict_noise(x, t, cond, cam), teacher, rtol=0, atol=0)
+    names = [n for n, _ in lora.named_parameters()]
+    assert any("lora_A" in n for n in names) and any("camera_mlp" in n for n in names)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in lora.trainable_parameters())
+    _train(lora, x, t, cond, cam)
+    fake = lora.predict_noise(x, t, cond, cam)
+    assert (fake - teacher).abs().max() > 1e-3
+    # the shared UNet still predicts the frozen teacher outside the fake score
+    torch.testing.assert_close(prior.predict_noise(x, t, cond), teacher, rtol=0, atol=0)
+    # the camera matters once trained: dropping it (zero input) changes the prediction
+    dropped = lora.predict_noise(x, t, cond, lora.camera_input(c2w, keep=torch.tensor([False, False])))
+    assert (dropped - fake).abs().max() > 1e-6
+    # enable() leaves the adapter on for plain UNet calls; disable() restores the teacher
+    lora.enable()
+    assert (prior.predict_noise(x, t, cond) - teacher).abs().max() > 1e-3
+    lora.disable()
+    torch.testing.assert_close(prior.predict_noise(x, t, cond), teacher, rtol=0, atol=0)
+
+
+def test_save_and_load_round_trip_as_safetensors(prior, tiny_sd_dir, tmp_path):
+    from safetensors import safe_open
+
+    x, t, cond, c2w = _inputs(prior)
+    lora = LoRAFakeScore(prior, rank=4)
+    cam = lora.camera_input(c2w)
+    _train(lora, x, t, cond, cam)
+    path = lora.save(tmp_path / "fake_score.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["rank"] == "4" and len(list(f.keys())) == len(lora.state_dict())
+    other = LoRAFakeScore(load_prior(tiny_sd_dir), rank=4)
+    other.load(path)
+    torch.testing.assert_close(other.predict_noise(x, t, cond, cam), lora.predict_noise(x, t, cond, cam),
+                               rtol=0, atol=0)
+    with pytest.raises(UserError, match="rank 4"):
+        LoRAFakeScore(load_prior(tiny_sd_dir), rank=8).load(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="cannot be read"):
+        other.load(tmp_path / "junk.safetensors")
+
+
+def test_copied_unet_leaves_the_prior_without_an_adapter(prior):
+    x, t, cond, c2w = _inputs(prior)
+    lora = LoRAFakeScore(prior, rank=2, camera_embedding=False, share_unet=False)
+    assert lora.unet is not prior.unet and not getattr(prior.unet, "peft_config", None)
+    _train(lora, x, t, cond, None)
+    lora.enable()
+    assert (lora.predict_noise(x, t, cond) - prior.predict_noise(x, t, cond)).abs().max() > 1e-3
+
+
+def test_remove_restores_the_plain_unet(prior):
+    x, t, cond, _ = _inputs(prior)
+    teacher = prior.predict_noise(x, t, cond)
+    lora = LoRAFakeScore(prior, rank=4)
+    _train(lora, x, t, cond, None)
+    lora.remove()
+    assert not getattr(prior.unet, "peft_config", {})
+    torch.testing.assert_close(prior.predict_noise(x, t, cond), teacher, rtol=0, atol=0)
+    with pytest.raises(UserError, match="rank"):
+        LoRAFakeScore(prior, rank=0)
