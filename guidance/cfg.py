@@ -16,6 +16,10 @@ the positive direction are removed:
 
 with weights ``w_i = -(a * exp(-b * r) + c)`` of the interpolation ratio ``r`` (the constants
 below). Overhead views use the overhead prompt and no negatives. One batched call of 4B items.
+
+Scale convention: threestudio's SDS without Perp-Neg writes ``e_y + s (e_y - e_u)`` (its scale s
+is s + 1 here), but its Perp-Neg branch already writes ``e_u + s (...)``: under Perp-Neg the
+scales are the same number in both projects.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def guided_noise(prior, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds
         return GuidedNoise(e_u + scale * (e_y - e_u), e_y, e_u)
     pn = perp_neg_conditions(embeds, cameras)
     views = cameras.cat(cameras).cat(cameras.repeat_interleave(2))
-    neg_index = torch.arange(b).repeat_interleave(2)
+    neg_index = torch.arange(b, device=x_t.device).repeat_interleave(2)
     pred = prior.predict_noise(torch.cat([x_t, x_t, x_t[neg_index]]), torch.cat([t, t, t[neg_index]]),
                                pn.positive + embeds.uncond_for(cameras) + pn.negatives, views)
     e_pos, e_u, e_neg = pred[:b], pred[b:2 * b], pred[2 * b:].view(b, 2, *pred.shape[1:])

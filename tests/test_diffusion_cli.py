@@ -105,6 +105,29 @@ def test_bad_models_are_one_line_errors(model, extra, expected, broken_models, t
     assert not out.exists() or not any(out.iterdir())  # no run folder was made
 
 
+def test_model_given_twice_or_for_the_wrong_prior(tiny_sd_dir, tmp_path, capsys):
+    err = _one_line_error(capsys, main(["run", "--prior", str(tiny_sd_dir), f"prior.model={tiny_sd_dir}",
+                                        "--prompt", "a hamburger", "--out", str(tmp_path)]))
+    assert "give the model once" in err
+    err = _one_line_error(capsys, main(["run", "--prior", "deepfloyd-if", f"prior.model={tiny_sd_dir}",
+                                        "--prompt", "a hamburger", "--out", str(tmp_path)]))
+    assert "is a stable-diffusion model, not deepfloyd-if" in err
+
+
+def test_relative_folder_and_model_override_are_stored_as_absolute_paths(tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_sd_dir.parent)
+    runs = []
+    for prior_args in (["--prior", tiny_sd_dir.name], ["--prior", "auto", f"prior.model=./{tiny_sd_dir.name}"]):
+        code = main(["run", *prior_args, "--prompt", "a hamburger", "--steps", "1", "--out", str(tmp_path),
+                     "--no-progress", "export.resolution=16", "export.video_frames=1", "export.formats=[ply]"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        runs.append(Path(out.strip().splitlines()[-1]))
+    for run_dir in runs:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["prior"]["name"] == "stable-diffusion" and cfg["prior"]["model"] == str(tiny_sd_dir.resolve())
+
+
 def test_unknown_prior_name_lists_the_choices(capsys):
     err = _one_line_error(capsys, main(["run", "--prior", "sd15", "--prompt", "a hamburger"]))
     assert "valid: " in err and "stable-diffusion" in err and "a Hugging Face model id" in err
@@ -129,8 +152,17 @@ def test_no_network_with_an_empty_cache_fails_fast(tmp_path):
                          tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "huggingface.co cannot be reached" in lines[0], proc.stderr
+    assert len(lines) == 1 and "127.0.0.1 cannot be reached" in lines[0], proc.stderr
     assert seconds < 60
+
+
+def test_behind_a_proxy_the_probe_defers_to_huggingface_hub(monkeypatch):
+    from threedgen.guidance.priors.diffusion.source import hub_reachable
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert hub_reachable.__wrapped__() is True
 
 
 def test_a_cached_hub_model_runs_offline(tiny_sd_dir, tmp_path):

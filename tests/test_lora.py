@@ -98,3 +98,23 @@ def test_remove_restores_the_plain_unet(prior):
     torch.testing.assert_close(prior.predict_noise(x, t, cond), teacher, rtol=0, atol=0)
     with pytest.raises(UserError, match="rank"):
         LoRAFakeScore(prior, rank=0)
+
+
+def test_fp32_lora_on_a_half_precision_unet(tiny_sd_dir, tmp_path):
+    """Base weights in bfloat16 (CPU stand-in for CUDA fp16), LoRA and camera weights in fp32."""
+    prior = load_prior(tiny_sd_dir, dtype="bfloat16")
+    x, t, cond, c2w = _inputs(prior)
+    teacher = prior.predict_noise(x, t, cond)
+    lora = LoRAFakeScore(prior, rank=4)
+    assert all(p.dtype == torch.float32 for p in lora.trainable_parameters())
+    cam = lora.camera_input(c2w)
+    torch.testing.assert_close(lora.predict_noise(x, t, cond, cam), teacher, rtol=0, atol=0)
+    _train(lora, x, t, cond, cam)
+    assert all(torch.isfinite(p).all() for p in lora.trainable_parameters())
+    fake = lora.predict_noise(x, t, cond, cam)
+    assert fake.dtype == torch.float32 and (fake - teacher).abs().max() > 1e-3
+    torch.testing.assert_close(prior.predict_noise(x, t, cond), teacher, rtol=0, atol=0)
+    path = lora.save(tmp_path / "bf16.safetensors")
+    other = LoRAFakeScore(load_prior(tiny_sd_dir, dtype="bfloat16"), rank=4)
+    other.load(path)
+    torch.testing.assert_close(other.predict_noise(x, t, cond, cam), fake, rtol=0, atol=0)

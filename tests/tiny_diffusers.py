@@ -57,7 +57,7 @@ def _scheduler_kwargs(prediction_type: str) -> dict:
 
 
 def build_tiny_sd(folder: str | Path, prediction_type: str = "epsilon", seed: int = 0,
-                  sample_size: int = 32, safe_serialization: bool = True) -> Path:
+                  sample_size: int = 32, safe_serialization: bool = True, variant: str | None = None) -> Path:
     """A Stable-Diffusion-layout pipeline: VAE with downsampling factor 2, so the model resolution
     is ``2 * sample_size`` (64 by default)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -82,7 +82,7 @@ def build_tiny_sd(folder: str | Path, prediction_type: str = "epsilon", seed: in
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=safe_serialization)
+    pipe.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
     return folder
 
 

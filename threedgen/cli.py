@@ -104,14 +104,24 @@ def _cmd_run(args) -> int:
         for key in ("steps", "seed", "device"):
             if getattr(args, key) is not None:
                 flags[key] = getattr(args, key)
-        from threedgen.guidance.priors import resolve_prior
+        from threedgen.guidance.priors import PRIOR_CHOICES, PriorChoice, resolve_prior
         from threedgen.runner import resolve_device
 
         # Resolved here (and "auto" said on stderr) so that the prior's config overlay applies.
+        overrides = parse_overrides(args.overrides)
+        model = overrides.get("prior", {}).get("model") if isinstance(overrides.get("prior"), dict) else None
         choice = resolve_prior(args.prior, resolve_device(args.device or "auto"))
+        if model is not None:  # prior.model=... names the model: it decides which prior this is
+            if args.prior not in PRIOR_CHOICES:
+                raise UserError(f"give the model once: --prior {args.prior} or prior.model={model.raw}, not both")
+            chosen = resolve_prior(model.raw.strip(), resolve_device("cpu"))
+            if args.prior != "auto" and chosen.name != args.prior:
+                raise UserError(f"prior.model={model.raw} is a {chosen.name} model, not {args.prior}; "
+                                f"use --prior {chosen.name} or --prior {model.raw}")
+            choice = PriorChoice(chosen.name, chosen.model)
         if choice.model is not None:
             flags["prior"] = {"model": choice.model}
-        cfg = build_config(args.guidance, args.representation, choice.name, parse_overrides(args.overrides), flags)
+        cfg = build_config(args.guidance, args.representation, choice.name, overrides, flags)
         note = choice.note
         run_dir = run(cfg, out=args.out, progress_bar=not args.no_progress, note=note)
     status = json.loads((run_dir / "status.json").read_text())
@@ -155,7 +165,13 @@ def _cmd_guidance(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # key=value overrides may come anywhere after `run`, between the flags too
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "run":
+            args.overrides = list(args.overrides or []) + [e for e in extra if "=" in e and not e.startswith("-")]
+            extra = [e for e in extra if "=" not in e or e.startswith("-")]
+        if extra:
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (see `{parser.prog} --help`)")
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

@@ -49,7 +49,8 @@ def resolve_prior(value: str, device: torch.device) -> PriorChoice:
     if "/" in value or "\\" in value or value.startswith((".", "~")) or Path(value).expanduser().exists():
         from threedgen.guidance.priors.diffusion.source import resolve_source
 
-        return PriorChoice(resolve_source(value).kind, value)
+        source = resolve_source(value)
+        return PriorChoice(source.kind, source.location)  # a folder as an absolute path (resume from anywhere)
     raise UserError(f"unknown prior {value!r}; valid: {', '.join(nearest(value, PRIOR_CHOICES))}, "
                     "a Hugging Face model id (owner/name) or a local diffusers folder")
 

@@ -43,6 +43,7 @@ class DeepFloydPrior(DiffusionPrior):
 
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
         """rgb ``[B,3,H,W]`` in [0,1] -> pixels in [-1, 1] at the model's resolution (fp32)."""
+        self.place()
         size = self.resolution
         if rgb.shape[-2:] != (size, size):
             rgb = F.interpolate(rgb, (size, size), mode="bilinear", align_corners=False)

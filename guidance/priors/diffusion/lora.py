@@ -45,6 +45,7 @@ class LoRAFakeScore(torch.nn.Module):
         if not isinstance(rank, int) or not 1 <= rank <= 1024:
             raise UserError(f"LoRA rank must be an integer from 1 to 1024; got {rank!r}")
         object.__setattr__(self, "prior", prior)
+        prior.place()
         unet = prior.unet if share_unet else copy.deepcopy(prior.unet)
         object.__setattr__(self, "unet", unet)  # the frozen base is not this module's to save
         self.rank, self.alpha, self.shared = rank, float(alpha if alpha is not None else rank), share_unet
@@ -162,10 +163,11 @@ class LoRAFakeScore(torch.nn.Module):
             raise UserError(f"LoRA file {str(path)!r} cannot be read ({type(exc).__name__})") from None
         if meta.get("format") != FORMAT:
             raise UserError(f"LoRA file {str(path)!r} was not written by threedgen (format {meta.get('format')!r})")
-        if int(meta.get("rank", -1)) != self.rank or (meta.get("camera_embedding") == "True") != (self.camera_mlp is not None):
-            raise UserError(f"LoRA file {str(path)!r} has rank {meta.get('rank')} and camera_embedding "
-                            f"{meta.get('camera_embedding')}; this fake score has rank {self.rank} and "
-                            f"camera_embedding {self.camera_mlp is not None}")
+        mine = {"rank": str(self.rank), "alpha": str(self.alpha), "camera_embedding": str(self.camera_mlp is not None)}
+        theirs = {k: meta.get(k) for k in mine}
+        if theirs != mine:
+            raise UserError(f"LoRA file {str(path)!r} has {', '.join(f'{k} {v}' for k, v in theirs.items())}; "
+                            f"this fake score has {', '.join(f'{k} {v}' for k, v in mine.items())}")
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(f"LoRA file {str(path)!r} does not match this UNet "

