@@ -17,7 +17,41 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.guidance.priors.base import Prior, PromptEmbeds
-from threedgen.schedule import schedule_value
+from threedgen.schedule import check_schedule, schedule_value
+
+
+@dataclass
+class GuidanceConfig:
+    """What every method has: a CFG scale and the timestep range schedules (fractions of T)."""
+
+    name: str = "guidance"
+    guidance_scale: float = 7.5
+    # Schedules (threedgen.schedule): a number, [v0, v1] or [start_step, v0, v1, end_step].
+    min_step_percent: Any = 0.02
+    max_step_percent: Any = 0.98
+
+    def check(self) -> None:
+        check_schedule("guidance.min_step_percent", self.min_step_percent, 0.0, 1.0)
+        check_schedule("guidance.max_step_percent", self.max_step_percent, 0.0, 1.0)
+
+
+def alphas_at(prior: Prior, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``alphas_cumprod[t]`` shaped to broadcast against ``like [B,...]``."""
+    return prior.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.dim() - 1)))
+
+
+def add_noise(prior: Prior, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (the scheduler's add_noise)."""
+    abar = alphas_at(prior, t, x)
+    return abar.sqrt() * x + (1 - abar).sqrt() * eps
+
+
+def sample_noise(x: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise, plus ``offset`` times a per-channel constant (LucidDreamer's offset noise)."""
+    eps = torch.randn_like(x)
+    if offset:
+        eps = eps + offset * torch.randn(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)), device=x.device, dtype=x.dtype)
+    return eps
 
 
 @dataclass
@@ -54,6 +88,11 @@ class Guidance(torch.nn.Module):
     def sample_timesteps(self, batch: int, step: int, max_steps: int, device) -> torch.Tensor:
         lo, hi = self.step_range(step, max_steps)
         return torch.randint(lo, hi + 1, (batch,), device=device)
+
+    def sample_shared_timestep(self, batch: int, step: int, max_steps: int, device) -> torch.Tensor:
+        """One t for the whole batch (the inversion-based methods step all views together)."""
+        lo, hi = self.step_range(step, max_steps)
+        return torch.randint(lo, hi + 1, (1,), device=device).expand(batch).clone()
 
     def extra_parameters(self) -> list[dict]:
         """Parameter groups of trained networks (VSD's fake score); the system optimizes them."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -92,25 +93,46 @@ class GuidedNoise:
     eps: torch.Tensor  # the guided prediction
     cond: torch.Tensor  # e_y (e_pos under Perp-Neg)
     uncond: torch.Tensor  # e_u
+    extra: Optional[torch.Tensor] = None  # predictions for the extra items, in their order
+
+
+@dataclass
+class ExtraItems:
+    """More prior evaluations to ride in the same batched call (e.g. ASD's e_y at t + dt)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    cond: list
+    views: Cameras
 
 
 def guided_noise(prior, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras,
-                 scale: float) -> GuidedNoise:
-    """CFG (or Perp-Neg when ``embeds.perp_neg``) for a batch, in one batched prior call."""
+                 scale: float, extra: Optional[ExtraItems] = None) -> GuidedNoise:
+    """CFG (or Perp-Neg when ``embeds.perp_neg``) for a batch, in one batched prior call, plus
+    any ``extra`` items in the same call."""
     b = x_t.shape[0]
     if not embeds.perp_neg:
-        pred = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                   embeds.cond_for(cameras) + embeds.uncond_for(cameras), cameras.cat(cameras))
+        xs, ts = [x_t, x_t], [t, t]
+        conds = embeds.cond_for(cameras) + embeds.uncond_for(cameras)
+        views = cameras.cat(cameras)
+    else:
+        pn = perp_neg_conditions(embeds, cameras)
+        neg_index = torch.arange(b, device=x_t.device).repeat_interleave(2)
+        xs, ts = [x_t, x_t, x_t[neg_index]], [t, t, t[neg_index]]
+        conds = pn.positive + embeds.uncond_for(cameras) + pn.negatives
+        views = cameras.cat(cameras).cat(cameras.repeat_interleave(2))
+    n_main = sum(x.shape[0] for x in xs)
+    if extra is not None:
+        xs, ts, conds, views = xs + [extra.x_t], ts + [extra.t], conds + list(extra.cond), views.cat(extra.views)
+    pred = prior.predict_noise(torch.cat(xs), torch.cat(ts), conds, views)
+    rest = pred[n_main:] if extra is not None else None
+    pred = pred[:n_main]
+    if not embeds.perp_neg:
         e_y, e_u = pred.chunk(2)
-        return GuidedNoise(e_u + scale * (e_y - e_u), e_y, e_u)
-    pn = perp_neg_conditions(embeds, cameras)
-    views = cameras.cat(cameras).cat(cameras.repeat_interleave(2))
-    neg_index = torch.arange(b, device=x_t.device).repeat_interleave(2)
-    pred = prior.predict_noise(torch.cat([x_t, x_t, x_t[neg_index]]), torch.cat([t, t, t[neg_index]]),
-                               pn.positive + embeds.uncond_for(cameras) + pn.negatives, views)
+        return GuidedNoise(e_u + scale * (e_y - e_u), e_y, e_u, rest)
     e_pos, e_u, e_neg = pred[:b], pred[b:2 * b], pred[2 * b:].view(b, 2, *pred.shape[1:])
     d_pos = e_pos - e_u
     w = pn.weights.to(pred)
     shape = (b,) + (1,) * (pred.dim() - 1)
     accum = sum(w[:, i].view(shape) * perpendicular_component(e_neg[:, i] - e_u, d_pos) for i in range(2))
-    return GuidedNoise(e_u + scale * (d_pos + accum), e_pos, e_u)
+    return GuidedNoise(e_u + scale * (d_pos + accum), e_pos, e_u, rest)

@@ -21,7 +21,7 @@ import torch
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance.cfg import guided_noise
-from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient
+from threedgen.guidance.base import Guidance, GuidanceConfig, GuidanceOutput, add_noise, alphas_at, inject_gradient
 from threedgen.guidance.priors.base import PromptEmbeds
 from threedgen.schedule import check_schedule, schedule_value
 
@@ -29,20 +29,16 @@ WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 
 
 @dataclass
-class SDSConfig:
+class SDSConfig(GuidanceConfig):
     name: str = "sds"
     guidance_scale: float = 100.0
-    # Schedules (threedgen.schedule): a number, [v0, v1] or [start_step, v0, v1, end_step].
-    min_step_percent: Any = 0.02
-    max_step_percent: Any = 0.98
     weighting: str = "sds"
     grad_clip: Any = None  # a schedule, or None for no clipping
 
     def check(self) -> None:
+        super().check()
         if self.weighting not in WEIGHTINGS:
             raise UserError(f"guidance.weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
-        check_schedule("guidance.min_step_percent", self.min_step_percent, 0.0, 1.0)
-        check_schedule("guidance.max_step_percent", self.max_step_percent, 0.0, 1.0)
         check_schedule("guidance.grad_clip", self.grad_clip, 0.0, float("inf"))
 
 
@@ -71,9 +67,9 @@ class SDS(Guidance):
         b = x.shape[0]
         t = self.sample_timesteps(b, step, max_steps, x.device)
         with torch.no_grad():
-            abar = prior.alphas_cumprod.to(x.device)[t].view(b, 1, 1, 1)
+            abar = alphas_at(prior, t, x)
             eps = torch.randn_like(x)
-            x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps
+            x_t = add_noise(prior, x, t, eps)
             eps_cfg = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale).eps
             grad = sds_weight(cfg.weighting, abar) * (eps_cfg - eps)
             clip = schedule_value(cfg.grad_clip, step, max_steps)

@@ -44,7 +44,7 @@ def test_unknown_keys_name_the_nearest(override, expected):
     ("guidance.guidance_scale=.nan", "finite number"),
     ("guidance.guidance_scale=.inf", "finite number"),
     ("guidance.guidance_scale=-1", "finite number"),
-    ("guidance.name=magic", "unknown guidance 'magic'; valid: sds"),
+    ("guidance.name=magic", "unknown guidance 'magic'; valid: "),
     ("representation.name=mesh", "unknown representation 'mesh'; valid: nerf"),
     ("prior.name=sd", "unknown prior 'sd'"),
     ("guidance=3", "section"),
@@ -116,6 +116,10 @@ def test_schedule_values():
     assert schedule_value(0.5, 10, 100) == 0.5
     assert schedule_value([1.0, 0.0], 50, 100) == pytest.approx(0.5)
     assert schedule_value([10, 1.0, 0.0, 20], 5, 100) == 1.0
+    # end <= 1: the steps are fractions of the run
+    assert schedule_value([0, 0.98, 0.5, 0.3], 150, 1000) == pytest.approx(0.74)
+    assert schedule_value([0, 0.98, 0.5, 0.3], 300, 1000) == pytest.approx(0.5)
+    assert schedule_value([0, 0.98, 0.5, 0.3], 15, 100) == pytest.approx(0.74)
     assert schedule_value([10, 1.0, 0.0, 20], 15, 100) == pytest.approx(0.5)
     assert schedule_value([10, 1.0, 0.0, 20], 25, 100) == 0.0
     assert schedule_value(None, 0, 1) is None

@@ -2,7 +2,8 @@
 dataclasses. Strict: an unknown key is an error naming the nearest valid keys.
 
 Layers, later wins: ``configs/<guidance>-<representation>.yaml`` -> ``configs/priors/<prior>.yaml``
--> ``key=value`` overrides -> CLI flags (``--prompt``, ``--steps``, ...).
+-> ``configs/priors/<prior>-<guidance>.yaml`` (where one exists) -> ``key=value`` overrides -> CLI
+flags (``--prompt``, ``--steps``, ...).
 
 User text is data, never an expression: every string is escaped before it reaches OmegaConf, so
 ``${oc.env:HOME}`` in a prompt or an override stays those characters and nothing is resolved.
@@ -263,6 +264,7 @@ def build_config(guidance: str = "sds", representation: str = "nerf", prior: str
         if _config_text(preset + ".yaml") is None:
             raise UserError(f"no preset configs/{preset}.yaml; available: {', '.join(available_presets())}")
         data = _deep_merge(_load_yaml(preset + ".yaml"), _load_yaml(f"priors/{prior}.yaml"))
+        data = _deep_merge(data, _load_yaml(f"priors/{prior}-{guidance}.yaml"))  # optional, e.g. shapes-sds
     else:
         data = base
     data = _deep_merge(data, overrides or {})

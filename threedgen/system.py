@@ -77,6 +77,10 @@ class System(pl.LightningModule):
         self.log_dict({"loss": guided.loss.detach(), "grad_norm": guided.grad_norm,
                        "t": guided.t.float().mean(), "skipped": float(self.skipped_steps)},
                       prog_bar=True, on_step=True, batch_size=len(cameras))
+        extras = {k: float(v) for k, v in guided.extras.items() if isinstance(v, (int, float)) or
+                  (isinstance(v, torch.Tensor) and v.numel() == 1)}
+        if extras:  # method-specific numbers (VSD's fake-score loss, TSM's inversion calls, ...)
+            self.log_dict(extras, on_step=True, batch_size=len(cameras))
         return loss.detach()
 
     def regularizers(self, out) -> torch.Tensor:

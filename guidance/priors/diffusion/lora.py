@@ -40,7 +40,7 @@ class LoRAFakeScore(torch.nn.Module):
             from peft import LoraConfig
         except ImportError:  # pragma: no cover - peft is a dependency
             raise UserError("LoRA needs the peft package: pip install peft") from None
-        from diffusers.models.embeddings import TimestepEmbedding
+        from threedgen.guidance.fake_score import CameraTimeEmbedding
 
         if not isinstance(rank, int) or not 1 <= rank <= 1024:
             raise UserError(f"LoRA rank must be an integer from 1 to 1024; got {rank!r}")
@@ -61,13 +61,10 @@ class LoRAFakeScore(torch.nn.Module):
                 lora[name.replace(".", "__")] = param
         self.lora = torch.nn.ParameterDict(lora)
         self.camera_mlp = None
+        self._hook = None
         if camera_embedding:
-            width = unet.time_embedding.linear_2.out_features
-            self.camera_mlp = TimestepEmbedding(16, width).to(prior.device)
-            torch.nn.init.zeros_(self.camera_mlp.linear_2.weight)
-            torch.nn.init.zeros_(self.camera_mlp.linear_2.bias)
-        self._camera: Optional[torch.Tensor] = None
-        self._hook = unet.time_embedding.register_forward_hook(self._add_camera)
+            self.camera_mlp = CameraTimeEmbedding(unet.time_embedding.linear_2.out_features).to(prior.device)
+            self._hook = self.camera_mlp.attach(unet)
         self._enabled = False
         self._set_adapters(False)
 
@@ -92,17 +89,11 @@ class LoRAFakeScore(torch.nn.Module):
         """Adapter on and ``camera [N,16]`` added to the time embedding, for the duration."""
         was = self._enabled
         self._set_adapters(True)
-        self._camera = camera
         try:
-            yield
+            with self.camera_mlp.use(camera) if self.camera_mlp is not None else contextlib.nullcontext():
+                yield
         finally:
-            self._camera = None
             self._set_adapters(was)
-
-    def _add_camera(self, module, inputs, output):
-        if self._camera is None or self.camera_mlp is None:
-            return output
-        return output + self.camera_mlp(self._camera.to(output.device, torch.float32)).to(output.dtype)
 
     # ---- prediction --------------------------------------------------------------------------
 
@@ -110,8 +101,9 @@ class LoRAFakeScore(torch.nn.Module):
     def camera_input(c2w: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Flattened camera-to-world matrices ``[N,16]``; rows where ``keep`` is False are zero
         (the "no camera" input)."""
-        cam = c2w.reshape(c2w.shape[0], 16).float()
-        return cam if keep is None else cam * keep.view(-1, 1).to(cam)
+        from threedgen.guidance.fake_score import camera_input
+
+        return camera_input(c2w, keep)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor],
                       camera: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -175,5 +167,6 @@ class LoRAFakeScore(torch.nn.Module):
 
     def remove(self) -> None:
         """Take the adapter and the camera hook off the UNet (the prior is then as loaded)."""
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
         self.unet.delete_adapters(ADAPTER)

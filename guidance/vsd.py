@@ -1,0 +1,115 @@
+"""Variational Score Distillation (ProlificDreamer: Wang et al. 2023, "ProlificDreamer:
+High-Fidelity and Diverse Text-to-3D Generation with Variational Score Distillation", eq. 9 and
+Algorithm 1), as the official code and threestudio compute it:
+
+    t ~ U{min_step, max_step},  eps,  x_t = a_t x + s_t eps
+    g = w(t) * (eps_cfg(x_t, t) - e_fake(x_t, t, y, camera)),   w = 1 - abar_t, CFG 7.5
+
+and, on the same step, one update of the fake score on the detached render:
+
+    t' ~ U{0..T-1}, eps', camera := 0 with probability 0.1
+    L_fake = || f(a_t' x + s_t' eps', t', y, camera) - target ||^2   (target: eps', or v for v-models)
+
+The fake score (``guidance/fake_score.py``) is a LoRA on the prior's UNet for diffusers priors and
+a small residual UNet for pixel-space priors; it takes the view-independent prompt. Its loss is
+added to the returned loss (times ``lambda_fake``), so one backward and the system's one
+optimizer step train both; its weights are in the system's checkpoints, so ``--resume`` resumes
+them. The timestep range drops to 0.5 after ``t_switch`` of the run (official: 5,000 of 25,000
+iterations, i.e. 0.2).
+
+Deliberate differences: the official code's fake score is a separate SD 2.1 (768, v-prediction)
+UNet; here the LoRA sits on the teacher's own UNet (threestudio's choice, one UNet in memory).
+The official code evaluates the fake score camera-conditioned only (no CFG on it): so does VSD
+here; ESD (``esd.py``) adds the camera-free branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from threedgen.cameras import Cameras
+from threedgen.errors import check_range
+from threedgen.guidance.base import Guidance, GuidanceConfig, GuidanceOutput, add_noise, alphas_at, inject_gradient
+from threedgen.guidance.cfg import ExtraItems, guided_noise
+from threedgen.guidance.fake_score import build_fake_score, camera_input
+from threedgen.guidance.priors.base import PromptEmbeds
+
+
+@dataclass
+class VSDConfig(GuidanceConfig):
+    name: str = "vsd"
+    guidance_scale: float = 7.5
+    min_step_percent: Any = 0.02
+    max_step_percent: Any = (0.2, 0.98, 0.5, 0.2)  # U{20..980}, then U{20..500} after 20% of the run
+    camera_dropout: float = 0.1  # probability the fake score is trained without the camera
+    lambda_fake: float = 1.0  # weight of the fake-score loss
+    lora_rank: int = 4  # diffusers priors
+    lora_lr: float = 1e-4
+    fake_score_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # pixel priors
+    fake_score_lr: float = 1e-3
+
+    def check(self) -> None:
+        super().check()
+        check_range("guidance.camera_dropout", self.camera_dropout, 0, 1)
+        check_range("guidance.lambda_fake", self.lambda_fake, 0, 1e6)
+        check_range("guidance.lora_rank", self.lora_rank, 1, 1024, integer=True)
+        check_range("guidance.lora_lr", self.lora_lr, 0, 1)
+        check_range("guidance.fake_score_lr", self.fake_score_lr, 0, 1)
+        if not self.fake_score_channels or any(not isinstance(c, int) or c < 8 or c % 8 for c in self.fake_score_channels):
+            from threedgen.errors import UserError
+
+            raise UserError("guidance.fake_score_channels must be a list of multiples of 8, e.g. [32, 64, 64]; "
+                            f"got {self.fake_score_channels!r}")
+
+
+class VSD(Guidance):
+    name = "vsd"
+    entropy_weight = 0.0  # ESD's lambda; 0 is VSD
+
+    def __init__(self, cfg: VSDConfig, prior):
+        super().__init__(cfg, prior)
+        cfg.check()
+        self.fake_score = build_fake_score(prior, cfg.lora_rank, cfg.fake_score_channels)
+
+    def extra_parameters(self) -> list[dict]:
+        lr = self.cfg.fake_score_lr if self.fake_score.uses_teacher else self.cfg.lora_lr
+        return [{"params": [p for p in self.fake_score.parameters() if p.requires_grad], "lr": lr}]
+
+    def fake_eps(self, x_t, t, cond, camera, teacher) -> torch.Tensor:
+        """The fake score's eps; ESD mixes in the camera-free branch."""
+        e_cam = self.fake_score.predict(x_t, t, cond, camera, teacher)
+        lam = self.entropy_weight
+        if not lam:
+            return e_cam
+        e_free = self.fake_score.predict(x_t, t, cond, torch.zeros_like(camera), teacher)
+        return (1 - lam) * e_cam + lam * e_free
+
+    def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
+                max_steps: int) -> GuidanceOutput:
+        prior, cfg = self.prior, self.cfg
+        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        b = x.shape[0]
+        t = self.sample_timesteps(b, step, max_steps, x.device)
+        cond = [embeds.cond] * b  # the fake score takes the view-independent prompt
+        camera = camera_input(cameras.c2w.to(x.device))
+        # the fake score's training sample: a fresh t', noise and camera dropout
+        x_d = x.detach()
+        t_fake = torch.randint(0, prior.num_train_timesteps, (b,), device=x.device)
+        eps_fake = torch.randn_like(x_d)
+        keep = torch.rand(b, device=x.device) >= cfg.camera_dropout
+        uses_teacher = self.fake_score.uses_teacher
+        with torch.no_grad():
+            eps = torch.randn_like(x)
+            x_t = add_noise(prior, x, t, eps)
+            extra = (ExtraItems(add_noise(prior, x_d, t_fake, eps_fake), t_fake, embeds.cond_for(cameras), cameras)
+                     if uses_teacher else None)
+            pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale, extra=extra)
+            e_fake = self.fake_eps(x_t, t, cond, camera, pred.cond)
+            grad = (1 - alphas_at(prior, t, x)) * (pred.eps - e_fake)
+        fake_loss = self.fake_score.training_loss(x_d, t_fake, eps_fake, cond, camera_input(cameras.c2w.to(x.device), keep),
+                                                  pred.extra)
+        loss = inject_gradient(x, grad) + cfg.lambda_fake * fake_loss
+        return GuidanceOutput(loss, grad.flatten(1).norm(dim=1).mean(), t, {"fake_score_loss": fake_loss.detach()})

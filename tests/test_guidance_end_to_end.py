@@ -1,0 +1,59 @@
+"""Every guidance method runs a few real steps end to end, on the shapes prior and on a tiny
+Stable Diffusion; VSD's fake score is checkpointed and resumed with the run."""
+
+import json
+
+import pytest
+import torch
+
+from threedgen.config import build_config, parse_overrides
+from threedgen.guidance import GUIDANCE
+from threedgen.runner import load_trained, run
+
+FAST = ["export.resolution=24", "export.video_frames=1", "export.video_resolution=16", "export.formats=[ply]",
+        "export.evaluate=false", "checkpoint_every=2", "preview_every=100"]
+SHAPES = ["prior.shapes=[cube,torus]", "prior.resolution=32", "render.resolution=32"]
+METHODS = sorted(set(GUIDANCE) - {"sds"})
+
+
+def _run(method, prior, extra, tmp_path, steps=3, model=None):
+    flags = {"prompt": "a red cube", "steps": steps}
+    if model is not None:
+        flags["prior"] = {"model": str(model)}
+    cfg = build_config(method, "nerf", prior, parse_overrides(FAST + extra), flags)
+    run_dir = run(cfg, out=tmp_path, progress_bar=False)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "succeeded" and status["step"] == steps, status
+    assert status["skipped_steps"] == 0
+    assert (run_dir / "mesh.ply").is_file()
+    return run_dir
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_the_shapes_prior(method, tmp_path):
+    _run(method, "shapes", SHAPES, tmp_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_a_tiny_stable_diffusion(method, tiny_sd_dir, tmp_path):
+    _run(method, "stable-diffusion", ["render.resolution=32"], tmp_path, model=tiny_sd_dir)
+
+
+@pytest.mark.parametrize("prior", ["shapes", "stable-diffusion"])
+def test_vsd_fake_score_is_checkpointed_and_resumed(prior, tiny_sd_dir, tmp_path):
+    extra = SHAPES if prior == "shapes" else ["render.resolution=32"]
+    run_dir = _run("vsd", prior, extra, tmp_path, steps=4, model=tiny_sd_dir if prior != "shapes" else None)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    fake_keys = [k for k in state["state_dict"] if k.startswith("guidance.fake_score.")]
+    assert fake_keys, "the fake score's weights must be in the checkpoint"
+    groups = state["optimizer_states"][0]["param_groups"]  # the system's one optimizer holds the fake score too
+    assert groups[-1]["lr"] == (1e-3 if prior == "shapes" else 1e-4)
+    _, system, _ = load_trained(run_dir)
+    loaded = dict(system.named_parameters())
+    trained = [k for k in fake_keys if k in loaded]
+    assert trained and all(torch.equal(loaded[k], state["state_dict"][k]) for k in trained)
+    # the fake score moved away from its initialisation (zero output layer / zero LoRA B)
+    assert any(state["state_dict"][k].abs().sum() > 0 for k in fake_keys if "conv_out" in k or "lora_B" in k)
+    resumed = run(resume=run_dir, steps=6, progress_bar=False)
+    status = json.loads((resumed / "status.json").read_text())
+    assert status["status"] == "succeeded" and status["step"] == 6
