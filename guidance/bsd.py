@@ -12,7 +12,9 @@ default of 18 is ignored); here ``guidance_scale`` is that ratio, default 15. It
 also multiplied by 0.1 and not divided by the batch; here the project convention (``g / B``)
 applies with ``grad_scale`` 1. PlacidDreamer's teacher is SD plus an offline per-prompt
 DreamBooth LoRA and a Zero123 initialisation; none of that is part of the guidance and none is
-used here. The ``auto_BSD`` variant is not implemented.
+used here. The ``auto_BSD`` variant is not implemented. The smoothing direction uses the negative
+prompt; ``configs/priors/stable-diffusion-bsd.yaml`` sets PlacidDreamer's ("unrealistic, blurry,
+low quality.").
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class BSD(Guidance):
         with torch.no_grad():
             x_t = add_noise(prior, x, t, sample_noise(x, cfg.noise_offset))
             pred = guided_noise(prior, x_t, t, embeds, cameras, 1.0)
-            c = cfg.guidance_scale * (pred.cond - pred.uncond)
+            c = cfg.guidance_scale * (pred.eps - pred.uncond)  # e_y - e_u (with Perp-Neg: its guided direction)
             d = pred.uncond
             al = min_norm_weight(c, d)
             grad = alphas_at(prior, t, x).sqrt() * (al * c + (1 - al) * d) * cfg.grad_scale

@@ -9,9 +9,11 @@ the classifier term of SDS alone, on a deterministically noised render.
 
 TV-3DG publishes no code. The deterministic noising is inferred from its abstract ("a
 deterministic noise addition process") and its credit to LucidDreamer: ISM's DDIM inversion, here
-starting from the clean render. ``e_u`` is the negative prompt when one is set, else the empty
-prompt (CSD's e_0). Removing SDS's ``e_u - eps`` term also removes its noise: the gradient is a
-deterministic function of the render and t.
+starting from the clean render. Deliberate difference: ``e_u`` is the negative prompt when one is
+set, else the empty prompt (guidance.md writes CSD's ``e_y - e_0``; with a negative prompt this
+is ``e_y - e_neg``, CSD's annealed end point). Removing SDS's ``e_u - eps`` term also removes its
+noise: on a pixel-space prior the gradient is a deterministic function of the render and t (on
+Stable Diffusion the VAE's posterior sample still adds some).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class CSM(Guidance):
             x_t, calls = ddim_invert(prior, x, 0, k_t, stride, embeds.empty_for(cameras), cameras)
             pred = guided_noise(prior, x_t, t, embeds, cameras, 1.0)
             w = 1 - alphas_at(prior, t, x) if cfg.weighting == "sds" else torch.ones_like(alphas_at(prior, t, x))
-            grad = w * cfg.guidance_scale * (pred.cond - pred.uncond)
+            grad = w * cfg.guidance_scale * (pred.eps - pred.uncond)  # e_y - e_u (Perp-Neg: its direction)
             if cfg.normalize:
                 grad = grad / grad.norm().clamp(min=1e-12)
         return GuidanceOutput(inject_gradient(x, grad), grad.flatten(1).norm(dim=1).mean(), t,

@@ -19,7 +19,11 @@ Deliberate differences: LucidDreamer and Dreamer XL multiply the gradient by 0.1
 divide by the batch size; here the project's convention applies (``g / B``, see
 ``guidance/base.py``) and ``grad_scale`` defaults to 1 (learning rates are tuned to it). Optional
 per-pixel clipping (Dreamer XL's ``train.py`` image hook): each rendered pixel's RGB gradient of
-the whole loss is rescaled so its largest channel is at most ``pixel_grad_clip``.
+the whole loss is rescaled so its largest channel is at most ``pixel_grad_clip``; Dreamer XL's
+0.05 was set for its own gradient scale (x0.1, no 1/B), so it does not carry over unchanged. The
+inversion stride is ``max(inversion_stride, ceil(s / inversion_max_steps))`` from t = 0: at the
+defaults (200, 5, T = 1000) that is LucidDreamer's schedule; the official code instead starts at
+``max(s - stride * steps, 0)``, which differs only for other settings.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ iterations, i.e. 0.2).
 Deliberate differences: the official code's fake score is a separate SD 2.1 (768, v-prediction)
 UNet; here the LoRA sits on the teacher's own UNet (threestudio's choice, one UNet in memory).
 The official code evaluates the fake score camera-conditioned only (no CFG on it): so does VSD
-here; ESD (``esd.py``) adds the camera-free branch.
+here; ESD (``esd.py``) adds the camera-free branch. A residual fake score's teacher term follows
+the fake score's conditioning: camera-conditioned rows use the camera, camera-free rows (dropout,
+ESD) the prior's view-marginal prediction.
 """
 
 from __future__ import annotations
@@ -78,13 +80,14 @@ class VSD(Guidance):
         lr = self.cfg.fake_score_lr if self.fake_score.uses_teacher else self.cfg.lora_lr
         return [{"params": [p for p in self.fake_score.parameters() if p.requires_grad], "lr": lr}]
 
-    def fake_eps(self, x_t, t, cond, camera, teacher) -> torch.Tensor:
-        """The fake score's eps; ESD mixes in the camera-free branch."""
+    def fake_eps(self, x_t, t, cond, camera, teacher, teacher_free=None) -> torch.Tensor:
+        """The fake score's eps; ESD mixes in the camera-free branch (whose teacher term, for a
+        residual fake score, is the camera-free teacher ``teacher_free``)."""
         e_cam = self.fake_score.predict(x_t, t, cond, camera, teacher)
         lam = self.entropy_weight
         if not lam:
             return e_cam
-        e_free = self.fake_score.predict(x_t, t, cond, torch.zeros_like(camera), teacher)
+        e_free = self.fake_score.predict(x_t, t, cond, torch.zeros_like(camera), teacher_free)
         return (1 - lam) * e_cam + lam * e_free
 
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
@@ -100,16 +103,46 @@ class VSD(Guidance):
         t_fake = torch.randint(0, prior.num_train_timesteps, (b,), device=x.device)
         eps_fake = torch.randn_like(x_d)
         keep = torch.rand(b, device=x.device) >= cfg.camera_dropout
-        uses_teacher = self.fake_score.uses_teacher
         with torch.no_grad():
             eps = torch.randn_like(x)
             x_t = add_noise(prior, x, t, eps)
-            extra = (ExtraItems(add_noise(prior, x_d, t_fake, eps_fake), t_fake, embeds.cond_for(cameras), cameras)
-                     if uses_teacher else None)
-            pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale, extra=extra)
-            e_fake = self.fake_eps(x_t, t, cond, camera, pred.cond)
+            x_fake = add_noise(prior, x_d, t_fake, eps_fake)
+            if not self.fake_score.uses_teacher:
+                pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale)
+                teacher = teacher_free = teacher_fake = None
+            else:
+                pred, teacher_free, teacher_fake = self._teacher_terms(x_t, t, x_fake, t_fake, keep, embeds, cameras)
+                teacher = pred.cond
+            e_fake = self.fake_eps(x_t, t, cond, camera, teacher, teacher_free)
             grad = (1 - alphas_at(prior, t, x)) * (pred.eps - e_fake)
         fake_loss = self.fake_score.training_loss(x_d, t_fake, eps_fake, cond, camera_input(cameras.c2w.to(x.device), keep),
-                                                  pred.extra)
+                                                  teacher_fake)
         loss = inject_gradient(x, grad) + cfg.lambda_fake * fake_loss
         return GuidanceOutput(loss, grad.flatten(1).norm(dim=1).mean(), t, {"fake_score_loss": fake_loss.detach()})
+
+    def _teacher_terms(self, x_t, t, x_fake, t_fake, keep, embeds, cameras):
+        """For a residual fake score: the teacher under the fake score's own conditioning. Camera
+        rows use the view-dependent prompt and the camera (they ride in the batched CFG call);
+        camera-free rows (dropped training rows, ESD's free branch) use the view-independent
+        prompt and no camera, i.e. the prior's view-marginal prediction, in one more call."""
+        prior = self.prior
+        kept = keep.nonzero().flatten().tolist()
+        dropped = (~keep).nonzero().flatten().tolist()
+        extra = None
+        if kept:
+            sub = cameras.take(kept)
+            extra = ExtraItems(x_fake[kept], t_fake[kept], embeds.cond_for(sub), sub)
+        pred = guided_noise(prior, x_t, t, embeds, cameras, self.cfg.guidance_scale, extra=extra)
+        free_x, free_t = [x_fake[dropped]], [t_fake[dropped]]
+        if self.entropy_weight:
+            free_x.append(x_t)
+            free_t.append(t)
+        free_x, free_t = torch.cat(free_x), torch.cat(free_t)
+        free = prior.predict_noise(free_x, free_t, [embeds.cond] * len(free_x), None) if len(free_x) else free_x
+        teacher_fake = torch.empty_like(x_fake)
+        if kept:
+            teacher_fake[kept] = pred.extra
+        if dropped:
+            teacher_fake[dropped] = free[:len(dropped)]
+        teacher_free = free[len(dropped):] if self.entropy_weight else None
+        return pred, teacher_free, teacher_fake

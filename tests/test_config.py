@@ -120,6 +120,10 @@ def test_schedule_values():
     assert schedule_value([0, 0.98, 0.5, 0.3], 150, 1000) == pytest.approx(0.74)
     assert schedule_value([0, 0.98, 0.5, 0.3], 300, 1000) == pytest.approx(0.5)
     assert schedule_value([0, 0.98, 0.5, 0.3], 15, 100) == pytest.approx(0.74)
+    from threedgen.schedule import check_schedule
+
+    with pytest.raises(UserError, match="start <= end"):
+        check_schedule("guidance.max_step_percent", [0.5, 0.98, 0.5, 0.3], 0, 1)
     assert schedule_value([10, 1.0, 0.0, 20], 15, 100) == pytest.approx(0.5)
     assert schedule_value([10, 1.0, 0.0, 20], 25, 100) == 0.0
     assert schedule_value(None, 0, 1) is None

@@ -48,12 +48,50 @@ def test_vsd_fake_score_is_checkpointed_and_resumed(prior, tiny_sd_dir, tmp_path
     assert fake_keys, "the fake score's weights must be in the checkpoint"
     groups = state["optimizer_states"][0]["param_groups"]  # the system's one optimizer holds the fake score too
     assert groups[-1]["lr"] == (1e-3 if prior == "shapes" else 1e-4)
+    from threedgen.runner import build_components
+
+    fresh = dict(build_components(load_trained(run_dir)[0], torch.device("cpu")).named_parameters())
     _, system, _ = load_trained(run_dir)
     loaded = dict(system.named_parameters())
     trained = [k for k in fake_keys if k in loaded]
     assert trained and all(torch.equal(loaded[k], state["state_dict"][k]) for k in trained)
+    assert any(not torch.equal(fresh[k], state["state_dict"][k]) for k in trained)  # loading restored them
     # the fake score moved away from its initialisation (zero output layer / zero LoRA B)
     assert any(state["state_dict"][k].abs().sum() > 0 for k in fake_keys if "conv_out" in k or "lora_B" in k)
     resumed = run(resume=run_dir, steps=6, progress_bar=False)
     status = json.loads((resumed / "status.json").read_text())
     assert status["status"] == "succeeded" and status["step"] == 6
+    # the fake score's optimizer state continued: Adam has taken 6 steps on its parameters, not 2
+    after = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    opt = after["optimizer_states"][0]
+    fake_ids = opt["param_groups"][-1]["params"]
+    assert {int(opt["state"][i]["step"]) for i in fake_ids if i in opt["state"]} == {6}
+
+
+def test_lora_fake_score_trains_on_the_priors_own_parameterisation(tiny_sd_v_dir):
+    """On a v-prediction model the fake score's target is v = a eps - s x; converted back to eps
+    by the prior it is the noise that was added."""
+    from threedgen.guidance.fake_score import LoRAScore
+    from tiny_diffusers import load_prior
+
+    prior = load_prior(tiny_sd_v_dir)
+    score = LoRAScore(prior, rank=2)
+    torch.manual_seed(0)
+    x, eps = torch.randn(2, 4, 32, 32), torch.randn(2, 4, 32, 32)
+    t = torch.tensor([100, 800])
+    cond = [prior.encode_prompt("a red cube").cond] * 2
+    captured = {}
+    original = torch.nn.functional.mse_loss
+
+    def spy(out, target):
+        captured["target"] = target
+        return original(out, target)
+
+    torch.nn.functional.mse_loss = spy
+    try:
+        score.training_loss(x, t, eps, cond, torch.zeros(2, 16))
+    finally:
+        torch.nn.functional.mse_loss = original
+    a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x + (1 - a).sqrt() * eps
+    torch.testing.assert_close(prior.to_eps(captured["target"], x_t, t), eps, rtol=1e-4, atol=1e-4)

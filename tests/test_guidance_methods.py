@@ -192,13 +192,14 @@ def _vsd_draws(method, images, b=2):
     return t, t_fake, eps_fake, keep, eps
 
 
-@pytest.mark.parametrize("name, lam", [("vsd", 0.0), ("esd", 0.5), ("esd", 1.0)])
-def test_vsd_and_esd_gradient_with_a_trained_fake_score(inputs, name, lam):
+@pytest.mark.parametrize("name, lam, dropout", [("vsd", 0.0, 0.1), ("vsd", 0.0, 1.0), ("esd", 0.5, 0.1),
+                                                ("esd", 1.0, 0.5)])
+def test_vsd_and_esd_gradient_with_a_trained_fake_score(inputs, name, lam, dropout):
     from threedgen.guidance.fake_score import camera_input
 
     images, cams, x = inputs
     prior = MockPrior()
-    cfg = GUIDANCE[name][0](**({"entropy_weight": lam} if name == "esd" else {}))
+    cfg = GUIDANCE[name][0](camera_dropout=dropout, **({"entropy_weight": lam} if name == "esd" else {}))
     method = GUIDANCE[name][1](cfg, prior)
     with torch.no_grad():  # a fake score that is not the teacher (as after some training)
         for p in method.fake_score.parameters():
@@ -217,12 +218,19 @@ def test_vsd_and_esd_gradient_with_a_trained_fake_score(inputs, name, lam):
     e_fake = e("cond", x_t, t) + (1 - lam) * r_cam + lam * r_free
     expected = (1 - abar(prior, t)) * (cfg_eps(x_t, t, 7.5) - e_fake)
     torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5)
-    # the returned loss also trains the fake score (and only it) on the detached render
+    # the returned loss also trains the fake score on the detached render: the denoising loss at
+    # t', eps' with the camera dropped where keep is False, the teacher term under the same conditioning
+    x_fake = noised(prior, x, t_fake, eps_fake.double())
+    with torch.no_grad():
+        r = method.fake_score.residual(x_fake.float(), t_fake, camera_input(cams.c2w, keep)).double()
+    expected_loss = ((e("cond", x_fake, t_fake) + r - eps_fake.double()) ** 2).mean()
+    torch.testing.assert_close(out.extras["fake_score_loss"].double(), expected_loss, rtol=1e-4, atol=1e-6)
     fake_params = [p for p in method.fake_score.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss, fake_params, allow_unused=True)
     assert any(gr is not None and gr.abs().sum() > 0 for gr in grads)
-    assert out.extras["fake_score_loss"] > 0
-    assert prior.calls == 1  # CFG + the teacher term of the fake score's training sample, one call
+    # one batched call (CFG + the camera rows of the training sample); camera-free rows
+    # (dropped training rows, ESD's free branch) need the view-marginal teacher: one more call
+    assert prior.calls == 1 + int(bool(lam) or not bool(keep.all()))
 
 
 def test_untrained_fake_score_starts_as_the_teacher(inputs):

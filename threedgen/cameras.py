@@ -95,6 +95,12 @@ class Cameras:
         return Cameras(*(torch.cat([getattr(self, k), getattr(other, k)]) for k in self.TENSORS),
                        view_tags=self.view_tags + other.view_tags)
 
+    def take(self, indices: list[int]) -> "Cameras":
+        """The cameras at ``indices``, in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.c2w.device)
+        return Cameras(*(getattr(self, k)[idx] for k in self.TENSORS),
+                       view_tags=[self.view_tags[i] for i in indices] if self.view_tags else [])
+
     def repeat_interleave(self, n: int) -> "Cameras":
         """Each camera ``n`` times in a row (``[c0, c0, c1, c1, ...]`` for n = 2)."""
         return Cameras(*(getattr(self, k).repeat_interleave(n, dim=0) for k in self.TENSORS),

@@ -11,6 +11,7 @@ A schedule is written in YAML as either
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 from threedgen.errors import UserError
@@ -51,6 +52,10 @@ def check_schedule(name: str, spec: ScheduleSpec | None, low: float, high: float
         raise UserError(f"{name}: a schedule is a number, [v0, v1] or [start_step, v0, v1, end_step]; got {spec!r}") from None
     if not isinstance(spec, (int, float)):
         if len(vals) == 4:
+            start, end = vals[0], vals[3]
+            if not (math.isfinite(start) and math.isfinite(end) and 0 <= start) or (end <= 1 and start > end):
+                raise UserError(f"{name}: in [start, v0, v1, end] the steps need 0 <= start and, as fractions of "
+                                f"the run (end <= 1), start <= end; got {list(spec)}")
             vals = vals[1:3]
         elif len(vals) != 2:
             raise UserError(f"{name}: a schedule is a number, [v0, v1] or [start_step, v0, v1, end_step]; got {list(spec)}")

@@ -29,7 +29,7 @@ from threedgen.errors import UserError
 
 ADAPTER = "threedgen_fake_score"
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-FORMAT = "threedgen-lora-v1"
+FORMAT = "threedgen-lora-v2"  # v2: camera weights under camera_mlp.mlp.*
 
 
 class LoRAFakeScore(torch.nn.Module):
