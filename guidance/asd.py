@@ -45,9 +45,6 @@ class ASDConfig(GuidanceConfig):
 class ASD(Guidance):
     name = "asd"
 
-    def __init__(self, cfg: ASDConfig, prior):
-        super().__init__(cfg, prior)
-        cfg.check()
 
     def shifted_timesteps(self, t: torch.Tensor, min_step: int) -> torch.Tensor:
         T = self.prior.num_train_timesteps
@@ -58,7 +55,7 @@ class ASD(Guidance):
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         prior, cfg = self.prior, self.cfg
-        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        x = self.encode(images)
         b = x.shape[0]
         t = self.sample_timesteps(b, step, max_steps, x.device)
         with torch.no_grad():

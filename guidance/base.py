@@ -75,9 +75,15 @@ class Guidance(torch.nn.Module):
 
     def __init__(self, cfg, prior: Prior):
         super().__init__()
+        if hasattr(cfg, "check"):
+            cfg.check()
         self.cfg = cfg
         # Not a submodule: the prior is frozen and shared, and its weights are never checkpointed.
         object.__setattr__(self, "prior", prior)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders ``[B,H,W,3]`` in [0,1] -> the prior's input space (differentiable)."""
+        return self.prior.encode_images(images.permute(0, 3, 1, 2))
 
     def step_range(self, step: int, max_steps: int) -> tuple[int, int]:
         T = self.prior.num_train_timesteps

@@ -57,14 +57,11 @@ def min_norm_weight(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 class BSD(Guidance):
     name = "bsd"
 
-    def __init__(self, cfg: BSDConfig, prior):
-        super().__init__(cfg, prior)
-        cfg.check()
 
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         prior, cfg = self.prior, self.cfg
-        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        x = self.encode(images)
         t = self.sample_shared_timestep(x.shape[0], step, max_steps, x.device)
         with torch.no_grad():
             x_t = add_noise(prior, x, t, sample_noise(x, cfg.noise_offset))

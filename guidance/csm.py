@@ -51,14 +51,11 @@ class CSMConfig(GuidanceConfig):
 class CSM(Guidance):
     name = "csm"
 
-    def __init__(self, cfg: CSMConfig, prior):
-        super().__init__(cfg, prior)
-        cfg.check()
 
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         prior, cfg = self.prior, self.cfg
-        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        x = self.encode(images)
         t = self.sample_shared_timestep(x.shape[0], step, max_steps, x.device)
         k_t = int(t[0])
         with torch.no_grad():

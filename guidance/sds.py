@@ -55,15 +55,12 @@ def sds_weight(weighting: str, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
 class SDS(Guidance):
     name = "sds"
 
-    def __init__(self, cfg: SDSConfig, prior):
-        super().__init__(cfg, prior)
-        cfg.check()
 
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         """``images [B,H,W,3]`` in [0,1] -> loss whose gradient on the prior input is g / B."""
         prior, cfg = self.prior, self.cfg
-        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        x = self.encode(images)
         b = x.shape[0]
         t = self.sample_timesteps(b, step, max_steps, x.device)
         with torch.no_grad():

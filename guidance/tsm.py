@@ -86,9 +86,6 @@ def clip_pixel_gradient(grad: torch.Tensor, limit: float) -> torch.Tensor:
 class TSM(Guidance):
     name = "tsm"
 
-    def __init__(self, cfg: TSMConfig, prior):
-        super().__init__(cfg, prior)
-        cfg.check()
 
     def timesteps(self, b: int, step: int, max_steps: int, device) -> tuple[torch.Tensor, int, int, int]:
         """(t for the batch, t, s, mu) as integers."""
@@ -104,7 +101,7 @@ class TSM(Guidance):
         prior, cfg = self.prior, self.cfg
         if cfg.pixel_grad_clip is not None and images.requires_grad:
             images.register_hook(lambda g: clip_pixel_gradient(g, cfg.pixel_grad_clip))
-        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        x = self.encode(images)
         b = x.shape[0]
         t, k_t, k_s, k_mu = self.timesteps(b, step, max_steps, x.device)
         empty = embeds.empty_for(cameras)

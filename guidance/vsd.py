@@ -73,7 +73,6 @@ class VSD(Guidance):
 
     def __init__(self, cfg: VSDConfig, prior):
         super().__init__(cfg, prior)
-        cfg.check()
         self.fake_score = build_fake_score(prior, cfg.lora_rank, cfg.fake_score_channels)
 
     def extra_parameters(self) -> list[dict]:
@@ -93,7 +92,7 @@ class VSD(Guidance):
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         prior, cfg = self.prior, self.cfg
-        x = prior.encode_images(images.permute(0, 3, 1, 2))
+        x = self.encode(images)
         b = x.shape[0]
         t = self.sample_timesteps(b, step, max_steps, x.device)
         cond = [embeds.cond] * b  # the fake score takes the view-independent prompt
