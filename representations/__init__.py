@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from threedgen.representations.gaussians import Gaussians, GaussiansConfig
 from threedgen.representations.nerf import NeRF, NeRFConfig
 
 REPRESENTATION_CLASSES = {
     "nerf": (NeRFConfig, NeRF),
+    "gaussians": (GaussiansConfig, Gaussians),
 }

@@ -34,8 +34,14 @@ class Representation(torch.nn.Module):
         """Optimizer parameter groups (``params``, ``lr``, ``name``) from the representation's config."""
         raise NotImplementedError
 
-    def on_step(self, step: int) -> None:
-        """Maintenance after an optimizer step (occupancy grid update, densify/prune)."""
+    def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
+        """Maintenance after an optimizer step (occupancy grid update, densify/prune). ``optimizer``
+        is the system's optimizer: a representation that adds or removes parameters (Gaussians'
+        densification) updates its groups and state there, so the system keeps owning it."""
+
+    def export_files(self, run_dir) -> list:
+        """Representation-specific files written next to the meshes (Gaussians' ``splats.ply``)."""
+        return []
 
     def regularizers(self, out: RenderOutput) -> dict[str, torch.Tensor]:
         """Representation-specific losses on a render (name -> scalar, weighted in the system)."""

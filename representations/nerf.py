@@ -173,7 +173,7 @@ class NeRF(Representation):
                                                  rgb_sigma_fn=rgb_sigma_fn)
         return color, acc, depth
 
-    def on_step(self, step: int) -> None:
+    def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
         if self.estimator is not None:  # pragma: no cover - CUDA only
             self.estimator.update_every_n_steps(
                 step, occ_eval_fn=lambda x: self.density(x) * self.cfg.render_step_size, occ_thre=0.01)

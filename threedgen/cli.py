@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", help='what to make, e.g. "a red cube"')
     run.add_argument("--negative-prompt", default=None, help="what to steer away from")
     run.add_argument("--guidance", default=PARSER_DEFAULTS["guidance"], help="guidance method (`threedgen guidance list`)")
-    run.add_argument("--representation", default=PARSER_DEFAULTS["representation"], help="3D representation: nerf")
+    run.add_argument("--representation", default=PARSER_DEFAULTS["representation"], help="3D representation: nerf or gaussians")
     run.add_argument("--prior", default=PARSER_DEFAULTS["prior"], help="auto (Stable Diffusion 2.1 base on CUDA, shapes on CPU), shapes, "
                      "stable-diffusion, deepfloyd-if, a Hugging Face id or a local diffusers folder")
     run.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="optimisation steps")

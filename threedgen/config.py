@@ -31,7 +31,7 @@ from threedgen.errors import UserError, check_range, nearest, unknown_name
 
 MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 1_000_000
-REPRESENTATIONS = ("nerf",)
+REPRESENTATIONS = ("nerf", "gaussians")
 
 
 @dataclass
@@ -139,6 +139,22 @@ def available_presets() -> list[str]:
 def _load_yaml(relative: str) -> dict:
     text = _config_text(relative)
     return yaml.safe_load(text) or {} if text is not None else {}
+
+
+def _load_preset(relative: str, seen: tuple = ()) -> dict:
+    """A preset with its ``inherit: other.yaml`` (a preset file in the same folder) merged under it,
+    so a method's settings live in one file (``vsd-gaussians.yaml`` inherits ``vsd-nerf.yaml``)."""
+    data = _load_yaml(relative)
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or parent in seen or _config_text(parent) is None or "/" in parent:
+        raise UserError(f"configs/{relative}: inherit must name another preset file; got {parent!r}")
+    base = _load_preset(parent, seen + (relative,))
+    mine = data.get("representation", {}).get("name")
+    if mine is not None and base.get("representation", {}).get("name", mine) != mine:
+        base.pop("representation")  # another representation's settings do not carry over
+    return _deep_merge(base, data)
 
 
 # ---- overrides --------------------------------------------------------------------------------
@@ -263,7 +279,7 @@ def build_config(guidance: str = "sds", representation: str = "nerf", prior: str
         preset = f"{guidance}-{representation}"
         if _config_text(preset + ".yaml") is None:
             raise UserError(f"no preset configs/{preset}.yaml; available: {', '.join(available_presets())}")
-        data = _deep_merge(_load_yaml(preset + ".yaml"), _load_yaml(f"priors/{prior}.yaml"))
+        data = _deep_merge(_load_preset(preset + ".yaml"), _load_yaml(f"priors/{prior}.yaml"))
         data = _deep_merge(data, _load_yaml(f"priors/{prior}-{guidance}.yaml"))  # optional, e.g. shapes-sds
     else:
         data = base

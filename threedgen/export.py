@@ -76,7 +76,7 @@ def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolut
     """Meshes, a turntable and a 4-view preview for a trained representation."""
     ec = cfg.export
     mesh = representation.extract_mesh(resolution or ec.resolution)
-    files = export_meshes(mesh, run_dir, formats or ec.formats)
+    files = export_meshes(mesh, run_dir, formats or ec.formats) + list(representation.export_files(run_dir))
     distance = float(np.mean(cfg.camera.distance_range))
     fovy = float(np.mean(cfg.camera.fovy_range))
     frames, _ = render_views(representation, orbit(ec.video_frames, ec.video_elevation, distance, fovy),

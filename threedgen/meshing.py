@@ -28,16 +28,22 @@ def grid_values(fn: Callable[[torch.Tensor], torch.Tensor], bound: float, resolu
     return out.reshape(resolution, resolution, resolution)
 
 
-def silhouette_level(values: np.ndarray, voxel: float, candidates: int = 256) -> float:
+def silhouette_level(values: np.ndarray, voxel: float, candidates: int = 256,
+                     opaque: np.ndarray | None = None) -> float:
     """The automatic isosurface level: the density level whose silhouettes match the field's renders.
 
     Along every axis-aligned grid line, the field renders opaque (alpha >= 0.5) where its optical
     depth reaches ln 2; a mesh at level ``tau`` covers the line where the line's largest density
     exceeds ``tau``. The level maximises the IoU of the two over all lines of the three axes (the
     middle of the best range when several levels tie, as for a sharp field). No hand-tuned constant:
-    a soft field gets a low level, a sharp one a level between its inside and outside."""
+    a soft field gets a low level, a sharp one a level between its inside and outside.
+
+    ``opaque`` replaces the volume-rendering test for representations that render otherwise
+    (Gaussians): the lines' opacity flags, concatenated in the order of ``values.max(axis=a)`` for
+    a = 0, 1, 2."""
     v = np.maximum(values, 0)
-    opaque = np.concatenate([(v.sum(axis=a) * voxel >= np.log(2.0)).ravel() for a in range(3)])
+    if opaque is None:
+        opaque = np.concatenate([(v.sum(axis=a) * voxel >= np.log(2.0)).ravel() for a in range(3)])
     peak = np.concatenate([v.max(axis=a).ravel() for a in range(3)])
     if not opaque.any():
         return float("inf")
@@ -58,20 +64,34 @@ def silhouette_level(values: np.ndarray, voxel: float, candidates: int = 256) ->
 @torch.no_grad()
 def mesh_from_field(density_fn, color_fn, bound: float, resolution: int, threshold: float | None = None,
                     min_component_fraction: float = 0.02, device: torch.device | str = "cpu"):
-    """Marching cubes of ``density_fn`` at ``threshold`` (None: ``silhouette_level``) over
-    ``[-bound, bound]^3``, enclosed cavities filled; components with
-    fewer than ``min_component_fraction`` of the largest one's faces (floaters) are dropped;
-    vertex colours come from ``color_fn``."""
+    """Marching cubes of ``density_fn`` sampled on a ``resolution^3`` grid over ``[-bound, bound]^3``
+    (see ``mesh_from_grid``)."""
+    check_mesh_resolution(resolution)
+    values = grid_values(density_fn, bound, resolution, device)
+    return mesh_from_grid(values, color_fn, bound, threshold, min_component_fraction, device)
+
+
+def check_mesh_resolution(resolution: int) -> None:
+    if resolution < 8 or resolution > 1024:
+        raise UserError(f"mesh resolution must be between 8 and 1024; got {resolution}")
+
+
+@torch.no_grad()
+def mesh_from_grid(values: np.ndarray, color_fn, bound: float, threshold: float | None = None,
+                   min_component_fraction: float = 0.02, device: torch.device | str = "cpu",
+                   opaque: np.ndarray | None = None):
+    """Marching cubes of a density grid ``values [x,y,z]`` over ``[-bound, bound]^3`` at
+    ``threshold`` (None: ``silhouette_level``, with ``opaque`` if given), enclosed cavities filled;
+    components with fewer than ``min_component_fraction`` of the largest one's faces (floaters)
+    are dropped; vertex colours come from ``color_fn``."""
     import mcubes
     import trimesh
 
-    if resolution < 8 or resolution > 1024:
-        raise UserError(f"mesh resolution must be between 8 and 1024; got {resolution}")
-    values = grid_values(density_fn, bound, resolution, device)
+    resolution = values.shape[0]
     if not np.isfinite(values).all():
         raise UserError("the density field holds non-finite values; the run diverged and cannot be exported")
     if threshold is None:
-        threshold = silhouette_level(values, 2 * bound / (resolution - 1))
+        threshold = silhouette_level(values, 2 * bound / (resolution - 1), opaque=opaque)
     if not values.max() > threshold:
         raise UserError(f"the density field is empty at the isosurface level {threshold:.3g} "
                         f"(max density {values.max():.3g}); nothing to export")

@@ -67,7 +67,7 @@ class System(pl.LightningModule):
         if self._finite(loss):
             opt.step()
             self._bad_in_a_row = 0
-            self.representation.on_step(self.global_step)
+            self.representation.on_step(self.global_step, self.cfg.steps, opt)
         else:
             self.skipped_steps += 1
             self._bad_in_a_row += 1

@@ -1,0 +1,128 @@
+"""A mesh out of Gaussians: their density on a grid, marching cubes at an automatic level, vertex
+colours from the Gaussians.
+
+- density ``sigma(x) = sum_i o_i exp(-q_i(x) / 2)`` with ``q_i`` the Mahalanobis distance of
+  ``x`` to Gaussian i (DreamGaussian's extraction field), each Gaussian splatted only onto the
+  voxels of its box, out to where its term falls below ``1/255`` (the rasteriser's cut-off);
+- colour: the density-weighted mean of the Gaussians' colours on the same grid, read trilinearly
+  at the vertices;
+- level: ``threedgen.meshing.silhouette_level`` with the opacity of every axis-aligned grid line
+  computed the way a splat renderer sees it (orthographic: each Gaussian's 2D marginal, alphas
+  composited), so the mesh's silhouettes match the Gaussians' renders with no hand-set threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from threedgen.meshing import check_mesh_resolution, mesh_from_grid
+from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, box_points
+
+MAX_PAIRS = 1 << 22  # (voxel, Gaussian) pairs evaluated at once
+
+
+def _extent(opacities: torch.Tensor) -> torch.Tensor:
+    """How many standard deviations out a Gaussian's term stays >= 1/255."""
+    return torch.sqrt(2.0 * torch.log((opacities / ALPHA_THRESHOLD).clamp_min(1.0)))
+
+
+def _chunks(count: torch.Tensor):
+    """Ranges of Gaussians whose boxes hold at most ``MAX_PAIRS`` points together (at least one)."""
+    start, total = 0, 0
+    for i, c in enumerate(count.tolist()):
+        if total and total + c > MAX_PAIRS:
+            yield start, i
+            start, total = i, 0
+        total += c
+    if start < len(count):
+        yield start, len(count)
+
+
+def _splat(centers, radius, size: int, weight_fn, channels: int, dims: int) -> torch.Tensor:
+    """Sum ``weight_fn(index, offsets)`` (``[P, channels]``) over each Gaussian's box of grid points;
+    ``centers``/``radius`` are in grid units ``[N,dims]``; returns ``[size^dims, channels]``."""
+    lo = torch.ceil(centers - radius).clamp_min(0).long()
+    hi = torch.floor(centers + radius).clamp_max(size - 1).long()
+    count = (hi - lo + 1).clamp_min(0).prod(-1)
+    out = torch.zeros(size ** dims, channels, dtype=centers.dtype, device=centers.device)
+    strides = torch.tensor([size ** (dims - 1 - a) for a in range(dims)], device=centers.device)
+    for a, b in _chunks(count):
+        owner, pts = box_points(lo[a:b], hi[a:b])
+        if len(owner):
+            owner = owner + a
+            out.index_add_(0, (pts * strides).sum(-1), weight_fn(owner, pts.to(centers.dtype) - centers[owner]))
+    return out
+
+
+@torch.no_grad()
+def density_grids(means, quats, scales, opacities, colors, bound: float, resolution: int):
+    """``(density [R,R,R], colour [R,R,R,3])`` on the grid ``linspace(-bound, bound, R)`` per axis,
+    indexed ``[x,y,z]``."""
+    from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci
+
+    h = 2 * bound / (resolution - 1)
+    covars, precis = _quat_scale_to_covar_preci(quats, scales)
+    centers = (means + bound) / h
+    radius = _extent(opacities)[:, None] * covars.diagonal(dim1=-2, dim2=-1).sqrt() / h
+    precis_grid = precis * h * h  # offsets are in grid units
+
+    def weights(owner, offset):
+        q = torch.einsum("pi,pij,pj->p", offset, precis_grid[owner], offset)
+        w = opacities[owner] * torch.exp(-0.5 * q)
+        w = torch.where(w >= ALPHA_THRESHOLD, w, torch.zeros_like(w))
+        return torch.cat([w[:, None], w[:, None] * colors[owner]], 1)
+
+    acc = _splat(centers, radius, resolution, weights, 4, 3).view(resolution, resolution, resolution, 4)
+    density = acc[..., 0]
+    color = acc[..., 1:] / density[..., None].clamp_min(1e-8)
+    return density, color
+
+
+@torch.no_grad()
+def axis_opacity(means, quats, scales, opacities, bound: float, resolution: int) -> np.ndarray:
+    """Whether each axis-aligned grid line renders opaque (alpha >= 0.5) under orthographic
+    splatting: for axis a, the Gaussians' 2D marginals over the other two axes, alphas composited
+    (order does not change the total). Concatenated as ``silhouette_level`` expects."""
+    from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci
+
+    h = 2 * bound / (resolution - 1)
+    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    centers3 = (means + bound) / h
+    extent = _extent(opacities)
+    flags = []
+    for axis in range(3):
+        keep = [a for a in range(3) if a != axis]
+        cov2 = covars[:, keep][:, :, keep] / (h * h)
+        prec2 = torch.linalg.inv(cov2)
+        radius = extent[:, None] * cov2.diagonal(dim1=-2, dim2=-1).sqrt()
+
+        def log_transmittance(owner, offset, prec2=prec2):
+            q = torch.einsum("pi,pij,pj->p", offset, prec2[owner], offset)
+            alpha = torch.clamp_max(opacities[owner] * torch.exp(-0.5 * q), MAX_ALPHA)
+            alpha = torch.where(alpha >= ALPHA_THRESHOLD, alpha, torch.zeros_like(alpha))
+            return torch.log1p(-alpha)[:, None]
+
+        log_t = _splat(centers3[:, keep], radius, resolution, log_transmittance, 1, 2)
+        flags.append((1 - torch.exp(log_t[:, 0]) >= 0.5).cpu().numpy())
+    return np.concatenate(flags)
+
+
+@torch.no_grad()
+def gaussians_mesh(means, quats, scales, opacities, colors, bound: float, resolution: int = 128,
+                   threshold: float | None = None):
+    """A vertex-coloured ``trimesh.Trimesh`` of the Gaussians (+Y up, world units)."""
+    import torch.nn.functional as F
+
+    check_mesh_resolution(resolution)
+    means, quats, scales = means.float(), quats.float(), scales.float()
+    opacities, colors = opacities.float(), colors.float()
+    density, color = density_grids(means, quats, scales, opacities, colors, bound, resolution)
+    opaque = axis_opacity(means, quats, scales, opacities, bound, resolution) if threshold is None else None
+    grid = color.permute(3, 2, 1, 0)[None]  # [1,3,z,y,x] for grid_sample's (x, y, z) order
+
+    def color_fn(points):
+        unit = (points / bound).view(1, 1, 1, -1, 3).to(grid)
+        return F.grid_sample(grid, unit, mode="bilinear", align_corners=True).view(3, -1).T
+
+    return mesh_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device, opaque=opaque)

@@ -1,0 +1,300 @@
+"""3D Gaussian splatting: the representation, its initialisation, densification and exports.
+
+Parameters follow gsplat's (and the standard ``.ply``'s) conventions: ``means [N,3]`` (world),
+``scales [N,3]`` (log), ``quats [N,4]`` (wxyz, normalised when used), ``opacities [N]`` (logit),
+``sh0 [N,1,3]`` and ``shN [N,K-1,3]`` (spherical-harmonic colour; degree 0 is a plain colour
+``0.5 + 0.2821 * sh0``).
+
+Rendering: gsplat's CUDA rasteriser on a CUDA device, the matched pure-PyTorch rasteriser
+(``splatting.rasterize_pytorch``) elsewhere; ``representation.backend`` forces one.
+
+Densification and pruning: gsplat's ``DefaultStrategy`` (clone small / split large Gaussians whose
+mean screen-space gradient is high, prune transparent ones), fed by either rasteriser. Settings for
+score distillation differ from photogrammetry's (see ``GaussiansConfig``): the gradient comes from a
+noisy teacher, not a photo, so the threshold is ~50x gsplat's default (DreamGaussian's 0.01), growth
+stops well before the end of the run, the opacity reset is off (it would throw away the shape the
+teacher has agreed on), and a cap on the number of Gaussians keeps a CPU step bounded. MCMC
+(``densify=mcmc``) needs CUDA (its relocation kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from threedgen.cameras import Cameras
+from threedgen.errors import UserError, check_range
+from threedgen.representations.base import Representation, RenderOutput
+from threedgen.representations import splatting
+
+SH_C0 = 0.28209479177387814
+PARAM_NAMES = ("means", "scales", "quats", "opacities", "sh0", "shN")
+
+
+@dataclass
+class GaussiansConfig:
+    name: str = "gaussians"
+    # Rasteriser: "auto" (gsplat on CUDA, PyTorch elsewhere), "gsplat" (CUDA only), "pytorch".
+    backend: str = "auto"
+    # Scene box half-size: initialisation and the mesh grid stay inside [-bound, bound]^3.
+    bound: float = 1.0
+    num_points: int = 2000
+    # "ball": uniform in a ball of init_radius; "sphere": on its surface.
+    init: str = "ball"
+    init_radius: float = 0.5
+    init_opacity: float = 0.1
+    # Initial standard deviation; None = the mean spacing of the initial points.
+    init_scale: Optional[float] = None
+    sh_degree: int = 0
+    eps2d: float = 0.3
+    lr_means: float = 0.001
+    lr_scales: float = 0.005
+    lr_quats: float = 0.005
+    lr_opacities: float = 0.05
+    lr_sh0: float = 0.01
+    lr_shN: float = 0.0005
+    # Densification: "default" (gsplat DefaultStrategy, any device), "mcmc" (CUDA), "none".
+    densify: str = "default"
+    densify_start: float = 0.1  # fraction of the run
+    densify_stop: float = 0.6  # fraction of the run
+    densify_every: int = 50
+    densify_grad_threshold: float = 0.01
+    # Clone (below) or split (above) at this fraction of the scene scale (init_radius).
+    densify_scale_threshold: float = 0.05
+    prune_opacity: float = 0.01
+    max_gaussians: int = 20000
+    # Isosurface level of the Gaussians' density for export; None = automatic.
+    mesh_threshold: Optional[float] = None
+
+    def check(self) -> None:
+        for key, allowed in (("backend", ("auto", "gsplat", "pytorch")), ("init", ("ball", "sphere")),
+                             ("densify", ("default", "mcmc", "none"))):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"representation.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        check_range("representation.bound", self.bound, 1e-3, 100)
+        check_range("representation.num_points", self.num_points, 1, 10_000_000, integer=True)
+        check_range("representation.init_radius", self.init_radius, 1e-4, self.bound)
+        check_range("representation.init_opacity", self.init_opacity, 1e-3, 0.999)
+        if self.init_scale is not None:
+            check_range("representation.init_scale", self.init_scale, 1e-5, self.bound)
+        check_range("representation.sh_degree", self.sh_degree, 0, 3, integer=True)
+        check_range("representation.eps2d", self.eps2d, 0, 10)
+        for key in ("lr_means", "lr_scales", "lr_quats", "lr_opacities", "lr_sh0", "lr_shN"):
+            check_range(f"representation.{key}", getattr(self, key), 0, 10)
+        check_range("representation.densify_start", self.densify_start, 0, 1)
+        check_range("representation.densify_stop", self.densify_stop, 0, 1)
+        check_range("representation.densify_every", self.densify_every, 1, 1_000_000, integer=True)
+        check_range("representation.densify_grad_threshold", self.densify_grad_threshold, 0, 1e6)
+        check_range("representation.densify_scale_threshold", self.densify_scale_threshold, 0, 100)
+        check_range("representation.prune_opacity", self.prune_opacity, 0, 1)
+        check_range("representation.max_gaussians", self.max_gaussians, 1, 100_000_000, integer=True)
+        if self.max_gaussians < self.num_points:
+            raise UserError(f"representation.max_gaussians ({self.max_gaussians}) is below "
+                            f"representation.num_points ({self.num_points})")
+        if self.mesh_threshold is not None:
+            check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
+
+
+def initial_points(cfg: GaussiansConfig, generator: torch.Generator) -> torch.Tensor:
+    n = cfg.num_points
+    direction = torch.randn(n, 3, generator=generator)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    radius = cfg.init_radius * (torch.rand(n, 1, generator=generator) ** (1 / 3) if cfg.init == "ball" else 1.0)
+    return direction * radius
+
+
+def mean_spacing(cfg: GaussiansConfig) -> float:
+    """Typical distance between initial points: the cube root of the volume (or the square root of
+    the area) per point."""
+    r, n = cfg.init_radius, cfg.num_points
+    if cfg.init == "ball":
+        return (4 / 3 * math.pi * r ** 3 / n) ** (1 / 3)
+    return (4 * math.pi * r ** 2 / n) ** 0.5
+
+
+class _GroupView:
+    """One parameter's group of the system's shared optimizer, shaped like the one-parameter
+    optimizer gsplat's strategies expect (``param_groups`` and ``state``). Writing a new tensor
+    into the group (as gsplat does on clone/split/prune) updates the shared optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: dict):
+        self.param_groups, self.state = [group], optimizer.state
+
+
+class Gaussians(Representation):
+    name = "gaussians"
+
+    def __init__(self, cfg: GaussiansConfig, device: torch.device | str = "cpu",
+                 seed: Optional[int] = None):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        self.backend = cfg.backend if cfg.backend != "auto" else ("gsplat" if cuda else "pytorch")
+        if self.backend == "gsplat" and not cuda:
+            raise UserError("representation.backend=gsplat needs CUDA (gsplat's rasteriser); use backend=pytorch on CPU")
+        if cfg.densify == "mcmc" and not cuda:
+            raise UserError("representation.densify=mcmc needs CUDA (gsplat's relocation kernel); "
+                            "use densify=default on CPU")
+        g = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the global RNG
+        means = initial_points(cfg, g)
+        n = len(means)
+        scale = cfg.init_scale if cfg.init_scale is not None else mean_spacing(cfg)
+        k = (cfg.sh_degree + 1) ** 2
+        # Random greys around 0.5 so no colour is favoured (sh0 = 0 is grey 0.5).
+        sh0 = (torch.rand(n, 1, 3, generator=g) - 0.5) * 0.2 / SH_C0
+        self.params = torch.nn.ParameterDict({
+            "means": torch.nn.Parameter(means),
+            "scales": torch.nn.Parameter(torch.full((n, 3), math.log(scale))),
+            "quats": torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1)),
+            "opacities": torch.nn.Parameter(torch.full((n,), math.log(cfg.init_opacity / (1 - cfg.init_opacity)))),
+            "sh0": torch.nn.Parameter(sh0),
+            "shN": torch.nn.Parameter(torch.zeros(n, k - 1, 3)),
+        })
+        self.strategy = None
+        self.strategy_state = None
+        self._info = None
+        if cfg.densify != "none":
+            self.strategy, self.strategy_state = self._make_strategy()
+
+    # ---- parameters ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.params["means"].shape[0]
+
+    def colors(self) -> torch.Tensor:
+        """SH coefficients ``[N,K,3]``."""
+        return torch.cat([self.params["sh0"], self.params["shN"]], 1)
+
+    def activated(self) -> dict[str, torch.Tensor]:
+        p = self.params
+        return {"means": p["means"], "quats": p["quats"], "scales": torch.exp(p["scales"]),
+                "opacities": torch.sigmoid(p["opacities"]), "colors": self.colors()}
+
+    def parameter_groups(self) -> list[dict]:
+        cfg = self.cfg
+        return [{"params": [self.params[k]], "lr": getattr(cfg, f"lr_{k}"), "name": k} for k in PARAM_NAMES]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Densification changes N: take the checkpoint's sizes before loading its values.
+        for name in PARAM_NAMES:
+            key = f"{prefix}params.{name}"
+            if key in state_dict and state_dict[key].shape != self.params[name].shape:
+                self.params[name] = torch.nn.Parameter(torch.empty_like(state_dict[key], device=self.params[name].device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # ---- rendering -----------------------------------------------------------------------
+    def render(self, cameras: Cameras, height: int, width: int) -> RenderOutput:
+        a = self.activated()
+        dtype = a["means"].dtype
+        viewmats, Ks = splatting.camera_matrices(cameras.c2w.to(dtype), cameras.fovy.to(dtype), height, width)
+        raster = splatting.rasterize_gsplat if self.backend == "gsplat" else splatting.rasterize_pytorch
+        rgb, alpha, depth, info = raster(a["means"], a["quats"], a["scales"], a["opacities"], a["colors"],
+                                         viewmats, Ks, width, height, backgrounds=cameras.background.to(viewmats),
+                                         sh_degree=self.cfg.sh_degree, eps2d=self.cfg.eps2d)
+        if self.training and torch.is_grad_enabled() and info["means2d"].requires_grad:
+            info["means2d"].retain_grad()  # the densification statistic
+            self._info = info
+        depth = depth * splatting.ray_distance_scale(Ks, height, width)
+        return RenderOutput(rgb, alpha, depth)
+
+    # ---- densification -------------------------------------------------------------------
+    def _make_strategy(self):
+        cfg = self.cfg
+        if cfg.densify == "mcmc":  # pragma: no cover - CUDA only
+            from gsplat import MCMCStrategy
+
+            strategy = MCMCStrategy(cap_max=cfg.max_gaussians, refine_every=cfg.densify_every,
+                                    min_opacity=cfg.prune_opacity)
+            return strategy, strategy.initialize_state()
+        from gsplat import DefaultStrategy
+
+        strategy = DefaultStrategy(
+            prune_opa=cfg.prune_opacity, grow_grad2d=cfg.densify_grad_threshold,
+            grow_scale3d=cfg.densify_scale_threshold, prune_scale3d=1e9,  # never prune for size
+            refine_start_iter=0, refine_stop_iter=1 << 62, refine_every=cfg.densify_every,
+            reset_every=1 << 62)
+        return strategy, strategy.initialize_state(scene_scale=cfg.init_radius)
+
+    def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
+        info, self._info = self._info, None
+        if self.strategy is None or optimizer is None or info is None or info["means2d"].grad is None:
+            return
+        cfg = self.cfg
+        start, stop = int(cfg.densify_start * max_steps), int(cfg.densify_stop * max_steps)
+        if not (start <= step < stop):
+            return
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper -> torch's
+        views = {}
+        for group in optimizer.param_groups:
+            for name in PARAM_NAMES:
+                if any(p is self.params[name] for p in group["params"]):
+                    views[name] = _GroupView(optimizer, group)
+        if cfg.densify == "mcmc":  # pragma: no cover - CUDA only
+            self.strategy.step_post_backward(self.params, views, self.strategy_state, step, info,
+                                             lr=views["means"].param_groups[0]["lr"])
+            return
+        s = self.strategy
+        s.refine_start_iter, s.refine_stop_iter = start, stop
+        # At the cap, refinement only prunes.
+        s.grow_grad2d = cfg.densify_grad_threshold if len(self) < cfg.max_gaussians else float("inf")
+        s.step_post_backward(self.params, views, self.strategy_state, step, info, packed=False)
+        if len(self) > cfg.max_gaussians:  # the last growth overshot: drop the newest Gaussians
+            from gsplat.strategy.ops import remove
+
+            extra = torch.zeros(len(self), dtype=torch.bool, device=self.params["means"].device)
+            extra[cfg.max_gaussians:] = True
+            remove(self.params, views, self.strategy_state, extra)
+
+    # ---- export --------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_files(self, run_dir: Path) -> list[Path]:
+        """The standard 3D Gaussian splatting ``splats.ply`` (x y z, f_dc, f_rest, opacity logit,
+        log scales, wxyz rotation), through gsplat's exporter."""
+        from gsplat import export_splats
+
+        from threedgen.rundir import atomic_path
+
+        p = {k: v.detach().float().cpu() for k, v in self.params.items()}
+        path = Path(run_dir) / "splats.ply"
+        with atomic_path(path) as tmp:
+            export_splats(p["means"], p["scales"], p["quats"], p["opacities"], p["sh0"], p["shN"],
+                          format="ply", save_to=str(tmp))
+        return [path]
+
+    @torch.no_grad()
+    def extract_mesh(self, resolution: int = 128):
+        from threedgen.representations.gaussian_mesh import gaussians_mesh
+
+        a = self.activated()
+        rgb = torch.clamp(SH_C0 * self.params["sh0"][:, 0] + 0.5, 0, 1)
+        return gaussians_mesh(a["means"], a["quats"], a["scales"], a["opacities"], rgb, self.cfg.bound,
+                              resolution, self.cfg.mesh_threshold)
+
+
+def read_splat_ply(path: str | Path) -> dict[str, np.ndarray]:
+    """A binary little-endian splat ``.ply`` as ``{property: array}`` (for round trips and
+    inspecting files from other tools)."""
+    data = Path(path).read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii").splitlines()
+    if header[0] != "ply" or "binary_little_endian" not in header[1]:
+        raise UserError(f"{path}: not a binary little-endian PLY file")
+    names, count = [], 0
+    for line in header:
+        parts = line.split()
+        if parts[:2] == ["element", "vertex"]:
+            count = int(parts[2])
+        elif parts[:1] == ["property"]:
+            if parts[1] != "float":
+                raise UserError(f"{path}: property {parts[-1]} is {parts[1]}; only float splat files are read")
+            names.append(parts[2])
+    table = np.frombuffer(data, dtype="<f4", count=count * len(names), offset=end).reshape(count, len(names))
+    return {name: table[:, i] for i, name in enumerate(names)}

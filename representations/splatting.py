@@ -1,0 +1,193 @@
+"""Rasterising 3D Gaussians: gsplat on CUDA, and a pure-PyTorch rasteriser that computes the same
+image on any device.
+
+Both paths take the same inputs and return ``(rgb, alpha, depth, info)``:
+- ``means [N,3]``, ``quats [N,4]`` (wxyz, any norm), ``scales [N,3]`` (activated, > 0),
+  ``opacities [N]`` (activated, in (0,1)), ``colors [N,3]`` (post-activation RGB) or SH
+  coefficients ``[N,K,3]`` with ``sh_degree``;
+- ``viewmats [C,4,4]`` world-to-camera (OpenCV: x right, y down, z forward), ``Ks [C,3,3]``;
+- ``backgrounds [C,3]``;
+- outputs ``rgb [C,H,W,3]`` composited over the background, ``alpha [C,H,W,1]``, ``depth
+  [C,H,W,1]`` (expected z-depth, gsplat's "ED") and gsplat's ``info`` (``means2d``, ``radii``, ...)
+  that the densification strategy reads.
+
+What the CPU rasteriser reproduces of gsplat 1.5's CUDA kernels (``ProjectionEWA3DGSFused.cu`` and
+``RasterizeToPixels3DGSFwd.cu``), so the two agree to float rounding:
+- projection through gsplat's own PyTorch reference (``_fully_fused_projection``): EWA with the
+  Jacobian clamped at 1.3x the field of view, the low-pass term ``eps2d`` added to the 2D
+  covariance, near-plane culling;
+- the opacity-aware screen radius ``ceil(min(3.33, sqrt(2 ln(255 o))) * sigma_xy)``; Gaussians
+  with ``o < 1/255`` or off-screen are culled (radius 0);
+- per pixel (centre at ``+0.5``), Gaussians in increasing camera depth; ``alpha = min(0.999, o
+  exp(-q))``, skipped when ``q < 0`` or ``alpha < 1/255``; compositing stops *before* the
+  Gaussian that would take the transmittance to ``<= 1e-4``; ``alpha_pixel = 1 - T``.
+
+Speed on CPU comes from bounding boxes: each Gaussian is evaluated only on the pixels inside its
+screen radius (outside it ``alpha < 1/255`` exactly, so nothing is lost), the (pixel, Gaussian)
+pairs are sorted by pixel then depth, and transmittance is a segmented cumulative sum of
+``log(1 - alpha)`` in float64. Autograd does the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+ALPHA_THRESHOLD = 1.0 / 255.0
+MAX_ALPHA = 0.999
+MIN_TRANSMITTANCE = 1e-4
+EXTEND_MAX = 3.33
+
+
+def camera_matrices(c2w: torch.Tensor, fovy: torch.Tensor, height: int, width: int):
+    """``viewmats [C,4,4]`` (OpenCV world-to-camera) and ``Ks [C,3,3]`` for threedgen's OpenGL
+    ``c2w`` and vertical field of view in degrees (square pixels, principal point at the centre)."""
+    flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=c2w.dtype, device=c2w.device))
+    viewmats = flip @ torch.linalg.inv(c2w)
+    focal = 0.5 * height / torch.tan(0.5 * torch.deg2rad(fovy))
+    Ks = torch.zeros(len(c2w), 3, 3, dtype=c2w.dtype, device=c2w.device)
+    Ks[:, 0, 0], Ks[:, 1, 1] = focal, focal
+    Ks[:, 0, 2], Ks[:, 1, 2], Ks[:, 2, 2] = 0.5 * width, 0.5 * height, 1.0
+    return viewmats, Ks
+
+
+def sh_to_color(sh_degree: Optional[int], means: torch.Tensor, colors: torch.Tensor, viewmats: torch.Tensor):
+    """Per-camera colours ``[C,N,3]``: SH evaluated towards each camera, ``+0.5``, clamped at 0
+    (gsplat's convention); plain ``[N,3]`` colours are broadcast."""
+    C = viewmats.shape[0]
+    if sh_degree is None:
+        return colors[None].expand(C, *colors.shape)
+    from gsplat.cuda._torch_impl import _spherical_harmonics
+
+    campos = torch.linalg.inv(viewmats)[:, :3, 3]
+    dirs = means[None] - campos[:, None]
+    coeffs = colors[None].expand(C, *colors.shape)
+    return torch.clamp_min(_spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
+
+
+def project(means, quats, scales, opacities, viewmats, Ks, width: int, height: int,
+            eps2d: float = 0.3, near_plane: float = 0.01):
+    """gsplat's projection on any device: ``means2d [C,N,2]``, ``depths [C,N]``, ``conics [C,N,3]``
+    and the opacity-aware ``radii [C,N,2]`` (int32, 0 = culled) of the CUDA kernel."""
+    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
+
+    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False)
+    ref_radii, means2d, depths, conics, _ = _fully_fused_projection(
+        means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane)
+    with torch.no_grad():
+        a, b, c = conics.unbind(-1)
+        det = (a * c - b * b).clamp_min(1e-30)
+        sigma_x, sigma_y = (c / det).clamp_min(0).sqrt(), (a / det).clamp_min(0).sqrt()
+        op = opacities[None].expand_as(depths)
+        extend = torch.sqrt(2.0 * torch.log((op / ALPHA_THRESHOLD).clamp_min(1.0))).clamp(max=EXTEND_MAX)
+        radii = torch.stack([torch.ceil(extend * sigma_x), torch.ceil(extend * sigma_y)], -1)
+        mx, my = means2d[..., 0], means2d[..., 1]
+        rx, ry = radii[..., 0], radii[..., 1]
+        keep = ((ref_radii > 0).all(-1) & (op >= ALPHA_THRESHOLD) & ((rx > 0) | (ry > 0))
+                & (mx + rx > 0) & (mx - rx < width) & (my + ry > 0) & (my - ry < height))
+        radii = torch.where(keep[..., None], radii, torch.zeros_like(radii)).int()
+    return means2d, depths, conics, radii
+
+
+def box_points(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every integer point of the boxes ``lo[m] <= p <= hi[m]`` (``[M,D]``, inclusive; empty where
+    ``hi < lo``): ``(owner [P], points [P,D])``, box by box, the last axis fastest."""
+    size = (hi - lo + 1).clamp_min(0)
+    count = size.prod(-1)
+    total = int(count.sum())
+    owner = torch.repeat_interleave(torch.arange(len(count), device=lo.device), count, output_size=total)
+    local = torch.arange(total, device=lo.device) - (torch.cumsum(count, 0) - count)[owner]
+    coords = []
+    for axis in reversed(range(lo.shape[1])):
+        n = size[owner, axis]
+        coords.append(lo[owner, axis] + local % n)
+        local = torch.div(local, n, rounding_mode="floor")
+    return owner, torch.stack(coords[::-1], -1)
+
+
+def _pairs(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int):
+    """Every (camera, Gaussian, pixel) whose pixel centre lies in the Gaussian's screen box."""
+    cam, gid = torch.nonzero((radii > 0).all(-1), as_tuple=True)
+    m = means2d.detach()[cam, gid]
+    r = radii[cam, gid].to(m.dtype)
+    # Pixel x has its centre at x + 0.5: the box [m - r, m + r] holds x in [ceil(m-r-.5), floor(m+r-.5)].
+    limit = torch.tensor([width - 1, height - 1], device=m.device)
+    lo = torch.ceil(m - r - 0.5).clamp_min(0).long()
+    hi = torch.minimum(torch.floor(m + r - 0.5).long(), limit)
+    owner, xy = box_points(lo, hi)
+    return cam[owner], gid[owner], xy[:, 1] * width + xy[:, 0]
+
+
+def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
+                      backgrounds: Optional[torch.Tensor] = None, sh_degree: Optional[int] = None,
+                      eps2d: float = 0.3, near_plane: float = 0.01):
+    """The pure-PyTorch rasteriser (see the module docstring); differentiable in every input."""
+    C, N = viewmats.shape[0], means.shape[0]
+    means2d, depths, conics, radii = project(means, quats, scales, opacities, viewmats, Ks, width, height,
+                                             eps2d, near_plane)
+    rgb_n = sh_to_color(sh_degree, means, colors, viewmats)  # [C,N,3]
+    feats = torch.cat([rgb_n, depths[..., None]], -1)  # colour + z-depth, composited alike
+    cam, gid, pix = _pairs(means2d, radii, width, height)
+    px = (pix % width).to(means.dtype) + 0.5
+    py = torch.div(pix, width, rounding_mode="floor").to(means.dtype) + 0.5
+    d = means2d[cam, gid] - torch.stack([px, py], -1)
+    a, b, c = conics[cam, gid].unbind(-1)
+    q = 0.5 * (a * d[:, 0] ** 2 + c * d[:, 1] ** 2) + b * d[:, 0] * d[:, 1]
+    alpha = torch.clamp_max(opacities[gid] * torch.exp(-q), MAX_ALPHA)
+    with torch.no_grad():
+        keep = (q >= 0) & (alpha >= ALPHA_THRESHOLD)
+        # Sort by (image, pixel), then by depth: rank the Gaussians by depth within each camera.
+        rank = torch.empty_like(depths, dtype=torch.long)
+        rank.scatter_(1, torch.argsort(depths.detach(), dim=1),
+                      torch.arange(N, device=means.device).expand(C, N).contiguous())
+        key = (cam * (height * width) + pix) * N + rank[cam, gid]
+        key = torch.where(keep, key, torch.full_like(key, -1))
+        order = torch.argsort(key)
+        order = order[key[order] >= 0]
+    alpha, cam, gid = alpha[order], cam[order], gid[order]
+    ray = cam * (height * width) + pix[order]
+    n_rays = C * height * width
+    # Exclusive transmittance per pair: a segmented cumulative sum of log(1 - alpha) (float64).
+    log1m = torch.log1p(-alpha.double())
+    csum = torch.cumsum(log1m, 0)
+    counts = torch.bincount(ray, minlength=n_rays)
+    seg_end = torch.cumsum(counts, 0)
+    seg_base = torch.cat([csum.new_zeros(1), csum])[seg_end - counts]  # sum before each ray's first pair
+    trans = torch.exp(csum - log1m - seg_base[ray]).to(alpha.dtype)
+    with torch.no_grad():
+        alive = trans * (1 - alpha) > MIN_TRANSMITTANCE
+    weight = torch.where(alive, alpha * trans, torch.zeros_like(alpha))
+    out = torch.zeros(n_rays, 4, dtype=means.dtype, device=means.device)
+    out = out.index_add(0, ray, weight[:, None] * feats[cam, gid])
+    acc = torch.zeros(n_rays, dtype=means.dtype, device=means.device).index_add(0, ray, weight)
+    out, acc = out.view(C, height, width, 4), acc.view(C, height, width, 1)
+    rgb = out[..., :3]
+    if backgrounds is not None:
+        rgb = rgb + (1.0 - acc) * backgrounds[:, None, None, :]
+    depth = out[..., 3:] / acc.clamp_min(1e-10)
+    info = {"means2d": means2d, "radii": radii, "depths": depths, "conics": conics, "width": width,
+            "height": height, "n_cameras": C, "gaussian_ids": None, "n_pairs": int(order.numel())}
+    return rgb, acc, depth, info
+
+
+def rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
+                     backgrounds: Optional[torch.Tensor] = None, sh_degree: Optional[int] = None,
+                     eps2d: float = 0.3, near_plane: float = 0.01):  # pragma: no cover - CUDA only
+    """gsplat's fused CUDA rasteriser with the same conventions as ``rasterize_pytorch``."""
+    from gsplat import rasterization
+
+    colors_out, alpha, info = rasterization(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane=near_plane,
+        eps2d=eps2d, sh_degree=sh_degree, packed=False, backgrounds=backgrounds, render_mode="RGB+ED",
+        rasterize_mode="classic")
+    return colors_out[..., :3], alpha, colors_out[..., 3:], info
+
+
+def ray_distance_scale(Ks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[C,H,W,1]`` factors that turn z-depth into distance along each pixel's ray."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=Ks.device, dtype=Ks.dtype) + 0.5,
+                            torch.arange(width, device=Ks.device, dtype=Ks.dtype) + 0.5, indexing="ij")
+    u = (xs[None] - Ks[:, 0, 2, None, None]) / Ks[:, 0, 0, None, None]
+    v = (ys[None] - Ks[:, 1, 2, None, None]) / Ks[:, 1, 1, None, None]
+    return torch.sqrt(1 + u * u + v * v)[..., None]
