@@ -67,7 +67,7 @@ class GaussiansConfig:
     # Clone (below) or split (above) at this fraction of the scene scale (init_radius).
     densify_scale_threshold: float = 0.05
     prune_opacity: float = 0.01
-    max_gaussians: int = 20000
+    max_gaussians: int = 5000
     # Isosurface level of the Gaussians' density for export; None = automatic.
     mesh_threshold: Optional[float] = None
 

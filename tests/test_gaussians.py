@@ -4,6 +4,7 @@ gradients, densification with the system's optimizer, splat .ply, mesh export, e
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,3 +312,49 @@ def test_cuda_rasteriser_matches_the_cpu_rasteriser():  # pragma: no cover - GPU
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     covered = mine[1] > 0.05
     torch.testing.assert_close(mine[2][covered], theirs[2][covered], atol=1e-3, rtol=0)
+
+
+def test_cli_run_export_eval_and_resume_after_densification(tmp_path, capsys):
+    """The whole CLI on Gaussians: densification changes N mid-run; resume, export and eval load the
+    checkpoint's N."""
+    import json
+
+    from threedgen.cli import main
+    from threedgen.runner import load_representation
+
+    small = ["prior.shapes=[cube,torus]", "export.resolution=40", "export.video_frames=2", "export.video_resolution=32",
+             "checkpoint_every=5", "preview_every=100", "representation.num_points=400",
+             "representation.densify_every=3", "representation.densify_grad_threshold=0",
+             "representation.densify_start=0", "representation.densify_stop=1", "representation.max_gaussians=1500"]
+    assert main(["run", "--representation", "gaussians", "--prompt", "a red cube", "--steps", "8", "--out",
+                 str(tmp_path), "--no-progress", *small]) == 0
+    run_dir = capsys.readouterr().out.strip().splitlines()[-1]
+    names = {p.name for p in Path(run_dir).iterdir()}
+    assert {"mesh.glb", "mesh.obj", "mesh.ply", "splats.ply", "metrics.json", "turntable.mp4"} <= names
+    _, rep, _ = load_representation(run_dir)
+    grown = len(rep)
+    assert 400 < grown <= 1500
+    assert len(read_splat_ply(f"{run_dir}/splats.ply")["x"]) == grown
+    assert main(["run", "--resume", run_dir, "--steps", "12", "--no-progress"]) == 0
+    capsys.readouterr()
+    status = json.loads(open(f"{run_dir}/status.json").read())
+    assert status["status"] == "succeeded" and status["step"] == 12
+    assert main(["export", run_dir, "--format", "glb"]) == 0
+    capsys.readouterr()
+    assert main(["eval", run_dir, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["mask_iou"] <= 1 and "chamfer" in metrics
+
+
+def test_cli_rejects_bad_gaussian_settings(tmp_path, capsys):
+    from threedgen.cli import main
+
+    code = main(["run", "--representation", "gaussians", "--prompt", "a red cube", "--out", str(tmp_path),
+                 "representation.backend=gsplat"])
+    err = capsys.readouterr().err
+    assert code == 2 and "backend=gsplat needs CUDA" in err and "Traceback" not in err
+    code = main(["run", "--representation", "gaussians", "--prompt", "a red cube", "--out", str(tmp_path),
+                 "representation.num_samples=32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown config key 'representation.num_samples'" in err
+    assert list(tmp_path.iterdir()) == []

@@ -16,11 +16,11 @@ SHAPES = ["prior.shapes=[cube,torus]", "prior.resolution=32", "render.resolution
 METHODS = sorted(set(GUIDANCE) - {"sds"})
 
 
-def _run(method, prior, extra, tmp_path, steps=3, model=None):
+def _run(method, prior, extra, tmp_path, steps=3, model=None, representation="nerf"):
     flags = {"prompt": "a red cube", "steps": steps}
     if model is not None:
         flags["prior"] = {"model": str(model)}
-    cfg = build_config(method, "nerf", prior, parse_overrides(FAST + extra), flags)
+    cfg = build_config(method, representation, prior, parse_overrides(FAST + extra), flags)
     run_dir = run(cfg, out=tmp_path, progress_bar=False)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "succeeded" and status["step"] == steps, status
@@ -37,6 +37,17 @@ def test_every_method_runs_on_the_shapes_prior(method, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_a_tiny_stable_diffusion(method, tiny_sd_dir, tmp_path):
     _run(method, "stable-diffusion", ["render.resolution=32"], tmp_path, model=tiny_sd_dir)
+
+
+@pytest.mark.parametrize("method", sorted(GUIDANCE))
+def test_every_method_runs_on_gaussians(method, tmp_path):
+    run_dir = _run(method, "shapes", SHAPES + ["representation.num_points=300"], tmp_path, representation="gaussians")
+    assert (run_dir / "splats.ply").is_file()
+
+
+def test_gaussians_run_on_a_tiny_stable_diffusion(tiny_sd_dir, tmp_path):
+    _run("sds", "stable-diffusion", ["render.resolution=32", "representation.num_points=300"], tmp_path,
+         model=tiny_sd_dir, representation="gaussians")
 
 
 @pytest.mark.parametrize("prior", ["shapes", "stable-diffusion"])
