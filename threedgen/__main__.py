@@ -1,3 +1,4 @@
 from threedgen.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: the web UI's job processes are spawned and import __main__
+    raise SystemExit(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from threedgen.errors import RunFailed, UserError
@@ -79,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("guidance", help="guidance methods")
     g.add_argument("action", choices=["list"])
+
+    w = sub.add_parser("webui", help="the web UI over a durable job queue",
+                       description="A Gradio app: submit prompts, watch progress, download results. "
+                                   "Jobs are kept in a SQLite table and survive restarts.")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=_int_arg("--port", 1, 65535), default=7860, help="port (default 7860)")
+    w.add_argument("--outputs", default="webui-outputs", help="folder of the files users download (served)")
+    w.add_argument("--state", default=None, help="folder of the job database and run checkpoints (never served; "
+                   "default: the user data folder)")
+    w.add_argument("--workers", type=_int_arg("--workers", 1, 64), default=None, help="jobs at once: one per GPU")
+    w.add_argument("--priors", default="auto", help="comma-separated priors offered (default: shapes on CPU, "
+                   "shapes and stable-diffusion on CUDA)")
+    w.add_argument("--max-queue", type=_int_arg("--max-queue", 1, 100000), default=100, help="queued jobs at most")
+    w.add_argument("--max-steps", type=_int_arg("--max-steps", 1, MAX_STEPS), default=20000, help="steps per job at most")
+    w.add_argument("--auth-file", default=None, help="require a login: a file of user:password lines")
+    w.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="a config setting applied to every job, e.g. export.video_frames=12 (repeatable)")
     return parser
 
 
@@ -162,6 +180,37 @@ def _cmd_guidance(args) -> int:
     return 0
 
 
+def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subprocess in the tests
+    from threedgen.guidance.priors import PRIORS
+    from threedgen.webui.app import Settings, WebUI, default_devices, read_auth, wait_forever
+
+    devices = default_devices(args.workers)
+    if args.priors == "auto":
+        priors = ["shapes"] + (["stable-diffusion"] if devices[0].startswith("cuda") else [])
+    else:
+        priors = [p.strip() for p in args.priors.split(",") if p.strip()]
+        unknown = [p for p in priors if p not in PRIORS]
+        if unknown or not priors:
+            raise UserError(f"--priors: unknown prior(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(PRIORS)}")
+    from threedgen.config import parse_overrides
+
+    parse_overrides(list(args.set))  # a malformed --set fails here, before the server starts
+    if args.state is None:
+        import platformdirs
+
+        args.state = str(platformdirs.user_data_path("threedgen") / "webui")
+    ui = WebUI(Settings(outputs=Path(args.outputs), state=Path(args.state), priors=priors, max_steps=args.max_steps,
+                        max_queued=args.max_queue, devices=devices, overrides=list(args.set)))
+    if ui.recovered:
+        print(f"threedgen: {len(ui.recovered)} job(s) left running by a stopped server are now interrupted; "
+              "resume them from the page", file=sys.stderr)
+    demo = ui.launch(args.host, args.port, auth=read_auth(args.auth_file), block=False)
+    print(f"threedgen web UI: http://{args.host}:{args.port}  (outputs {ui.settings.outputs}, state {ui.settings.state})",
+          file=sys.stderr, flush=True)
+    wait_forever(ui, demo)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -175,7 +224,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance}[args.command](args)
+        commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
+                    "webui": _cmd_webui}
+        return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

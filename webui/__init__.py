@@ -1,4 +1,7 @@
-"""The Gradio web UI and its durable job queue (``threedgen webui``); not built yet.
+"""The Gradio web UI (``threedgen webui``) and its durable job queue.
 
-It will call ``threedgen.runner.run`` — the same entry point as the CLI — from worker processes.
+- ``jobs``: the SQLite job table (WAL), the queue's single source of truth;
+- ``worker``: one worker thread per device, each job in its own process through
+  ``threedgen.runner.run``, the CLI's entry point;
+- ``app``: the Blocks page and its API, validating every request on the server.
 """

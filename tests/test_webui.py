@@ -1,0 +1,282 @@
+"""The web UI: the durable job table, the API through gradio_client (submit -> progress -> GLB),
+validation of requests sent straight to the API, downloads by id only, cancel, a server killed
+mid-job and restarted (interrupted -> resume -> succeeded), and one real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from threedgen.errors import UserError
+from threedgen.webui.app import Settings, WebUI, _escape_md, parse_seeds
+from threedgen.webui.jobs import JobStore
+
+# Small, fast jobs: every job the tests run gets these server-side settings (`--set`).
+FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
+        "export.formats=[glb,obj,ply]", "export.evaluate=false", "checkpoint_every=5", "preview_every=5"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(fn, timeout: float, every: float = 0.5):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+# ---- the job table --------------------------------------------------------------------------
+
+def test_job_store_lifecycle(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite", max_queued=2)
+    a = store.submit({"prompt": "a red cube", "steps": 10}, 10)
+    b = store.submit({"prompt": "a blue torus", "steps": 10}, 10)
+    with pytest.raises(UserError, match="queue is full"):
+        store.submit({"prompt": "x"}, 10)
+    job = store.claim(worker=0)
+    assert job.id == a and job.status == "running" and job.worker == 0  # oldest first
+    assert store.progress(a, 4, 10, step_time=0.5, run_dir="/tmp/run") is False
+    job = store.get(a)
+    assert (job.step, job.max_steps, job.progress, job.eta_seconds, job.run_dir) == (4, 10, 0.4, 3.0, "/tmp/run")
+    assert store.cancel(a) == "cancelling" and store.progress(a, 5, 10) is True
+    assert store.cancel(b) == "cancelled"  # queued: at once
+    store.finish(a, "cancelled")
+    with pytest.raises(UserError, match="already cancelled"):
+        store.cancel(a)
+    c = store.submit({"prompt": "a green sphere"}, 10)
+    store.claim(worker=1)
+    assert store.recover() == [c]  # a new server: what was running is interrupted
+    job = store.get(c)
+    assert job.status == "interrupted" and "resume" in job.error
+    store.resume(c)
+    assert store.get(c).status == "queued"
+    for bad in ("../../etc/passwd", "ABCDEF123456", "", None, "1" * 13):
+        with pytest.raises(UserError, match="unknown job id"):
+            store.get(bad)
+    with pytest.raises(UserError, match="no job"):
+        store.get("0" * 12)
+    # Durable: a second store on the same file sees everything.
+    assert {j.id for j in JobStore(tmp_path / "jobs.sqlite").list()} == {a, b, c}
+
+
+def test_seeds_and_escaping():
+    assert parse_seeds("0") == [0] and parse_seeds("3, 1, 3") == [3, 1] and parse_seeds("2-4") == [2, 3, 4]
+    for bad, msg in (("0-20", "at most 8"), ("a", "integers"), ("1,2,3,4,5,6,7,8,9", "at most 8"),
+                     ("5-2", "must go up"), ("99999999999", "integers")):
+        with pytest.raises(UserError, match=msg):
+            parse_seeds(bad)
+    shown = _escape_md('<img src=x onerror="alert(1)"> **bold** [link](javascript:x)')
+    assert "<" not in shown and "**" not in shown and "](" not in shown
+
+
+def test_state_and_outputs_must_be_separate(tmp_path):
+    with pytest.raises(UserError, match="separate folders"):
+        WebUI(Settings(outputs=tmp_path / "out", state=tmp_path / "out" / "state"))
+
+
+# ---- the API, in-process server ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from gradio_client import Client
+
+    root = tmp_path_factory.mktemp("webui")
+    ui = WebUI(Settings(outputs=root / "outputs", state=root / "state", overrides=FAST, max_queued=5))
+    port = free_port()
+    demo = ui.launch(port=port, block=False)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield ui, client, port
+    ui.close(demo)
+
+
+FORM = ("a red cube", "", "sds", "nerf", "shapes", 30, "0", "")
+
+
+def test_submit_progress_and_glb_download(server):
+    ui, client, _ = server
+    started = time.time()
+    (job_id,) = client.predict(*FORM, api_name="/submit")["jobs"]
+    seen = []
+
+    def done():
+        st = client.predict(job_id, api_name="/status")
+        seen.append((st["status"], st["step"]))
+        return st if st["status"] in ("succeeded", "failed") else None
+
+    st = wait_for(done, 300)
+    assert st["status"] == "succeeded", st
+    assert any(s == "running" and 0 < step < 30 for s, step in seen) or st["step"] == 30
+    assert {"glb", "obj", "ply", "video", "preview"} <= set(st["files"])
+    path = client.predict(job_id, "glb", api_name="/download")
+    data = Path(path).read_bytes()
+    assert data[:4] == b"glTF" and len(data) > 1000
+    import trimesh
+
+    mesh = trimesh.load(path, force="mesh")
+    assert len(mesh.faces) > 50
+    # The run's private folder (config, checkpoints) is in the state folder, not in outputs.
+    job = ui.store.get(job_id)
+    assert Path(job.run_dir).is_relative_to(ui.settings.state)
+    assert (Path(job.run_dir) / "checkpoints" / "last.ckpt").is_file()
+    assert not list(ui.settings.outputs.rglob("*.ckpt")) and not list(ui.settings.outputs.rglob("*.sqlite"))
+    print(f"submit to GLB: {time.time() - started:.1f} s")
+
+
+@pytest.mark.parametrize("form, message", [
+    (("a red cube", "", "sds", "nerf", "shapes", 0, "0", ""), "steps must be an integer from 1 to"),
+    (("a red cube", "", "sds", "nerf", "shapes", 10 ** 9, "0", ""), "steps must be an integer from 1 to"),
+    (("a red cube", "", "nope", "nerf", "shapes", 10, "0", ""), "unknown guidance 'nope'"),
+    (("a red cube", "", "sds", "mesh", "shapes", 10, "0", ""), "unknown representation 'mesh'"),
+    (("a red cube", "", "sds", "nerf", "stable-diffusion", 10, "0", ""), "not offered by this server"),
+    (("a red cube", "", "sds", "nerf", "/etc/passwd", 10, "0", ""), "not offered by this server"),
+    (("", "", "sds", "nerf", "shapes", 10, "0", ""), "prompt is empty"),
+    (("a red cube " * 200, "", "sds", "nerf", "shapes", 10, "0", ""), "the limit is 1000"),
+    (("a purple dragon", "", "sds", "nerf", "shapes", 10, "0", ""), "outside the shapes prior's vocabulary"),
+    (("a red cube", "", "sds", "nerf", "shapes", 10, "0-99", ""), "at most 8 seeds"),
+    (("a red cube", "", "sds", "nerf", "shapes", 10, "0", "999"), "resolution must be one of"),
+    (("${oc.env:HOME}", "", "sds", "nerf", "shapes", 10, "0", ""), "vocabulary"),
+])
+def test_bad_requests_sent_straight_to_the_api_are_refused(server, form, message):
+    from gradio_client.exceptions import AppError
+
+    _, client, _ = server
+    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        client.predict(*form, api_name="/submit")
+
+
+def test_downloads_only_by_job_id_and_kind(server):
+    from gradio_client.exceptions import AppError
+
+    ui, client, port = server
+    (job_id,) = client.predict("a blue torus", "", "sds", "nerf", "shapes", 1000, "0", "", api_name="/submit")["jobs"]
+    client.predict(job_id, api_name="/cancel")
+    for job, kind, message in (("../../state/jobs", "glb", "unknown job id"), (job_id, "../state/jobs.sqlite", "unknown file kind"),
+                               (job_id, "/etc/passwd", "unknown file kind"), ("0" * 12, "glb", "no job")):
+        with pytest.raises(AppError, match=message):
+            client.predict(job, kind, api_name="/download")
+    # Gradio itself serves nothing outside the outputs folder: not the database, not a checkpoint.
+    targets = [ui.settings.state / "jobs.sqlite", ui.settings.outputs / ".." / "state" / "jobs.sqlite", Path("/etc/passwd")]
+    targets += list((ui.settings.state / "runs").rglob("*.ckpt"))[:1]
+    for target in targets:
+        url = f"http://127.0.0.1:{port}/gradio_api/file={target}"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=10)
+        assert err.value.code in (403, 404), (target, err.value.code)
+
+
+def test_cancel_a_running_job_keeps_its_checkpoints(server):
+    ui, client, _ = server
+    (job_id,) = client.predict("a blue torus", "", "sds", "nerf", "shapes", 2000, "0", "", api_name="/submit")["jobs"]
+    wait_for(lambda: client.predict(job_id, api_name="/status")["step"] >= 12, 240)
+    asked = time.time()
+    assert client.predict(job_id, api_name="/cancel") == {"status": "cancelling"}
+    st = wait_for(lambda: (s := client.predict(job_id, api_name="/status"))["status"] == "cancelled" and s, 60)
+    assert time.time() - asked < 30 and st["step"] < 2000
+    run_dir = Path(ui.store.get(job_id).run_dir)
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+
+
+# ---- a server killed mid-job ------------------------------------------------------------------
+
+def _start_server(root: Path, port: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "threedgen", "webui", "--port", str(port), "--outputs", str(root / "outputs"),
+            "--state", str(root / "state")] + [x for item in FAST for x in ("--set", item)]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "a"),
+                            start_new_session=True)
+
+
+def _client(port: int, proc: subprocess.Popen):
+    from gradio_client import Client
+
+    def up():
+        assert proc.poll() is None, "the server exited"
+        try:
+            return Client(f"http://127.0.0.1:{port}/", verbose=False)
+        except Exception:
+            return None
+
+    return wait_for(up, 120, every=1.0)
+
+
+def test_server_killed_mid_job_then_resumed(tmp_path):
+    port = free_port()
+    proc = _start_server(tmp_path, port)
+    try:
+        client = _client(port, proc)
+        (job_id,) = client.predict("a red cube", "", "sds", "nerf", "shapes", 60, "0", "", api_name="/submit")["jobs"]
+        wait_for(lambda: client.predict(job_id, api_name="/status")["step"] >= 12, 240)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server dies at once; its job process notices and stops
+        proc.wait()
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+    job = store.get(job_id)
+    wait_for(lambda: not job.pid or not Path(f"/proc/{job.pid}").exists(), 60)
+    proc = _start_server(tmp_path, port)
+    try:
+        client = _client(port, proc)
+        st = client.predict(job_id, api_name="/status")
+        assert st["status"] == "interrupted" and 0 < st["step"] < 60, st
+        assert client.predict(job_id, api_name="/resume") == {"status": "queued"}
+        st = wait_for(lambda: (s := client.predict(job_id, api_name="/status"))["status"] in ("succeeded", "failed") and s, 300)
+        assert st["status"] == "succeeded" and st["step"] == 60, st
+        assert "glb" in st["files"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+# ---- one real browser --------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_submits_a_prompt_and_sees_the_3d_viewer(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    _, _, port = server
+    with playwright.sync_playwright() as p:
+        # WebGL in headless Chromium without a GPU: the SwiftShader software renderer.
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--use-angle=swiftshader",
+                                                                    "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_label("Steps").fill("20")
+        page.get_by_role("button", name="Generate").click()
+        shot = Path(os.environ.get("THREEDGEN_SCREENSHOT_DIR", tmp_path)) / "webui-finished-job.png"
+        try:
+            # The selected job's status line (Markdown **succeeded**), then the Model3D canvas.
+            page.locator("strong", has_text="succeeded").first.wait_for(state="visible", timeout=300_000)
+            canvas = page.locator("canvas").first
+            canvas.wait_for(state="visible", timeout=60_000)
+            page.wait_for_timeout(5000)  # let the viewer load and draw the mesh
+            viewer = canvas.screenshot()
+        finally:
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(viewer)).convert("RGB")).astype(float)
+    reddish = (pixels[..., 0] > pixels[..., 1] + 40) & (pixels[..., 0] > pixels[..., 2] + 40)
+    assert reddish.mean() > 0.01, "the 3D viewer shows no red cube"

@@ -1,0 +1,325 @@
+"""``threedgen webui``: a Gradio Blocks app over the durable job queue.
+
+Every endpoint validates on the server (the API bypasses the form's limits) and answers bad input
+with ``gr.Error`` (one line). Files are looked up by job id and a fixed kind, never by a path from
+the client. Gradio may serve only the outputs folder (``allowed_paths``); the job database and the
+run folders with their checkpoints live in the state folder, outside it.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from threedgen.errors import UserError
+from threedgen.webui.jobs import FINISHED, Job, JobStore, check_job_id
+from threedgen.webui.worker import PUBLIC_NAMES, WorkerPool, job_config
+
+MAX_SEEDS = 8
+RESOLUTIONS = [32, 64, 128, 256, 512]
+TABLE_HEADERS = ["job", "prompt", "guidance", "representation", "seed", "status", "progress", "ETA"]
+
+
+@dataclass
+class Settings:
+    outputs: Path
+    state: Path
+    priors: list[str] = field(default_factory=lambda: ["shapes"])
+    max_steps: int = 20000
+    max_queued: int = 100
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    # key=value config settings the server applies to every job (`threedgen webui --set ...`).
+    overrides: list[str] = field(default_factory=list)
+
+
+def parse_seeds(text) -> list[int]:
+    """``"0"``, ``"0, 1, 2"`` or ``"0-3"`` -> seeds (at most ``MAX_SEEDS``)."""
+    text = str(text if text is not None else "").strip()
+    if not text:
+        return [0]
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d{1,10})\s*-\s*(\d{1,10})", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo or hi - lo >= MAX_SEEDS:
+                raise UserError(f"seed range {part!r} must go up and hold at most {MAX_SEEDS} seeds")
+            seeds.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"\d{1,10}", part):
+            seeds.append(int(part))
+        else:
+            raise UserError(f"seeds must be integers like 0 or 0, 1, 2 or 0-3; got {part!r}")
+    if len(seeds) > MAX_SEEDS:
+        raise UserError(f"at most {MAX_SEEDS} seeds per submission; got {len(seeds)}")
+    if any(s > 2 ** 32 - 1 for s in seeds):
+        raise UserError("seeds must be from 0 to 4294967295")
+    return list(dict.fromkeys(seeds))
+
+
+def validate(settings: Settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
+             resolution) -> list[dict]:
+    """One job's parameters per seed, each checked exactly as `threedgen run` checks its input."""
+    from threedgen.guidance import GUIDANCE
+    from threedgen.config import REPRESENTATIONS
+    from threedgen.guidance.priors import check_run
+
+    if not isinstance(prompt, str) or not isinstance(negative_prompt or "", str):
+        raise UserError("prompt and negative prompt must be text")
+    if guidance not in GUIDANCE:
+        raise UserError(f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE)}")
+    if representation not in REPRESENTATIONS:
+        raise UserError(f"unknown representation {representation!r}; valid: {', '.join(REPRESENTATIONS)}")
+    if prior not in settings.priors:
+        raise UserError(f"prior {prior!r} is not offered by this server; valid: {', '.join(settings.priors)}")
+    if isinstance(steps, str) and steps.strip().isdigit():
+        steps = int(steps)
+    if isinstance(steps, float) and steps.is_integer():
+        steps = int(steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= settings.max_steps:
+        raise UserError(f"steps must be an integer from 1 to {settings.max_steps}")
+    if resolution not in (None, "") and (not str(resolution).isdigit() or int(resolution) not in RESOLUTIONS):
+        raise UserError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}")
+    jobs = []
+    for seed in parse_seeds(seeds):
+        params = {"prompt": prompt, "negative_prompt": negative_prompt or "", "guidance": guidance,
+                  "representation": representation, "prior": prior, "steps": steps, "seed": seed,
+                  "resolution": int(resolution) if resolution not in (None, "") else None,
+                  "server_overrides": list(settings.overrides)}
+        cfg = job_config(params, "cpu")
+        check_run(cfg)
+        params["prompt"], params["negative_prompt"] = cfg.prompt, cfg.negative_prompt  # cleaned
+        jobs.append(params)
+    return jobs
+
+
+def _fmt_eta(job: Job) -> str:
+    eta = job.eta_seconds
+    if eta is None:
+        return "" if job.status != "queued" else "waiting"
+    return f"{int(eta // 60)}:{int(eta % 60):02d}"
+
+
+def job_row(job: Job) -> list:
+    p = job.params
+    return [job.id, p.get("prompt", ""), p.get("guidance", ""), p.get("representation", ""), p.get("seed", ""),
+            job.status, f"{job.step}/{job.max_steps}", _fmt_eta(job)]
+
+
+def _escape_md(text: str) -> str:
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", html.escape(text, quote=True))
+
+
+class WebUI:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        settings.outputs = Path(settings.outputs).expanduser().resolve()
+        settings.state = Path(settings.state).expanduser().resolve()
+        if settings.state == settings.outputs or settings.outputs in settings.state.parents \
+                or settings.state in settings.outputs.parents:
+            raise UserError("--state and --outputs must be separate folders (the outputs folder is served; "
+                            "the state folder holds the job database and checkpoints)")
+        settings.outputs.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(settings.state / "jobs.sqlite", max_queued=settings.max_queued)
+        self.recovered = self.store.recover()
+        self.pool = WorkerPool(self.store, settings.state / "runs", settings.outputs, settings.devices)
+
+    # ---- endpoints (each a plain function of strings; UserError -> gr.Error) -----------------
+    def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
+        jobs = validate(self.settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
+                        resolution)
+        return [self.store.submit(params, params["steps"]) for params in jobs]
+
+    def status(self, job_id) -> dict:
+        job = self.store.get(check_job_id(job_id))
+        public = self.settings.outputs / job.id
+        return {"id": job.id, "status": job.status, "step": job.step, "max_steps": job.max_steps,
+                "progress": round(job.progress, 4), "eta_seconds": job.eta_seconds, "error": job.error,
+                "prompt": job.params.get("prompt"), "seed": job.params.get("seed"),
+                "files": sorted(k for k, name in PUBLIC_NAMES.items() if (public / name).is_file())}
+
+    def file(self, job_id, kind) -> str:
+        """The public file of a job by kind (``glb``, ``obj``, ``ply``, ``splats``, ``video``,
+        ``preview``, ``metrics``); never a client-supplied path."""
+        job = self.store.get(check_job_id(job_id))
+        if kind not in PUBLIC_NAMES:
+            raise UserError(f"unknown file kind {str(kind)[:40]!r}; valid: {', '.join(PUBLIC_NAMES)}")
+        path = self.settings.outputs / job.id / PUBLIC_NAMES[kind]
+        if kind == "video" and not path.is_file():
+            path = path.with_suffix(".gif")
+        if not path.is_file():
+            raise UserError(f"job {job.id} has no {kind} file (status: {job.status})")
+        return str(path)
+
+    def cancel(self, job_id) -> str:
+        return self.store.cancel(check_job_id(job_id))
+
+    def resume(self, job_id) -> str:
+        self.store.resume(check_job_id(job_id))
+        return "queued"
+
+    def table(self) -> list[list]:
+        return [job_row(j) for j in self.store.list()]
+
+    # ---- the page ----------------------------------------------------------------------------
+    def blocks(self):
+        import gradio as gr
+
+        from threedgen.config import REPRESENTATIONS
+        from threedgen.guidance import GUIDANCE, GUIDANCE_INFO
+
+        s = self.settings
+
+        def guard(fn):
+            def wrapped(*args):
+                try:
+                    return fn(*args)
+                except UserError as exc:
+                    raise gr.Error(str(exc), print_exception=False) from None
+            wrapped.__name__ = fn.__name__
+            return wrapped
+
+        def job_view(job_id):
+            if not job_id:
+                return "Select a job.", None, None, None, []
+            st = guard(self.status)(job_id)
+            files = {k: self.file(job_id, k) for k in st["files"]}
+            line = (f"**{st['status']}** · step {st['step']}/{st['max_steps']} · "
+                    f"prompt: {_escape_md(st['prompt'] or '')} · seed {st['seed']}")
+            if st["eta_seconds"] is not None:
+                line += f" · ETA {int(st['eta_seconds'])} s"
+            if st["error"]:
+                line += f"\n\n{_escape_md(st['error'])}"
+            downloads = [files[k] for k in ("glb", "obj", "ply", "splats", "video") if k in files]
+            return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
+
+        def on_submit(*form):
+            ids = guard(self.submit)(*form)
+            return {"jobs": ids}, self.table(), gr.update(choices=[r[0] for r in self.table()], value=ids[0])
+
+        def refresh(job_id, shown=None):
+            """The job list and the selected job's view; the 3D viewer, video and downloads are sent
+            only when the job or its status changed (so the viewer does not reload every tick)."""
+            rows = self.table()
+            line, image, glb, mp4, files = job_view(job_id)
+            key = [job_id, next((r[5] for r in rows if r[0] == job_id), None)]
+            if key == shown:
+                glb, mp4, files = gr.update(), gr.update(), gr.update()
+            return rows, gr.update(choices=[r[0] for r in rows]), line, image, glb, mp4, files, key
+
+        with gr.Blocks(title="threedgen") as demo:
+            gr.Markdown("# threedgen\nText to 3D by score distillation. Jobs run on the server and survive "
+                        "closed tabs and restarts.")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=1000)
+                    negative = gr.Textbox(label="Negative prompt", value="", max_length=1000)
+                    guidance = gr.Dropdown([(f"{k} ({GUIDANCE_INFO[k][0]})", k) for k in GUIDANCE], value="sds",
+                                           label="Guidance")
+                    representation = gr.Dropdown(list(REPRESENTATIONS), value="nerf", label="Representation")
+                    prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
+                    steps = gr.Number(value=600, label="Steps", precision=0, minimum=1, maximum=s.max_steps)
+                    seeds = gr.Textbox(value="0", label="Seeds", info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
+                    resolution = gr.Dropdown([str(r) for r in RESOLUTIONS], value=None, label="Render resolution",
+                                             info="empty: the prior's default")
+                    submit = gr.Button("Generate", variant="primary")
+                    submitted = gr.JSON(label="Submitted", visible=True)
+                with gr.Column(scale=2):
+                    jobs = gr.Dataframe(headers=TABLE_HEADERS, value=self.table(), interactive=False, label="Jobs",
+                                        datatype=["str"] * len(TABLE_HEADERS))
+                    selected = gr.Dropdown(choices=[r[0] for r in self.table()], label="Job", allow_custom_value=False)
+                    info = gr.Markdown("Select a job.")
+                    with gr.Row():
+                        cancel = gr.Button("Cancel")
+                        resume = gr.Button("Resume")
+                    with gr.Row():
+                        preview = gr.Image(label="Preview", type="filepath", interactive=False, height=160)
+                        video = gr.Video(label="Turntable", interactive=False)
+                    model = gr.Model3D(label="Mesh (GLB)", interactive=False)
+                    downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+            form = [prompt, negative, guidance, representation, prior, steps, seeds, resolution]
+            view = [info, preview, model, video, downloads]
+            shown = gr.State(None)
+            submit.click(on_submit, form, [submitted, jobs, selected], api_name="submit_form", api_visibility="private")
+            selected.change(refresh, [selected], [jobs, selected, *view, shown], api_visibility="private")
+            def act(method):
+                def handler(job_id):
+                    guard(method)(job_id)
+                    return refresh(job_id)
+                return handler
+
+            outputs = [jobs, selected, *view, shown]
+            cancel.click(act(self.cancel), [selected], outputs, api_visibility="private")
+            resume.click(act(self.resume), [selected], outputs, api_visibility="private")
+            timer = gr.Timer(2.0)
+            timer.tick(refresh, [selected, shown], outputs, api_visibility="private")
+            # The API: plain values in and out, for gradio_client and scripts.
+            api_in = [gr.Textbox(visible=False) for _ in range(8)]
+            api_out = gr.JSON(visible=False)
+            job_in, kind_in = gr.Textbox(visible=False), gr.Textbox(visible=False)
+            file_out = gr.File(visible=False)
+            gr.Button(visible=False).click(guard(lambda *a: {"jobs": self.submit(*a)}), api_in, api_out, api_name="submit")
+            gr.Button(visible=False).click(guard(self.status), [job_in], api_out, api_name="status")
+            gr.Button(visible=False).click(guard(lambda j: {"status": self.cancel(j)}), [job_in], api_out, api_name="cancel")
+            gr.Button(visible=False).click(guard(lambda j: {"status": self.resume(j)}), [job_in], api_out, api_name="resume")
+            gr.Button(visible=False).click(guard(lambda: {"jobs": [self.status(r[0]) for r in self.table()]}), None,
+                                           api_out, api_name="jobs")
+            gr.Button(visible=False).click(guard(self.file), [job_in, kind_in], file_out, api_name="download")
+        return demo
+
+    def launch(self, host: str = "127.0.0.1", port: Optional[int] = None, auth=None, block: bool = True):
+        self.pool.start()
+        demo = self.blocks()
+        demo.queue(default_concurrency_limit=8)
+        demo.launch(server_name=host, server_port=port, share=False, auth=auth, ssr_mode=False,
+                    allowed_paths=[str(self.settings.outputs)], prevent_thread_lock=not block, quiet=True,
+                    show_error=True, max_file_size="1mb")
+        return demo
+
+    def close(self, demo=None) -> None:
+        if demo is not None:
+            demo.close()
+        self.pool.stop()
+
+
+def default_devices(workers: Optional[int]) -> list[str]:
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        if workers not in (None, 1):
+            raise UserError("--workers: this machine has no CUDA device; the web UI runs one job at a time on the CPU")
+        return ["cpu"]
+    if workers is not None and not 1 <= workers <= n:
+        raise UserError(f"--workers must be from 1 to {n} (one per GPU)")
+    return [f"cuda:{i}" for i in range(workers or n)]
+
+
+def read_auth(path: Optional[str]):
+    if path is None:
+        return None
+    pairs = []
+    for line in Path(path).expanduser().read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            user, sep, password = line.strip().partition(":")
+            if not sep or not user or not password:
+                raise UserError(f"{path}: each line must be user:password")
+            pairs.append((user, password))
+    if not pairs:
+        raise UserError(f"{path}: no user:password lines")
+    return pairs
+
+
+def wait_forever(ui: WebUI, demo) -> None:  # pragma: no cover - interactive
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ui.close(demo)
+
+
+__all__ = ["WebUI", "Settings", "validate", "parse_seeds", "FINISHED", "read_auth", "default_devices"]

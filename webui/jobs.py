@@ -1,0 +1,211 @@
+"""The durable job table: SQLite in WAL mode, safe to share between the server's threads and the job
+processes (each opens its own connection; every write is one short transaction).
+
+A job moves ``queued -> running -> succeeded | failed | cancelled | interrupted``; an interrupted or
+failed job can be queued again to resume from its last checkpoint. Jobs left ``running`` by a server
+that died become ``interrupted`` when the next server starts (``recover``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from threedgen.errors import UserError
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINISHED = ("succeeded", "failed", "cancelled")
+JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    max_steps INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    step_time REAL,
+    error TEXT,
+    run_dir TEXT,
+    resume INTEGER NOT NULL DEFAULT 0,
+    cancel INTEGER NOT NULL DEFAULT 0,
+    worker INTEGER,
+    pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
+"""
+
+
+@dataclass
+class Job:
+    id: str
+    params: dict
+    status: str
+    step: int
+    max_steps: int
+    created: float
+    started: Optional[float]
+    finished: Optional[float]
+    step_time: Optional[float]
+    error: Optional[str]
+    run_dir: Optional[str]
+    resume: bool
+    cancel: bool
+    worker: Optional[int]
+    pid: Optional[int]
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.max_steps if self.max_steps else 0.0
+
+    @property
+    def eta_seconds(self) -> Optional[float]:
+        """Seconds left at the measured seconds per step (None until a step has been timed)."""
+        if self.status != "running" or not self.step_time:
+            return None
+        return max(self.max_steps - self.step, 0) * self.step_time
+
+
+def check_job_id(job_id) -> str:
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise UserError("unknown job id (a job id is 12 hexadecimal characters)")
+    return job_id
+
+
+class JobStore:
+    def __init__(self, path: str | Path, max_queued: int = 100):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_queued = max_queued
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA busy_timeout=30000")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        d = dict(row)
+        d["params"] = json.loads(d["params"])
+        d["resume"], d["cancel"] = bool(d["resume"]), bool(d["cancel"])
+        return Job(**d)
+
+    # ---- submitting and reading ------------------------------------------------------------
+    def submit(self, params: dict, max_steps: int) -> str:
+        job_id = uuid.uuid4().hex[:12]
+        with self._transaction() as db:
+            queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+            if queued >= self.max_queued:
+                raise UserError(f"the queue is full ({queued} jobs waiting); try again when some have finished")
+            db.execute("INSERT INTO jobs (id, params, status, max_steps, created) VALUES (?, ?, 'queued', ?, ?)",
+                       (job_id, json.dumps(params), int(max_steps), time.time()))
+        return job_id
+
+    def get(self, job_id: str) -> Job:
+        check_job_id(job_id)
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UserError(f"no job {job_id}")
+        return self._job(row)
+
+    def list(self, limit: int = 50) -> list[Job]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (int(limit),)).fetchall()
+        return [self._job(r) for r in rows]
+
+    # ---- the worker's side -------------------------------------------------------------------
+    def claim(self, worker: int) -> Optional[Job]:
+        """The oldest queued job, marked running for ``worker`` (atomic across processes)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET status = 'running', worker = ?, started = ?, finished = NULL, error = NULL "
+                       "WHERE id = ?", (worker, time.time(), row["id"]))
+        return self.get(row["id"])
+
+    def set_pid(self, job_id: str, pid: Optional[int]) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET pid = ? WHERE id = ?", (pid, job_id))
+
+    def progress(self, job_id: str, step: int, max_steps: int, step_time: Optional[float] = None,
+                 run_dir: Optional[str] = None) -> bool:
+        """Record progress; returns whether a cancel was requested."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET step = ?, max_steps = ?, step_time = COALESCE(?, step_time), "
+                       "run_dir = COALESCE(?, run_dir) WHERE id = ?", (step, max_steps, step_time, run_dir, job_id))
+            row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel"])
+
+    def finish(self, job_id: str, status: str, error: Optional[str] = None, run_dir: Optional[str] = None) -> None:
+        assert status in STATUSES and status not in ("queued", "running"), status
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET status = ?, error = ?, finished = ?, pid = NULL, "
+                       "run_dir = COALESCE(?, run_dir) WHERE id = ?", (status, error, time.time(), run_dir, job_id))
+
+    # ---- the user's side ---------------------------------------------------------------------
+    @staticmethod
+    def _locked_row(db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = db.execute("SELECT status, run_dir FROM jobs WHERE id = ?", (check_job_id(job_id),)).fetchone()
+        if row is None:
+            raise UserError(f"no job {job_id}")
+        return row
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a queued job now, or ask a running one to stop; returns the resulting status."""
+        with self._transaction() as db:
+            row = self._locked_row(db, job_id)
+            if row["status"] in ("queued", "interrupted"):
+                db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
+                return "cancelled"
+            if row["status"] == "running":
+                db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
+                return "cancelling"
+        raise UserError(f"job {job_id} has already {row['status']}; only queued or running jobs can be cancelled")
+
+    def resume(self, job_id: str) -> None:
+        """Queue an interrupted (or failed) job again; it continues from its last checkpoint."""
+        with self._transaction() as db:
+            row = self._locked_row(db, job_id)
+            if row["status"] not in ("interrupted", "failed"):
+                raise UserError(f"job {job_id} is {row['status']}; only interrupted or failed jobs can be resumed")
+            db.execute("UPDATE jobs SET status = 'queued', resume = ?, cancel = 0, error = NULL, created = ? "
+                       "WHERE id = ?", (1 if row["run_dir"] else 0, time.time(), job_id))
+
+    def recover(self) -> list[str]:
+        """At start-up: jobs a dead server left running become interrupted."""
+        with self._transaction() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
+            db.execute("UPDATE jobs SET status = 'interrupted', pid = NULL, error = 'the server stopped while this "
+                       "job ran; resume continues from its last checkpoint' WHERE status = 'running'")
+        return ids

@@ -1,0 +1,188 @@
+"""Workers: one thread per device in the server, each running one job at a time in its own process.
+
+The job process calls ``threedgen.runner.run`` (the CLI's entry point) with a callback that writes
+progress to the job table, publishes previews, and stops the run (as Ctrl-C does: checkpoints
+kept, status ``interrupted``) when the job is cancelled or the server has died. A crash or an
+out-of-memory kill of the process fails that job only.
+
+Private run folders (config, checkpoints) live under ``<state>/runs/<job id>/``; the files a
+user may download are copied to ``<outputs>/<job id>/`` under fixed names (``PUBLIC_FILES``),
+the only folder the web server may serve.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from threedgen.rundir import atomic_path
+from threedgen.webui.jobs import JobStore
+
+# download name -> file in the run folder
+PUBLIC_FILES = {
+    "glb": "mesh.glb", "obj": "mesh.obj", "ply": "mesh.ply", "splats": "splats.ply",
+    "video": "turntable.mp4", "preview": "previews/final.png", "metrics": "metrics.json",
+}
+PUBLIC_NAMES = {"glb": "mesh.glb", "obj": "mesh.obj", "ply": "mesh.ply", "splats": "splats.ply",
+                "video": "turntable.mp4", "preview": "preview.png", "metrics": "metrics.json"}
+
+
+def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[str]:
+    """Copy a run's deliverables to its public folder (atomically, under fixed names)."""
+    public_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for kind in kinds:
+        src = Path(run_dir) / PUBLIC_FILES[kind]
+        if kind == "video" and not src.is_file():
+            src = Path(run_dir) / "turntable.gif"
+        if src.is_file():
+            with atomic_path(public_dir / (PUBLIC_NAMES[kind] if src.suffix != ".gif" else "turntable.gif")) as tmp:
+                shutil.copyfile(src, tmp)
+            done.append(kind)
+    return done
+
+
+def job_config(params: dict, device: str = "auto"):
+    """The run config of a job's parameters (the same checks as the CLI and the submit form).
+    ``params["server_overrides"]`` holds the server's own ``key=value`` settings (``--set``)."""
+    from threedgen.config import build_config, parse_overrides
+
+    items = list(params.get("server_overrides") or [])
+    if params.get("resolution"):
+        items.append(f"render.resolution={int(params['resolution'])}")
+    overrides = parse_overrides(items)
+    flags = {"prompt": params["prompt"], "negative_prompt": params.get("negative_prompt", ""),
+             "steps": int(params["steps"]), "seed": int(params["seed"]), "device": device}
+    return build_config(params["guidance"], params["representation"], params["prior"], overrides, flags)
+
+
+def _progress_callback(store: JobStore, job_id: str, public_dir: Path, parent_pid: int, every_s: float = 0.5):
+    import pytorch_lightning as pl
+
+    class JobProgress(pl.Callback):
+        """Progress and previews to the job table; stops the run on cancel or when the server died."""
+
+        def __init__(self):
+            self.last_write, self.last_step, self.last_time, self.preview_mtime = 0.0, None, None, None
+            self.step_time = None
+
+        def on_train_start(self, trainer, module):
+            store.progress(job_id, trainer.global_step, trainer.max_steps, run_dir=str(trainer.default_root_dir))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            now, step = time.time(), trainer.global_step
+            if self.last_step is not None and step > self.last_step:
+                rate = (now - self.last_time) / (step - self.last_step)
+                self.step_time = rate if self.step_time is None else 0.8 * self.step_time + 0.2 * rate
+            self.last_step, self.last_time = step, now
+            if now - self.last_write < every_s and step != trainer.max_steps:
+                return
+            self.last_write = now
+            cancel = store.progress(job_id, step, trainer.max_steps, self.step_time)
+            latest = Path(trainer.default_root_dir) / "previews" / "latest.png"
+            if latest.is_file() and latest.stat().st_mtime != self.preview_mtime:
+                self.preview_mtime = latest.stat().st_mtime
+                with atomic_path(public_dir / "preview.png") as tmp:
+                    shutil.copyfile(latest, tmp)
+            if cancel or os.getppid() != parent_pid:
+                raise KeyboardInterrupt  # Lightning's graceful stop, as Ctrl-C
+
+    return JobProgress()
+
+
+def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: str, parent_pid: int) -> None:
+    """The body of a job process."""
+    from threedgen.errors import RunFailed, UserError
+    from threedgen.runner import run
+
+    store = JobStore(db_path)
+    job = store.get(job_id)
+    public_dir = Path(outputs_dir) / job_id
+    public_dir.mkdir(parents=True, exist_ok=True)
+    callback = _progress_callback(store, job_id, public_dir, parent_pid)
+    try:
+        if job.resume and job.run_dir:
+            run_dir = run(resume=job.run_dir, progress_bar=False, callbacks=[callback])
+        else:
+            cfg = job_config(job.params, device)
+            run_dir = run(cfg, out=Path(runs_dir) / job_id, progress_bar=False, callbacks=[callback])
+        publish(run_dir, public_dir)
+        store.finish(job_id, "succeeded", run_dir=str(run_dir))
+    except KeyboardInterrupt:
+        cancelled = store.get(job_id).cancel
+        store.finish(job_id, "cancelled" if cancelled else "interrupted",
+                     error=None if cancelled else "stopped; resume continues from the last checkpoint")
+    except (UserError, RunFailed) as exc:
+        store.finish(job_id, "failed", error=str(exc).splitlines()[0])
+    except BaseException as exc:  # anything else: fail this job, keep the details in its log
+        (public_dir.parent / f".{job_id}.log").write_text(traceback.format_exc())
+        message = "out of memory" if "out of memory" in str(exc).lower() else f"{type(exc).__name__}: {exc}"
+        store.finish(job_id, "failed", error=message.splitlines()[0][:300])
+
+
+class WorkerPool:
+    """``len(devices)`` worker threads; each claims queued jobs and runs them in child processes."""
+
+    def __init__(self, store: JobStore, runs_dir: Path, outputs_dir: Path, devices: list[str], poll_s: float = 0.5):
+        self.store, self.runs_dir, self.outputs_dir = store, Path(runs_dir), Path(outputs_dir)
+        self.devices, self.poll_s = devices, poll_s
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._children: dict[int, multiprocessing.Process] = {}
+
+    def start(self) -> "WorkerPool":
+        for i, device in enumerate(self.devices):
+            t = threading.Thread(target=self._loop, args=(i, device), name=f"threedgen-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming; interrupt running jobs (they keep their checkpoints) and wait for them."""
+        self._stop.set()
+        for proc in list(self._children.values()):
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+        for t in self._threads:
+            t.join(timeout)
+
+    def _loop(self, worker: int, device: str) -> None:
+        while not self._stop.is_set():
+            job = self.store.claim(worker)
+            if job is None:
+                self._stop.wait(self.poll_s)
+                continue
+            self._run(worker, job.id, device)
+
+    def _run(self, worker: int, job_id: str, device: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(target=run_job, name=f"threedgen-job-{job_id}",
+                           args=(str(self.store.path), job_id, str(self.runs_dir), str(self.outputs_dir),
+                                 device, os.getpid()))
+        proc.start()
+        self._children[worker] = proc
+        self.store.set_pid(job_id, proc.pid)
+        signalled: Optional[float] = None
+        while proc.is_alive():
+            proc.join(self.poll_s)
+            if not proc.is_alive():
+                break
+            if signalled is None and self.store.get(job_id).cancel:
+                signalled = time.time()  # the job stops itself at its next step; this is the fallback
+            elif signalled is not None and time.time() - signalled > 60:
+                os.kill(proc.pid, signal.SIGINT)
+                signalled = float("inf")
+        self._children.pop(worker, None)
+        job = self.store.get(job_id)
+        if job.status == "running":  # the process died without recording an outcome
+            code = proc.exitcode
+            reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
+            self.store.finish(job_id, "cancelled" if job.cancel else "failed",
+                              error=None if job.cancel else f"the job process ended: {reason}")
