@@ -9,6 +9,7 @@ run folders with their checkpoints live in the state folder, outside it.
 from __future__ import annotations
 
 import html
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,11 @@ from typing import Optional
 from threedgen.errors import UserError
 from threedgen.webui.jobs import FINISHED, Job, JobStore, check_job_id
 from threedgen.webui.worker import PUBLIC_NAMES, WorkerPool, job_config
+
+# A local app does not phone home (Gradio's usage analytics and version check), and only the
+# outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.pop("GRADIO_ALLOWED_PATHS", None)
 
 MAX_SEEDS = 8
 RESOLUTIONS = [32, 64, 128, 256, 512]
