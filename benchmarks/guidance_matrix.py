@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import run_once  # noqa: E402
+from quality import report, run_once  # noqa: E402
 
 METHODS = ["sds", "vsd", "esd", "asd", "tsm", "ism", "bsd", "csm"]
 PROMPTS = ["a red cube", "a blue torus", "a green sphere", "an orange cone", "a yellow cylinder", "a pink pyramid"]
@@ -61,10 +61,7 @@ def main() -> None:
             f"{platform.machine()}, 2 CPU cores, Python {platform.python_version()}; one run per cell, each the whole "
             f"`threedgen run --guidance M --representation R --prompt P` command with the method's preset. Cells: mask IoU (best yaw).\n\n"
             + "\n".join(iou) + "\n")
-    print(text)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ DEFAULT_PROMPTS = ["a red cube", "a blue torus", "a green sphere", "an orange co
                    "a purple capsule", "a pink pyramid", "a white torus"]
 
 
+def report(text: str, write: str | None) -> None:
+    """Print a benchmark's markdown section; append it to ``write`` (e.g. BENCHMARKS.md) if given."""
+    print(text)
+    if write:
+        with open(write, "a") as f:
+            f.write(text)
+
+
 def run_once(prompt: str, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "threedgen", "run", "--prompt", prompt, "--out", str(out), "--no-progress", *extra]
     start = time.perf_counter()
@@ -65,10 +73,7 @@ def main() -> None:
     text = (f"\n### Quality, {time.strftime('%Y-%m-%d')}\n\nCommand: `{cmd}`; machine: {platform.machine()}, "
             f"{platform.processor() or 'cpu'}, Python {platform.python_version()}; median of {args.repeats} "
             f"run(s) per prompt.\n\n{header}\n" + "\n".join(lines) + "\n")
-    print(text)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

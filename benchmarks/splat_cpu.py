@@ -10,13 +10,18 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from threedgen.cameras import orbit
 from threedgen.representations import splatting
 from threedgen.representations.gaussians import Gaussians, GaussiansConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import report  # noqa: E402
 
 
 def dense_rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height, backgrounds):
@@ -83,10 +88,7 @@ def main() -> None:
             f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; one camera, random "
             f"Gaussians in a ball of radius 0.5 (opacity 0.5, size from the point spacing) seen from 2.5 units; "
             f"median of {args.repeats} runs after a warm-up; both rasterisers in this process.\n\n" + "\n".join(rows) + "\n")
-    print(text)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":
