@@ -280,3 +280,27 @@ def test_browser_submits_a_prompt_and_sees_the_3d_viewer(server, tmp_path):
     pixels = np.asarray(Image.open(io.BytesIO(viewer)).convert("RGB")).astype(float)
     reddish = (pixels[..., 0] > pixels[..., 1] + 40) & (pixels[..., 0] > pixels[..., 2] + 40)
     assert reddish.mean() > 0.01, "the 3D viewer shows no red cube"
+
+
+def test_a_job_whose_server_died_stops_and_is_marked_interrupted(tmp_path):
+    """The job process checks its parent at every progress write: started for a parent that is not
+    its own (as after the server was killed), it stops like Ctrl-C and records `interrupted`."""
+    import multiprocessing
+
+    from threedgen.webui.worker import run_job
+
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+    params = {"prompt": "a red cube", "negative_prompt": "", "guidance": "sds", "representation": "nerf",
+              "prior": "shapes", "steps": 500, "seed": 0, "resolution": None, "server_overrides": FAST}
+    job_id = store.submit(params, 500)
+    store.claim(0)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=run_job, args=(str(store.path), job_id, str(tmp_path / "state" / "runs"), str(tmp_path / "outputs"),
+                              "cpu", os.getpid() + 10 ** 6))  # a parent pid that is not this process's
+    proc.start()
+    proc.join(180)
+    assert proc.exitcode == 0
+    job = store.get(job_id)
+    assert job.status == "interrupted" and job.step < 500 and "resume" in job.error
+    status = json.loads((Path(job.run_dir) / "status.json").read_text())
+    assert status["status"] == "interrupted"
