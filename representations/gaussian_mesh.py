@@ -17,14 +17,9 @@ import numpy as np
 import torch
 
 from threedgen.meshing import check_mesh_resolution, mesh_from_grid
-from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, box_points
+from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, box_points, opacity_extent
 
 MAX_PAIRS = 1 << 22  # (voxel, Gaussian) pairs evaluated at once
-
-
-def _extent(opacities: torch.Tensor) -> torch.Tensor:
-    """How many standard deviations out a Gaussian's term stays >= 1/255."""
-    return torch.sqrt(2.0 * torch.log((opacities / ALPHA_THRESHOLD).clamp_min(1.0)))
 
 
 def _chunks(count: torch.Tensor):
@@ -64,7 +59,7 @@ def density_grids(means, quats, scales, opacities, colors, bound: float, resolut
     h = 2 * bound / (resolution - 1)
     covars, precis = _quat_scale_to_covar_preci(quats, scales)
     centers = (means + bound) / h
-    radius = _extent(opacities)[:, None] * covars.diagonal(dim1=-2, dim2=-1).sqrt() / h
+    radius = opacity_extent(opacities)[:, None] * covars.diagonal(dim1=-2, dim2=-1).sqrt() / h
     precis_grid = precis * h * h  # offsets are in grid units
 
     def weights(owner, offset):
@@ -89,7 +84,7 @@ def axis_opacity(means, quats, scales, opacities, bound: float, resolution: int)
     h = 2 * bound / (resolution - 1)
     covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
     centers3 = (means + bound) / h
-    extent = _extent(opacities)
+    extent = opacity_extent(opacities)
     flags = []
     for axis in range(3):
         keep = [a for a in range(3) if a != axis]

@@ -66,6 +66,12 @@ def sh_to_color(sh_degree: Optional[int], means: torch.Tensor, colors: torch.Ten
     return torch.clamp_min(_spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
 
 
+def opacity_extent(opacities: torch.Tensor) -> torch.Tensor:
+    """How many standard deviations out a Gaussian of opacity ``o`` stays at alpha >= 1/255:
+    ``min(3.33, sqrt(2 ln(255 o)))`` (0 below 1/255), the CUDA kernel's opacity-aware extent."""
+    return torch.sqrt(2.0 * torch.log((opacities / ALPHA_THRESHOLD).clamp_min(1.0))).clamp(max=EXTEND_MAX)
+
+
 def project(means, quats, scales, opacities, viewmats, Ks, width: int, height: int,
             eps2d: float = 0.3, near_plane: float = 0.01):
     """gsplat's projection on any device: ``means2d [C,N,2]``, ``depths [C,N]``, ``conics [C,N,3]``
@@ -80,7 +86,7 @@ def project(means, quats, scales, opacities, viewmats, Ks, width: int, height: i
         det = (a * c - b * b).clamp_min(1e-30)
         sigma_x, sigma_y = (c / det).clamp_min(0).sqrt(), (a / det).clamp_min(0).sqrt()
         op = opacities[None].expand_as(depths)
-        extend = torch.sqrt(2.0 * torch.log((op / ALPHA_THRESHOLD).clamp_min(1.0))).clamp(max=EXTEND_MAX)
+        extend = opacity_extent(op)
         radii = torch.stack([torch.ceil(extend * sigma_x), torch.ceil(extend * sigma_y)], -1)
         mx, my = means2d[..., 0], means2d[..., 1]
         rx, ry = radii[..., 0], radii[..., 1]

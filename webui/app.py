@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from threedgen.errors import UserError
-from threedgen.webui.jobs import FINISHED, Job, JobStore, check_job_id
+from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.worker import PUBLIC_NAMES, WorkerPool, job_config
 
 # A local app does not phone home (Gradio's usage analytics and version check), and only the
@@ -328,4 +328,4 @@ def wait_forever(ui: WebUI, demo) -> None:  # pragma: no cover - interactive
         ui.close(demo)
 
 
-__all__ = ["WebUI", "Settings", "validate", "parse_seeds", "FINISHED", "read_auth", "default_devices"]
+__all__ = ["WebUI", "Settings", "validate", "parse_seeds", "read_auth", "default_devices"]

@@ -21,7 +21,6 @@ from typing import Iterator, Optional
 from threedgen.errors import UserError
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-FINISHED = ("succeeded", "failed", "cancelled")
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 
 SCHEMA = """

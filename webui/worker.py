@@ -30,8 +30,13 @@ PUBLIC_FILES = {
     "glb": "mesh.glb", "obj": "mesh.obj", "ply": "mesh.ply", "splats": "splats.ply",
     "video": "turntable.mp4", "preview": "previews/final.png", "metrics": "metrics.json",
 }
-PUBLIC_NAMES = {"glb": "mesh.glb", "obj": "mesh.obj", "ply": "mesh.ply", "splats": "splats.ply",
-                "video": "turntable.mp4", "preview": "preview.png", "metrics": "metrics.json"}
+# kind -> name in the job's public folder: the file's own name, except the preview
+PUBLIC_NAMES = {**{kind: Path(path).name for kind, path in PUBLIC_FILES.items()}, "preview": "preview.png"}
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[str]:
@@ -43,8 +48,7 @@ def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[
         if kind == "video" and not src.is_file():
             src = Path(run_dir) / "turntable.gif"
         if src.is_file():
-            with atomic_path(public_dir / (PUBLIC_NAMES[kind] if src.suffix != ".gif" else "turntable.gif")) as tmp:
-                shutil.copyfile(src, tmp)
+            copy_atomic(src, public_dir / (PUBLIC_NAMES[kind] if src.suffix != ".gif" else src.name))
             done.append(kind)
     return done
 
@@ -89,8 +93,7 @@ def _progress_callback(store: JobStore, job_id: str, public_dir: Path, parent_pi
             latest = Path(trainer.default_root_dir) / "previews" / "latest.png"
             if latest.is_file() and latest.stat().st_mtime != self.preview_mtime:
                 self.preview_mtime = latest.stat().st_mtime
-                with atomic_path(public_dir / "preview.png") as tmp:
-                    shutil.copyfile(latest, tmp)
+                copy_atomic(latest, public_dir / PUBLIC_NAMES["preview"])
             if cancel or os.getppid() != parent_pid:
                 raise KeyboardInterrupt  # Lightning's graceful stop, as Ctrl-C
 
