@@ -44,7 +44,8 @@ def run_once(prompt: str, out: Path, extra: list[str]) -> dict:
     status = json.loads((run_dir / "status.json").read_text())
     return {"prompt": prompt, "wall": wall, "train_seconds": status["train_seconds"], "steps": status["step"],
             "mask_iou": metrics["mask_iou"], "mask_iou_unaligned": metrics["mask_iou_unaligned"],
-            "psnr": metrics["psnr"], "chamfer": metrics["chamfer"], "faces": status["mesh_faces"]}
+            "psnr": metrics["psnr"], "chamfer": metrics["chamfer"], "faces": status["mesh_faces"],
+            "run_dir": str(run_dir)}
 
 
 def main() -> None:

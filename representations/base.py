@@ -23,7 +23,7 @@ class RenderOutput:
 
 
 class Representation(torch.nn.Module):
-    """Base class. Subclasses implement ``render``, ``parameter_groups`` and ``extract_mesh``."""
+    """Base class. Subclasses implement ``render``, ``parameter_groups`` and ``extract_surface``."""
 
     name = "representation"
 
@@ -47,6 +47,11 @@ class Representation(torch.nn.Module):
         """Representation-specific losses on a render (name -> scalar, weighted in the system)."""
         return {}
 
+    def extract_surface(self, resolution: int = 128):
+        """The surface for export: a ``threedgen.meshing.Surface`` (mesh +Y up in world units, and
+        the colour function that vertex colours and textures are baked from)."""
+        raise NotImplementedError
+
     def extract_mesh(self, resolution: int = 128):
         """A ``trimesh.Trimesh`` with vertex colours, +Y up, in world units."""
-        raise NotImplementedError
+        return self.extract_surface(resolution).colored_mesh()

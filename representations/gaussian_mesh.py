@@ -1,11 +1,11 @@
-"""A mesh out of Gaussians: their density on a grid, marching cubes at an automatic level, vertex
-colours from the Gaussians.
+"""A mesh out of Gaussians: their density on a grid, marching cubes at an automatic level, colours
+(vertex or texture) from the Gaussians.
 
 - density ``sigma(x) = sum_i o_i exp(-q_i(x) / 2)`` with ``q_i`` the Mahalanobis distance of
   ``x`` to Gaussian i (DreamGaussian's extraction field), each Gaussian splatted only onto the
   voxels of its box, out to where its term falls below ``1/255`` (the rasteriser's cut-off);
 - colour: the density-weighted mean of the Gaussians' colours on the same grid, read trilinearly
-  at the vertices;
+  at the vertices or the texels' surface points;
 - level: ``threedgen.meshing.silhouette_level`` with the opacity of every axis-aligned grid line
   computed the way a splat renderer sees it (orthographic: each Gaussian's 2D marginal, alphas
   composited), so the mesh's silhouettes match the Gaussians' renders with no hand-set threshold.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from threedgen.meshing import check_mesh_resolution, mesh_from_grid
+from threedgen.meshing import Surface, check_mesh_resolution, surface_from_grid
 from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, box_points, opacity_extent
 
 MAX_PAIRS = 1 << 22  # (voxel, Gaussian) pairs evaluated at once
@@ -104,9 +104,9 @@ def axis_opacity(means, quats, scales, opacities, bound: float, resolution: int)
 
 
 @torch.no_grad()
-def gaussians_mesh(means, quats, scales, opacities, colors, bound: float, resolution: int = 128,
-                   threshold: float | None = None):
-    """A vertex-coloured ``trimesh.Trimesh`` of the Gaussians (+Y up, world units)."""
+def gaussians_surface(means, quats, scales, opacities, colors, bound: float, resolution: int = 128,
+                      threshold: float | None = None) -> Surface:
+    """The Gaussians' surface (+Y up, world units) with the colour grid as its colour function."""
     import torch.nn.functional as F
 
     check_mesh_resolution(resolution)
@@ -120,4 +120,4 @@ def gaussians_mesh(means, quats, scales, opacities, colors, bound: float, resolu
         unit = (points / bound).view(1, 1, 1, -1, 3).to(grid)
         return F.grid_sample(grid, unit, mode="bilinear", align_corners=True).view(3, -1).T
 
-    return mesh_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device, opaque=opaque)
+    return surface_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device, opaque=opaque)

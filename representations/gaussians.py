@@ -270,12 +270,12 @@ class Gaussians(Representation):
         return [path]
 
     @torch.no_grad()
-    def extract_mesh(self, resolution: int = 128):
-        from threedgen.representations.gaussian_mesh import gaussians_mesh
+    def extract_surface(self, resolution: int = 128):
+        from threedgen.representations.gaussian_mesh import gaussians_surface
 
         a = self.activated()
         rgb = torch.clamp(SH_C0 * self.params["sh0"][:, 0] + 0.5, 0, 1)
-        return gaussians_mesh(a["means"], a["quats"], a["scales"], a["opacities"], rgb, self.cfg.bound,
+        return gaussians_surface(a["means"], a["quats"], a["scales"], a["opacities"], rgb, self.cfg.bound,
                               resolution, self.cfg.mesh_threshold)
 
 

@@ -183,8 +183,8 @@ class NeRF(Representation):
         return self.field.parameter_groups(self.cfg.lr_density, self.cfg.lr_color)
 
     @torch.no_grad()
-    def extract_mesh(self, resolution: int = 128):
-        from threedgen.meshing import mesh_from_field
+    def extract_surface(self, resolution: int = 128):
+        from threedgen.meshing import surface_from_field
 
-        return mesh_from_field(self.density, self.color, self.cfg.bound, resolution, self.cfg.mesh_threshold,
+        return surface_from_field(self.density, self.color, self.cfg.bound, resolution, self.cfg.mesh_threshold,
                                device=next(self.parameters()).device)

@@ -42,3 +42,56 @@ def tiny_if_dir(tmp_path_factory):
 
     return build_tiny_if(tmp_path_factory.mktemp("models") / "tiny-if")
 
+
+
+# ---- the Khronos glTF validator over every GLB the suite writes -------------------------------
+
+GLTF_DIR = Path(__file__).parent / "gltf"
+GLTF_VALIDATOR = GLTF_DIR / "node_modules" / "gltf-validator"
+
+
+def gltf_validator_available() -> bool:
+    import shutil
+
+    return shutil.which("node") is not None and GLTF_VALIDATOR.is_dir()
+
+
+def validate_gltf(paths) -> list[dict]:
+    """One report per file from tests/gltf/validate.cjs (``errors``, ``warnings``, ``messages``)."""
+    import json
+    import subprocess
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        return []
+    out = subprocess.run(["node", str(GLTF_DIR / "validate.cjs"), *paths], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+_validated: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _every_written_glb_is_valid(tmp_path_factory):
+    """After each test, every new or rewritten ``.glb`` under the session's temporary folders
+    (run folders, web UI outputs) goes through the validator: zero errors, or the test errors.
+    Without node and tests/gltf/node_modules (``npm ci --prefix tests/gltf``) this check is off;
+    .ci/run installs both."""
+    yield
+    if not gltf_validator_available():
+        return
+    fresh = []
+    for path in tmp_path_factory.getbasetemp().rglob("*.glb"):
+        if path.name.startswith("."):  # a file still being written (threedgen.rundir.atomic_path)
+            continue
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except FileNotFoundError:
+            continue
+        if key not in _validated:
+            _validated[key] = True
+            fresh.append(path)
+    bad = [r for r in validate_gltf(fresh) if r["errors"]]
+    assert not bad, f"glTF validator errors: {bad}"

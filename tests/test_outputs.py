@@ -27,13 +27,13 @@ def test_run_dirs_stay_inside_out_and_never_collide(tmp_path):
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "mesh.glb"
+    target = tmp_path / "metrics.json"
     target.write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_path(target) as tmp:
             tmp.write_text("partial")
             raise RuntimeError("disk full")
-    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["mesh.glb"]
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
 def test_turntable_falls_back_to_gif(tmp_path, monkeypatch):

@@ -123,7 +123,7 @@ def test_submit_progress_and_glb_download(server):
     st = wait_for(done, 300)
     assert st["status"] == "succeeded", st
     assert any(s == "running" and 0 < step < 30 for s, step in seen) or st["step"] == 30
-    assert {"glb", "obj", "ply", "video", "preview"} <= set(st["files"])
+    assert {"glb", "obj", "mtl", "texture", "ply", "video", "preview"} <= set(st["files"])
     path = client.predict(job_id, "glb", api_name="/download")
     data = Path(path).read_bytes()
     assert data[:4] == b"glTF" and len(data) > 1000

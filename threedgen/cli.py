@@ -3,7 +3,7 @@
     threedgen run --prompt "a red cube" [--guidance sds] [--representation nerf] [--prior auto]
                   [--steps N] [--seed N] [--out DIR] [key=value ...]
     threedgen run --resume RUN_DIR [--steps N]
-    threedgen export RUN_DIR [--format glb|obj|ply ...] [--resolution N]
+    threedgen export RUN_DIR [--format glb|obj|ply ...] [--texture uv|vertex] [--faces N] [--resolution N]
     threedgen eval RUN_DIR
     threedgen guidance list
 
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mesh format (repeat for several; default: all three)")
     export.add_argument("--resolution", type=_int_arg("--resolution", 8, 1024), default=None,
                         help="marching-cubes grid resolution (default from the run's config)")
+    export.add_argument("--texture", choices=["uv", "vertex"], default=None,
+                        help="uv: xatlas unwrap + baked PNG texture (GLB, OBJ); vertex: vertex colours "
+                             "(default from the run's config: uv)")
+    export.add_argument("--faces", type=_int_arg("--faces", 0, 10_000_000), default=None,
+                        help="decimate to about N faces; 0 keeps every marching-cubes face (default from the "
+                             "run's config: 10000)")
 
     ev = sub.add_parser("eval", help="score a run against the truth (shapes prior)")
     ev.add_argument("run_dir", metavar="RUN_DIR")
@@ -157,7 +163,10 @@ def _cmd_export(args) -> int:
     from threedgen.runner import load_representation
 
     cfg, representation, run_dir = load_representation(args.run_dir)
-    summary = export_run_outputs(representation, cfg, run_dir, formats=args.format, resolution=args.resolution)
+    if args.faces is not None and 0 < args.faces < 100:
+        raise UserError(f"--faces must be 0 (no decimation) or at least 100; got {args.faces}")
+    summary = export_run_outputs(representation, cfg, run_dir, formats=args.format, resolution=args.resolution,
+                                 texture=args.texture, faces=args.faces)
     for f in summary["files"]:
         print(f)
     return 0

@@ -57,6 +57,10 @@ class OptimizerConfig:
 class ExportConfig:
     resolution: int = 128  # marching-cubes grid
     formats: list[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
+    texture: str = "uv"  # uv: xatlas unwrap + baked PNG (GLB, OBJ); vertex: vertex colours only
+    texture_size: int = 1024  # texture image side in pixels
+    faces: int = 10000  # decimate to about this many faces (0: keep marching cubes' mesh)
+    scale: float = 1.0  # metres per world unit in the exported files
     video_frames: int = 36
     video_resolution: int = 128
     video_elevation: float = 20.0
@@ -319,6 +323,7 @@ INT_LIMITS = {
     "steps": (1, MAX_STEPS), "seed": (0, 2 ** 32 - 1), "checkpoint_every": (1, MAX_STEPS),
     "preview_every": (1, MAX_STEPS), "render.resolution": (8, 1024), "export.resolution": (8, 1024),
     "export.video_resolution": (16, 2048), "export.video_frames": (1, 1000), "camera.batch_size": (1, 64),
+    "export.texture_size": (64, 8192), "export.faces": (0, 10_000_000),
 }
 
 
@@ -355,6 +360,11 @@ def validate(cfg: RunConfig) -> None:
     for fmt in cfg.export.formats:
         if fmt not in ("glb", "obj", "ply"):
             raise UserError(f"export.formats: unknown format {fmt!r}; valid: glb, obj, ply")
+    if cfg.export.texture not in ("uv", "vertex"):
+        raise UserError(f"export.texture must be uv or vertex; got {cfg.export.texture!r}")
+    if 0 < cfg.export.faces < 100:
+        raise UserError(f"export.faces must be 0 (no decimation) or at least 100; got {cfg.export.faces}")
+    check_range("export.scale", cfg.export.scale, 1e-6, 1e6)
     if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
 

@@ -7,7 +7,8 @@
 - **PSNR** of the renders over a white background at the same views (aligned and unaligned).
 - **Chamfer distance** between the exported mesh (rotated by the best yaw) and the truth mesh:
   mean of the two directed mean nearest-neighbour distances over 20,000 surface samples each,
-  divided by the truth's bounding-box diagonal.
+  divided by the truth's bounding-box diagonal. The exported mesh is scaled back by
+  ``export.scale`` first (exports are in metres).
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
     for name in ("mesh.ply", "mesh.glb", "mesh.obj"):
         if (run_dir / name).is_file():
             mesh = trimesh.load(run_dir / name, force="mesh")
+            mesh.apply_scale(1.0 / cfg.export.scale)
             break
     if mesh is None:
         raise UserError(f"run {str(run_dir)!r} has no exported mesh; run `threedgen export {run_dir}` first")

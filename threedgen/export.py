@@ -1,27 +1,131 @@
-"""Outputs of a run: meshes (GLB/OBJ/PLY with vertex colours), turntable video, preview images."""
+"""Outputs of a run: meshes (GLB/OBJ/PLY; a UV texture or vertex colours), turntable video, preview
+images."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from threedgen.cameras import Cameras, orbit
-from threedgen.rundir import atomic_path
+from threedgen.errors import UserError
+from threedgen.rundir import atomic_path, atomic_write_text
 
 MESH_FORMATS = ("glb", "obj", "ply")
+TEXTURE_MODES = ("uv", "vertex")
+TEXTURE_NAME = "mesh_texture.png"  # the OBJ's base-colour image (the GLB embeds its own copy)
+MTL_NAME = "mesh.mtl"
+OBJECT_NAME = "threedgen"
 
 
-def export_meshes(mesh, run_dir: Path, formats=MESH_FORMATS) -> list[Path]:
+@dataclass
+class Asset:
+    """An exported object: ``mesh`` with vertex colours and, for ``--texture uv``, ``textured``
+    (the same surface cut into xatlas charts, with UVs and a PBR material holding ``image``). Both
+    are in the asset frame, ``asset = world * scale`` (see ``build_asset``)."""
+
+    mesh: object
+    textured: object | None
+    image: np.ndarray | None
+    scale: float
+
+
+def decimate(mesh, faces: int):
+    """Quadric decimation (fast-simplification through trimesh) down to about ``faces`` faces;
+    a mesh already that small is returned as is. Pairs of faces on the same three vertices (a
+    zero-volume fold that the decimation leaves behind now and then) are removed."""
+    import trimesh
+
+    if not faces or len(mesh.faces) <= faces:
+        return mesh
+    out = mesh.simplify_quadric_decimation(face_count=int(faces))
+    out = trimesh.Trimesh(out.vertices, out.faces, process=True)
+    tri = np.asarray(out.faces)
+    _, inverse, counts = np.unique(np.sort(tri, 1), axis=0, return_inverse=True, return_counts=True)
+    out.update_faces(counts[inverse.reshape(-1)] == 1)
+    out.update_faces(out.nondegenerate_faces())
+    out.remove_unreferenced_vertices()
+    trimesh.repair.fix_normals(out)
+    return out
+
+
+def build_asset(surface, texture: str = "uv", texture_size: int = 1024, faces: int = 0,
+                scale: float = 1.0) -> Asset:
+    """The export pipeline after marching cubes (``surface``: ``threedgen.meshing.Surface``):
+    decimate to ``faces`` (0: keep all), colour the vertices, and for ``texture="uv"`` unwrap with
+    xatlas and bake the colour function into a ``texture_size`` image (``threedgen.texture``).
+
+    Frame: glTF's: +Y up, the object's front (where azimuth-0 cameras look from) towards +Z, the
+    origin at the point every training camera orbits (the object's centre by construction; the
+    mesh is not moved, so a lopsided result stays as the renders show it), ``scale`` metres per
+    world unit (1: the shapes prior's objects are 0.7-0.9 m across)."""
+    import trimesh
+    from PIL import Image
+
+    from threedgen.meshing import Surface
+    from threedgen.texture import bake_texture, unwrap
+
+    if texture not in TEXTURE_MODES:
+        raise UserError(f"texture mode must be uv or vertex; got {texture!r}")
+    mesh = decimate(surface.mesh, faces)
+    colored = Surface(mesh, surface.color_fn, surface.device).colored_mesh()
+    normals = np.asarray(mesh.vertex_normals)
+    textured = image = None
+    if texture == "uv":
+        vmapping, tfaces, uv = unwrap(mesh.vertices, mesh.faces, texture_size)
+        positions = np.asarray(mesh.vertices)[vmapping]
+        image = bake_texture(positions, tfaces, uv, texture_size, surface.color_fn, surface.device)
+        material = trimesh.visual.material.PBRMaterial(
+            name="threedgen", baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
+            metallicFactor=0.0, roughnessFactor=0.8)
+        textured = trimesh.Trimesh(positions * scale, tfaces, process=False,
+                                   visual=trimesh.visual.TextureVisuals(uv=uv, material=material))
+        textured.vertex_normals = normals[vmapping]  # the welded mesh's: smooth across chart seams
+    colored.apply_scale(scale)
+    colored.vertex_normals = normals
+    return Asset(colored, textured, image, float(scale))
+
+
+def _write_obj(asset: Asset, path: Path) -> list[Path]:
+    from trimesh.exchange.obj import export_obj
+
+    if asset.textured is None:
+        # Vertex colours as "v x y z r g b"; no material file is needed.
+        with atomic_path(path) as tmp:
+            tmp.write_text(asset.mesh.export(file_type="obj", include_color=True, include_texture=False))
+        return [path]
+    text, _ = export_obj(asset.textured, include_normals=True, include_texture=True, return_texture=True,
+                         mtl_name=MTL_NAME)
+    # Our own MTL: white Kd (viewers multiply it with map_Kd), no specular, the image by name.
+    mtl = ("# threedgen: base colour texture, no specular\nnewmtl threedgen\nKa 1 1 1\nKd 1 1 1\n"
+           f"Ks 0 0 0\nNs 0\nd 1\nillum 1\nmap_Kd {TEXTURE_NAME}\n")
+    texture, mtl_path = path.with_name(TEXTURE_NAME), path.with_name(MTL_NAME)
+    write_image(texture, asset.image)
+    atomic_write_text(mtl_path, mtl)
+    atomic_write_text(path, text)
+    return [path, mtl_path, texture]
+
+
+def export_meshes(asset: Asset, run_dir: Path, formats=MESH_FORMATS) -> list[Path]:
+    """Write ``mesh.<fmt>``: GLB (embedded PNG and PBR material, or vertex colours), OBJ (+ MTL +
+    PNG, or vertex colours) and PLY (always vertex colours: PLY has no texture reference)."""
     written = []
     for fmt in formats:
         path = Path(run_dir) / f"mesh.{fmt}"
+        if fmt == "obj":
+            written += _write_obj(asset, path)
+            continue
+        mesh = asset.textured if fmt == "glb" and asset.textured is not None else asset.mesh
         with atomic_path(path) as tmp:
-            if fmt == "obj":
-                # Vertex colours as "v x y z r g b"; no material file is needed.
-                tmp.write_text(mesh.export(file_type="obj", include_color=True, include_texture=False))
+            if fmt == "glb":  # one node, named, so Blender's object is "threedgen"
+                import trimesh
+
+                scene = trimesh.Scene()
+                scene.add_geometry(mesh, geom_name=OBJECT_NAME, node_name=OBJECT_NAME)
+                scene.export(tmp, file_type="glb")
             else:
                 mesh.export(tmp, file_type=fmt)
         written.append(path)
@@ -72,11 +176,16 @@ def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
         return path
 
 
-def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolution=None) -> dict:
-    """Meshes, a turntable and a 4-view preview for a trained representation."""
+def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolution=None, texture=None,
+                       faces=None) -> dict:
+    """Meshes, a turntable and a 4-view preview for a trained representation (arguments left None
+    come from ``cfg.export``)."""
     ec = cfg.export
-    mesh = representation.extract_mesh(resolution or ec.resolution)
-    files = export_meshes(mesh, run_dir, formats or ec.formats) + list(representation.export_files(run_dir))
+    surface = representation.extract_surface(resolution or ec.resolution)
+    asset = build_asset(surface, texture or ec.texture, ec.texture_size, ec.faces if faces is None else faces,
+                        ec.scale)
+    mesh = asset.mesh
+    files = export_meshes(asset, run_dir, formats or ec.formats) + list(representation.export_files(run_dir))
     distance = float(np.mean(cfg.camera.distance_range))
     fovy = float(np.mean(cfg.camera.fovy_range))
     frames, _ = render_views(representation, orbit(ec.video_frames, ec.video_elevation, distance, fovy),

@@ -6,6 +6,7 @@ convention, so meshes are written without any axis change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -61,14 +62,42 @@ def silhouette_level(values: np.ndarray, voxel: float, candidates: int = 256,
     return level
 
 
+@dataclass
+class Surface:
+    """A representation's surface for export: ``mesh`` (a ``trimesh.Trimesh`` in world units, +Y up,
+    outward normals, no colours) and ``color_fn`` (world points ``[N,3]`` -> rgb ``[N,3]`` in [0,1],
+    the representation's colour there), evaluated on ``device``."""
+
+    mesh: object
+    color_fn: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device | str = "cpu"
+
+    @torch.no_grad()
+    def colors(self, points: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+        """``[N,4]`` uint8 RGBA (opaque) of the colour at ``points``."""
+        pts = torch.as_tensor(np.asarray(points), dtype=torch.float32, device=self.device)
+        rgb = [self.color_fn(pts[i:i + chunk]).float().cpu() for i in range(0, len(pts), chunk)]
+        rgb = torch.cat(rgb) if rgb else torch.zeros(0, 3)
+        return np.concatenate([(rgb.clamp(0, 1).numpy() * 255).round().astype(np.uint8),
+                               np.full((len(pts), 1), 255, np.uint8)], 1)
+
+    def colored_mesh(self):
+        """A copy of the mesh with vertex colours from ``color_fn``."""
+        import trimesh
+
+        mesh = self.mesh.copy()
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=self.colors(mesh.vertices))
+        return mesh
+
+
 @torch.no_grad()
-def mesh_from_field(density_fn, color_fn, bound: float, resolution: int, threshold: float | None = None,
-                    min_component_fraction: float = 0.02, device: torch.device | str = "cpu"):
+def surface_from_field(density_fn, color_fn, bound: float, resolution: int, threshold: float | None = None,
+                       min_component_fraction: float = 0.02, device: torch.device | str = "cpu") -> Surface:
     """Marching cubes of ``density_fn`` sampled on a ``resolution^3`` grid over ``[-bound, bound]^3``
-    (see ``mesh_from_grid``)."""
+    (see ``surface_from_grid``)."""
     check_mesh_resolution(resolution)
     values = grid_values(density_fn, bound, resolution, device)
-    return mesh_from_grid(values, color_fn, bound, threshold, min_component_fraction, device)
+    return surface_from_grid(values, color_fn, bound, threshold, min_component_fraction, device)
 
 
 def check_mesh_resolution(resolution: int) -> None:
@@ -77,13 +106,13 @@ def check_mesh_resolution(resolution: int) -> None:
 
 
 @torch.no_grad()
-def mesh_from_grid(values: np.ndarray, color_fn, bound: float, threshold: float | None = None,
-                   min_component_fraction: float = 0.02, device: torch.device | str = "cpu",
-                   opaque: np.ndarray | None = None):
+def surface_from_grid(values: np.ndarray, color_fn, bound: float, threshold: float | None = None,
+                      min_component_fraction: float = 0.02, device: torch.device | str = "cpu",
+                      opaque: np.ndarray | None = None) -> Surface:
     """Marching cubes of a density grid ``values [x,y,z]`` over ``[-bound, bound]^3`` at
     ``threshold`` (None: ``silhouette_level``, with ``opaque`` if given), enclosed cavities filled;
     components with fewer than ``min_component_fraction`` of the largest one's faces (floaters)
-    are dropped; vertex colours come from ``color_fn``."""
+    are dropped. The grid is padded with empty space, so every component is closed (watertight)."""
     import mcubes
     import trimesh
 
@@ -116,9 +145,4 @@ def mesh_from_grid(values: np.ndarray, color_fn, bound: float, threshold: float 
     # mcubes orients faces for increasing values inside; make normals point out of the solid.
     mesh.invert()
     trimesh.repair.fix_normals(mesh)
-    pts = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)
-    rgb = torch.cat([color_fn(pts[i:i + 2 ** 16]).float().cpu() for i in range(0, len(pts), 2 ** 16)])
-    rgba = np.concatenate([(rgb.clamp(0, 1).numpy() * 255).round().astype(np.uint8),
-                           np.full((len(pts), 1), 255, np.uint8)], 1)
-    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)
-    return mesh
+    return Surface(mesh, color_fn, device)

@@ -149,7 +149,7 @@ class WebUI:
                 "files": sorted(k for k, name in PUBLIC_NAMES.items() if (public / name).is_file())}
 
     def file(self, job_id, kind) -> str:
-        """The public file of a job by kind (``glb``, ``obj``, ``ply``, ``splats``, ``video``,
+        """The public file of a job by kind (``glb``, ``obj``, ``mtl``, ``texture``, ``ply``, ``splats``, ``video``,
         ``preview``, ``metrics``); never a client-supplied path."""
         job = self.store.get(check_job_id(job_id))
         if kind not in PUBLIC_NAMES:
@@ -200,7 +200,7 @@ class WebUI:
                 line += f" · ETA {int(st['eta_seconds'])} s"
             if st["error"]:
                 line += f"\n\n{_escape_md(st['error'])}"
-            downloads = [files[k] for k in ("glb", "obj", "ply", "splats", "video") if k in files]
+            downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "splats", "video") if k in files]
             return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
 
         def on_submit(*form):

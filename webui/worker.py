@@ -27,7 +27,8 @@ from threedgen.webui.jobs import JobStore
 
 # download name -> file in the run folder
 PUBLIC_FILES = {
-    "glb": "mesh.glb", "obj": "mesh.obj", "ply": "mesh.ply", "splats": "splats.ply",
+    "glb": "mesh.glb", "obj": "mesh.obj", "mtl": "mesh.mtl", "texture": "mesh_texture.png", "ply": "mesh.ply",
+    "splats": "splats.ply",
     "video": "turntable.mp4", "preview": "previews/final.png", "metrics": "metrics.json",
 }
 # kind -> name in the job's public folder: the file's own name, except the preview
