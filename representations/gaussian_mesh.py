@@ -17,21 +17,9 @@ import numpy as np
 import torch
 
 from threedgen.meshing import Surface, check_mesh_resolution, surface_from_grid
-from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, box_points, opacity_extent
+from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, box_points, chunk_ranges, opacity_extent
 
 MAX_PAIRS = 1 << 22  # (voxel, Gaussian) pairs evaluated at once
-
-
-def _chunks(count: torch.Tensor):
-    """Ranges of Gaussians whose boxes hold at most ``MAX_PAIRS`` points together (at least one)."""
-    start, total = 0, 0
-    for i, c in enumerate(count.tolist()):
-        if total and total + c > MAX_PAIRS:
-            yield start, i
-            start, total = i, 0
-        total += c
-    if start < len(count):
-        yield start, len(count)
 
 
 def _splat(centers, radius, size: int, weight_fn, channels: int, dims: int) -> torch.Tensor:
@@ -42,7 +30,7 @@ def _splat(centers, radius, size: int, weight_fn, channels: int, dims: int) -> t
     count = (hi - lo + 1).clamp_min(0).prod(-1)
     out = torch.zeros(size ** dims, channels, dtype=centers.dtype, device=centers.device)
     strides = torch.tensor([size ** (dims - 1 - a) for a in range(dims)], device=centers.device)
-    for a, b in _chunks(count):
+    for a, b in chunk_ranges(count, MAX_PAIRS):
         owner, pts = box_points(lo[a:b], hi[a:b])
         if len(owner):
             owner = owner + a

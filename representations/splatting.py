@@ -96,6 +96,19 @@ def project(means, quats, scales, opacities, viewmats, Ks, width: int, height: i
     return means2d, depths, conics, radii
 
 
+def chunk_ranges(count: torch.Tensor, max_items: int):
+    """Consecutive ranges ``(start, end)`` of boxes whose ``count`` sum to at most ``max_items``
+    (a single larger box gets a range of its own), so ``box_points`` fits in memory per range."""
+    start, total = 0, 0
+    for i, c in enumerate(count.tolist()):
+        if total and total + c > max_items:
+            yield start, i
+            start, total = i, 0
+        total += c
+    if start < len(count):
+        yield start, len(count)
+
+
 def box_points(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every integer point of the boxes ``lo[m] <= p <= hi[m]`` (``[M,D]``, inclusive; empty where
     ``hi < lo``): ``(owner [P], points [P,D])``, box by box, the last axis fastest."""

@@ -48,7 +48,7 @@ def texel_coordinates(uv: np.ndarray, size: int) -> np.ndarray:
 def rasterize_uv(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size: int):
     """The 3D surface point under every texel centre covered by a triangle in UV space:
     ``(rows [K], cols [K], points [K,3])``; a texel on a shared edge is taken once."""
-    from threedgen.representations.splatting import box_points
+    from threedgen.representations.splatting import box_points, chunk_ranges
 
     tex = torch.as_tensor(texel_coordinates(uv, size), dtype=torch.float64)[torch.as_tensor(faces)]  # [F,3,2]
     pos = torch.as_tensor(positions, dtype=torch.float64)[torch.as_tensor(faces)]  # [F,3,3]
@@ -61,16 +61,8 @@ def rasterize_uv(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size:
     count = (hi - lo + 1).clamp_min(0).prod(-1)
     covered = torch.zeros(size * size, dtype=torch.bool)
     points = torch.zeros(size * size, 3, dtype=torch.float64)
-    start, total = 0, 0
-    bounds = []
-    for i, n in enumerate(count.tolist()):
-        if total and total + n > MAX_PAIRS:
-            bounds.append((start, i))
-            start, total = i, 0
-        total += n
-    bounds.append((start, len(count)))
     eps = 1e-9
-    for s, e in bounds:
+    for s, e in chunk_ranges(count, MAX_PAIRS):
         owner, pts = box_points(lo[s:e], hi[s:e])
         if not len(owner):
             continue
