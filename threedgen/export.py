@@ -3,6 +3,7 @@ images."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ TEXTURE_MODES = ("uv", "vertex")
 TEXTURE_NAME = "mesh_texture.png"  # the OBJ's base-colour image (the GLB embeds its own copy)
 MTL_NAME = "mesh.mtl"
 OBJECT_NAME = "threedgen"
+MATERIAL_NAME = "threedgen"  # the PBR material, and the OBJ's usemtl/newmtl
 
 
 @dataclass
@@ -65,21 +67,20 @@ def build_asset(surface, texture: str = "uv", texture_size: int = 1024, faces: i
     import trimesh
     from PIL import Image
 
-    from threedgen.meshing import Surface
     from threedgen.texture import bake_texture, unwrap
 
     if texture not in TEXTURE_MODES:
         raise UserError(f"texture mode must be uv or vertex; got {texture!r}")
     mesh = decimate(surface.mesh, faces)
-    colored = Surface(mesh, surface.color_fn, surface.device).colored_mesh()
+    colored = dataclasses.replace(surface, mesh=mesh).colored_mesh()
     normals = np.asarray(mesh.vertex_normals)
     textured = image = None
     if texture == "uv":
         vmapping, tfaces, uv = unwrap(mesh.vertices, mesh.faces, texture_size)
         positions = np.asarray(mesh.vertices)[vmapping]
-        image = bake_texture(positions, tfaces, uv, texture_size, surface.color_fn, surface.device)
+        image = bake_texture(positions, tfaces, uv, texture_size, surface.colors)
         material = trimesh.visual.material.PBRMaterial(
-            name="threedgen", baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
+            name=MATERIAL_NAME, baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
             metallicFactor=0.0, roughnessFactor=0.8)
         textured = trimesh.Trimesh(positions * scale, tfaces, process=False,
                                    visual=trimesh.visual.TextureVisuals(uv=uv, material=material))
@@ -100,7 +101,7 @@ def _write_obj(asset: Asset, path: Path) -> list[Path]:
     text, _ = export_obj(asset.textured, include_normals=True, include_texture=True, return_texture=True,
                          mtl_name=MTL_NAME)
     # Our own MTL: white Kd (viewers multiply it with map_Kd), no specular, the image by name.
-    mtl = ("# threedgen: base colour texture, no specular\nnewmtl threedgen\nKa 1 1 1\nKd 1 1 1\n"
+    mtl = (f"# threedgen: base colour texture, no specular\nnewmtl {MATERIAL_NAME}\nKa 1 1 1\nKd 1 1 1\n"
            f"Ks 0 0 0\nNs 0\nd 1\nillum 1\nmap_Kd {TEXTURE_NAME}\n")
     texture, mtl_path = path.with_name(TEXTURE_NAME), path.with_name(MTL_NAME)
     write_image(texture, asset.image)

@@ -83,21 +83,17 @@ def rasterize_uv(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size:
 
 
 def bake_texture(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size: int,
-                 color_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu",
-                 chunk: int = 1 << 16) -> np.ndarray:
-    """A ``[size,size,3]`` uint8 base-colour image of ``color_fn`` (points ``[N,3]`` -> rgb in
-    [0,1]) over the surface, empty texels filled from their nearest baked texel (see the module
-    docstring)."""
+                 colors: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A ``[size,size,3]`` uint8 base-colour image of ``colors`` (points ``[N,3]`` -> uint8 RGB(A),
+    e.g. ``threedgen.meshing.Surface.colors``) over the surface, empty texels filled from their
+    nearest baked texel (see the module docstring)."""
     from scipy.ndimage import distance_transform_edt
 
     rows, cols, points = rasterize_uv(positions, faces, uv, size)
     if not len(rows):
         raise UserError("the texture atlas covers no texel; raise export.texture_size")
-    pts = torch.as_tensor(points, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        rgb = torch.cat([color_fn(pts[i:i + chunk]).float().cpu() for i in range(0, len(pts), chunk)])
     image = np.zeros((size, size, 3), np.uint8)
-    image[rows, cols] = (rgb.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    image[rows, cols] = colors(points)[:, :3]
     empty = np.ones((size, size), bool)
     empty[rows, cols] = False
     if empty.any():
