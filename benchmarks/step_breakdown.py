@@ -47,9 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--representation", default="nerf")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = build_config(overrides=parse_overrides(args.overrides), flags={"prompt": "a red cube"})
+    cfg = build_config(representation=args.representation, overrides=parse_overrides(args.overrides), flags={"prompt": "a red cube"})
     runs = [measure(cfg, args.steps) for _ in range(args.repeats)]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     total = sum(med.values())

@@ -116,26 +116,55 @@ def box_points(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.
     count = size.prod(-1)
     total = int(count.sum())
     owner = torch.repeat_interleave(torch.arange(len(count), device=lo.device), count, output_size=total)
-    local = torch.arange(total, device=lo.device) - (torch.cumsum(count, 0) - count)[owner]
+    local = torch.arange(total, device=lo.device) - (torch.cumsum(count, 0) - count).index_select(0, owner)
     coords = []
+    size_t, lo_t = size.T.contiguous(), lo.T.contiguous()  # per-axis rows: 1-D gathers (index_select)
     for axis in reversed(range(lo.shape[1])):
-        n = size[owner, axis]
-        coords.append(lo[owner, axis] + local % n)
+        n = size_t[axis].index_select(0, owner)
+        coords.append(lo_t[axis].index_select(0, owner) + local % n)
         local = torch.div(local, n, rounding_mode="floor")
     return owner, torch.stack(coords[::-1], -1)
 
 
 def _pairs(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int):
-    """Every (camera, Gaussian, pixel) whose pixel centre lies in the Gaussian's screen box."""
-    cam, gid = torch.nonzero((radii > 0).all(-1), as_tuple=True)
-    m = means2d.detach()[cam, gid]
-    r = radii[cam, gid].to(m.dtype)
+    """Every (camera-Gaussian row ``camera * N + gaussian``, pixel) whose pixel centre lies in the
+    Gaussian's screen box."""
+    C, N = radii.shape[:2]
+    flat = torch.nonzero((radii > 0).all(-1).reshape(-1)).flatten()  # camera * N + Gaussian
+    m = means2d.detach().reshape(-1, 2).index_select(0, flat)
+    r = radii.reshape(-1, 2).index_select(0, flat).to(m.dtype)
     # Pixel x has its centre at x + 0.5: the box [m - r, m + r] holds x in [ceil(m-r-.5), floor(m+r-.5)].
     limit = torch.tensor([width - 1, height - 1], device=m.device)
     lo = torch.ceil(m - r - 0.5).clamp_min(0).long()
     hi = torch.minimum(torch.floor(m + r - 0.5).long(), limit)
     owner, xy = box_points(lo, hi)
-    return cam[owner], gid[owner], xy[:, 1] * width + xy[:, 0]
+    flat = flat.index_select(0, owner)
+    return flat, xy[:, 1] * width + xy[:, 0]
+
+
+def _transmittance(alpha: torch.Tensor, ray: torch.Tensor, n_rays: int):
+    """Exclusive transmittance of each pair (pairs sorted by ray, then depth): a segmented
+    cumulative sum of ``log(1 - alpha)`` in float64. Returns ``(trans, log(1 - alpha))``."""
+    log1m = torch.log1p(-alpha.double())
+    csum = torch.cumsum(log1m, 0)
+    counts = torch.bincount(ray, minlength=n_rays)
+    seg_end = torch.cumsum(counts, 0)
+    seg_base = torch.cat([csum.new_zeros(1), csum])[seg_end - counts]  # sum before each ray's first pair
+    return torch.exp(csum - log1m - seg_base[ray]).to(alpha.dtype), log1m
+
+
+def _pair_alpha(means2d, conics, opacities, flat, pix, width: int, n: int):
+    """``(q, alpha)`` of each (camera-Gaussian row ``flat``, pixel ``pix``) pair, before the
+    ``MAX_ALPHA`` clamp: the Gaussian's Mahalanobis half-distance at the pixel centre and
+    ``opacity * exp(-q)``."""
+    dtype = means2d.dtype
+    px = (pix % width).to(dtype) + 0.5
+    py = torch.div(pix, width, rounding_mode="floor").to(dtype) + 0.5
+    m = means2d.reshape(-1, 2).index_select(0, flat)
+    dx, dy = m[:, 0] - px, m[:, 1] - py
+    a, b, c = conics.reshape(-1, 3).index_select(0, flat).unbind(-1)
+    q = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    return q, opacities.index_select(0, flat % n) * torch.exp(-q)
 
 
 def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
@@ -147,38 +176,36 @@ def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, wid
                                              eps2d, near_plane)
     rgb_n = sh_to_color(sh_degree, means, colors, viewmats)  # [C,N,3]
     feats = torch.cat([rgb_n, depths[..., None]], -1)  # colour + z-depth, composited alike
-    cam, gid, pix = _pairs(means2d, radii, width, height)
-    px = (pix % width).to(means.dtype) + 0.5
-    py = torch.div(pix, width, rounding_mode="floor").to(means.dtype) + 0.5
-    d = means2d[cam, gid] - torch.stack([px, py], -1)
-    a, b, c = conics[cam, gid].unbind(-1)
-    q = 0.5 * (a * d[:, 0] ** 2 + c * d[:, 1] ** 2) + b * d[:, 0] * d[:, 1]
-    alpha = torch.clamp_max(opacities[gid] * torch.exp(-q), MAX_ALPHA)
+    flat, pix = _pairs(means2d, radii, width, height)  # flat = camera * N + Gaussian
     with torch.no_grad():
+        # Which pairs count (q >= 0, alpha >= 1/255), and their order: by (image, pixel), then by
+        # depth (the Gaussians ranked by depth within each camera).
+        q, alpha = _pair_alpha(means2d.detach(), conics.detach(), opacities.detach(), flat, pix, width, N)
         keep = (q >= 0) & (alpha >= ALPHA_THRESHOLD)
-        # Sort by (image, pixel), then by depth: rank the Gaussians by depth within each camera.
         rank = torch.empty_like(depths, dtype=torch.long)
         rank.scatter_(1, torch.argsort(depths.detach(), dim=1),
                       torch.arange(N, device=means.device).expand(C, N).contiguous())
-        key = (cam * (height * width) + pix) * N + rank[cam, gid]
+        cam = torch.div(flat, N, rounding_mode="floor")
+        key = (cam * (height * width) + pix) * N + rank.reshape(-1).index_select(0, flat)
         key = torch.where(keep, key, torch.full_like(key, -1))
         order = torch.argsort(key)
-        order = order[key[order] >= 0]
-    alpha, cam, gid = alpha[order], cam[order], gid[order]
-    ray = cam * (height * width) + pix[order]
-    n_rays = C * height * width
-    # Exclusive transmittance per pair: a segmented cumulative sum of log(1 - alpha) (float64).
-    log1m = torch.log1p(-alpha.double())
-    csum = torch.cumsum(log1m, 0)
-    counts = torch.bincount(ray, minlength=n_rays)
-    seg_end = torch.cumsum(counts, 0)
-    seg_base = torch.cat([csum.new_zeros(1), csum])[seg_end - counts]  # sum before each ray's first pair
-    trans = torch.exp(csum - log1m - seg_base[ray]).to(alpha.dtype)
-    with torch.no_grad():
+        order = order[int((key < 0).sum()):]  # the dropped pairs sort first
+        flat, pix, cam = flat.index_select(0, order), pix.index_select(0, order), cam.index_select(0, order)
+        # Pairs behind the point where a ray's transmittance runs out are a suffix of that ray's
+        # pairs and never contribute: drop them before the differentiable pass.
+        ray = cam * (height * width) + pix
+        alpha = torch.clamp_max(alpha.index_select(0, order), MAX_ALPHA)
+        trans, log1m = _transmittance(alpha, ray, C * height * width)
         alive = trans * (1 - alpha) > MIN_TRANSMITTANCE
-    weight = torch.where(alive, alpha * trans, torch.zeros_like(alpha))
+        flat, pix, ray = flat[alive], pix[alive], ray[alive]
+    # The differentiable part, on the kept pairs only, already in compositing order.
+    _, alpha = _pair_alpha(means2d, conics, opacities, flat, pix, width, N)
+    alpha = torch.clamp_max(alpha, MAX_ALPHA)
+    n_rays = C * height * width
+    trans, _ = _transmittance(alpha, ray, n_rays)
+    weight = alpha * trans
     out = torch.zeros(n_rays, 4, dtype=means.dtype, device=means.device)
-    out = out.index_add(0, ray, weight[:, None] * feats[cam, gid])
+    out = out.index_add(0, ray, weight[:, None] * feats.reshape(C * N, 4).index_select(0, flat))
     acc = torch.zeros(n_rays, dtype=means.dtype, device=means.device).index_add(0, ray, weight)
     out, acc = out.view(C, height, width, 4), acc.view(C, height, width, 1)
     rgb = out[..., :3]
@@ -186,7 +213,7 @@ def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, wid
         rgb = rgb + (1.0 - acc) * backgrounds[:, None, None, :]
     depth = out[..., 3:] / acc.clamp_min(1e-10)
     info = {"means2d": means2d, "radii": radii, "depths": depths, "conics": conics, "width": width,
-            "height": height, "n_cameras": C, "gaussian_ids": None, "n_pairs": int(order.numel())}
+            "height": height, "n_cameras": C, "gaussian_ids": None, "n_pairs": int(flat.numel())}
     return rgb, acc, depth, info
 
 
