@@ -3,7 +3,11 @@
 Two paths, chosen at construction:
 - **dense** (CPU, and anywhere as the reference): stratified samples between each ray's entry and
   exit of the bounding box, ``[n_rays, n_samples]``, weights from nerfacc's
-  ``render_weight_from_density`` (runs on CPU), composited over the camera's background.
+  ``render_weight_from_density`` (runs on CPU), composited over the camera's background. With
+  ``skip_empty`` the field is evaluated only at samples inside the occupied cells of a coarse
+  occupancy grid (``EmptySpaceGrid``, updated every ``skip_every`` steps, dilated by a cell so the
+  shape can grow); elsewhere the density is zero. Same samples, same compositing: the image differs
+  from the full evaluation only by the skipped cells' opacity (below ``skip_threshold`` per cell).
 - **occgrid** (CUDA): nerfacc's ``OccGridEstimator`` skips empty space and renders packed samples;
   its sampling kernels need CUDA, so it is imported and built lazily.
 
@@ -41,6 +45,11 @@ class NeRFConfig:
     num_samples: int = 32
     render_step_size: float = 0.005
     occgrid_resolution: int = 128
+    # Empty-space skipping for the dense sampler (any device): a skip_grid^3 occupancy grid.
+    skip_empty: bool = True
+    skip_grid: int = 32
+    skip_every: int = 16
+    skip_threshold: float = 0.01  # a cell is empty below this opacity across one cell
     density_activation: str = "softplus"
     density_blob_scale: float = 10.0
     density_blob_radius: float = 0.5
@@ -62,6 +71,9 @@ class NeRFConfig:
         check_range("representation.hash_log2_table", self.hash_log2_table, 8, 24, integer=True)
         check_range("representation.render_step_size", self.render_step_size, 1e-5, 1)
         check_range("representation.occgrid_resolution", self.occgrid_resolution, 8, 512, integer=True)
+        check_range("representation.skip_grid", self.skip_grid, 4, 256, integer=True)
+        check_range("representation.skip_every", self.skip_every, 1, 1_000_000, integer=True)
+        check_range("representation.skip_threshold", self.skip_threshold, 0, 1)
         check_range("representation.density_blob_scale", self.density_blob_scale, 0, 1e4)
         check_range("representation.density_blob_radius", self.density_blob_radius, 1e-3, 100)
         check_range("representation.lr_density", self.lr_density, 0, 100)
@@ -79,6 +91,44 @@ def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[t
     far = torch.maximum(t0, t1).amin(-1)
     far = torch.maximum(far, near)
     return near, far
+
+
+class EmptySpaceGrid(torch.nn.Module):
+    """Which cells of a ``res^3`` grid over ``[-bound, bound]^3`` hold density: a cell is occupied
+    when the opacity across one cell, ``1 - exp(-sigma * cell)``, of its running maximum density
+    (decayed by ``decay`` per update, sampled at a random point of the cell in training and at its
+    centre otherwise) reaches ``threshold``; the occupied set is then dilated by one cell. Not
+    saved in checkpoints: it is rebuilt from the field on first use."""
+
+    def __init__(self, bound: float, res: int, threshold: float, decay: float = 0.95):
+        super().__init__()
+        self.bound, self.res, self.threshold, self.decay = bound, res, threshold, decay
+        self.register_buffer("value", torch.zeros(res ** 3), persistent=False)
+        self.register_buffer("occupied", torch.ones(res ** 3, dtype=torch.bool), persistent=False)
+        self.fresh = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.fresh = False  # new field values: rebuild on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def cell_index(self, points: torch.Tensor) -> torch.Tensor:
+        r = self.res
+        cell = ((points / self.bound + 1) * (0.5 * r)).long().clamp_(0, r - 1)
+        return (cell[:, 0] * r + cell[:, 1]) * r + cell[:, 2]
+
+    @torch.no_grad()
+    def update(self, density_fn, jitter: bool) -> None:
+        r = self.res
+        ax = torch.arange(r, device=self.value.device, dtype=torch.float32)
+        ijk = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+        offset = torch.rand_like(ijk) if jitter else torch.full_like(ijk, 0.5)
+        points = ((ijk + offset) / r * 2 - 1) * self.bound
+        sigma = torch.cat([density_fn(chunk) for chunk in points.split(1 << 18)])
+        self.value = torch.maximum(self.value * self.decay, sigma) if self.fresh else sigma
+        opacity = 1 - torch.exp(-self.value * (2 * self.bound / r))
+        occ = (opacity >= self.threshold).float().view(1, 1, r, r, r)
+        self.occupied = (torch.nn.functional.max_pool3d(occ, 3, stride=1, padding=1) > 0).view(-1)
+        self.fresh = True
 
 
 class NeRF(Representation):
@@ -99,6 +149,9 @@ class NeRF(Representation):
         else:
             self.field = HashGridField(cfg.bound, cfg.hash_levels, cfg.hash_log2_table, device=device)
         self.estimator = None
+        self.empty_grid = None
+        if self.sampler_kind == "dense" and cfg.skip_empty:
+            self.empty_grid = EmptySpaceGrid(cfg.bound, cfg.skip_grid, cfg.skip_threshold)
         if self.sampler_kind == "occgrid":
             import nerfacc  # CUDA kernels are built lazily by nerfacc on first use
 
@@ -147,8 +200,17 @@ class NeRF(Representation):
         t_starts = near[:, None] + span * edges[:-1]
         t_ends = near[:, None] + span * edges[1:]
         t_mid = near[:, None] + span * (edges[:-1] + u / n)
-        points = o[:, None, :] + d[:, None, :] * t_mid[..., None]
-        sigma, rgb = self.density_and_color(points.reshape(-1, 3))
+        points = (o[:, None, :] + d[:, None, :] * t_mid[..., None]).reshape(-1, 3)
+        grid = self.empty_grid
+        if grid is None:
+            sigma, rgb = self.density_and_color(points)
+        else:
+            if not grid.fresh:
+                grid.update(self.density, jitter=False)
+            keep = torch.nonzero(grid.occupied[grid.cell_index(points)]).flatten()
+            sigma_kept, rgb_kept = self.density_and_color(points.index_select(0, keep))
+            sigma = sigma_kept.new_zeros(points.shape[0]).index_copy(0, keep, sigma_kept)
+            rgb = rgb_kept.new_zeros(points.shape[0], 3).index_copy(0, keep, rgb_kept)
         weights, _, _ = render_weight_from_density(t_starts, t_ends, sigma.view(-1, n))
         color = accumulate_along_rays(weights, rgb.view(-1, n, 3))
         acc = accumulate_along_rays(weights, None)
@@ -174,6 +236,8 @@ class NeRF(Representation):
         return color, acc, depth
 
     def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
+        if self.empty_grid is not None and step % self.cfg.skip_every == 0:
+            self.empty_grid.update(self.density, jitter=True)
         if self.estimator is not None:  # pragma: no cover - CUDA only
             self.estimator.update_every_n_steps(
                 step, occ_eval_fn=lambda x: self.density(x) * self.cfg.render_step_size, occ_thre=0.01)

@@ -134,3 +134,51 @@ def test_extract_mesh_drops_small_floaters_and_rejects_bad_fields():
         nerf.field.density[0, 0, 0, 0] = float("nan")
     with pytest.raises(UserError, match="non-finite"):
         nerf.extract_mesh(32)
+
+
+def _ball_nerf(skip: bool, radius: float = 0.3) -> NeRF:
+    """A NeRF holding a dense ball of the given radius (sigma 50 inside, ~0 outside)."""
+    nerf = NeRF(NeRFConfig(bound=0.75, density_blob_scale=0.0, num_samples=48, skip_empty=skip))
+    r = nerf.cfg.density_resolution
+    ax = torch.linspace(-0.75, 0.75, r)
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")  # grid_sample's [D,H,W] = (z, y, x)
+    inside = (x ** 2 + y ** 2 + z ** 2).sqrt() < radius
+    with torch.no_grad():
+        nerf.field.density.copy_(torch.where(inside, 50.0, -30.0)[None])
+    return nerf
+
+
+def test_empty_space_skipping_renders_the_same_image_from_fewer_field_evaluations():
+    cams = _cams(2, (0.2, 0.4, 0.6))
+    images, evaluated = {}, {}
+    for skip in (False, True):
+        nerf = _ball_nerf(skip).eval()
+        calls = []
+        forward = nerf.field.forward
+        nerf.field.forward = lambda p, f=forward: (calls.append(len(p)), f(p))[1]
+        with torch.no_grad():
+            images[skip] = nerf.render(cams, 32, 32)
+        evaluated[skip] = sum(calls) - (nerf.cfg.skip_grid ** 3 if skip else 0)  # minus the grid's own build
+    assert evaluated[True] < 0.25 * evaluated[False]  # the ball fills ~6% of the box
+    torch.testing.assert_close(images[True].rgb, images[False].rgb, atol=2e-3, rtol=0)
+    torch.testing.assert_close(images[True].alpha, images[False].alpha, atol=2e-3, rtol=0)
+    assert images[True].alpha.max() > 0.99 and images[True].alpha.min() < 1e-3
+
+
+def test_empty_space_grid_marks_the_ball_dilated_and_rebuilds_after_loading():
+    nerf = _ball_nerf(True)
+    grid = nerf.empty_grid
+    grid.update(nerf.density, jitter=False)
+    res, cell = grid.res, 1.5 / grid.res
+    centres = ((torch.arange(res) + 0.5) * cell - 0.75)
+    occ = grid.occupied.view(res, res, res)
+    dist = (centres[:, None, None] ** 2 + centres[None, :, None] ** 2 + centres[None, None, :] ** 2).sqrt()
+    assert occ[dist < 0.3 - cell].all()  # inside the ball
+    assert not occ[dist > 0.3 + 2 * cell].any()  # beyond the ball plus the one-cell dilation
+    assert occ[(dist > 0.3 + 0.2 * cell) & (dist < 0.3 + 0.8 * cell)].all()  # the dilation ring
+    # Training steps refresh it every skip_every steps; loading weights marks it stale.
+    assert grid.fresh
+    nerf.load_state_dict(_ball_nerf(True, radius=0.5).state_dict())
+    assert not grid.fresh
+    nerf.eval().render(_cams(1), 8, 8)
+    assert grid.fresh and grid.occupied.view(res, res, res)[dist < 0.5 - cell].all()
