@@ -186,23 +186,26 @@ def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, wid
         rank.scatter_(1, torch.argsort(depths.detach(), dim=1),
                       torch.arange(N, device=means.device).expand(C, N).contiguous())
         cam = torch.div(flat, N, rounding_mode="floor")
+        kept = torch.nonzero(keep).flatten()
+        flat, pix, cam, alpha = (t.index_select(0, kept) for t in (flat, pix, cam, alpha))
         key = (cam * (height * width) + pix) * N + rank.reshape(-1).index_select(0, flat)
-        key = torch.where(keep, key, torch.full_like(key, -1))
         order = torch.argsort(key)
-        order = order[int((key < 0).sum()):]  # the dropped pairs sort first
         flat, pix, cam = flat.index_select(0, order), pix.index_select(0, order), cam.index_select(0, order)
         # Pairs behind the point where a ray's transmittance runs out are a suffix of that ray's
         # pairs and never contribute: drop them before the differentiable pass.
         ray = cam * (height * width) + pix
         alpha = torch.clamp_max(alpha.index_select(0, order), MAX_ALPHA)
-        trans, log1m = _transmittance(alpha, ray, C * height * width)
+        trans, _ = _transmittance(alpha, ray, C * height * width)
         alive = trans * (1 - alpha) > MIN_TRANSMITTANCE
         flat, pix, ray = flat[alive], pix[alive], ray[alive]
-    # The differentiable part, on the kept pairs only, already in compositing order.
-    _, alpha = _pair_alpha(means2d, conics, opacities, flat, pix, width, N)
-    alpha = torch.clamp_max(alpha, MAX_ALPHA)
     n_rays = C * height * width
-    trans, _ = _transmittance(alpha, ray, n_rays)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (means, quats, scales, opacities, colors)):
+        # The differentiable part, on the kept pairs only, already in compositing order.
+        _, alpha = _pair_alpha(means2d, conics, opacities, flat, pix, width, N)
+        alpha = torch.clamp_max(alpha, MAX_ALPHA)
+        trans, _ = _transmittance(alpha, ray, n_rays)
+    else:  # nothing to differentiate: the values from the pass above
+        alpha, trans = alpha[alive], trans[alive]
     weight = alpha * trans
     out = torch.zeros(n_rays, 4, dtype=means.dtype, device=means.device)
     out = out.index_add(0, ray, weight[:, None] * feats.reshape(C * N, 4).index_select(0, flat))
