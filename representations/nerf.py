@@ -82,13 +82,15 @@ class NeRFConfig:
             check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
 
 
-def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entry and exit distances of rays ``[R,3]`` through the box ``[-bound, bound]^3`` (slab
-    test); rays that miss get ``near == far``."""
+def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound, upper=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry and exit distances of rays ``[R,3]`` through the box ``[-bound, bound]^3`` (or
+    ``[bound, upper]`` given both corners) by the slab test; rays that miss get ``near == far``."""
+    lower = -bound if upper is None else bound
+    upper = bound if upper is None else upper
     inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
-    t0, t1 = (-bound - origins) * inv, (bound - origins) * inv
+    t0, t1 = (lower - origins) * inv, (upper - origins) * inv
     near = torch.minimum(t0, t1).amax(-1).clamp(min=0.0)
-    far = torch.maximum(t0, t1).amin(-1)
+    far = torch.minimum(torch.maximum(t0, t1).amin(-1), torch.full_like(near, 1e30))
     far = torch.maximum(far, near)
     return near, far
 
@@ -128,6 +130,11 @@ class EmptySpaceGrid(torch.nn.Module):
         opacity = 1 - torch.exp(-self.value * (2 * self.bound / r))
         occ = (opacity >= self.threshold).float().view(1, 1, r, r, r)
         self.occupied = (torch.nn.functional.max_pool3d(occ, 3, stride=1, padding=1) > 0).view(-1)
+        cells = torch.nonzero(self.occupied.view(r, r, r))
+        cell = 2 * self.bound / r
+        # The occupied cells' bounding box [lower; upper] (an empty box when nothing is occupied).
+        self.box = (torch.stack([cells.amin(0) * cell - self.bound, (cells.amax(0) + 1) * cell - self.bound]).float()
+                    if len(cells) else torch.zeros(2, 3, device=self.value.device))
         self.fresh = True
 
 
@@ -190,6 +197,20 @@ class NeRF(Representation):
                             depth.view(b, height, width, 1))
 
     def _render_dense(self, o: torch.Tensor, d: torch.Tensor):
+        grid = self.empty_grid
+        if grid is None:
+            return self._march_dense(o, d)
+        if not grid.fresh:
+            grid.update(self.density, jitter=False)
+        # Rays that miss every occupied cell see nothing: march only the others.
+        near, far = ray_aabb(o, d, grid.box[0], grid.box[1])
+        hit = torch.nonzero(far > near).flatten()
+        if len(hit) == len(o):
+            return self._march_dense(o, d)
+        color, acc, depth = self._march_dense(o.index_select(0, hit), d.index_select(0, hit))
+        return tuple(v.new_zeros(len(o), v.shape[1]).index_copy(0, hit, v) for v in (color, acc, depth))
+
+    def _march_dense(self, o: torch.Tensor, d: torch.Tensor):
         from nerfacc import accumulate_along_rays, render_weight_from_density
 
         n = self.cfg.num_samples
@@ -205,8 +226,6 @@ class NeRF(Representation):
         if grid is None:
             sigma, rgb = self.density_and_color(points)
         else:
-            if not grid.fresh:
-                grid.update(self.density, jitter=False)
             keep = torch.nonzero(grid.occupied[grid.cell_index(points)]).flatten()
             sigma_kept, rgb_kept = self.density_and_color(points.index_select(0, keep))
             sigma = sigma_kept.new_zeros(points.shape[0]).index_copy(0, keep, sigma_kept)

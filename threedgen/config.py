@@ -37,6 +37,15 @@ REPRESENTATIONS = ("nerf", "gaussians")
 @dataclass
 class RenderConfig:
     resolution: int = 64  # training render size (square)
+    # Progressive resolution: render at coarse_resolution (0 = off) for the first coarse_until of
+    # the run (a fraction of the steps), then at resolution. The prior resizes what it is given.
+    coarse_resolution: int = 0
+    coarse_until: float = 0.0
+
+    def size_at(self, step: int, max_steps: int) -> int:
+        if self.coarse_resolution and step < self.coarse_until * max_steps:
+            return self.coarse_resolution
+        return self.resolution
 
 
 @dataclass
@@ -323,7 +332,7 @@ INT_LIMITS = {
     "steps": (1, MAX_STEPS), "seed": (0, 2 ** 32 - 1), "checkpoint_every": (1, MAX_STEPS),
     "preview_every": (1, MAX_STEPS), "render.resolution": (8, 1024), "export.resolution": (8, 1024),
     "export.video_resolution": (16, 2048), "export.video_frames": (1, 1000), "camera.batch_size": (1, 64),
-    "export.texture_size": (64, 8192), "export.faces": (0, 10_000_000),
+    "export.texture_size": (64, 8192), "export.faces": (0, 10_000_000), "render.coarse_resolution": (0, 1024),
 }
 
 
@@ -341,6 +350,11 @@ def validate(cfg: RunConfig) -> None:
         for part in key.split("."):
             obj = getattr(obj, part)
         int_in(key, obj, lo, hi)
+    if cfg.render.coarse_resolution and cfg.render.coarse_resolution < 8:
+        raise UserError(f"render.coarse_resolution must be 0 (off) or from 8 to 1024; got {cfg.render.coarse_resolution}")
+    until = cfg.render.coarse_until
+    if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0 <= until <= 1:
+        raise UserError(f"render.coarse_until must be a fraction of the run from 0 to 1; got {until!r}")
     scale = getattr(cfg.guidance, "guidance_scale", 0.0)
     if not (math.isfinite(scale) and scale >= 0):
         raise UserError(f"guidance.guidance_scale must be a finite number >= 0; got {scale}")
