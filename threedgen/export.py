@@ -192,7 +192,10 @@ def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolut
     frames, _ = render_views(representation, orbit(ec.video_frames, ec.video_elevation, distance, fovy),
                              ec.video_resolution)
     files.append(write_turntable(frames, run_dir))
-    views, _ = render_views(representation, orbit(4, ec.video_elevation, distance, fovy), ec.video_resolution)
+    if len(frames) % 4 == 0:  # the preview's four views are turntable frames
+        views = frames[::len(frames) // 4]
+    else:
+        views, _ = render_views(representation, orbit(4, ec.video_elevation, distance, fovy), ec.video_resolution)
     (Path(run_dir) / "previews").mkdir(exist_ok=True)
     preview = Path(run_dir) / "previews" / "final.png"
     write_image(preview, np.concatenate(list(views), axis=1))

@@ -1,0 +1,186 @@
+"""GPU throughput of SDS with a full-size Stable Diffusion 2.1 base (UNet + VAE built from their
+configs with random weights: speed does not depend on the weights), fp16, at threestudio's
+DreamFusion settings (64x64 render, resized to 512x512 for the VAE, batch 1), for the NeRF and the
+Gaussians: iterations per second, peak VRAM, and the step time over the teacher-only floor (the
+same VAE encode + backward and CFG UNet call alone, timed in the same process).
+
+    python benchmarks/gpu_throughput.py [--representations nerf gaussians] [--steps 200]
+        [--repeats 3] [--write BENCHMARKS.md] [--tiny] [--device cuda] [key=value ...]
+
+The pipeline is saved to a temporary folder and loaded through the same ``from_pretrained`` path as
+a downloaded model (``--prior FOLDER``). ``--tiny`` builds the tests' tiny pipeline instead, so the
+script can be checked on a CPU (``--device cpu``); those numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+from quality import report  # noqa: E402
+
+# Stable Diffusion 2.1 base (stabilityai/stable-diffusion-2-1-base, 512x512, epsilon prediction).
+SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                 flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, act_fn="silu")
+SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=512, scaling_factor=0.18215)
+SD21_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+
+
+def build_sd21_base(folder: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """SD 2.1 base's architecture with random weights, saved in the diffusers layout."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tiny_diffusers import _scheduler_kwargs, clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id, **SD21_TEXT))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD21_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD21_UNET), scheduler=DDPMScheduler(**_scheduler_kwargs("epsilon")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False).to(dtype=dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``fn(i)``: ``steps`` calls after ``warmup``, one sync at each end."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        fn(i)
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(model: str, representation: str, device: torch.device, steps: int, warmup: int,
+            overrides: dict) -> dict:
+    from threedgen.cameras import CameraSampler
+    from threedgen.config import build_config
+    from threedgen.runner import build_components
+
+    over = {"prior": {"model": model, "local_files_only": True}, **overrides}
+    cfg = build_config("sds", representation, "stable-diffusion", overrides=over,
+                       flags={"prompt": "a hamburger", "device": str(device)})
+    torch.manual_seed(0)
+    system = build_components(cfg, device)
+    system.train()
+    prior, guidance, rep = system.prior, system.guidance, system.representation
+    opt = system.configure_optimizers()
+    sampler = CameraSampler(cfg.camera, 0)
+    size = cfg.render.resolution
+    cams = [sampler.sample(i).to(device) for i in range(warmup + steps)]
+
+    def step(i: int) -> None:
+        out = rep.render(cams[i], size, size)
+        loss = guidance(out.rgb, system.embeds, cams[i], i, cfg.steps).loss + system.regularizers(out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rep.on_step(i, cfg.steps, opt)
+
+    # The teacher-only floor: the same prior calls on a fixed image, nothing else.
+    image = torch.rand(1, 3, size, size, device=device, requires_grad=True)
+    cond, uncond = system.embeds.cond, system.embeds.uncond
+    t = torch.full((2,), 500, device=device, dtype=torch.long)
+
+    def teacher(i: int) -> None:
+        x = prior.encode_images(image)
+        with torch.no_grad():
+            x_t = torch.cat([x, x]).detach()
+            eps = prior.predict_noise(x_t, t, [cond, uncond])
+        image.grad = None
+        (x * eps[:1]).sum().backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = timed_steps(step, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    floor_s = timed_steps(teacher, steps, warmup, device)
+    return {"representation": representation, "it_s": 1.0 / step_s, "step_ms": step_s * 1000,
+            "floor_ms": floor_s * 1000, "ratio": step_s / floor_s, "peak_gib": peak,
+            "field": getattr(rep, "field_kind", getattr(rep, "backend", "")),
+            "sampler": getattr(rep, "sampler_kind", ""), "dtype": str(prior.dtype).replace("torch.", "")}
+
+
+def main(argv=None) -> str:
+    from threedgen.config import parse_overrides
+    from threedgen.runner import quiet_libraries
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--representations", nargs="+", default=["nerf", "gaussians"])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline (to check the script on a CPU)")
+    ap.add_argument("--write", default=None, help="append the table to this markdown file")
+    ap.add_argument("overrides", nargs="*", help="config overrides (key=value)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: this benchmark needs a GPU (or --tiny --device cpu to check it)")
+    quiet_libraries()
+    overrides = parse_overrides(args.overrides)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="threedgen-sd21-") as tmp:
+        if args.tiny:
+            from tiny_diffusers import build_tiny_sd
+
+            model = str(build_tiny_sd(Path(tmp) / "model"))
+        else:
+            model = str(build_sd21_base(Path(tmp) / "model"))
+        for rep in args.representations:
+            runs = [measure(model, rep, device, args.steps, args.warmup, overrides) for _ in range(args.repeats)]
+            med = {k: statistics.median(r[k] for r in runs) for k in ("it_s", "step_ms", "floor_ms", "ratio", "peak_gib")}
+            rows.append({**runs[0], **med})
+            print(rows[-1], flush=True)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    lines = [f"\n### GPU throughput, SDS at DreamFusion settings, {time.strftime('%Y-%m-%d')}\n",
+             f"Command: `python benchmarks/gpu_throughput.py{' --tiny' if args.tiny else ''} --device {args.device} "
+             f"--steps {args.steps} --repeats {args.repeats}{' ' + ' '.join(args.overrides) if args.overrides else ''}`; "
+             f"{gpu}, torch {torch.__version__}. "
+             + ("Tiny random pipeline: a check that the script runs, not a measurement. " if args.tiny else
+                "SD 2.1 base UNet + VAE from their configs, random weights. ")
+             + f"Median of {args.repeats} runs of {args.steps} steps after {args.warmup} warm-up steps; the floor is "
+               "the VAE encode (64 -> 512) + its backward and the CFG UNet call (batch 2) alone.\n",
+             "| representation | field / sampler | dtype | it/s | step ms | floor ms | step / floor | peak VRAM GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['representation']} | {r['field']}{' / ' + r['sampler'] if r['sampler'] else ''} | {r['dtype']} | "
+                     f"{r['it_s']:.1f} | {r['step_ms']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f}x | "
+                     f"{r['peak_gib']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    report(text, args.write)
+    return text
+
+
+if __name__ == "__main__":
+    main()
