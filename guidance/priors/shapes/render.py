@@ -89,28 +89,39 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("threedgen"))
 
 
-def cached_maps(shape: str, grid: ViewGrid, resolution: int, supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher maps of one shape, ``[V,H,W]`` each, rendered once and cached on disk.
-
-    The cache key covers every parameter that changes a pixel, so a stale file is never used."""
-    params = {"version": RENDER_VERSION, "shape": shape, "grid": asdict(grid), "resolution": resolution,
-              "supersample": supersample, "light": LIGHT_DIR, "ambient": AMBIENT, "diffuse": DIFFUSE}
+def disk_cached(folder: str, name: str, params: dict, compute) -> dict[str, np.ndarray]:
+    """``compute()`` (a dict of arrays), stored once as ``<cache>/<folder>/<name>-<key>.npz`` where
+    the key hashes ``params`` (every parameter that changes the result, so a stale file is never
+    used). A damaged file is computed again; files are written atomically."""
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root() / "shapes" / f"{shape}-{resolution}-{key}.npz"
+    path = cache_root() / folder / f"{name}-{key}.npz"
     if path.exists():
         try:
             with np.load(path) as data:
-                return torch.from_numpy(data["shade"].copy()), torch.from_numpy(data["alpha"].copy())
-        except Exception:  # a damaged cache file is simply rendered again
+                return {k: data[k].copy() for k in data.files}
+        except Exception:  # a damaged cache file is simply computed again
             pass
-    shade, alpha = sphere_trace(shape, grid.cameras(), resolution, resolution, supersample)
+    arrays = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
     os.close(fd)
     try:
-        np.savez(tmp, shade=shade.numpy(), alpha=alpha.numpy())
+        np.savez(tmp, **arrays)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return shade, alpha
+    return arrays
+
+
+def cached_maps(shape: str, grid: ViewGrid, resolution: int, supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher maps of one shape, ``[V,H,W]`` each, rendered once and cached on disk."""
+    params = {"version": RENDER_VERSION, "shape": shape, "grid": asdict(grid), "resolution": resolution,
+              "supersample": supersample, "light": LIGHT_DIR, "ambient": AMBIENT, "diffuse": DIFFUSE}
+
+    def render():
+        shade, alpha = sphere_trace(shape, grid.cameras(), resolution, resolution, supersample)
+        return {"shade": shade.numpy(), "alpha": alpha.numpy()}
+
+    maps = disk_cached("shapes", f"{shape}-{resolution}", params, render)
+    return torch.from_numpy(maps["shade"]), torch.from_numpy(maps["alpha"])
