@@ -43,6 +43,8 @@ def run_once(prompt: str, out: Path, extra: list[str]) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     status = json.loads((run_dir / "status.json").read_text())
     return {"prompt": prompt, "wall": wall, "train_seconds": status["train_seconds"], "steps": status["step"],
+            "export_seconds": status.get("export_seconds", float("nan")),
+            "eval_seconds": status.get("eval_seconds", float("nan")),
             "mask_iou": metrics["mask_iou"], "mask_iou_unaligned": metrics["mask_iou_unaligned"],
             "psnr": metrics["psnr"], "chamfer": metrics["chamfer"], "faces": status["mesh_faces"],
             "run_dir": str(run_dir)}
@@ -62,13 +64,17 @@ def main() -> None:
         runs = sorted((run_once(prompt, out, args.overrides) for _ in range(args.repeats)), key=lambda r: r["wall"])
         row = runs[len(runs) // 2]
         row["wall"] = statistics.median(r["wall"] for r in runs)
+        row["asset"] = statistics.median(r["wall"] - r["eval_seconds"] for r in runs)
+        row["spread"] = f"{runs[0]['wall']:.1f}-{runs[-1]['wall']:.1f}" if len(runs) > 1 else "-"
         rows.append(row)
         print(f"{prompt:<20} IoU {row['mask_iou']:.3f} PSNR {row['psnr']:.2f} chamfer {row['chamfer']:.4f} "
               f"wall {row['wall']:.1f}s", file=sys.stderr)
-    header = ("| prompt | mask IoU | IoU unaligned | PSNR (dB) | Chamfer | wall s (whole command) | train s | steps | faces |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+    header = ("| prompt | mask IoU | IoU unaligned | PSNR (dB) | Chamfer | wall s (whole command) | wall range | "
+              "s to the asset (wall - eval) | train s | export s | eval s | steps | faces |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['prompt']} | {r['mask_iou']:.3f} | {r['mask_iou_unaligned']:.3f} | {r['psnr']:.2f} | "
-             f"{r['chamfer']:.4f} | {r['wall']:.1f} | {r['train_seconds']:.1f} | {r['steps']} | {r['faces']} |" for r in rows]
+             f"{r['chamfer']:.4f} | {r['wall']:.1f} | {r['spread']} | {r['asset']:.1f} | {r['train_seconds']:.1f} | "
+             f"{r['export_seconds']:.1f} | {r['eval_seconds']:.1f} | {r['steps']} | {r['faces']} |" for r in rows]
     cmd = "python benchmarks/quality.py" + (f" --repeats {args.repeats}" if args.repeats != 1 else "") + \
           (" -- " + " ".join(args.overrides) if args.overrides else "")
     text = (f"\n### Quality, {time.strftime('%Y-%m-%d')}\n\nCommand: `{cmd}`; machine: {platform.machine()}, "

@@ -55,3 +55,40 @@ def test_many_bad_steps_in_a_row_fail_as_diverged(tmp_path):
     cfg, system, trainer = _system(tmp_path, prior, steps=50, max_bad=5)
     with pytest.raises(DivergedError, match="diverged: 5 non-finite steps"):
         trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, 0)))
+
+
+def test_progressive_resolution_renders_coarse_first_and_logs_only_on_logging_steps(tmp_path):
+    quiet_libraries()
+    items = ["render.resolution=16", "render.coarse_resolution=8", "render.coarse_until=0.5",
+             "representation.num_samples=8", "prior.shapes=[cube]"]
+    cfg = build_config(overrides=parse_overrides(items), flags={"prompt": "a red cube", "steps": 20,
+                                                                "checkpoint_every": 100, "preview_every": 1000})
+    prior = MockPrior(resolution=16)
+    rep = NeRF(cfg.representation)
+    sizes = []
+    render = rep.render
+    rep.render = lambda cams, h, w: (sizes.append((h, w)), render(cams, h, w))[1]
+    system = System(cfg, prior, rep, SDS(SDSConfig(guidance_scale=7.5), prior), prior.encode_prompt("p"))
+    logged = []
+    log_dict = system.log_dict
+    system.log_dict = lambda values, **kw: (logged.append(sorted(values)), log_dict(values, **kw))[1]
+    trainer = make_trainer(cfg, tmp_path, torch.device("cpu"), progress_bar=False)
+    trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, 0)))
+    assert sizes == [(8, 8)] * 10 + [(16, 16)] * 10
+    # log_every_n_steps is 10: the logger receives steps 10 and 20, and so does the CSV.
+    assert len(logged) == 2 and "loss" in logged[0]
+    rows = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["epoch", "grad_norm", "loss"] and len(rows) == 3
+
+
+def test_render_size_schedule_and_its_errors():
+    from threedgen.config import RenderConfig
+    from threedgen.errors import UserError
+
+    r = RenderConfig(resolution=64, coarse_resolution=32, coarse_until=0.25)
+    assert [r.size_at(s, 100) for s in (0, 24, 25, 99)] == [32, 32, 64, 64]
+    assert RenderConfig(resolution=64).size_at(0, 100) == 64
+    for item, message in (("render.coarse_resolution=4", "coarse_resolution must be 0"),
+                          ("render.coarse_until=1.5", "coarse_until must be a fraction")):
+        with pytest.raises(UserError, match=message):
+            build_config(overrides=parse_overrides([item]), flags={"prompt": "a red cube"})

@@ -138,6 +138,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         train_seconds = time.time() - started
         system.representation.eval()
         summary = export_run_outputs(system.representation, cfg, run_dir)
+        export_seconds = time.time() - started - train_seconds
         metrics = None
         if cfg.export.evaluate and system.prior.truth(cfg.prompt) is not None:
             from threedgen.evaluate import evaluate_run
@@ -152,6 +153,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         raise
     write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
                  skipped_steps=system.skipped_steps, train_seconds=round(train_seconds, 2),
+                 export_seconds=round(export_seconds, 2), eval_seconds=round(time.time() - started - train_seconds
+                                                                             - export_seconds, 2),
                  total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
                  mask_iou=None if metrics is None else metrics["mask_iou"])
     return run_dir
