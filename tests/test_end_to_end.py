@@ -134,7 +134,10 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "threedgen", "run", "--prompt", "a red cube", "--out", str(tmp_path),
                              "--no-progress", "--steps", "5000", *SMALL], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # A suite started in the background (`pytest &`) ignores SIGINT, and a
+                            # child Python would inherit that: give the run the default handler.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     status = None
     while time.time() < deadline:  # wait until training has saved a checkpoint
