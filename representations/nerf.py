@@ -49,7 +49,7 @@ class NeRFConfig:
     skip_empty: bool = True
     skip_grid: int = 32
     skip_every: int = 16
-    skip_threshold: float = 0.01  # a cell is empty below this opacity across one cell
+    skip_threshold: float = 0.001  # a cell is empty below this opacity across one cell
     density_activation: str = "softplus"
     density_blob_scale: float = 10.0
     density_blob_radius: float = 0.5
