@@ -155,7 +155,8 @@ def red_cone(request, tmp_path_factory):
 
     out = tmp_path_factory.mktemp(f"cone-{request.param}")
     steps = 150 if request.param == "nerf" else 200
-    cfg = build_config(representation=request.param, overrides=parse_overrides(SMALL),
+    # Full-resolution renders from the first step (no progressive phase), as these checks were set up.
+    cfg = build_config(representation=request.param, overrides=parse_overrides([*SMALL, "render.coarse_resolution=0"]),
                        flags={"prompt": "a red cone", "steps": steps})
     return run(cfg, out=out, progress_bar=False)
 
