@@ -129,7 +129,6 @@ def box_points(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _pairs(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int):
     """Every (camera-Gaussian row ``camera * N + gaussian``, pixel) whose pixel centre lies in the
     Gaussian's screen box."""
-    C, N = radii.shape[:2]
     flat = torch.nonzero((radii > 0).all(-1).reshape(-1)).flatten()  # camera * N + Gaussian
     m = means2d.detach().reshape(-1, 2).index_select(0, flat)
     r = radii.reshape(-1, 2).index_select(0, flat).to(m.dtype)
@@ -144,13 +143,13 @@ def _pairs(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int):
 
 def _transmittance(alpha: torch.Tensor, ray: torch.Tensor, n_rays: int):
     """Exclusive transmittance of each pair (pairs sorted by ray, then depth): a segmented
-    cumulative sum of ``log(1 - alpha)`` in float64. Returns ``(trans, log(1 - alpha))``."""
+    cumulative sum of ``log(1 - alpha)`` in float64."""
     log1m = torch.log1p(-alpha.double())
     csum = torch.cumsum(log1m, 0)
     counts = torch.bincount(ray, minlength=n_rays)
     seg_end = torch.cumsum(counts, 0)
     seg_base = torch.cat([csum.new_zeros(1), csum])[seg_end - counts]  # sum before each ray's first pair
-    return torch.exp(csum - log1m - seg_base[ray]).to(alpha.dtype), log1m
+    return torch.exp(csum - log1m - seg_base[ray]).to(alpha.dtype)
 
 
 def _pair_alpha(means2d, conics, opacities, flat, pix, width: int, n: int):
@@ -195,7 +194,7 @@ def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, wid
         # pairs and never contribute: drop them before the differentiable pass.
         ray = cam * (height * width) + pix
         alpha = torch.clamp_max(alpha.index_select(0, order), MAX_ALPHA)
-        trans, _ = _transmittance(alpha, ray, C * height * width)
+        trans = _transmittance(alpha, ray, C * height * width)
         alive = trans * (1 - alpha) > MIN_TRANSMITTANCE
         flat, pix, ray = flat[alive], pix[alive], ray[alive]
     n_rays = C * height * width
@@ -203,7 +202,7 @@ def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, wid
         # The differentiable part, on the kept pairs only, already in compositing order.
         _, alpha = _pair_alpha(means2d, conics, opacities, flat, pix, width, N)
         alpha = torch.clamp_max(alpha, MAX_ALPHA)
-        trans, _ = _transmittance(alpha, ray, n_rays)
+        trans = _transmittance(alpha, ray, n_rays)
     else:  # nothing to differentiate: the values from the pass above
         alpha, trans = alpha[alive], trans[alive]
     weight = alpha * trans
