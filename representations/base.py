@@ -39,6 +39,14 @@ class Representation(torch.nn.Module):
         is the system's optimizer: a representation that adds or removes parameters (Gaussians'
         densification) updates its groups and state there, so the system keeps owning it."""
 
+    def runtime_state(self):
+        """Training state outside the parameters that a rollback must restore with them (the
+        Gaussians' densification statistics); None when there is none."""
+        return None
+
+    def load_runtime_state(self, state) -> None:
+        """Restore what :meth:`runtime_state` returned (after the parameters were loaded)."""
+
     def export_files(self, run_dir) -> list:
         """Representation-specific files written next to the meshes (Gaussians' ``splats.ply``)."""
         return []

@@ -190,6 +190,12 @@ class Gaussians(Representation):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def runtime_state(self):
+        return self.strategy_state
+
+    def load_runtime_state(self, state) -> None:
+        self.strategy_state, self._info = state, None
+
     # ---- rendering -----------------------------------------------------------------------
     def render(self, cameras: Cameras, height: int, width: int) -> RenderOutput:
         a = self.activated()

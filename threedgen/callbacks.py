@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from threedgen.cameras import Cameras
+from threedgen.checkpoints import save_checkpoint
 from threedgen.export import render_views, write_image
 from threedgen.rundir import write_status
 
@@ -60,3 +61,28 @@ class PreviewCallback(pl.Callback):
         write_image(folder / f"step-{step:06d}.png", image)
         write_image(folder / "latest.png", image)
         write_status(self.run_dir, "running", step=step, max_steps=self.cfg.steps)
+
+
+class SafeCheckpoint(pl.Callback):
+    """Every ``every`` optimizer steps: check the parameters are finite (else the system rolls
+    back), save a verified ``last.ckpt`` (the previous one kept as ``prev.ckpt``) and let the
+    system remember this state as its last good one."""
+
+    def __init__(self, run_dir: Path, every: int):
+        self.run_dir, self.every = Path(run_dir), every
+        self._last = -1
+
+    def on_train_start(self, trainer, module):
+        self._last = trainer.global_step
+        module.remember_good_state()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every or step == self._last:
+            return
+        self._last = step
+        if not module.parameters_finite():
+            module.roll_back("parameters became non-finite")
+            return
+        save_checkpoint(trainer, self.run_dir)
+        module.remember_good_state()

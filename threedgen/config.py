@@ -58,8 +58,12 @@ class LossConfig:
 class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
-    # A run fails as diverged after this many optimizer steps in a row were skipped as non-finite.
-    max_consecutive_bad_steps: int = 50
+    # After this many steps in a row skipped as non-finite, go back to the last good checkpoint's
+    # state with every learning rate times rollback_lr_factor; more than max_rollbacks such
+    # rollbacks fail the run as diverged.
+    rollback_after: int = 10
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -333,6 +337,7 @@ INT_LIMITS = {
     "preview_every": (1, MAX_STEPS), "render.resolution": (8, 1024), "export.resolution": (8, 1024),
     "export.video_resolution": (16, 2048), "export.video_frames": (1, 1000), "camera.batch_size": (1, 64),
     "export.texture_size": (64, 8192), "export.faces": (0, 10_000_000), "render.coarse_resolution": (0, 1024),
+    "optimizer.rollback_after": (1, 100_000), "optimizer.max_rollbacks": (0, 100),
 }
 
 
@@ -379,6 +384,7 @@ def validate(cfg: RunConfig) -> None:
     if 0 < cfg.export.faces < 100:
         raise UserError(f"export.faces must be 0 (no decimation) or at least 100; got {cfg.export.faces}")
     check_range("export.scale", cfg.export.scale, 1e-6, 1e6)
+    check_range("optimizer.rollback_lr_factor", cfg.optimizer.rollback_lr_factor, 1e-6, 1)
     if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
 

@@ -7,6 +7,7 @@ and previews, and scores the result when the prior knows the truth.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
@@ -17,7 +18,8 @@ from typing import Optional
 import torch
 
 from threedgen.config import RunConfig, load_run_config, to_yaml
-from threedgen.errors import UserError
+from threedgen.checkpoints import CorruptCheckpoint, choose_checkpoint, read_checkpoint, save_checkpoint
+from threedgen.errors import RunFailed, UserError
 from threedgen.rundir import atomic_write_text, check_writable, new_run_dir, write_status
 
 CONFIG_NAME = "config.yaml"
@@ -67,22 +69,18 @@ def build_components(cfg: RunConfig, device: torch.device, prior=None):
 
 def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_bar: bool = True, callbacks=()):
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from threedgen.callbacks import PreviewCallback, StepProgressBar
+    from threedgen.callbacks import PreviewCallback, SafeCheckpoint, StepProgressBar
 
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step:06d}",
-                                 auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every,
-                                 save_last=True, save_top_k=1)
     if progress_bar:
         callbacks = [*callbacks, StepProgressBar(cfg.prompt)]
     return pl.Trainer(
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         logger=CSVLogger(run_dir, name="logs", version=""), log_every_n_steps=10,
-        callbacks=[checkpoint, PreviewCallback(run_dir, cfg), *callbacks],
-        enable_progress_bar=progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=run_dir, max_epochs=-1)
+        callbacks=[SafeCheckpoint(run_dir, cfg.checkpoint_every), PreviewCallback(run_dir, cfg), *callbacks],
+        enable_checkpointing=False, enable_progress_bar=progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
 
 
 def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,
@@ -91,7 +89,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     import pytorch_lightning as pl
 
     from threedgen.export import export_run_outputs
-    from threedgen.system import CameraDataModule
+    from threedgen.system import CameraDataModule, DivergedError
     from threedgen.cameras import CameraSampler
 
     quiet_libraries()
@@ -102,9 +100,9 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         if not config_file.is_file():
             raise UserError(f"{str(run_dir)!r} is not a threedgen run folder (no {CONFIG_NAME})")
         cfg = load_run_config(config_file, flags={"steps": steps} if steps is not None else None)
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if last.is_file() else None
         check_writable(run_dir)
+        chosen = choose_checkpoint(run_dir, warn=lambda msg: print_err(f"threedgen: warning: {msg}"))
+        ckpt_path = str(chosen) if chosen is not None else None
     assert cfg is not None
     device = resolve_device(cfg.device)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -118,14 +116,15 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     system = build_components(cfg, device)
     if resume is None:
         run_dir = new_run_dir(Path(out), cfg.prompt)
-    atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
-    write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps)
     started = time.time()
     trainer = None
     try:
+        atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
+        write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps)
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
         try:
-            trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path)
+            trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path,
+                        weights_only=True)
         except SystemExit:
             # Lightning turns Ctrl-C into a graceful stop and sys.exit(1), leaving SIGINT ignored.
             if not trainer.interrupted:
@@ -134,7 +133,9 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
 
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        if not system.parameters_finite():
+            raise DivergedError("diverged: the trained parameters are not finite; nothing was exported")
+        save_checkpoint(trainer, run_dir)
         train_seconds = time.time() - started
         system.representation.eval()
         summary = export_run_outputs(system.representation, cfg, run_dir)
@@ -144,43 +145,83 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             from threedgen.evaluate import evaluate_run
 
             metrics = evaluate_run(run_dir, system=system)
+        write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
+                     skipped_steps=system.skipped_steps, train_seconds=round(train_seconds, 2),
+                     export_seconds=round(export_seconds, 2), eval_seconds=round(time.time() - started - train_seconds
+                                                                                 - export_seconds, 2),
+                     rollbacks=system.rollbacks, total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
+                     mask_iou=None if metrics is None else metrics["mask_iou"])
     except KeyboardInterrupt:
-        write_status(run_dir, "interrupted", max_steps=cfg.steps,
-                     step=int(trainer.global_step) if trainer is not None else None)
+        _try_status(run_dir, "interrupted", max_steps=cfg.steps,
+                    step=int(trainer.global_step) if trainer is not None else None)
         raise
     except BaseException as exc:
-        write_status(run_dir, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        failure = as_run_failure(exc, run_dir, cfg)
+        message = str(failure or exc).splitlines()[0] if str(failure or exc) else type(exc).__name__
+        _try_status(run_dir, "failed", error=message,
+                    step=int(trainer.global_step) if trainer is not None else None)
+        if failure is not None:
+            raise failure from exc
         raise
-    write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
-                 skipped_steps=system.skipped_steps, train_seconds=round(train_seconds, 2),
-                 export_seconds=round(export_seconds, 2), eval_seconds=round(time.time() - started - train_seconds
-                                                                             - export_seconds, 2),
-                 total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
-                 mask_iou=None if metrics is None else metrics["mask_iou"])
     return run_dir
 
 
+def _try_status(run_dir: Path, status: str, **extra) -> None:
+    """Record the outcome where the folder still takes it (it may be the thing that failed)."""
+    try:
+        write_status(run_dir, status, **extra)
+    except OSError:
+        pass
+
+
+NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def as_run_failure(exc: BaseException, run_dir: Path, cfg: RunConfig) -> Optional[RunFailed]:
+    """A one-line RunFailed for faults of the machine (disk full, folder gone or read-only, out of
+    memory), saying what to do; None for anything else (raised as it is)."""
+    text = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, RuntimeError) and (
+            "out of memory" in text or "can't allocate memory" in text):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return RunFailed(f"out of memory at render.resolution={cfg.render.resolution} with camera.batch_size="
+                         f"{cfg.camera.batch_size}; lower those (or representation.num_samples for a NeRF, "
+                         f"representation.max_gaussians for Gaussians) and resume with: threedgen run --resume {run_dir}")
+    if isinstance(exc, OSError):
+        where = exc.filename or run_dir
+        if exc.errno in NO_SPACE:
+            return RunFailed(f"disk full writing {where}; free space, then continue with: threedgen run --resume "
+                             f"{run_dir} (the last checkpoint and earlier outputs are intact)")
+        if not Path(run_dir).is_dir():
+            return RunFailed(f"the run folder {run_dir} was deleted while the run wrote to it")
+        return RunFailed(f"cannot write {where} ({exc.strerror or exc}); check the folder's permissions and space, "
+                         f"then continue with: threedgen run --resume {run_dir}")
+    return None
+
+
 def open_run(run_dir: str | Path):
-    """(cfg, run_dir, last checkpoint) of a run folder, or a one-line UserError."""
+    """(cfg, run_dir, checkpoint) of a run folder (the last checkpoint, else the one before it),
+    or a one-line UserError."""
     run_dir = Path(run_dir).expanduser().resolve()
     config_file = run_dir / CONFIG_NAME
     if not config_file.is_file():
         raise UserError(f"{str(run_dir)!r} is not a threedgen run folder (no {CONFIG_NAME})")
     cfg = load_run_config(config_file)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
+    ckpt = choose_checkpoint(run_dir, warn=lambda msg: print_err(f"threedgen: warning: {msg}"))
+    if ckpt is None:
         raise UserError(f"run {str(run_dir)!r} has no checkpoint yet (checkpoints/last.ckpt)")
     return cfg, run_dir, ckpt
 
 
-def _load_state(module: torch.nn.Module, ckpt: Path, device, prefix: str = "") -> None:
+def _load_state(module: torch.nn.Module, ckpt: Path, run_dir: Path, device, prefix: str = "") -> None:
     try:
-        state = torch.load(ckpt, map_location=device, weights_only=True)["state_dict"]
+        state = read_checkpoint(ckpt, run_dir, map_location=device)["state_dict"]
         if prefix:
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(state)
-    except Exception as exc:
-        raise UserError(f"checkpoint {str(ckpt)!r} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    except (CorruptCheckpoint, RuntimeError, KeyError) as exc:
+        raise UserError(f"checkpoint {str(ckpt)!r} cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
 
 
 def load_trained(run_dir: str | Path, device: str | None = None):
@@ -189,7 +230,7 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     cfg, run_dir, ckpt = open_run(run_dir)
     dev = resolve_device(device or cfg.device)
     system = build_components(cfg, dev)
-    _load_state(system, ckpt, dev)
+    _load_state(system, ckpt, run_dir, dev)
     system.eval()
     return cfg, system, run_dir
 
@@ -203,7 +244,7 @@ def load_representation(run_dir: str | Path, device: str | None = None):
     cfg, run_dir, ckpt = open_run(run_dir)
     dev = resolve_device(device or cfg.device)
     representation = REPRESENTATION_CLASSES[cfg.representation.name][1](cfg.representation, dev)
-    _load_state(representation, ckpt, dev, prefix="representation.")
+    _load_state(representation, ckpt, run_dir, dev, prefix="representation.")
     representation.eval()
     return cfg, representation, run_dir
 

@@ -4,9 +4,17 @@
 regularisers -> step. Optimisation is manual so that a non-finite loss or gradient skips the step
 instead of reaching the parameters; ``global_step`` therefore counts optimizer steps taken
 (skipped steps are counted separately and logged).
+
+Divergence: after ``optimizer.rollback_after`` skipped steps in a row the system goes back to its
+last good state (the one its last verified checkpoint holds: parameters, optimizer moments,
+densification state) and scales every learning rate by ``optimizer.rollback_lr_factor``; a run
+that needs more than ``optimizer.max_rollbacks`` rollbacks fails as diverged.
 """
 
 from __future__ import annotations
+
+import copy
+import sys
 
 import pytorch_lightning as pl
 import torch
@@ -47,7 +55,10 @@ class System(pl.LightningModule):
         self.embeds = embeds
         self.automatic_optimization = False
         self.skipped_steps = 0
+        self.rollbacks = 0
+        self.lr_scale = 1.0  # product of the rollbacks' learning-rate factors
         self._bad_in_a_row = 0
+        self._good = None
 
     def configure_optimizers(self):
         groups = self.representation.parameter_groups() + self.guidance.extra_parameters()
@@ -71,13 +82,13 @@ class System(pl.LightningModule):
         else:
             self.skipped_steps += 1
             self._bad_in_a_row += 1
-            if self._bad_in_a_row >= self.cfg.optimizer.max_consecutive_bad_steps:
-                raise DivergedError(f"diverged: {self._bad_in_a_row} non-finite steps in a row at step {step}; "
-                                    "try a lower learning rate or guidance scale")
+            if self._bad_in_a_row >= self.cfg.optimizer.rollback_after:
+                self.roll_back(f"{self._bad_in_a_row} non-finite steps in a row at step {step}")
         if not self._log_now():
             return loss.detach()
         self.log_dict({"loss": guided.loss.detach(), "grad_norm": guided.grad_norm,
-                       "t": guided.t.float().mean(), "skipped": float(self.skipped_steps)},
+                       "t": guided.t.float().mean(), "skipped": float(self.skipped_steps),
+                       "rollbacks": float(self.rollbacks)},
                       prog_bar=True, on_step=True, batch_size=len(cameras))
         extras = {k: float(v) for k, v in guided.extras.items() if isinstance(v, (int, float)) or
                   (isinstance(v, torch.Tensor) and v.numel() == 1)}
@@ -112,8 +123,54 @@ class System(pl.LightningModule):
             ok = ok & torch.stack([torch.isfinite(g).all() for g in grads]).all()
         return bool(ok)
 
+    def parameters_finite(self) -> bool:
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.parameters()]).all())
+
+    # ---- divergence: the last good state and rolling back to it ----------------------------
+    def _torch_optimizer(self):
+        opt = self.optimizers()
+        return getattr(opt, "optimizer", opt)
+
+    def remember_good_state(self) -> None:
+        """Keep (on the CPU) what the last verified checkpoint holds, for :meth:`roll_back`."""
+        self._good = {
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()},
+            "optimizer": copy.deepcopy(self._torch_optimizer().state_dict()),
+            "runtime": copy.deepcopy(self.representation.runtime_state()),
+            "lr_scale": self.lr_scale,
+        }
+
+    def roll_back(self, reason: str) -> None:
+        opt_cfg = self.cfg.optimizer
+        if self.rollbacks >= opt_cfg.max_rollbacks or self._good is None:
+            raise DivergedError(f"diverged: {reason}, after {self.rollbacks} rollback(s) to the last good "
+                                "checkpoint with lower learning rates; try a lower guidance.guidance_scale or "
+                                "learning rate")
+        self.rollbacks += 1
+        self._bad_in_a_row = 0
+        good = self._good
+        self.load_state_dict({k: v.to(self.device) for k, v in good["model"].items()})
+        self.representation.load_runtime_state(copy.deepcopy(good["runtime"]))
+        opt = self._torch_optimizer()
+        # Loading may have replaced parameters (Gaussians change in number): point the groups at them.
+        fresh = self.representation.parameter_groups() + self.guidance.extra_parameters()
+        for group, new in zip(opt.param_groups, fresh):
+            group["params"] = list(new["params"])
+        opt.state.clear()
+        opt.load_state_dict(copy.deepcopy(good["optimizer"]))
+        self.lr_scale *= opt_cfg.rollback_lr_factor
+        for group in opt.param_groups:
+            group["lr"] *= self.lr_scale / good["lr_scale"]
+        print(f"threedgen: {reason}; rolled back to the last good checkpoint with learning rates x{self.lr_scale:g} "
+              f"(rollback {self.rollbacks} of at most {opt_cfg.max_rollbacks})", flush=True,
+              file=sys.stderr)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps}
+        checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+                                   "lr_scale": self.lr_scale}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_steps = int(checkpoint.get("threedgen", {}).get("skipped_steps", 0))
+        state = checkpoint.get("threedgen", {})
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
