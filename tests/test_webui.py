@@ -194,6 +194,24 @@ def test_cancel_a_running_job_keeps_its_checkpoints(server):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
 
 
+def test_a_closed_tab_leaves_the_job_running(server):
+    """The page's connection is not the job: a client that submits and goes away (a closed tab)
+    leaves the job running; a new client (the page reopened) finds it and its result."""
+    from gradio_client import Client
+
+    ui, client, port = server
+    tab = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    (job_id,) = tab.predict("a red torus", "", "sds", "nerf", "shapes", 30, "0", "", api_name="/submit")["jobs"]
+    wait_for(lambda: tab.predict(job_id, api_name="/status")["status"] == "running", 240)
+    getattr(tab, "close", lambda: None)()
+    reopened = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    listed = reopened.predict(api_name="/jobs")
+    assert job_id in json.dumps(listed)
+    st = wait_for(lambda: (s := reopened.predict(job_id, api_name="/status"))["status"] in ("succeeded", "failed") and s,
+                  300)
+    assert st["status"] == "succeeded" and st["step"] == 30 and "glb" in st["files"], st
+
+
 # ---- a server killed mid-job ------------------------------------------------------------------
 
 def _start_server(root: Path, port: int) -> subprocess.Popen:

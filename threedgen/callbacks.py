@@ -71,6 +71,7 @@ class SafeCheckpoint(pl.Callback):
     def __init__(self, run_dir: Path, every: int):
         self.run_dir, self.every = Path(run_dir), every
         self._last = -1
+        self.saved_step = None  # the step of the last checkpoint this callback saved
 
     def on_train_start(self, trainer, module):
         self._last = trainer.global_step
@@ -85,4 +86,5 @@ class SafeCheckpoint(pl.Callback):
             module.roll_back("parameters became non-finite")
             return
         save_checkpoint(trainer, self.run_dir)
+        self.saved_step = step
         module.remember_good_state()

@@ -14,8 +14,7 @@ checkpoint that fails to load is set aside as ``*.corrupt`` and the previous one
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -50,8 +49,7 @@ def read_checkpoint(path: Path, run_dir: Path, map_location="cpu") -> dict:
         raise CorruptCheckpoint(f"{path.name} is empty")
     try:
         ckpt = torch.load(real, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError,
-            AttributeError, TypeError, OSError) as exc:
+    except Exception as exc:  # weights_only: no code ran; random bytes fail in many ways (IndexError too)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CorruptCheckpoint(f"{path.name} cannot be read ({type(exc).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
@@ -73,7 +71,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 
 def choose_checkpoint(run_dir: Path, warn: Callable[[str], None] = lambda msg: None) -> Optional[Path]:
     """The checkpoint to resume from: ``last.ckpt``, else (said through ``warn``) ``prev.ckpt``;
-    None when the run never saved one; UserError when every checkpoint it has is unusable.
+    None when the run never saved one; UserError when every checkpoint it has (or had) is unusable.
     A checkpoint found unusable is renamed ``*.corrupt`` so that later saves do not rotate it in."""
     remove_stale_temporaries(run_dir)
     reasons = []
@@ -89,8 +87,12 @@ def choose_checkpoint(run_dir: Path, warn: Callable[[str], None] = lambda msg: N
         if reasons:
             warn(f"{'; '.join(reasons)}; using {path.name} (step {step}) instead")
         return path
+    folder = Path(run_dir) / FOLDER
+    if not reasons:  # a later look at a run whose damaged checkpoints were set aside before
+        reasons = [f"{p.name} was set aside earlier as unusable" for p in sorted(folder.glob("*.corrupt"))]
     if reasons:
-        raise UserError(f"no usable checkpoint in {str(Path(run_dir) / FOLDER)!r}: {'; '.join(reasons)}")
+        raise UserError(f"no usable checkpoint in {str(folder)!r}: {'; '.join(reasons)}; remove that folder to "
+                        "start the run again from step 0")
     return None
 
 
@@ -107,9 +109,12 @@ def save_checkpoint(trainer, run_dir: Path) -> Path:
     last, prev = checkpoint_paths(run_dir)
     last.parent.mkdir(exist_ok=True)
     with atomic_path(last) as tmp:
-        trainer.save_checkpoint(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            trainer.save_checkpoint(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError as exc:  # name the checkpoint, not its temporary file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(last)) from exc
         try:
             step = read_checkpoint(tmp, run_dir)["global_step"]
         except CorruptCheckpoint as exc:
@@ -117,5 +122,14 @@ def save_checkpoint(trainer, run_dir: Path) -> Path:
         if step != trainer.global_step:
             raise OSError(f"the checkpoint just written holds step {step}, not {trainer.global_step}")
         if last.is_file():
-            os.replace(last, prev)
+            _keep_as(last, prev)  # last.ckpt stays in place until the new one replaces it
     return last
+
+
+def _keep_as(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(src, tmp)

@@ -242,6 +242,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RunFailed as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # disk full, a folder deleted or read-only while writing (export, eval)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"threedgen: error: cannot write{where}: {exc.strerror or exc}; earlier files are intact",
+              file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt as exc:
         print(f"threedgen: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130

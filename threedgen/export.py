@@ -4,6 +4,7 @@ images."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,9 @@ def write_image(path: Path, rgb: np.ndarray) -> None:
         Image.fromarray(rgb).save(tmp, format="PNG")
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
     """mp4 through imageio-ffmpeg; a GIF when no encoder is available."""
     import imageio.v2 as imageio
@@ -170,11 +174,13 @@ def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
                     writer.append_data(frame)
         return path
     except Exception as exc:  # no ffmpeg: fall back to GIF
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            raise  # the disk, not the encoder: a GIF would fail the same way
         print(f"threedgen: mp4 encoder unavailable ({exc}); writing turntable.gif", file=sys.stderr)
-        path = Path(run_dir) / "turntable.gif"
-        with atomic_path(path) as tmp:
-            imageio.mimsave(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)  # ms per frame
-        return path
+    path = Path(run_dir) / "turntable.gif"
+    with atomic_path(path) as tmp:
+        imageio.mimsave(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)  # ms per frame
+    return path
 
 
 def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolution=None, texture=None,

@@ -88,6 +88,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     """Train, export and (where the prior has a truth) evaluate. Returns the run folder."""
     import pytorch_lightning as pl
 
+    from threedgen.callbacks import SafeCheckpoint
     from threedgen.export import export_run_outputs
     from threedgen.system import CameraDataModule, DivergedError
     from threedgen.cameras import CameraSampler
@@ -135,7 +136,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
         if not system.parameters_finite():
             raise DivergedError("diverged: the trained parameters are not finite; nothing was exported")
-        save_checkpoint(trainer, run_dir)
+        if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
+            save_checkpoint(trainer, run_dir)
         train_seconds = time.time() - started
         system.representation.eval()
         summary = export_run_outputs(system.representation, cfg, run_dir)

@@ -26,7 +26,8 @@ from threedgen.cameras import CameraSampler, Cameras, CameraStream
 class CameraDataModule(pl.LightningDataModule):
     """Random training cameras drawn from ``(seed, batch number)``; the stream restarts at the
     trainer's step, so a resumed run sees the cameras an uninterrupted run would have (exactly so
-    when no step was skipped as non-finite; the timestep and noise draws are not replayed)."""
+    when no step was skipped as non-finite). The checkpoint carries the global RNG state, so the
+    timestep and noise draws continue as well."""
 
     def __init__(self, sampler: CameraSampler):
         super().__init__()
@@ -167,10 +168,18 @@ class System(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
-                                   "lr_scale": self.lr_scale}
+                                   "lr_scale": self.lr_scale, "rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            checkpoint["threedgen"]["cuda_rng"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("threedgen", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        # The timestep and noise draws continue where the saved run was (the cameras restart at
+        # the saved step by themselves).
+        if isinstance(state.get("rng"), torch.Tensor):
+            torch.set_rng_state(state["rng"].cpu())
+        if isinstance(state.get("cuda_rng"), torch.Tensor) and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)

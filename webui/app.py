@@ -138,7 +138,7 @@ class WebUI:
     def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
         jobs = validate(self.settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
                         resolution)
-        return [self.store.submit(params, params["steps"]) for params in jobs]
+        return self.store.submit_many([(params, params["steps"]) for params in jobs])
 
     def status(self, job_id) -> dict:
         job = self.store.get(check_job_id(job_id))

@@ -75,6 +75,13 @@ class Job:
         return max(self.max_steps - self.step, 0) * self.step_time
 
 
+DOUBLE_SUBMIT_S = 5.0  # an identical submission this soon after the first is the same request
+
+
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
 def check_job_id(job_id) -> str:
     if not isinstance(job_id, str) or not JOB_ID.match(job_id):
         raise UserError("unknown job id (a job id is 12 hexadecimal characters)")
@@ -120,14 +127,32 @@ class JobStore:
 
     # ---- submitting and reading ------------------------------------------------------------
     def submit(self, params: dict, max_steps: int) -> str:
-        job_id = uuid.uuid4().hex[:12]
+        return self.submit_many([(params, max_steps)])[0]
+
+    def submit_many(self, jobs: list[tuple[dict, int]]) -> list[str]:
+        """Queue ``(params, max_steps)`` jobs in one transaction: all of them or, when the queue
+        cannot take them all, none (a clear "queue full"). The same parameters submitted again
+        within ``DOUBLE_SUBMIT_S`` seconds while that job is still queued or running (a double
+        click) return that job instead of a second one."""
+        now = time.time()
         with self._transaction() as db:
+            recent = {_key(json.loads(row["params"])): row["id"] for row in db.execute(
+                "SELECT id, params FROM jobs WHERE created > ? AND status IN ('queued', 'running')",
+                (now - DOUBLE_SUBMIT_S,))}
+            new = [(params, steps) for params, steps in jobs if _key(params) not in recent]
             queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-            if queued >= self.max_queued:
-                raise UserError(f"the queue is full ({queued} jobs waiting); try again when some have finished")
-            db.execute("INSERT INTO jobs (id, params, status, max_steps, created) VALUES (?, ?, 'queued', ?, ?)",
-                       (job_id, json.dumps(params), int(max_steps), time.time()))
-        return job_id
+            if new and queued + len(new) > self.max_queued:
+                raise UserError(f"the queue is full ({queued} jobs waiting, at most {self.max_queued}; this request "
+                                f"adds {len(new)}); try again when some have finished")
+            ids = []
+            for params, steps in jobs:
+                key = _key(params)
+                if key not in recent:
+                    recent[key] = uuid.uuid4().hex[:12]
+                    db.execute("INSERT INTO jobs (id, params, status, max_steps, created) VALUES (?, ?, 'queued', ?, ?)",
+                               (recent[key], json.dumps(params), int(steps), now))
+                ids.append(recent[key])
+        return ids
 
     def get(self, job_id: str) -> Job:
         check_job_id(job_id)
