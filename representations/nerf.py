@@ -99,19 +99,28 @@ class EmptySpaceGrid(torch.nn.Module):
     """Which cells of a ``res^3`` grid over ``[-bound, bound]^3`` hold density: a cell is occupied
     when the opacity across one cell, ``1 - exp(-sigma * cell)``, of its running maximum density
     (decayed by ``decay`` per update, sampled at a random point of the cell in training and at its
-    centre otherwise) reaches ``threshold``; the occupied set is then dilated by one cell. Not
-    saved in checkpoints: it is rebuilt from the field on first use."""
+    centre otherwise) reaches ``threshold``; the occupied set is then dilated by one cell. The
+    running maximum is saved in checkpoints, so a resumed run skips the cells the uninterrupted run
+    would have; a checkpoint without it (older ones) rebuilds the grid from the field on first use."""
 
     def __init__(self, bound: float, res: int, threshold: float, decay: float = 0.95):
         super().__init__()
         self.bound, self.res, self.threshold, self.decay = bound, res, threshold, decay
-        self.register_buffer("value", torch.zeros(res ** 3), persistent=False)
+        self.register_buffer("value", torch.zeros(res ** 3))
+        self.register_buffer("built", torch.zeros((), dtype=torch.bool))
         self.register_buffer("occupied", torch.ones(res ** 3, dtype=torch.bool), persistent=False)
         self.fresh = False
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.fresh = False  # new field values: rebuild on next use
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = prefix + "value" in state_dict and prefix + "built" in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if saved and bool(self.built):
+            self._derive()
+        else:  # nothing saved: rebuild from the field on next use
+            missing_keys[:] = [k for k in missing_keys if k not in (prefix + "value", prefix + "built")]
+            self.fresh = False
 
     def cell_index(self, points: torch.Tensor) -> torch.Tensor:
         r = self.res
@@ -127,6 +136,12 @@ class EmptySpaceGrid(torch.nn.Module):
         points = ((ijk + offset) / r * 2 - 1) * self.bound
         sigma = torch.cat([density_fn(chunk) for chunk in points.split(1 << 18)])
         self.value = torch.maximum(self.value * self.decay, sigma) if self.fresh else sigma
+        self.built.fill_(True)
+        self._derive()
+
+    def _derive(self) -> None:
+        """The occupied cells and their bounding box, from ``value``."""
+        r = self.res
         opacity = 1 - torch.exp(-self.value * (2 * self.bound / r))
         occ = (opacity >= self.threshold).float().view(1, 1, r, r, r)
         self.occupied = (torch.nn.functional.max_pool3d(occ, 3, stride=1, padding=1) > 0).view(-1)

@@ -216,3 +216,38 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path):
     assert err.strip().splitlines()[-1].startswith("threedgen: interrupted; continue with: threedgen run --resume ")
     state = json.loads(status.read_text())
     assert state["status"] == "interrupted" and 0 < state["step"] < 5000
+
+
+@pytest.mark.parametrize("representation, extra", [
+    ("nerf", []),
+    ("gaussians", ["representation.densify_every=3", "representation.densify_start=0.0",
+                   "representation.densify_stop=0.9", "representation.num_points=300"]),
+])
+def test_resume_from_a_checkpoint_replays_the_run_exactly(representation, extra, tmp_path):
+    """A run resumed from its step-10 checkpoint ends with the very parameters of the run that was
+    never stopped: cameras, timestep and noise draws, Adam moments, the NeRF's occupancy grid and
+    the Gaussians' densification statistics all continue where they were."""
+    from threedgen.config import build_config, parse_overrides
+    from threedgen.runner import run
+
+    items = ["prior.shapes=[cube,torus]", "render.resolution=16", "render.coarse_resolution=0",
+             "export.resolution=32", "export.video_frames=4", "export.video_resolution=32", "export.texture=vertex",
+             "export.evaluate=false", "checkpoint_every=10", "preview_every=5", *extra]
+    cfg = build_config("sds", representation, overrides=parse_overrides(items),
+                       flags={"prompt": "a red cube", "steps": 20})
+    straight = run(cfg, out=tmp_path / "a", progress_bar=False)
+    final = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 20
+    # The same run as if killed after step 10: its last checkpoint is the step-10 one.
+    killed = tmp_path / "b" / straight.name
+    import shutil
+
+    shutil.copytree(straight, killed)
+    (killed / "checkpoints" / "prev.ckpt").replace(killed / "checkpoints" / "last.ckpt")
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    run(resume=killed, progress_bar=False)
+    resumed = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 20
+    assert final["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in final["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key

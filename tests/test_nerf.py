@@ -165,7 +165,7 @@ def test_empty_space_skipping_renders_the_same_image_from_fewer_field_evaluation
     assert images[True].alpha.max() > 0.99 and images[True].alpha.min() < 1e-3
 
 
-def test_empty_space_grid_marks_the_ball_dilated_and_rebuilds_after_loading():
+def test_empty_space_grid_marks_the_ball_dilated_and_travels_in_the_state_dict():
     nerf = _ball_nerf(True)
     grid = nerf.empty_grid
     grid.update(nerf.density, jitter=False)
@@ -182,3 +182,13 @@ def test_empty_space_grid_marks_the_ball_dilated_and_rebuilds_after_loading():
     assert not grid.fresh
     nerf.eval().render(_cams(1), 8, 8)
     assert grid.fresh and grid.occupied.view(res, res, res)[dist < 0.5 - cell].all()
+    # A built grid travels in the state dict (a resumed run skips what the stopped run skipped) ...
+    other = _ball_nerf(True)
+    other.load_state_dict(nerf.state_dict())
+    assert other.empty_grid.fresh and torch.equal(other.empty_grid.occupied, grid.occupied)
+    assert torch.equal(other.empty_grid.box, grid.box)
+    # ... and a state dict from before it was saved (no grid keys) still loads, then rebuilds.
+    old = {k: v for k, v in nerf.state_dict().items() if not k.startswith("empty_grid.")}
+    assert len(old) == len(nerf.state_dict()) - 2
+    other.load_state_dict(old)
+    assert not other.empty_grid.fresh

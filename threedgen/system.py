@@ -168,8 +168,9 @@ class System(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
-                                   "lr_scale": self.lr_scale, "rng": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
+                                   "lr_scale": self.lr_scale, "runtime": self.representation.runtime_state(),
+                                   "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
             checkpoint["threedgen"]["cuda_rng"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -177,9 +178,17 @@ class System(pl.LightningModule):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        if state.get("runtime") is not None:
+            self.representation.load_runtime_state(state["runtime"])
         # The timestep and noise draws continue where the saved run was (the cameras restart at
-        # the saved step by themselves).
-        if isinstance(state.get("rng"), torch.Tensor):
-            torch.set_rng_state(state["rng"].cpu())
-        if isinstance(state.get("cuda_rng"), torch.Tensor) and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        # the saved step by themselves). Applied at the first step: starting the data loader
+        # draws from the global RNG once, which the uninterrupted run did before its first step.
+        self._resume_rng = (state.get("rng"), state.get("cuda_rng"))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        rng, cuda_rng = getattr(self, "_resume_rng", (None, None))
+        self._resume_rng = (None, None)
+        if isinstance(rng, torch.Tensor):
+            torch.set_rng_state(rng.cpu())
+        if isinstance(cuda_rng, torch.Tensor) and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng.cpu(), self.device)
