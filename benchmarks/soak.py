@@ -69,9 +69,12 @@ def soak(representation: str, steps: int, every: int, overrides: dict) -> dict:
     start = steps * (cfg.representation.densify_stop if representation == "gaussians" else 0.1)
     window = s[s[:, 0] >= start]
     slope = np.polyfit(window[:, 0], window[:, 2], 1)[0] * 1000 if len(window) > 2 else float("nan")
+    fifth = max(1, len(window) // 5)  # medians of the window's first and last fifths: steadier than two samples
+    first, last = float(np.median(window[:fifth, 2])), float(np.median(window[-fifth:, 2]))
     return {"representation": representation, "steps": steps, "seconds": float(s[-1, 1]),
             "rss_start": float(window[0, 2]), "rss_end": float(s[-1, 2]), "rss_max": float(s[:, 2].max()),
             "growth": float(window[-1, 2] - window[0, 2]), "slope": float(slope), "from_step": int(window[0, 0]),
+            "first_fifth": first, "last_fifth": last,
             "vram_end": float(s[-1, 3]), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "trace": [(int(a), round(float(c), 1)) for a, _, c, _ in s[:: max(1, len(s) // 8)]]}
 
@@ -99,12 +102,13 @@ def main() -> None:
              "the other in one process (the second starts on the first's heap). RSS sampled every "
              f"{args.every} steps by a Lightning callback (SDS, shapes prior, \"a red cube\").\n",
              "| representation | steps | train s | RSS at window start MiB (step) | RSS at end MiB | max MiB | "
-             "growth over window MiB | slope MiB / 1000 steps | RSS trace (step, MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "growth over window MiB | median first → last fifth MiB | slope MiB / 1000 steps | RSS trace (step, MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         trace = ", ".join(f"{a}: {b:.0f}" for a, b in r["trace"])
         lines.append(f"| {r['representation']} | {r['steps']} | {r['seconds']:.0f} | {r['rss_start']:.0f} ({r['from_step']}) | "
-                     f"{r['rss_end']:.0f} | {r['rss_max']:.0f} | {r['growth']:+.1f} | {r['slope']:+.2f} | {trace} |")
+                     f"{r['rss_end']:.0f} | {r['rss_max']:.0f} | {r['growth']:+.1f} | {r['first_fifth']:.0f} → "
+                     f"{r['last_fifth']:.0f} ({r['last_fifth'] - r['first_fifth']:+.1f}) | {r['slope']:+.2f} | {trace} |")
     report("\n".join(lines) + "\n", args.write)
 
 

@@ -182,10 +182,12 @@ def test_sigkill_at_a_random_step_then_resume_scores_like_an_uninterrupted_run(r
     straight = json.loads((red_cube / "metrics.json").read_text())
     print(f"killed at step {killed_step} (asked {kill_at}); IoU uninterrupted {straight['mask_iou']:.4f}, "
           f"resumed {resumed['mask_iou']:.4f}; chamfer {straight['chamfer']:.4f} / {resumed['chamfer']:.4f}")
+    # Resume replays the run (test_resume_from_a_checkpoint_replays_the_run_exactly): the scores
+    # agree to within float noise, not merely to within seed-to-seed spread.
     assert resumed["mask_iou"] >= 0.85
-    assert abs(resumed["mask_iou"] - straight["mask_iou"]) <= 0.03
-    assert abs(resumed["psnr"] - straight["psnr"]) <= 1.5
-    assert resumed["chamfer"] <= straight["chamfer"] + 0.01
+    assert abs(resumed["mask_iou"] - straight["mask_iou"]) <= 0.005
+    assert abs(resumed["psnr"] - straight["psnr"]) <= 0.2
+    assert abs(resumed["chamfer"] - straight["chamfer"]) <= 0.002
 
 
 def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path):
