@@ -79,7 +79,8 @@ def main() -> None:
             m = json.loads((run_dir / "metrics.json").read_text())
             rows.append({"target": target, "reached": reached, "ckpt": ckpt, "m": m, "killed_s": killed_s,
                          "resumed_s": resumed_s})
-            print(rows[-1], flush=True)
+            print({k: v for k, v in rows[-1].items() if k != "m"}, {k: m[k] for k in ("mask_iou", "psnr", "chamfer")},
+                  flush=True)
     lines = [f"\n### Kill and resume, {time.strftime('%Y-%m-%d')}\n",
              f"Command: `python benchmarks/kill_resume.py --kills {args.kills} --steps {args.steps}"
              f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`; `threedgen run {' '.join(base)}` "

@@ -379,6 +379,7 @@ def fault_divergence(tmp_path, monkeypatch, **_):
     run_dir = tiny_run(tmp_path / "a", steps=16, extra=["checkpoint_every=6", "optimizer.rollback_after=5"])
     st = status_of(run_dir)
     assert st["status"] == "succeeded" and st["rollbacks"] == 1 and st["skipped_steps"] == 5
+    assert st["rolled_back_steps"] == 2  # steps 7 and 8, taken after the step-6 checkpoint
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     from threedgen.representations.nerf import NeRF
 
@@ -455,20 +456,25 @@ def fault_corrupt_checkpoint(tmp_path, capsys, finished_run, **_):
     kinds = ("empty", "truncated", "random bytes", "pickle carrying code", "symlink out of the run folder")
     for kind in kinds:
         run_dir = copy_run(finished_run, tmp_path / kind.replace(" ", "-"))
-        _corrupt(run_dir / "checkpoints" / "last.ckpt", kind)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        _corrupt(last, kind)
+        damaged = last.read_bytes()
         code, out, err = cli(capsys, ["export", run_dir, "--format", "ply"])
         assert code == 0, (kind, err)
         assert "threedgen: warning: last.ckpt" in err and "using prev.ckpt (step 6) instead" in err, (kind, err)
-        assert (run_dir / "checkpoints" / "last.ckpt.corrupt").exists() or kind.startswith("symlink")
+        assert last.read_bytes() == damaged  # export may run beside a live run: it changes no checkpoint
         assert not EVIL_MARKER.exists(), "a checkpoint's pickle ran code"
     # Resume falls back the same way and finishes from step 6.
     from threedgen.runner import run
 
     run_dir = copy_run(finished_run, tmp_path / "resume")
     _corrupt(run_dir / "checkpoints" / "last.ckpt", "pickle carrying code")
+    (run_dir / "checkpoints" / ".last-killed.ckpt").write_bytes(b"half a save")  # a killed save's leftover
     run(resume=run_dir, steps=14, progress_bar=False)
     assert status_of(run_dir)["status"] == "succeeded" and status_of(run_dir)["step"] == 14
     assert not EVIL_MARKER.exists()
+    # Resuming (the folder's only writer) set the damaged file aside and removed the leftover.
+    assert (run_dir / "checkpoints" / "last.ckpt.corrupt").is_file() and no_temporaries(run_dir)
     capsys.readouterr()
     # Both unusable: a clear error, nothing executed.
     run_dir = copy_run(finished_run, tmp_path / "both")
@@ -477,7 +483,9 @@ def fault_corrupt_checkpoint(tmp_path, capsys, finished_run, **_):
     line = cli_error(capsys, ["export", run_dir])
     assert "no usable checkpoint" in line and "last.ckpt cannot be read" in line and "prev.ckpt" in line
     line = cli_error(capsys, ["run", "--resume", run_dir])
-    assert "no usable checkpoint" in line
+    assert "no usable checkpoint" in line and "last.ckpt cannot be read" in line and "prev.ckpt" in line
+    line = cli_error(capsys, ["run", "--resume", run_dir])  # and again, once both were set aside
+    assert "no usable checkpoint" in line and "last.ckpt.corrupt was set aside earlier" in line
     assert not EVIL_MARKER.exists()
 
 
@@ -582,7 +590,7 @@ def fault_out_of_memory(tmp_path, monkeypatch, **_):
     with monkeypatch.context() as m:
         m.setattr(NeRF, "render", oom)
         with pytest.raises(RunFailed, match=r"out of memory at render.resolution=16 with camera.batch_size=1; lower "
-                                            r"those .* and resume with: threedgen run --resume"):
+                                            r"those .* in .*config.yaml, then continue with: threedgen run --resume"):
             tiny_run(tmp_path / "a")
     assert status_of(only_run_dir(tmp_path / "a"))["status"] == "failed"
     run_dir = tiny_run(tmp_path / "b")  # the next job in the same process runs normally

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from threedgen.cameras import Cameras
 from threedgen.checkpoints import save_checkpoint
@@ -82,9 +84,19 @@ class SafeCheckpoint(pl.Callback):
         if step % self.every or step == self._last:
             return
         self._last = step
-        if not module.parameters_finite():
+        if not module.state_finite():
             module.roll_back("parameters became non-finite")
             return
         save_checkpoint(trainer, self.run_dir)
         self.saved_step = step
         module.remember_good_state()
+
+
+class RunFolderCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint straight to the path it is given (``save_checkpoint``'s temporary file
+    beside ``last.ckpt``). Lightning's own writer stages it in the system temp folder first, where
+    a killed save would leave a checkpoint-sized file and a full /tmp would fail the run."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with open(path, "wb") as fh:
+            torch.save(checkpoint, fh)

@@ -49,7 +49,9 @@ def read_checkpoint(path: Path, run_dir: Path, map_location="cpu") -> dict:
         raise CorruptCheckpoint(f"{path.name} is empty")
     try:
         ckpt = torch.load(real, map_location=map_location, weights_only=True)
-    except Exception as exc:  # weights_only: no code ran; random bytes fail in many ways (IndexError too)
+    except (OSError, MemoryError):
+        raise  # the disk or the machine, not the file: never set a checkpoint aside for that
+    except Exception as exc:  # weights_only: no code ran; damaged bytes fail in many ways (IndexError too)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CorruptCheckpoint(f"{path.name} cannot be read ({type(exc).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
@@ -69,11 +71,15 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def choose_checkpoint(run_dir: Path, warn: Callable[[str], None] = lambda msg: None) -> Optional[Path]:
-    """The checkpoint to resume from: ``last.ckpt``, else (said through ``warn``) ``prev.ckpt``;
-    None when the run never saved one; UserError when every checkpoint it has (or had) is unusable.
-    A checkpoint found unusable is renamed ``*.corrupt`` so that later saves do not rotate it in."""
-    remove_stale_temporaries(run_dir)
+def choose_checkpoint(run_dir: Path, warn: Callable[[str], None] = lambda msg: None,
+                      repair: bool = False) -> Optional[Path]:
+    """The checkpoint to load: ``last.ckpt``, else (said through ``warn``) ``prev.ckpt``; None when
+    the run never saved one; UserError when every checkpoint it has (or had) is unusable.
+    ``repair`` (resuming, the only writer of the folder then) removes temporary files a killed
+    save left and renames an unusable checkpoint ``*.corrupt`` so that later saves do not rotate
+    it in; without it (export, eval, which may run beside a live run) nothing is changed."""
+    if repair:
+        remove_stale_temporaries(run_dir)
     reasons = []
     for path in checkpoint_paths(run_dir):
         if not path.exists() and not path.is_symlink():
@@ -82,7 +88,8 @@ def choose_checkpoint(run_dir: Path, warn: Callable[[str], None] = lambda msg: N
             step = read_checkpoint(path, run_dir)["global_step"]
         except CorruptCheckpoint as exc:
             reasons.append(str(exc))
-            set_aside(path)
+            if repair:
+                set_aside(path)
             continue
         if reasons:
             warn(f"{'; '.join(reasons)}; using {path.name} (step {step}) instead")
@@ -110,7 +117,7 @@ def save_checkpoint(trainer, run_dir: Path) -> Path:
     last.parent.mkdir(exist_ok=True)
     with atomic_path(last) as tmp:
         try:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp)  # straight into tmp: threedgen.callbacks.RunFolderCheckpointIO
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         except OSError as exc:  # name the checkpoint, not its temporary file
@@ -123,7 +130,21 @@ def save_checkpoint(trainer, run_dir: Path) -> Path:
             raise OSError(f"the checkpoint just written holds step {step}, not {trainer.global_step}")
         if last.is_file():
             _keep_as(last, prev)  # last.ckpt stays in place until the new one replaces it
+    _fsync_dir(last.parent)  # the renames survive a power cut too
     return last
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _keep_as(src: Path, dst: Path) -> None:

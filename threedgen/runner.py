@@ -71,7 +71,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
-    from threedgen.callbacks import PreviewCallback, SafeCheckpoint, StepProgressBar
+    from threedgen.callbacks import PreviewCallback, RunFolderCheckpointIO, SafeCheckpoint, StepProgressBar
 
     if progress_bar:
         callbacks = [*callbacks, StepProgressBar(cfg.prompt)]
@@ -79,7 +79,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         logger=CSVLogger(run_dir, name="logs", version=""), log_every_n_steps=10,
         callbacks=[SafeCheckpoint(run_dir, cfg.checkpoint_every), PreviewCallback(run_dir, cfg), *callbacks],
-        enable_checkpointing=False, enable_progress_bar=progress_bar, enable_model_summary=False,
+        plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
 
 
@@ -102,7 +102,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             raise UserError(f"{str(run_dir)!r} is not a threedgen run folder (no {CONFIG_NAME})")
         cfg = load_run_config(config_file, flags={"steps": steps} if steps is not None else None)
         check_writable(run_dir)
-        chosen = choose_checkpoint(run_dir, warn=lambda msg: print_err(f"threedgen: warning: {msg}"))
+        chosen = choose_checkpoint(run_dir, warn=lambda msg: print_err(f"threedgen: warning: {msg}"), repair=True)
         ckpt_path = str(chosen) if chosen is not None else None
     assert cfg is not None
     device = resolve_device(cfg.device)
@@ -114,7 +114,13 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         check_writable(Path(out))
     if note:
         print_err(f"threedgen: {note}")
-    system = build_components(cfg, device)
+    try:
+        system = build_components(cfg, device)
+    except RuntimeError as exc:
+        failure = out_of_memory(exc, cfg, None)
+        if failure is None:
+            raise
+        raise failure from exc
     if resume is None:
         run_dir = new_run_dir(Path(out), cfg.prompt)
     started = time.time()
@@ -134,7 +140,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
 
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
-        if not system.parameters_finite():
+        if not system.state_finite():
             raise DivergedError("diverged: the trained parameters are not finite; nothing was exported")
         if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
             save_checkpoint(trainer, run_dir)
@@ -151,7 +157,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
                      skipped_steps=system.skipped_steps, train_seconds=round(train_seconds, 2),
                      export_seconds=round(export_seconds, 2), eval_seconds=round(time.time() - started - train_seconds
                                                                                  - export_seconds, 2),
-                     rollbacks=system.rollbacks, total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
+                     rollbacks=system.rollbacks, rolled_back_steps=system.rolled_back_steps, total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
                      mask_iou=None if metrics is None else metrics["mask_iou"])
     except KeyboardInterrupt:
         _try_status(run_dir, "interrupted", max_steps=cfg.steps,
@@ -179,17 +185,29 @@ def _try_status(run_dir: Path, status: str, **extra) -> None:
 NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+def out_of_memory(exc: BaseException, cfg: RunConfig, run_dir: Optional[Path]) -> Optional[RunFailed]:
+    """A one-line RunFailed with what to lower, for an out-of-memory error; None otherwise."""
+    text = str(exc).lower()
+    if not (isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, RuntimeError) and (
+            "out of memory" in text or "can't allocate memory" in text)):
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if run_dir is None:
+        return RunFailed(f"out of memory building the prior and the representation on {cfg.device}; free memory "
+                         "(other jobs), use a smaller model, or run with --device cpu")
+    return RunFailed(f"out of memory at render.resolution={cfg.render.resolution} with camera.batch_size="
+                     f"{cfg.camera.batch_size}; lower those (or representation.num_samples for a NeRF, "
+                     f"representation.max_gaussians for Gaussians) in {run_dir / CONFIG_NAME}, then continue with: "
+                     f"threedgen run --resume {run_dir}")
+
+
 def as_run_failure(exc: BaseException, run_dir: Path, cfg: RunConfig) -> Optional[RunFailed]:
     """A one-line RunFailed for faults of the machine (disk full, folder gone or read-only, out of
     memory), saying what to do; None for anything else (raised as it is)."""
-    text = str(exc).lower()
-    if isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, RuntimeError) and (
-            "out of memory" in text or "can't allocate memory" in text):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return RunFailed(f"out of memory at render.resolution={cfg.render.resolution} with camera.batch_size="
-                         f"{cfg.camera.batch_size}; lower those (or representation.num_samples for a NeRF, "
-                         f"representation.max_gaussians for Gaussians) and resume with: threedgen run --resume {run_dir}")
+    oom = out_of_memory(exc, cfg, run_dir)
+    if oom is not None:
+        return oom
     if isinstance(exc, OSError):
         where = exc.filename or run_dir
         if exc.errno in NO_SPACE:
@@ -223,6 +241,8 @@ def _load_state(module: torch.nn.Module, ckpt: Path, run_dir: Path, device, pref
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(state)
     except (CorruptCheckpoint, RuntimeError, KeyError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
         raise UserError(f"checkpoint {str(ckpt)!r} cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
 
 

@@ -45,6 +45,17 @@ class DivergedError(RunFailed):
     pass
 
 
+def _cpu_copy(value):
+    """``value`` (nested dicts and lists of tensors) with every tensor copied to the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
 class System(pl.LightningModule):
     def __init__(self, cfg, prior, representation, guidance, embeds):
         super().__init__()
@@ -58,6 +69,7 @@ class System(pl.LightningModule):
         self.skipped_steps = 0
         self.rollbacks = 0
         self.lr_scale = 1.0  # product of the rollbacks' learning-rate factors
+        self.rolled_back_steps = 0  # optimizer steps undone by rollbacks (they still count toward steps)
         self._bad_in_a_row = 0
         self._good = None
 
@@ -124,8 +136,10 @@ class System(pl.LightningModule):
             ok = ok & torch.stack([torch.isfinite(g).all() for g in grads]).all()
         return bool(ok)
 
-    def parameters_finite(self) -> bool:
-        return bool(torch.stack([torch.isfinite(p).all() for p in self.parameters()]).all())
+    def state_finite(self) -> bool:
+        """Every floating tensor a checkpoint would hold (parameters and buffers) is finite."""
+        values = [v for v in self.state_dict().values() if torch.is_tensor(v) and v.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
 
     # ---- divergence: the last good state and rolling back to it ----------------------------
     def _torch_optimizer(self):
@@ -135,10 +149,10 @@ class System(pl.LightningModule):
     def remember_good_state(self) -> None:
         """Keep (on the CPU) what the last verified checkpoint holds, for :meth:`roll_back`."""
         self._good = {
-            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()},
-            "optimizer": copy.deepcopy(self._torch_optimizer().state_dict()),
+            "model": _cpu_copy(self.state_dict()),
+            "optimizer": _cpu_copy(self._torch_optimizer().state_dict()),  # loading moves it back
             "runtime": copy.deepcopy(self.representation.runtime_state()),
-            "lr_scale": self.lr_scale,
+            "lr_scale": self.lr_scale, "step": self.global_step,
         }
 
     def roll_back(self, reason: str) -> None:
@@ -150,6 +164,7 @@ class System(pl.LightningModule):
         self.rollbacks += 1
         self._bad_in_a_row = 0
         good = self._good
+        self.rolled_back_steps += self.global_step - good["step"]
         self.load_state_dict({k: v.to(self.device) for k, v in good["model"].items()})
         self.representation.load_runtime_state(copy.deepcopy(good["runtime"]))
         opt = self._torch_optimizer()
@@ -163,12 +178,14 @@ class System(pl.LightningModule):
         for group in opt.param_groups:
             group["lr"] *= self.lr_scale / good["lr_scale"]
         print(f"threedgen: {reason}; rolled back to the last good checkpoint with learning rates x{self.lr_scale:g} "
-              f"(rollback {self.rollbacks} of at most {opt_cfg.max_rollbacks})", flush=True,
+              f"(rollback {self.rollbacks} of at most {opt_cfg.max_rollbacks}; steps {good['step']}-{self.global_step} "
+              "undone)", flush=True,
               file=sys.stderr)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
-                                   "lr_scale": self.lr_scale, "runtime": self.representation.runtime_state(),
+                                   "lr_scale": self.lr_scale, "rolled_back_steps": self.rolled_back_steps,
+                                   "runtime": self.representation.runtime_state(),
                                    "rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             checkpoint["threedgen"]["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -178,6 +195,7 @@ class System(pl.LightningModule):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rolled_back_steps = int(state.get("rolled_back_steps", 0))
         if state.get("runtime") is not None:
             self.representation.load_runtime_state(state["runtime"])
         # The timestep and noise draws continue where the saved run was (the cameras restart at

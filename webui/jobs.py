@@ -139,7 +139,7 @@ class JobStore:
             recent = {_key(json.loads(row["params"])): row["id"] for row in db.execute(
                 "SELECT id, params FROM jobs WHERE created > ? AND status IN ('queued', 'running')",
                 (now - DOUBLE_SUBMIT_S,))}
-            new = [(params, steps) for params, steps in jobs if _key(params) not in recent]
+            new = {_key(params) for params, _ in jobs} - set(recent)
             queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
             if new and queued + len(new) > self.max_queued:
                 raise UserError(f"the queue is full ({queued} jobs waiting, at most {self.max_queued}; this request "
