@@ -49,3 +49,14 @@ def test_gpu_throughput_builds_the_full_size_sd21_architecture():
     assert n_unet == pytest.approx(865.9e6, rel=0.002)
     assert n_vae == pytest.approx(83.65e6, rel=0.002)
     assert re.search(r"2\.1", gpu.__doc__)
+
+
+def test_soak_samples_rss_over_the_real_training_loop():
+    soak = _load("soak")
+    from threedgen.config import parse_overrides
+
+    items = ["prior.shapes=[cube]", "render.resolution=16", "render.coarse_resolution=0", "checkpoint_every=20"]
+    row = soak.soak("nerf", 40, 10, parse_overrides(items))
+    assert row["steps"] == 40 and [s for s, _ in row["trace"]][:2] == [10, 20]
+    assert 50 < row["rss_start"] < 20000 and row["rss_max"] >= row["rss_end"] > 50
+    assert row["first_fifth"] > 50 and row["last_fifth"] > 50 and row["from_step"] == 10
