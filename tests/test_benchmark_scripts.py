@@ -60,3 +60,4 @@ def test_soak_samples_rss_over_the_real_training_loop():
     assert row["steps"] == 40 and [s for s, _ in row["trace"]][:2] == [10, 20]
     assert 50 < row["rss_start"] < 20000 and row["rss_max"] >= row["rss_end"] > 50
     assert row["first_fifth"] > 50 and row["last_fifth"] > 50 and row["from_step"] == 10
+    assert [s for s, _ in row["samples"]] == [10, 20, 30, 40] and row["max_second_half"] > 50
