@@ -66,8 +66,8 @@ class PreviewCallback(pl.Callback):
 
 
 class SafeCheckpoint(pl.Callback):
-    """Every ``every`` optimizer steps: check the parameters are finite (else the system rolls
-    back), save a verified ``last.ckpt`` (the previous one kept as ``prev.ckpt``) and let the
+    """Every ``every`` optimizer steps: check the parameters and buffers are finite (else the
+    system rolls back), save a verified ``last.ckpt`` (the previous one kept as ``prev.ckpt``) and let the
     system remember this state as its last good one."""
 
     def __init__(self, run_dir: Path, every: int):

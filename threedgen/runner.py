@@ -79,8 +79,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
         logger=CSVLogger(run_dir, name="logs", version=""), log_every_n_steps=10,
         callbacks=[SafeCheckpoint(run_dir, cfg.checkpoint_every), PreviewCallback(run_dir, cfg), *callbacks],
-        plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
+        plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
 
 
 def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,
@@ -153,11 +153,12 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             from threedgen.evaluate import evaluate_run
 
             metrics = evaluate_run(run_dir, system=system)
+        eval_seconds = time.time() - started - train_seconds - export_seconds
         write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
-                     skipped_steps=system.skipped_steps, train_seconds=round(train_seconds, 2),
-                     export_seconds=round(export_seconds, 2), eval_seconds=round(time.time() - started - train_seconds
-                                                                                 - export_seconds, 2),
-                     rollbacks=system.rollbacks, rolled_back_steps=system.rolled_back_steps, total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
+                     skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
+                     rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2),
+                     export_seconds=round(export_seconds, 2), eval_seconds=round(eval_seconds, 2),
+                     total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
                      mask_iou=None if metrics is None else metrics["mask_iou"])
     except KeyboardInterrupt:
         _try_status(run_dir, "interrupted", max_steps=cfg.steps,

@@ -72,6 +72,7 @@ class System(pl.LightningModule):
         self.rolled_back_steps = 0  # optimizer steps undone by rollbacks (they still count toward steps)
         self._bad_in_a_row = 0
         self._good = None
+        self._resume_rng = (None, None)  # RNG states of a loaded checkpoint, applied at the first step
 
     def configure_optimizers(self):
         groups = self.representation.parameter_groups() + self.guidance.extra_parameters()
@@ -179,8 +180,7 @@ class System(pl.LightningModule):
             group["lr"] *= self.lr_scale / good["lr_scale"]
         print(f"threedgen: {reason}; rolled back to the last good checkpoint with learning rates x{self.lr_scale:g} "
               f"(rollback {self.rollbacks} of at most {opt_cfg.max_rollbacks}; steps {good['step']}-{self.global_step} "
-              "undone)", flush=True,
-              file=sys.stderr)
+              "undone)", file=sys.stderr, flush=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
@@ -204,7 +204,7 @@ class System(pl.LightningModule):
         self._resume_rng = (state.get("rng"), state.get("cuda_rng"))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        rng, cuda_rng = getattr(self, "_resume_rng", (None, None))
+        rng, cuda_rng = self._resume_rng
         self._resume_rng = (None, None)
         if isinstance(rng, torch.Tensor):
             torch.set_rng_state(rng.cpu())
