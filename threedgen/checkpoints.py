@@ -117,7 +117,7 @@ def save_checkpoint(trainer, run_dir: Path) -> Path:
     last.parent.mkdir(exist_ok=True)
     with atomic_path(last) as tmp:
         try:
-            trainer.save_checkpoint(tmp)  # straight into tmp: threedgen.callbacks.RunFolderCheckpointIO
+            trainer.save_checkpoint(tmp, weights_only=False)  # all state; RunFolderCheckpointIO writes it here
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         except OSError as exc:  # name the checkpoint, not its temporary file
