@@ -98,5 +98,7 @@ class RunFolderCheckpointIO(TorchCheckpointIO):
     a killed save would leave a checkpoint-sized file and a full /tmp would fail the run."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        with open(path, "wb") as fh:
-            torch.save(checkpoint, fh)
+        # A path, not a Python file object: torch's C++ writer then owns the file, and a Ctrl-C
+        # arriving mid-write is raised after it (through a Python file object it breaks the zip
+        # writer with a RuntimeError instead of stopping the run as an interrupt).
+        torch.save(checkpoint, str(path))
