@@ -337,12 +337,17 @@ INPUT = {
 }
 
 
+def _check_row(fn, request, **kwargs):
+    """Run a row's check with the module fixtures it names among its arguments."""
+    for name in ("nasty_run", "finished_run"):
+        if name in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
+            kwargs[name] = request.getfixturevalue(name)
+    fn(**kwargs)
+
+
 @pytest.mark.parametrize("row", INPUT)
 def test_input(row, tmp_path, capsys, request):
-    kwargs = {"tmp_path": tmp_path, "capsys": capsys}
-    if "nasty_run" in INPUT[row].__code__.co_varnames[:INPUT[row].__code__.co_argcount]:
-        kwargs["nasty_run"] = request.getfixturevalue("nasty_run")
-    INPUT[row](**kwargs)
+    _check_row(INPUT[row], request, tmp_path=tmp_path, capsys=capsys)
 
 
 # ==== Faults ==================================================================================
@@ -627,11 +632,7 @@ FAULTS = {
 
 @pytest.mark.parametrize("row", FAULTS)
 def test_fault(row, tmp_path, capsys, monkeypatch, request):
-    fn = FAULTS[row]
-    kwargs = {"tmp_path": tmp_path, "capsys": capsys, "monkeypatch": monkeypatch}
-    if "finished_run" in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
-        kwargs["finished_run"] = request.getfixturevalue("finished_run")
-    fn(**kwargs)
+    _check_row(FAULTS[row], request, tmp_path=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
 
 
 # ==== the table and the tests, side by side ===================================================

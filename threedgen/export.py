@@ -4,7 +4,6 @@ images."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from threedgen.cameras import Cameras, orbit
 from threedgen.errors import UserError
-from threedgen.rundir import atomic_path, atomic_write_text
+from threedgen.rundir import DISK_ERRORS, atomic_path, atomic_write_text
 
 MESH_FORMATS = ("glb", "obj", "ply")
 TEXTURE_MODES = ("uv", "vertex")
@@ -156,9 +155,6 @@ def write_image(path: Path, rgb: np.ndarray) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
-
-
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:

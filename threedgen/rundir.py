@@ -7,6 +7,7 @@ Files are written to a temporary name in the same folder and renamed into place.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from threedgen.errors import UserError
+
+
+# errno values of a write that failed for want of space, and of one the disk itself refused.
+NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+DISK_ERRORS = NO_SPACE | {errno.EROFS, errno.EIO}
 
 
 def slugify(text: str, max_len: int = 40) -> str:

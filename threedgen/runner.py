@@ -7,7 +7,6 @@ and previews, and scores the result when the prior knows the truth.
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 from threedgen.config import RunConfig, load_run_config, to_yaml
 from threedgen.checkpoints import CorruptCheckpoint, choose_checkpoint, read_checkpoint, save_checkpoint
 from threedgen.errors import RunFailed, UserError
-from threedgen.rundir import atomic_write_text, check_writable, new_run_dir, write_status
+from threedgen.rundir import NO_SPACE, atomic_write_text, check_writable, new_run_dir, write_status
 
 CONFIG_NAME = "config.yaml"
 
@@ -181,9 +180,6 @@ def _try_status(run_dir: Path, status: str, **extra) -> None:
         write_status(run_dir, status, **extra)
     except OSError:
         pass
-
-
-NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def out_of_memory(exc: BaseException, cfg: RunConfig, run_dir: Optional[Path]) -> Optional[RunFailed]:
