@@ -39,6 +39,11 @@ class Representation(torch.nn.Module):
         is the system's optimizer: a representation that adds or removes parameters (Gaussians'
         densification) updates its groups and state there, so the system keeps owning it."""
 
+    def backends(self) -> dict:
+        """Which implementations render it (rasteriser, sampler, field) and any fallback from a
+        CUDA kernel that did not load, for ``status.json``."""
+        return {}
+
     def runtime_state(self):
         """Training state outside the parameters that a rollback must restore with them (the
         Gaussians' densification statistics); None when there is none."""

@@ -13,9 +13,12 @@ Every field maps world points ``[P,3]`` (inside ``[-bound, bound]^3``) to a raw 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
+
+from threedgen.errors import UserError
 
 
 def _sample_grid(grid: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -88,24 +91,49 @@ class HashEncoding(torch.nn.Module):
 
 
 class HashGridField(torch.nn.Module):
+    """Hash encoding + a one-hidden-layer MLP -> (raw density, RGB).
+
+    ``backend``: ``tcnn`` (tiny-cuda-nn's fused ``Encoding`` and ``Network``, CUDA only), ``torch``
+    (``HashEncoding`` and ``torch.nn`` layers, any device), or ``auto`` (tcnn on CUDA when it
+    imports, else torch, saying why on stderr). The two keep different checkpoint keys, so a run
+    records the one it used (``representation.hash_backend``) and is resumed or exported with it."""
+
     def __init__(self, bound: float, n_levels: int = 16, log2_table: int = 19, hidden: int = 64,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", backend: str = "auto"):
         super().__init__()
         self.bound = bound
         self.tcnn = None
-        if torch.device(device).type == "cuda":
+        self.backend = "torch"
+        cuda = torch.device(device).type == "cuda"
+        if backend == "tcnn" and not cuda:
+            raise UserError("representation.hash_backend=tcnn needs CUDA (tiny-cuda-nn); use hash_backend=torch")
+        if backend in ("auto", "tcnn") and cuda:
+            error = None
             try:  # optional, CUDA only; imported lazily
                 import tinycudann as tcnn
 
-                self.tcnn = tcnn.NetworkWithInputEncoding(
-                    3, 4,
-                    {"otype": "HashGrid", "n_levels": n_levels, "n_features_per_level": 2,
-                     "log2_hashmap_size": log2_table, "base_resolution": 16,
-                     "per_level_scale": math.exp(math.log(2048 / 16) / (n_levels - 1))},
+                per_level_scale = math.exp(math.log(2048 / 16) / max(n_levels - 1, 1))
+                # Two modules, so that the hash table and the MLP take their own learning rates.
+                self.tcnn = torch.nn.ModuleDict({
+                    "encoding": tcnn.Encoding(3, {"otype": "HashGrid", "n_levels": n_levels,
+                                                  "n_features_per_level": 2, "log2_hashmap_size": log2_table,
+                                                  "base_resolution": 16, "per_level_scale": per_level_scale}),
+                })
+                self.tcnn["network"] = tcnn.Network(
+                    self.tcnn["encoding"].n_output_dims, 4,
                     {"otype": "FullyFusedMLP", "activation": "ReLU", "output_activation": "None",
                      "n_neurons": hidden, "n_hidden_layers": 1})
-            except Exception:  # not installed or not built for this GPU: the PyTorch path below
+                self.backend = "tcnn"
+            except Exception as exc:  # not installed, or not built for this GPU
                 self.tcnn = None
+                error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            if self.tcnn is None:
+                if backend == "tcnn":
+                    raise UserError(f"representation.hash_backend=tcnn: tiny-cuda-nn is unavailable ({error}); "
+                                    "install it for this GPU, or use hash_backend=torch (a run trained with "
+                                    "one cannot be resumed or exported with the other)")
+                print(f"threedgen: tiny-cuda-nn is unavailable ({error}); using the PyTorch hash grid (slower)",
+                      file=sys.stderr, flush=True)
         if self.tcnn is None:
             self.encoding = HashEncoding(n_levels=n_levels, log2_table=log2_table)
             self.mlp = torch.nn.Sequential(torch.nn.Linear(self.encoding.output_dim, hidden), torch.nn.ReLU(),
@@ -114,12 +142,15 @@ class HashGridField(torch.nn.Module):
     def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x01 = ((points / self.bound) + 1) / 2
         x01 = x01.clamp(0, 1)
-        out = self.tcnn(x01).float() if self.tcnn is not None else self.mlp(self.encoding(x01))
+        if self.tcnn is not None:
+            out = self.tcnn["network"](self.tcnn["encoding"](x01)).float()
+        else:
+            out = self.mlp(self.encoding(x01))
         return out[:, 0], torch.sigmoid(out[:, 1:])
 
-    def parameter_groups(self, lr_density: float, lr_color: float) -> list[dict]:
-        # One network: the encoding takes the density learning rate, the MLP a tenth of it.
+    def parameter_groups(self, lr_encoding: float, lr_mlp: float) -> list[dict]:
         if self.tcnn is not None:
-            return [{"params": list(self.tcnn.parameters()), "lr": lr_density, "name": "tcnn"}]
-        return [{"params": [self.encoding.table], "lr": lr_density, "name": "encoding"},
-                {"params": list(self.mlp.parameters()), "lr": lr_density * 0.1, "name": "mlp"}]
+            return [{"params": list(self.tcnn["encoding"].parameters()), "lr": lr_encoding, "name": "encoding"},
+                    {"params": list(self.tcnn["network"].parameters()), "lr": lr_mlp, "name": "mlp"}]
+        return [{"params": [self.encoding.table], "lr": lr_encoding, "name": "encoding"},
+                {"params": list(self.mlp.parameters()), "lr": lr_mlp, "name": "mlp"}]

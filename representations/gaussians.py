@@ -126,6 +126,24 @@ class _GroupView:
         self.param_groups, self.state = [group], optimizer.state
 
 
+def choose_rasteriser(requested: str, device: torch.device) -> tuple[str, list[str]]:
+    """(rasteriser, fallback notes): ``auto`` is gsplat on CUDA when its kernels load (or build)
+    here, else the PyTorch rasteriser, which runs on any device."""
+    from threedgen import kernels
+
+    cuda = torch.device(device).type == "cuda"
+    if requested == "pytorch" or (requested == "auto" and not cuda):
+        return "pytorch", []
+    if not cuda:
+        raise UserError("representation.backend=gsplat needs CUDA (gsplat's rasteriser); use backend=pytorch on CPU")
+    if kernels.usable("gsplat"):
+        return "gsplat", []
+    if requested == "gsplat":
+        raise UserError(f"representation.backend=gsplat: gsplat's CUDA kernels are unavailable "
+                        f"({kernels.load('gsplat').detail}); use representation.backend=auto or pytorch")
+    return "pytorch", [kernels.fall_back("gsplat")]
+
+
 class Gaussians(Representation):
     name = "gaussians"
 
@@ -136,12 +154,16 @@ class Gaussians(Representation):
         self.cfg = cfg
         device = torch.device(device)
         cuda = device.type == "cuda"
-        self.backend = cfg.backend if cfg.backend != "auto" else ("gsplat" if cuda else "pytorch")
-        if self.backend == "gsplat" and not cuda:
-            raise UserError("representation.backend=gsplat needs CUDA (gsplat's rasteriser); use backend=pytorch on CPU")
-        if cfg.densify == "mcmc" and not cuda:
-            raise UserError("representation.densify=mcmc needs CUDA (gsplat's relocation kernel); "
-                            "use densify=default on CPU")
+        self.backend, self.fallbacks = choose_rasteriser(cfg.backend, device)
+        if cfg.densify == "mcmc":
+            if not cuda:
+                raise UserError("representation.densify=mcmc needs CUDA (gsplat's relocation kernel); "
+                                "use densify=default on CPU")
+            from threedgen import kernels
+
+            if not kernels.usable("gsplat"):
+                raise UserError(f"representation.densify=mcmc: gsplat's CUDA kernels are unavailable "
+                                f"({kernels.load('gsplat').detail}); use densify=default")
         g = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the global RNG
         means = initial_points(cfg, g)
         n = len(means)
@@ -194,7 +216,16 @@ class Gaussians(Representation):
         return self.strategy_state
 
     def load_runtime_state(self, state) -> None:
+        # The densification statistics live beside the parameters (a checkpoint keeps the device
+        # that saved it: another GPU, or the CPU).
+        device = self.params["means"].device
+        if isinstance(state, dict):
+            state = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
         self.strategy_state, self._info = state, None
+
+    def backends(self) -> dict:
+        """What renders these Gaussians (recorded in ``status.json``)."""
+        return {"rasteriser": self.backend, "densify": self.cfg.densify, "fallbacks": list(self.fallbacks)}
 
     # ---- rendering -----------------------------------------------------------------------
     def render(self, cameras: Cameras, height: int, width: int) -> RenderOutput:
@@ -214,7 +245,7 @@ class Gaussians(Representation):
     # ---- densification -------------------------------------------------------------------
     def _make_strategy(self):
         cfg = self.cfg
-        if cfg.densify == "mcmc":  # pragma: no cover - CUDA only
+        if cfg.densify == "mcmc":
             from gsplat import MCMCStrategy
 
             strategy = MCMCStrategy(cap_max=cfg.max_gaussians, refine_every=cfg.densify_every,
@@ -235,7 +266,7 @@ class Gaussians(Representation):
             return
         cfg = self.cfg
         start, stop = int(cfg.densify_start * max_steps), int(cfg.densify_stop * max_steps)
-        if not (start <= step < stop):
+        if cfg.densify != "mcmc" and not (start <= step < stop):
             return
         optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper -> torch's
         views = {}
@@ -243,7 +274,10 @@ class Gaussians(Representation):
             for name in PARAM_NAMES:
                 if any(p is self.params[name] for p in group["params"]):
                     views[name] = _GroupView(optimizer, group)
-        if cfg.densify == "mcmc":  # pragma: no cover - CUDA only
+        if cfg.densify == "mcmc":
+            # MCMC relocates and grows inside [start, stop) (its own defaults, 500 and 25,000, would
+            # leave a short run untouched) and perturbs the means every step (its noise).
+            self.strategy.refine_start_iter, self.strategy.refine_stop_iter = start, stop
             self.strategy.step_post_backward(self.params, views, self.strategy_state, step, info,
                                              lr=views["means"].param_groups[0]["lr"])
             return

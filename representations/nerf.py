@@ -42,6 +42,9 @@ class NeRFConfig:
     color_resolution: int = 32
     hash_levels: int = 16
     hash_log2_table: int = 19
+    # Hash grid implementation: "auto" (tiny-cuda-nn on CUDA when it imports, else PyTorch),
+    # "tcnn", "torch". A run records the one it used here (their checkpoints differ).
+    hash_backend: str = "auto"
     num_samples: int = 32
     render_step_size: float = 0.005
     occgrid_resolution: int = 128
@@ -53,13 +56,17 @@ class NeRFConfig:
     density_activation: str = "softplus"
     density_blob_scale: float = 10.0
     density_blob_radius: float = 0.5
-    lr_density: float = 0.3
-    lr_color: float = 0.3
+    lr_density: float = 0.3  # dense grids
+    lr_color: float = 0.3  # dense grids
+    # Hash field: its encoding and its MLP (threestudio's order of magnitude for the hash grid).
+    lr_hash: float = 0.01
+    lr_mlp: float = 0.001
     # Isosurface level for export; None = automatic (see threedgen.meshing).
     mesh_threshold: Optional[float] = None
 
     def check(self) -> None:
         for key, allowed in (("field", ("auto", "grid", "hash")), ("sampler", ("auto", "dense", "occgrid")),
+                             ("hash_backend", ("auto", "tcnn", "torch")),
                              ("density_activation", ("softplus", "exp"))):
             if getattr(self, key) not in allowed:
                 raise UserError(f"representation.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -78,6 +85,8 @@ class NeRFConfig:
         check_range("representation.density_blob_radius", self.density_blob_radius, 1e-3, 100)
         check_range("representation.lr_density", self.lr_density, 0, 100)
         check_range("representation.lr_color", self.lr_color, 0, 100)
+        check_range("representation.lr_hash", self.lr_hash, 0, 100)
+        check_range("representation.lr_mlp", self.lr_mlp, 0, 100)
         if self.mesh_threshold is not None:
             check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
 
@@ -153,6 +162,24 @@ class EmptySpaceGrid(torch.nn.Module):
         self.fresh = True
 
 
+def choose_sampler(requested: str, device: torch.device) -> tuple[str, list[str]]:
+    """(sampler, fallback notes): ``auto`` is nerfacc's occupancy grid on CUDA when its kernels
+    load (or build) here, else the dense sampler, which is plain PyTorch on any device."""
+    from threedgen import kernels
+
+    cuda = torch.device(device).type == "cuda"
+    if requested == "dense" or (requested == "auto" and not cuda):
+        return "dense", []
+    if not cuda:
+        raise UserError("representation.sampler=occgrid needs CUDA (nerfacc's sampling kernels); use sampler=dense on CPU")
+    if kernels.usable("nerfacc"):
+        return "occgrid", []
+    if requested == "occgrid":
+        raise UserError(f"representation.sampler=occgrid: nerfacc's CUDA kernels are unavailable "
+                        f"({kernels.load('nerfacc').detail}); use representation.sampler=auto or dense")
+    return "dense", [kernels.fall_back("nerfacc")]
+
+
 class NeRF(Representation):
     name = "nerf"
 
@@ -163,23 +190,30 @@ class NeRF(Representation):
         cfg.check()
         cuda = device.type == "cuda"
         self.field_kind = cfg.field if cfg.field != "auto" else ("hash" if cuda else "grid")
-        self.sampler_kind = cfg.sampler if cfg.sampler != "auto" else ("occgrid" if cuda else "dense")
-        if self.sampler_kind == "occgrid" and not cuda:
-            raise UserError("representation.sampler=occgrid needs CUDA (nerfacc's sampling kernels); use sampler=dense on CPU")
+        self.sampler_kind, self.fallbacks = choose_sampler(cfg.sampler, device)
         if self.field_kind == "grid":
             self.field = DenseGridField(cfg.bound, cfg.density_resolution, cfg.color_resolution)
         else:
-            self.field = HashGridField(cfg.bound, cfg.hash_levels, cfg.hash_log2_table, device=device)
+            self.field = HashGridField(cfg.bound, cfg.hash_levels, cfg.hash_log2_table, device=device,
+                                       backend=cfg.hash_backend)
+            # Record the implementation chosen: its checkpoint keys are its own (config.yaml keeps it).
+            cfg.hash_backend = self.field.backend
         self.estimator = None
         self.empty_grid = None
+        self._occ_started = False
         if self.sampler_kind == "dense" and cfg.skip_empty:
             self.empty_grid = EmptySpaceGrid(cfg.bound, cfg.skip_grid, cfg.skip_threshold)
         if self.sampler_kind == "occgrid":
-            import nerfacc  # CUDA kernels are built lazily by nerfacc on first use
+            import nerfacc  # its CUDA kernels were loaded (or built) by choose_sampler
 
             b = cfg.bound
             self.estimator = nerfacc.OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b],
                                                       resolution=cfg.occgrid_resolution, levels=1)
+
+    def backends(self) -> dict:
+        """What renders this NeRF (recorded in ``status.json``)."""
+        field = self.field_kind if self.field_kind == "grid" else f"hash ({self.field.backend})"
+        return {"field": field, "sampler": self.sampler_kind, "fallbacks": list(self.fallbacks)}
 
     # ---- the field -----------------------------------------------------------------------
     def density(self, points: torch.Tensor) -> torch.Tensor:
@@ -248,10 +282,11 @@ class NeRF(Representation):
         weights, _, _ = render_weight_from_density(t_starts, t_ends, sigma.view(-1, n))
         color = accumulate_along_rays(weights, rgb.view(-1, n, 3))
         acc = accumulate_along_rays(weights, None)
-        depth = accumulate_along_rays(weights, t_mid[..., None])
+        # The expected depth along the ray (divided by the opacity), as nerfacc's rendering gives.
+        depth = accumulate_along_rays(weights, t_mid[..., None]) / acc.clamp_min(1e-10)
         return color, acc, depth
 
-    def _render_occgrid(self, o: torch.Tensor, d: torch.Tensor):  # pragma: no cover - CUDA only
+    def _render_occgrid(self, o: torch.Tensor, d: torch.Tensor):
         import nerfacc
 
         def sigma_fn(t_starts, t_ends, ray_indices):
@@ -263,6 +298,13 @@ class NeRF(Representation):
             sigma, rgb = self.density_and_color(p)
             return rgb, sigma
 
+        if self.training and not self._occ_started:
+            # nerfacc's grid starts empty (every cell unoccupied): a render before its first update
+            # samples nothing, so the loss has no graph. Update it first, as nerfacc's examples do
+            # (a resumed run's grid comes from its checkpoint and is left as it is).
+            if not bool(self.estimator.binaries.any()):
+                self._update_occgrid(0)
+            self._occ_started = True
         ray_indices, t_starts, t_ends = self.estimator.sampling(
             o, d, sigma_fn=sigma_fn, render_step_size=self.cfg.render_step_size, stratified=self.training)
         color, acc, depth, _ = nerfacc.rendering(t_starts, t_ends, ray_indices, n_rays=o.shape[0],
@@ -272,13 +314,19 @@ class NeRF(Representation):
     def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
         if self.empty_grid is not None and step % self.cfg.skip_every == 0:
             self.empty_grid.update(self.density, jitter=True)
-        if self.estimator is not None:  # pragma: no cover - CUDA only
-            self.estimator.update_every_n_steps(
-                step, occ_eval_fn=lambda x: self.density(x) * self.cfg.render_step_size, occ_thre=0.01)
+        if self.estimator is not None:
+            self._update_occgrid(step)
+
+    def _update_occgrid(self, step: int) -> None:
+        self.estimator.update_every_n_steps(
+            step, occ_eval_fn=lambda x: self.density(x) * self.cfg.render_step_size, occ_thre=0.01)
 
     # ---- optimisation and export ---------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        return self.field.parameter_groups(self.cfg.lr_density, self.cfg.lr_color)
+        cfg = self.cfg
+        if self.field_kind == "grid":
+            return self.field.parameter_groups(cfg.lr_density, cfg.lr_color)
+        return self.field.parameter_groups(cfg.lr_hash, cfg.lr_mlp)
 
     @torch.no_grad()
     def extract_surface(self, resolution: int = 128):

@@ -3,12 +3,32 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
-# One render cache for the whole session (the shapes prior renders each shape once), and a scratch
-# folder for any CUDA extension build nerfacc or gsplat might attempt.
+# One render cache for the whole session (the shapes prior renders each shape once).
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="threedgen-tests-"))
 os.environ.setdefault("THREEDGEN_CACHE", str(_SESSION_DIR / "cache"))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_SESSION_DIR / "torch_extensions"))
+# The suite runs on the CPU on any machine: `auto` (device, and so the prior) means the CPU, in
+# this process and in every process it starts. Tests marked `cuda` ask for CUDA by name.
+os.environ["THREEDGEN_DEVICE"] = "cpu"
+if not torch.cuda.is_available():
+    # A scratch folder for any CUDA extension build. On a GPU machine the user's own folder is
+    # kept, so that gsplat and nerfacc are compiled once, not once per test session.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_SESSION_DIR / "torch_extensions"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; `pytest -m cuda` runs "
+                            "only these, as benchmarks/gpu_check.sh does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs it on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

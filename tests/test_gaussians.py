@@ -300,7 +300,7 @@ def test_every_method_has_a_gaussians_preset_with_its_nerf_settings():
         assert g.representation.bound == 0.75  # the shapes prior's scene box
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's rasteriser needs CUDA")
+@pytest.mark.cuda
 def test_cuda_rasteriser_matches_the_cpu_rasteriser():  # pragma: no cover - GPU only
     means, quats, scales, opacities, colors = [t.cuda() for t in random_scene(n=400)]
     cams = cameras().to("cuda")

@@ -6,6 +6,7 @@
     threedgen export RUN_DIR [--format glb|obj|ply ...] [--texture uv|vertex] [--faces N] [--resolution N]
     threedgen eval RUN_DIR
     threedgen guidance list
+    threedgen doctor [--build] [--json]
 
 Bad input prints one line on stderr and exits with code 2.
 """
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a run against the truth (shapes prior)")
     ev.add_argument("run_dir", metavar="RUN_DIR")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    doc = sub.add_parser("doctor", help="what this machine gives a run: GPUs, CUDA kernels, backends",
+                         description="Reports the CUDA devices, whether gsplat's and nerfacc's CUDA kernels are "
+                                     "built or buildable here, tiny-cuda-nn, and which backends a run would use.")
+    doc.add_argument("--build", action="store_true", help="build (once, under a lock) and load the CUDA kernels now")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
 
     g = sub.add_parser("guidance", help="guidance methods")
     g.add_argument("action", choices=["list"])
@@ -180,6 +187,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from threedgen.doctor import format_report, report
+
+    info = report(build=args.build)
+    print(json.dumps(info, indent=1) if args.json else format_report(info))
+    return 0
+
+
 def _cmd_guidance(args) -> int:
     from threedgen.guidance import GUIDANCE_INFO
 
@@ -234,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
-                    "webui": _cmd_webui}
+                    "doctor": _cmd_doctor, "webui": _cmd_webui}
         return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)

@@ -133,11 +133,18 @@ def export_meshes(asset: Asset, run_dir: Path, formats=MESH_FORMATS) -> list[Pat
     return written
 
 
+def representation_device(representation) -> torch.device:
+    """Where a representation's parameters live (the CPU for one without parameters)."""
+    first = next(iter(representation.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def render_views(representation, cameras: Cameras, size: int, chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """``rgb [N,H,W,3]`` uint8 and ``alpha [N,H,W]`` float of the representation in eval mode."""
     was_training = representation.training
     representation.eval()
+    cameras = cameras.to(representation_device(representation))
     rgbs, alphas = [], []
     try:
         for i in range(0, len(cameras), chunk):

@@ -8,6 +8,7 @@ and previews, and scores the result when the prior knows the truth.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -34,11 +35,21 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", pattern)
 
 
+AUTO_DEVICE_ENV = "THREEDGEN_DEVICE"
+
+
+def cuda_for_auto() -> bool:
+    """Whether ``auto`` means CUDA here: a CUDA device is present and ``THREEDGEN_DEVICE`` (when
+    set) does not say ``cpu``. The test suite sets ``THREEDGEN_DEVICE=cpu`` so that its runs stay on
+    the CPU on a GPU machine too; CUDA tests ask for CUDA by name."""
+    return os.environ.get(AUTO_DEVICE_ENV, "").strip().lower() != "cpu" and torch.cuda.is_available()
+
+
 def resolve_device(name: str) -> torch.device:
     import re
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if cuda_for_auto() else "cpu")
     if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name or ""):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
     device = torch.device(name)
@@ -66,6 +77,14 @@ def build_components(cfg: RunConfig, device: torch.device, prior=None):
     return System(cfg, prior, representation, guidance, embeds).to(device)
 
 
+def trainer_devices(device: torch.device):
+    """Lightning's ``devices`` for one device: its index as a list (``devices=1`` would mean the
+    first visible GPU, whatever ``cuda:N`` the run asked for), or 1 on the CPU."""
+    if device.type != "cuda":
+        return 1
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_bar: bool = True, callbacks=()):
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
@@ -75,7 +94,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
     if progress_bar:
         callbacks = [*callbacks, StepProgressBar(cfg.prompt)]
     return pl.Trainer(
-        max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=trainer_devices(device),
         logger=CSVLogger(run_dir, name="logs", version=""), log_every_n_steps=10,
         callbacks=[SafeCheckpoint(run_dir, cfg.checkpoint_every), PreviewCallback(run_dir, cfg), *callbacks],
         plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar,
@@ -83,8 +102,12 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
 
 
 def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,
-        steps: Optional[int] = None, progress_bar: bool = True, callbacks=(), note: Optional[str] = None) -> Path:
-    """Train, export and (where the prior has a truth) evaluate. Returns the run folder."""
+        steps: Optional[int] = None, progress_bar: bool = True, callbacks=(), note: Optional[str] = None,
+        device: Optional[str] = None) -> Path:
+    """Train, export and (where the prior has a truth) evaluate. Returns the run folder.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) replaces the config's device: a resumed web UI job
+    runs on the GPU of the worker that resumes it, not on the one that started it."""
     import pytorch_lightning as pl
 
     from threedgen.callbacks import SafeCheckpoint
@@ -99,11 +122,14 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         config_file = run_dir / CONFIG_NAME
         if not config_file.is_file():
             raise UserError(f"{str(run_dir)!r} is not a threedgen run folder (no {CONFIG_NAME})")
-        cfg = load_run_config(config_file, flags={"steps": steps} if steps is not None else None)
+        flags = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
+        cfg = load_run_config(config_file, flags=flags or None)
         check_writable(run_dir)
         chosen = choose_checkpoint(run_dir, warn=lambda msg: print_err(f"threedgen: warning: {msg}"), repair=True)
         ckpt_path = str(chosen) if chosen is not None else None
     assert cfg is not None
+    if device is not None and resume is None:
+        cfg.device = device
     device = resolve_device(cfg.device)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if resume is None:
@@ -126,7 +152,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     trainer = None
     try:
         atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
-        write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps)
+        backends = system.representation.backends()
+        write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps, backends=backends)
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
         try:
             trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path,
@@ -139,6 +166,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
 
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
+        # Lightning's teardown moved the module to the CPU; export renders on the run's device.
+        system.to(device)
         if not system.state_finite():
             raise DivergedError("diverged: the trained parameters are not finite; nothing was exported")
         if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
@@ -157,7 +186,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
                      skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
                      rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2),
                      export_seconds=round(export_seconds, 2), eval_seconds=round(eval_seconds, 2),
-                     total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
+                     total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"], backends=backends,
                      mask_iou=None if metrics is None else metrics["mask_iou"])
     except KeyboardInterrupt:
         _try_status(run_dir, "interrupted", max_steps=cfg.steps,
@@ -194,9 +223,18 @@ def out_of_memory(exc: BaseException, cfg: RunConfig, run_dir: Optional[Path]) -
         return RunFailed(f"out of memory building the prior and the representation on {cfg.device}; free memory "
                          "(other jobs), use a smaller model, or run with --device cpu")
     return RunFailed(f"out of memory at render.resolution={cfg.render.resolution} with camera.batch_size="
-                     f"{cfg.camera.batch_size}; lower those (or representation.num_samples for a NeRF, "
+                     f"{cfg.camera.batch_size}; lower those (or {_nerf_sample_key(cfg)} for a NeRF, "
                      f"representation.max_gaussians for Gaussians) in {run_dir / CONFIG_NAME}, then continue with: "
                      f"threedgen run --resume {run_dir}")
+
+
+def _nerf_sample_key(cfg: RunConfig) -> str:
+    """The setting that sets a NeRF's samples per ray: the step size for nerfacc's occupancy grid
+    (CUDA), the sample count for the dense sampler."""
+    rep = cfg.representation
+    occgrid = getattr(rep, "sampler", "dense") == "occgrid" or (
+        getattr(rep, "sampler", "dense") == "auto" and resolve_device(cfg.device).type == "cuda")
+    return "raise representation.render_step_size" if occgrid else "representation.num_samples"
 
 
 def as_run_failure(exc: BaseException, run_dir: Path, cfg: RunConfig) -> Optional[RunFailed]:
@@ -262,7 +300,7 @@ def load_representation(run_dir: str | Path, device: str | None = None):
     quiet_libraries()
     cfg, run_dir, ckpt = open_run(run_dir)
     dev = resolve_device(device or cfg.device)
-    representation = REPRESENTATION_CLASSES[cfg.representation.name][1](cfg.representation, dev)
+    representation = REPRESENTATION_CLASSES[cfg.representation.name][1](cfg.representation, dev).to(dev)
     _load_state(representation, ckpt, run_dir, dev, prefix="representation.")
     representation.eval()
     return cfg, representation, run_dir

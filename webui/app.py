@@ -295,7 +295,9 @@ class WebUI:
 def default_devices(workers: Optional[int]) -> list[str]:
     import torch
 
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    from threedgen.runner import cuda_for_auto
+
+    n = torch.cuda.device_count() if cuda_for_auto() else 0
     if n == 0:
         if workers not in (None, 1):
             raise UserError("--workers: this machine has no CUDA device; the web UI runs one job at a time on the CPU")

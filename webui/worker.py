@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import threading
@@ -101,8 +102,24 @@ def _progress_callback(store: JobStore, job_id: str, public_dir: Path, parent_pi
     return JobProgress()
 
 
+def pin_device(device: str) -> str:
+    """Pin this job process to its worker's GPU, the usual way: ``CUDA_VISIBLE_DEVICES`` names that
+    GPU alone (mapped through the server's own ``CUDA_VISIBLE_DEVICES``, if any), and the run uses
+    ``cuda:0``, the only device it sees, so nothing of it (Lightning, the prior, the kernels) can
+    land on another worker's GPU. Must run before CUDA is initialised in the process. ``cpu`` and
+    ``auto`` are returned as they are."""
+    match = re.fullmatch(r"cuda:(\d+)", device)
+    if match is None:
+        return device
+    index = int(match.group(1))
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
+    return "cuda:0"
+
+
 def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: str, parent_pid: int) -> None:
     """The body of a job process."""
+    device = pin_device(device)  # first: before anything touches CUDA
     from threedgen.errors import RunFailed, UserError
     from threedgen.runner import run
 
@@ -113,7 +130,7 @@ def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: 
     callback = _progress_callback(store, job_id, public_dir, parent_pid)
     try:
         if job.resume and job.run_dir:
-            run_dir = run(resume=job.run_dir, progress_bar=False, callbacks=[callback])
+            run_dir = run(resume=job.run_dir, progress_bar=False, callbacks=[callback], device=device)
         else:
             cfg = job_config(job.params, device)
             run_dir = run(cfg, out=Path(runs_dir) / job_id, progress_bar=False, callbacks=[callback])
@@ -142,6 +159,17 @@ class WorkerPool:
         self._children: dict[int, multiprocessing.Process] = {}
 
     def start(self) -> "WorkerPool":
+        if any(d.startswith("cuda") for d in self.devices):
+            # Build gsplat's and nerfacc's kernels once, here, before any job: two jobs building
+            # them at once on a fresh install delete each other's build folder.
+            from threedgen import kernels
+
+            import sys
+
+            for name, status in kernels.prepare(log=lambda m: print(m, file=sys.stderr, flush=True)).items():
+                if not status.usable:
+                    print(f"threedgen: {name}'s CUDA kernels are unavailable ({status.detail}); jobs use the "
+                          "PyTorch path instead", file=sys.stderr, flush=True)
         for i, device in enumerate(self.devices):
             t = threading.Thread(target=self._loop, args=(i, device), name=f"threedgen-worker-{i}", daemon=True)
             t.start()
