@@ -5,8 +5,9 @@ Parameters follow gsplat's (and the standard ``.ply``'s) conventions: ``means [N
 ``sh0 [N,1,3]`` and ``shN [N,K-1,3]`` (spherical-harmonic colour; degree 0 is a plain colour
 ``0.5 + 0.2821 * sh0``).
 
-Rendering: gsplat's CUDA rasteriser on a CUDA device, the matched pure-PyTorch rasteriser
-(``splatting.rasterize_pytorch``) elsewhere; ``representation.backend`` forces one.
+Rendering: gsplat's CUDA rasteriser on a CUDA device where its kernels load (``threedgen.kernels``),
+the matched pure-PyTorch rasteriser (``splatting.rasterize_pytorch``) elsewhere, on any device;
+``representation.backend`` forces one.
 
 Densification and pruning: gsplat's ``DefaultStrategy`` (clone small / split large Gaussians whose
 mean screen-space gradient is high, prune transparent ones), fed by either rasteriser. Settings for
@@ -27,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from threedgen import kernels
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError, check_range
 from threedgen.representations.base import Representation, RenderOutput
@@ -126,24 +128,6 @@ class _GroupView:
         self.param_groups, self.state = [group], optimizer.state
 
 
-def choose_rasteriser(requested: str, device: torch.device) -> tuple[str, list[str]]:
-    """(rasteriser, fallback notes): ``auto`` is gsplat on CUDA when its kernels load (or build)
-    here, else the PyTorch rasteriser, which runs on any device."""
-    from threedgen import kernels
-
-    cuda = torch.device(device).type == "cuda"
-    if requested == "pytorch" or (requested == "auto" and not cuda):
-        return "pytorch", []
-    if not cuda:
-        raise UserError("representation.backend=gsplat needs CUDA (gsplat's rasteriser); use backend=pytorch on CPU")
-    if kernels.usable("gsplat"):
-        return "gsplat", []
-    if requested == "gsplat":
-        raise UserError(f"representation.backend=gsplat: gsplat's CUDA kernels are unavailable "
-                        f"({kernels.load('gsplat').detail}); use representation.backend=auto or pytorch")
-    return "pytorch", [kernels.fall_back("gsplat")]
-
-
 class Gaussians(Representation):
     name = "gaussians"
 
@@ -154,13 +138,11 @@ class Gaussians(Representation):
         self.cfg = cfg
         device = torch.device(device)
         cuda = device.type == "cuda"
-        self.backend, self.fallbacks = choose_rasteriser(cfg.backend, device)
+        self.backend, self.fallbacks = kernels.choose("gsplat", "backend", cfg.backend, "gsplat", "pytorch", device)
         if cfg.densify == "mcmc":
             if not cuda:
                 raise UserError("representation.densify=mcmc needs CUDA (gsplat's relocation kernel); "
                                 "use densify=default on CPU")
-            from threedgen import kernels
-
             if not kernels.usable("gsplat"):
                 raise UserError(f"representation.densify=mcmc: gsplat's CUDA kernels are unavailable "
                                 f"({kernels.load('gsplat').detail}); use densify=default")

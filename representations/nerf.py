@@ -9,7 +9,9 @@ Two paths, chosen at construction:
   shape can grow); elsewhere the density is zero. Same samples, same compositing: the image differs
   from the full evaluation only by the skipped cells' opacity (below ``skip_threshold`` per cell).
 - **occgrid** (CUDA): nerfacc's ``OccGridEstimator`` skips empty space and renders packed samples;
-  its sampling kernels need CUDA, so it is imported and built lazily.
+  its sampling kernels need CUDA and are compiled on first use (``threedgen.kernels``); where they do
+  not load, ``auto`` takes the dense sampler. The grid starts empty, so it is updated before the
+  first training sample, then every 16 steps.
 
 Density is ``activation(raw + blob(x))``: a blob bias (threestudio's "blob_magic3d") starts the
 optimisation from a soft ball so early renders have something to shade.
@@ -23,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from threedgen import kernels
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError, check_range
 from threedgen.representations.base import Representation, RenderOutput
@@ -162,24 +165,6 @@ class EmptySpaceGrid(torch.nn.Module):
         self.fresh = True
 
 
-def choose_sampler(requested: str, device: torch.device) -> tuple[str, list[str]]:
-    """(sampler, fallback notes): ``auto`` is nerfacc's occupancy grid on CUDA when its kernels
-    load (or build) here, else the dense sampler, which is plain PyTorch on any device."""
-    from threedgen import kernels
-
-    cuda = torch.device(device).type == "cuda"
-    if requested == "dense" or (requested == "auto" and not cuda):
-        return "dense", []
-    if not cuda:
-        raise UserError("representation.sampler=occgrid needs CUDA (nerfacc's sampling kernels); use sampler=dense on CPU")
-    if kernels.usable("nerfacc"):
-        return "occgrid", []
-    if requested == "occgrid":
-        raise UserError(f"representation.sampler=occgrid: nerfacc's CUDA kernels are unavailable "
-                        f"({kernels.load('nerfacc').detail}); use representation.sampler=auto or dense")
-    return "dense", [kernels.fall_back("nerfacc")]
-
-
 class NeRF(Representation):
     name = "nerf"
 
@@ -190,7 +175,7 @@ class NeRF(Representation):
         cfg.check()
         cuda = device.type == "cuda"
         self.field_kind = cfg.field if cfg.field != "auto" else ("hash" if cuda else "grid")
-        self.sampler_kind, self.fallbacks = choose_sampler(cfg.sampler, device)
+        self.sampler_kind, self.fallbacks = kernels.choose("nerfacc", "sampler", cfg.sampler, "occgrid", "dense", device)
         if self.field_kind == "grid":
             self.field = DenseGridField(cfg.bound, cfg.density_resolution, cfg.color_resolution)
         else:
@@ -204,7 +189,7 @@ class NeRF(Representation):
         if self.sampler_kind == "dense" and cfg.skip_empty:
             self.empty_grid = EmptySpaceGrid(cfg.bound, cfg.skip_grid, cfg.skip_threshold)
         if self.sampler_kind == "occgrid":
-            import nerfacc  # its CUDA kernels were loaded (or built) by choose_sampler
+            import nerfacc  # its CUDA kernels were loaded (or built) by kernels.choose
 
             b = cfg.bound
             self.estimator = nerfacc.OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b],

@@ -35,6 +35,62 @@ def test_gpu_throughput_script_runs_on_cpu_with_the_tiny_pipeline(tmp_path):
     assert "grid / dense" in rows[0] and "pytorch" in rows[1]
 
 
+def test_gpu_throughput_writes_json_rows_and_reuses_a_saved_model(tmp_path):
+    import json
+
+    gpu = _load("gpu_throughput")
+    model = tmp_path / "model"
+    assert gpu.main(["--tiny", "--save-model", str(model)]) == str(model)
+    assert (model / "model_index.json").is_file()
+    rows_file = tmp_path / "rows.json"
+    gpu.main(["--model", str(model), "--device", "cpu", "--representations", "gaussians", "--steps", "2",
+              "--warmup", "1", "--repeats", "1", "--json", str(rows_file)])
+    data = json.loads(rows_file.read_text())
+    assert data["model"] == str(model) and data["device"] == "cpu"
+    (row,) = data["rows"]
+    assert row["representation"] == "gaussians" and row["it_s"] > 0 and row["floor_ms"] > 0
+    assert row["peak_gib"] is None  # NaN on a CPU -> null
+    assert row["ratio"] == pytest.approx(row["step_ms"] / row["floor_ms"])
+
+
+def test_gpu_throughput_times_a_nerf_after_the_occupancy_grid_warmup_and_deep_merges_overrides(
+        tiny_sd_dir, monkeypatch):
+    """nerfacc's estimator refreshes every cell for its first 256 steps: the timed window starts
+    after them. ``prior.x=...`` keeps the rest of ``prior`` (the model folder, offline loading)."""
+    import nerfacc
+    import torch
+
+    import threedgen.runner as runner
+    from threedgen.config import parse_overrides
+
+    gpu = _load("gpu_throughput")
+    seen = {}
+    real_build = runner.build_components
+
+    def build(cfg, device):
+        seen["prior"] = cfg.prior
+        system = real_build(cfg, device)
+        # the CUDA sampler's estimator, built on the CPU: only its warm-up length is read here
+        system.representation.estimator = nerfacc.OccGridEstimator(roi_aabb=[-1, -1, -1, 1, 1, 1], resolution=8)
+        return system
+
+    warmups = []
+
+    def timed(fn, steps, warmup, device):
+        warmups.append(warmup)
+        return 0.01
+
+    monkeypatch.setattr(runner, "build_components", build)
+    monkeypatch.setattr(gpu, "timed_steps", timed)
+    row = gpu.measure(str(tiny_sd_dir), "nerf", torch.device("cpu"), 5, 3,
+                      parse_overrides(["prior.keep_text_encoder=true", "render.resolution=16"]))
+    assert warmups == [256, 3]  # the steps after the grid's warm-up; the teacher-only floor as asked
+    assert row["warmup"] == 256 and row["steps"] == 5
+    assert seen["prior"].model == str(tiny_sd_dir) and seen["prior"].local_files_only is True
+    assert seen["prior"].keep_text_encoder is True
+    assert gpu.deep_merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 5}}) == {"a": {"b": 1, "c": 5}, "d": 3}
+
+
 def test_gpu_throughput_builds_the_full_size_sd21_architecture():
     gpu = _load("gpu_throughput")
     from diffusers import AutoencoderKL, UNet2DConditionModel

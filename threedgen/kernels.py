@@ -169,6 +169,28 @@ def fall_back(name: str) -> str:
     return line
 
 
+def choose(extension: str, key: str, requested: str, kernel_value: str, fallback_value: str,
+           device) -> tuple[str, list[str]]:
+    """(value, fallback notes) of a setting ``representation.<key>`` whose ``kernel_value`` needs
+    ``extension``'s CUDA kernels and whose ``fallback_value`` is plain PyTorch on any device:
+    ``auto`` takes the kernels on CUDA when they load (or build) here, else the fallback, said
+    once on stderr; asking for the kernels where they cannot run is a one-line error."""
+    from threedgen.errors import UserError
+
+    cuda = torch.device(device).type == "cuda"
+    if requested == fallback_value or (requested == "auto" and not cuda):
+        return fallback_value, []
+    setting = f"representation.{key}={kernel_value}"
+    if not cuda:
+        raise UserError(f"{setting} needs CUDA ({USES[extension][0]}); use {key}={fallback_value} on CPU")
+    if usable(extension):
+        return kernel_value, []
+    if requested == kernel_value:
+        raise UserError(f"{setting}: {extension}'s CUDA kernels are unavailable ({load(extension).detail}); "
+                        f"use representation.{key}=auto or {fallback_value}")
+    return fallback_value, [fall_back(extension)]
+
+
 def prepare(names=tuple(EXTENSIONS), log=None) -> dict[str, KernelStatus]:
     """Load every extension now (the web UI does this before its workers start, so that jobs
     starting together never build at once)."""
