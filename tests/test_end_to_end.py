@@ -132,10 +132,18 @@ def red_cube(tmp_path_factory):
     return run_dir
 
 
+# The quality bar, with room for what differs between machines (CPUs differ in the last bits and
+# training amplifies them). Measured on one Xeon, seeds 0-2: IoU 0.930-0.936, Chamfer 0.018-0.031
+# (it includes the underside, which no camera sees). The field as initialised (one step: a centred
+# blob) scores IoU 0.645, so the IoU bound fails a method that does not train; its Chamfer, 0.043,
+# passes the Chamfer bound, which is there for gross failures (a misplaced or misscaled mesh).
+MIN_IOU, MAX_CHAMFER = 0.75, 0.06
+
+
 def test_red_cube_reaches_the_quality_bar(red_cube):
     metrics = json.loads((red_cube / "metrics.json").read_text())
-    assert metrics["mask_iou"] >= 0.85, metrics["mask_iou"]
-    assert metrics["chamfer"] < 0.06
+    assert metrics["mask_iou"] >= MIN_IOU, metrics["mask_iou"]
+    assert metrics["chamfer"] < MAX_CHAMFER, metrics["chamfer"]
 
 
 def test_sigkill_at_a_random_step_then_resume_scores_like_an_uninterrupted_run(red_cube, tmp_path, capsys):
@@ -184,7 +192,7 @@ def test_sigkill_at_a_random_step_then_resume_scores_like_an_uninterrupted_run(r
           f"resumed {resumed['mask_iou']:.4f}; chamfer {straight['chamfer']:.4f} / {resumed['chamfer']:.4f}")
     # Resume replays the run (test_resume_from_a_checkpoint_replays_the_run_exactly): the scores
     # agree to within float noise, not merely to within seed-to-seed spread.
-    assert resumed["mask_iou"] >= 0.85
+    assert resumed["mask_iou"] >= MIN_IOU and resumed["chamfer"] < MAX_CHAMFER
     assert abs(resumed["mask_iou"] - straight["mask_iou"]) <= 0.005
     assert abs(resumed["psnr"] - straight["psnr"]) <= 0.2
     assert abs(resumed["chamfer"] - straight["chamfer"]) <= 0.002

@@ -15,6 +15,7 @@ import trimesh
 from conftest import gltf_validator_available, validate_gltf
 from threedgen.cli import main
 from threedgen.export import build_asset, export_meshes
+from threedgen.guidance.priors.shapes.render import LIGHT_DIR
 from threedgen.meshing import Surface
 
 needs_validator = pytest.mark.skipif(not gltf_validator_available(),
@@ -161,27 +162,64 @@ def red_cone(request, tmp_path_factory):
     return run(cfg, out=out, progress_bar=False)
 
 
+# Heights below the apex at which the cone's shape is read: the flank every camera sees, above the
+# base's rim (0.84 m below the apex). The underside is never seen (all elevations are above it): how
+# far it sags is not trained, differs between CPUs in the last bits amplified by training, and
+# nothing below depends on it (nor on vertex counts, which UV seams duplicate unevenly).
+FLANK_DEPTHS = np.arange(1, 7) / 10  # 0.1 ... 0.6 m
+LIGHT_AZIMUTH = np.degrees(np.arctan2(LIGHT_DIR[0], LIGHT_DIR[2]))  # from +Z (front) towards +X (right): 41 degrees
+
+
+def _cross_sections(mesh, depths):
+    """Centre and (x, z) extent of the mesh's horizontal cross-sections ``depths`` below its top:
+    at each height, the middle and width of its silhouette seen from the front and from the side."""
+    top = mesh.bounds[1, 1]
+    centres, widths = [], []
+    for depth in depths:
+        section = mesh.section(plane_normal=[0, 1, 0], plane_origin=[0, top - depth, 0])
+        assert section is not None, f"no surface {depth} m below the top"
+        lo, hi = section.bounds
+        centres.append((lo + hi)[[0, 2]] / 2)
+        widths.append((hi - lo)[[0, 2]])
+    return np.array(centres), np.array(widths)
+
+
+def _flank_shading(mesh):
+    """The baked red on the flank fitted to a + b cos(phi) + c sin(phi), phi the normal's azimuth
+    (0 at +Z, 90 at +X), as the truth's diffuse shading is: returns the lit side's azimuth in
+    degrees (the fit's phase), the shading's amplitude, and the flank's mean colour."""
+    n = np.asarray(mesh.vertex_normals)
+    rgb = _texel_colours(mesh)
+    flank = np.abs(n[:, 1]) < 0.8  # not the (unseen) base
+    phi = np.arctan2(n[flank, 0], n[flank, 2])
+    basis = np.stack([np.ones_like(phi), np.cos(phi), np.sin(phi)], 1)
+    _, b, c = np.linalg.lstsq(basis, rgb[flank, 0], rcond=None)[0]
+    return float(np.degrees(np.arctan2(c, b))), float(np.hypot(b, c)), rgb[flank].mean(0)
+
+
 def test_trained_asset_is_up_front_and_textured(red_cone):
     glb = trimesh.load(red_cone / "mesh.glb", force="mesh")
     assert glb.visual.kind == "texture"
-    v = np.asarray(glb.vertices)
-    # +Y up: the apex is at the top, the wide base at the bottom.
-    height = v[:, 1].max() - v[:, 1].min()
-    top = v[v[:, 1] > v[:, 1].max() - 0.1 * height]
-    bottom = v[v[:, 1] < v[:, 1].min() + 0.1 * height]
-    assert np.ptp(top[:, [0, 2]], 0).max() < 0.25 and np.ptp(bottom[:, [0, 2]], 0).min() > 0.6
-    # Centred on the orbit's centre, at the truth's size (metres, scale 1).
-    assert np.abs(v[:, [0, 2]].mean(0)).max() < 0.05
+    centres, widths = _cross_sections(glb, FLANK_DEPTHS)
+    # +Y up at the truth's shape: the diameter grows by 1 m per metre below the apex (radius 0.42
+    # over height 0.84). Measured within 0.06 (a slightly blunt apex); upside down the section
+    # 0.1 m below the top is the base's (0.84 wide), lying on its side the profile is a triangle's.
+    assert np.abs(widths - FLANK_DEPTHS[:, None]).max() < 0.1, widths
+    # Centred on the orbit's centre at every height (measured within 0.007 m); the mesh is not
+    # moved at export, so an offset world-to-grid mapping or a lopsided field shows here.
+    assert np.abs(centres).max() < 0.03, centres
+    # At the truth's size (metres, scale 1).
     assert np.abs(glb.bounds[:, [0, 2]] - CONE_TRUTH[:, [0, 2]]).max() < 0.08
-    # Front (+Z, where azimuth-0 cameras stand) and right (+X) face the light: brighter than back
-    # and left, as in the truth's renders (diffuse n.l about 0.74 in front, 0.02 behind).
-    n = np.asarray(glb.vertex_normals)
-    red = _texel_colours(glb)[:, 0]
-    front, back = red[n[:, 2] > 0.7].mean(), red[n[:, 2] < -0.7].mean()
-    right, left = red[n[:, 0] > 0.7].mean(), red[n[:, 0] < -0.7].mean()
-    assert front > back + 0.15 and right > left + 0.1, (front, back, right, left)
-    rgb = _texel_colours(glb)[n[:, 2] > 0.7].mean(0)
-    assert rgb[0] > 0.5 and rgb[1] < 0.25 and rgb[2] < 0.25  # red
+    # Front (+Z, where azimuth-0 cameras stand) and right (+X) face the light, as in the truth's
+    # renders (diffuse n.l about 0.74 in front, 0.02 behind): the baked shading peaks towards the
+    # light's azimuth (measured within 6 degrees). Turned 90 or 180 degrees about +Y, or mirrored
+    # in X or Z, the peak is 80 or more degrees off; a colour without shading has no peak.
+    lit_azimuth, amplitude, rgb = _flank_shading(glb)
+    off = (lit_azimuth - LIGHT_AZIMUTH + 180) % 360 - 180
+    # Amplitude: truth ~0.29, measured 0.12-0.30, the untrained field 0.01-0.03.
+    assert abs(off) < 30 and amplitude > 0.06, (lit_azimuth, amplitude)
+    # Red: truth's flank ~(0.49, 0.06, 0.06), measured (0.51-0.55, <0.04, <0.04); untrained: grey.
+    assert rgb[0] > 0.4 and rgb[1] < 0.15 and rgb[2] < 0.15, rgb
     metrics = json.loads((red_cone / "metrics.json").read_text())
     assert metrics["chamfer"] < 0.05
 
@@ -222,11 +260,22 @@ def test_blender_imports_one_textured_mesh_at_the_truth_s_size(red_cone, tmp_pat
     assert image is not None and image["width"] == image["height"] == 512
     assert max(image["std"]) > 0.02 and image["mean"][0] > 2 * image["mean"][1]  # a red, non-constant image
     assert material["metallic"] == 0.0
-    # Blender is +Z up; glTF's +Y becomes +Z and glTF's front (+Z) becomes -Y. The cone's apex is
-    # up and its base, wide, at the bottom.
+    # Blender is +Z up; glTF's +Y becomes +Z and glTF's front (+Z) becomes -Y. Blender holds the
+    # GLB's surface turned into its frame: the same box, the same top and bottom bands (computed
+    # as tests/blender_import.py does). Training-independent, so compared to float precision.
     lo, hi = np.array(obj["bbox_min"]), np.array(obj["bbox_max"])
+    v = np.asarray(trimesh.load(red_cone / "mesh.glb", force="mesh").vertices)
+    v = np.stack([v[:, 0], -v[:, 2], v[:, 1]], 1)
+    np.testing.assert_allclose(lo, v.min(0), atol=1e-4)
+    np.testing.assert_allclose(hi, v.max(0), atol=1e-4)
+    z_lo, z_hi = v[:, 2].min(), v[:, 2].max()
+    top = v[v[:, 2] > z_hi - 0.1 * (z_hi - z_lo)]
+    bottom = v[v[:, 2] < z_lo + 0.1 * (z_hi - z_lo)]
+    assert obj["top_width"] == pytest.approx(np.ptp(top[:, :2], 0).max(), abs=1e-4)
+    assert obj["bottom_width"] == pytest.approx(np.ptp(bottom[:, :2], 0).max(), abs=1e-4)
+    # Where the truth is, on the parts the cameras see: the sides and the apex (measured within
+    # 0.05), the apex up and narrow (measured 0.11-0.15 wide), the base below. How far the unseen
+    # underside sags below the rim (z -0.42) is not trained and is not checked.
     truth_lo, truth_hi = CONE_TRUTH[0], CONE_TRUTH[1]
     assert np.abs(lo[:2] - truth_lo[:2]).max() < 0.08 and np.abs(hi - truth_hi).max() < 0.08, (lo, hi)
-    # The underside is never seen by the cameras (elevations above it), so the base may sag a little.
-    assert -0.62 < lo[2] < -0.34
-    assert obj["top_width"] < 0.25 and obj["bottom_width"] > 0.6
+    assert lo[2] < -0.34 and obj["top_width"] < 0.25
