@@ -61,9 +61,8 @@ REPS = ("nerf", "gaussians")
 def build_sd21_base(folder: Path, dtype: torch.dtype = torch.float16) -> Path:
     """SD 2.1 base's architecture with random weights, saved in the diffusers layout."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from tiny_diffusers import _scheduler_kwargs, clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer = clip_tokenizer()

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-
 from quality import report  # noqa: E402
+
 from threedgen.cameras import CameraSampler
 from threedgen.config import build_config, parse_overrides
 from threedgen.evaluate import evaluate_representation

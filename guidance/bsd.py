@@ -26,8 +26,15 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import check_range
-from threedgen.guidance.base import (Guidance, GuidanceConfig, GuidanceOutput, add_noise, alphas_at, inject_gradient,
-                                     sample_noise)
+from threedgen.guidance.base import (
+    Guidance,
+    GuidanceConfig,
+    GuidanceOutput,
+    add_noise,
+    alphas_at,
+    inject_gradient,
+    sample_noise,
+)
 from threedgen.guidance.cfg import guided_noise
 from threedgen.guidance.priors.base import PromptEmbeds
 

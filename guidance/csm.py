@@ -10,7 +10,7 @@ the classifier term of SDS alone, on a deterministically noised render.
 TV-3DG publishes no code. The deterministic noising is inferred from its abstract ("a
 deterministic noise addition process") and its credit to LucidDreamer: ISM's DDIM inversion, here
 starting from the clean render. Deliberate difference: ``e_u`` is the negative prompt when one is
-set, else the empty prompt (guidance.md writes CSD's ``e_y - e_0``; with a negative prompt this
+set, else the empty prompt (docs/guidance.md section 8 writes CSD's ``e_y - e_0``; with a negative prompt this
 is ``e_y - e_neg``, CSD's annealed end point). Removing SDS's ``e_u - eps`` term also removes its
 noise: on a pixel-space prior the gradient is a deterministic function of the render and t (on
 Stable Diffusion the VAE's posterior sample still adds some).

@@ -20,8 +20,8 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.guidance.cfg import guided_noise
 from threedgen.guidance.base import Guidance, GuidanceConfig, GuidanceOutput, add_noise, alphas_at, inject_gradient
+from threedgen.guidance.cfg import guided_noise
 from threedgen.guidance.priors.base import PromptEmbeds
 from threedgen.schedule import check_schedule, schedule_value
 

@@ -2,7 +2,7 @@
 
 - ``DenseGridField`` (CPU default): a density voxel grid and a coarser colour grid, trilinearly
   interpolated with ``grid_sample``. Measured 6-10x faster per step than a pure-PyTorch hash grid
-  at the same quality on a 2-core CPU (see the shapes prior design notes).
+  at the same quality on a 2-core CPU, when the CPU default was chosen.
 - ``HashGridField`` (CUDA default): a multiresolution hash encoding (Instant-NGP) with a small MLP;
   tiny-cuda-nn when it imports on a CUDA device, the pure-PyTorch encoding otherwise.
 

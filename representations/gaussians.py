@@ -31,8 +31,8 @@ import torch
 from threedgen import kernels
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError, check_range
-from threedgen.representations.base import Representation, RenderOutput
 from threedgen.representations import splatting
+from threedgen.representations.base import RenderOutput, Representation
 
 SH_C0 = 0.28209479177387814
 PARAM_NAMES = ("means", "scales", "quats", "opacities", "sh0", "shN")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from threedgen import kernels
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError, check_range
-from threedgen.representations.base import Representation, RenderOutput
+from threedgen.representations.base import RenderOutput, Representation
 from threedgen.representations.fields import DenseGridField, HashGridField
 
 

@@ -1,4 +1,4 @@
-"""Every row of the bad-input and fault tables (docs/reliability.md, from shared/design/bad-inputs.md).
+"""Every row of the bad-input and fault tables (docs/reliability.md).
 
 Two parametrised tests, ``test_input`` and ``test_fault``, one case per table row, with the row's
 id as the case name; the few rows that need a web server or a killed process name their test in
@@ -23,7 +23,6 @@ import torch
 from threedgen.cli import main
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
-DESIGN = Path(__file__).resolve().parent.parent.parent / "shared" / "design" / "bad-inputs.md"
 
 # Tiny, fast runs: a 16x16 render of a two-shape world, small exports, no scoring.
 TINY = ["prior.shapes=[cube,torus]", "render.resolution=16", "render.coarse_resolution=0",
@@ -234,8 +233,8 @@ STEP_VALUES = ["-1", "0", "1e12", "1.5", "nan", "abc"]
 
 
 def input_steps(tmp_path, capsys, **_):
-    from threedgen.webui.app import Settings, validate
     from threedgen.errors import UserError
+    from threedgen.webui.app import Settings, validate
 
     for value in STEP_VALUES:
         line = cli_error(capsys, ["run", "--prompt", "a red cube", "--steps", value, "--out", tmp_path / "o"])
@@ -257,9 +256,8 @@ def input_resolution(tmp_path, capsys, **_):
     assert "export.video_resolution must be an integer from 16 to 2048" in line
     # No multiple is needed: both renderers take any size in range (the prior resizes).
     from threedgen.cameras import Cameras
-    from threedgen.representations import REPRESENTATION_CLASSES
-
     from threedgen.config import build_config
+    from threedgen.representations import REPRESENTATION_CLASSES
 
     cams = Cameras.from_angles([20.0], [30.0], 3.0, 40.0)
     for name in ("nerf", "gaussians"):
@@ -409,6 +407,7 @@ def fault_divergence(tmp_path, monkeypatch, **_):
 
 def fault_nan_mesh(tmp_path, monkeypatch, capsys, **_):
     import pytorch_lightning as pl
+
     from threedgen.errors import RunFailed
 
     class Poison(pl.Callback):  # parameters turn NaN after the last checkpoint
@@ -496,8 +495,9 @@ def fault_corrupt_checkpoint(tmp_path, capsys, finished_run, **_):
 
 def fault_disk_full(tmp_path, monkeypatch, capsys, finished_run, **_):
     import pytorch_lightning as pl
-    from threedgen.errors import RunFailed
+
     import threedgen.export as export
+    from threedgen.errors import RunFailed
 
     # While saving a checkpoint (the second one): half a file, then ENOSPC.
     real_save, saves = pl.Trainer.save_checkpoint, []
@@ -543,8 +543,9 @@ def fault_disk_full(tmp_path, monkeypatch, capsys, finished_run, **_):
 
 def fault_outputs_unwritable(tmp_path, monkeypatch, **_):
     import pytorch_lightning as pl
-    from threedgen.errors import RunFailed
+
     import threedgen.rundir as rundir
+    from threedgen.errors import RunFailed
 
     class DeleteRunFolder(pl.Callback):
         def on_train_batch_end(self, trainer, module, *args):
@@ -661,5 +662,3 @@ def test_every_row_has_a_test():
             assert re.search(rf"^def {re.escape(func)}\(", source, re.M), f"{case}: {ref} not found"
         assert re.findall(r"`([^`]+)`", tests), f"row {case!r} names no test"
     assert named == set(cases), set(cases) ^ named  # every parametrised case is a row, and back
-    if DESIGN.is_file():  # the design's table and ours list the same cases
-        assert [r[0] for r in _table_rows(DESIGN.read_text())] == [r[0] for r in rows]

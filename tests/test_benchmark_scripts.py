@@ -93,8 +93,8 @@ def test_gpu_throughput_times_a_nerf_after_the_occupancy_grid_warmup_and_deep_me
 
 def test_gpu_throughput_builds_the_full_size_sd21_architecture():
     gpu = _load("gpu_throughput")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with torch.device("meta"):  # shapes only: no memory, no weights
         unet = UNet2DConditionModel(**gpu.SD21_UNET)

@@ -1,6 +1,6 @@
 import torch
 
-from threedgen.cameras import CameraSampler, CameraSamplerConfig, Cameras, view_tag
+from threedgen.cameras import Cameras, CameraSampler, CameraSamplerConfig, view_tag
 
 
 def test_look_at_conventions():

@@ -417,9 +417,8 @@ def test_the_pin_reaches_processes_the_suite_starts():
 
 
 def test_auto_prior_follows_the_pinned_device(monkeypatch):
-    from threedgen.cli import main
-
     from threedgen import runner
+    from threedgen.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     seen = {}

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from tiny_diffusers import load_prior
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance.priors import AUTO_GPU_MODEL, resolve_prior
 from threedgen.guidance.priors.base import sd_alphas_cumprod
 from threedgen.guidance.sds import SDS, SDSConfig
-from tiny_diffusers import load_prior
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from threedgen.cameras import Cameras
 from threedgen.evaluate import chamfer, evaluate_representation, mask_iou, psnr, rotate_y
 from threedgen.guidance.priors.shapes.prior import ShapeTruth
 from threedgen.meshing import silhouette_level
-from threedgen.representations.base import Representation, RenderOutput
+from threedgen.representations.base import RenderOutput, Representation
 
 
 class TruthRepresentation(Representation):

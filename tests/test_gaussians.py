@@ -13,8 +13,7 @@ import torch
 from threedgen.cameras import Cameras, orbit
 from threedgen.errors import UserError
 from threedgen.representations import splatting
-from threedgen.representations.gaussians import (PARAM_NAMES, SH_C0, Gaussians, GaussiansConfig,
-                                                  read_splat_ply)
+from threedgen.representations.gaussians import PARAM_NAMES, SH_C0, Gaussians, GaussiansConfig, read_splat_ply
 
 
 def random_scene(n=40, seed=0, dtype=torch.float32):

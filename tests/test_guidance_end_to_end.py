@@ -82,8 +82,9 @@ def test_vsd_fake_score_is_checkpointed_and_resumed(prior, tiny_sd_dir, tmp_path
 def test_lora_fake_score_trains_on_the_priors_own_parameterisation(tiny_sd_v_dir):
     """On a v-prediction model the fake score's target is v = a eps - s x; converted back to eps
     by the prior it is the noise that was added."""
-    from threedgen.guidance.fake_score import LoRAScore
     from tiny_diffusers import load_prior
+
+    from threedgen.guidance.fake_score import LoRAScore
 
     prior = load_prior(tiny_sd_v_dir)
     score = LoRAScore(prior, rank=2)

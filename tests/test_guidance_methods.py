@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from mock_prior import MockPrior
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance import GUIDANCE, GUIDANCE_INFO
-from mock_prior import MockPrior
 
 SEED = 7
 K = MockPrior.COEFS

@@ -3,10 +3,10 @@ teacher untouched, saved and loaded as safetensors."""
 
 import pytest
 import torch
+from tiny_diffusers import load_prior
 
 from threedgen.errors import UserError
 from threedgen.guidance.priors.diffusion.lora import LoRAFakeScore
-from tiny_diffusers import load_prior
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-
 from conftest import gltf_validator_available, validate_gltf
+
 from threedgen.cli import main
 from threedgen.export import build_asset, export_meshes
 from threedgen.guidance.priors.shapes.render import LIGHT_DIR

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from mock_prior import MockPrior
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance.sds import SDS, SDSConfig
-from mock_prior import MockPrior
 
 
 def _expected_grad(prior, images, cfg, seed, step=0, max_steps=100):

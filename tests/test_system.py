@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from mock_prior import MockPrior
 
-from threedgen.config import build_config, parse_overrides
-from threedgen.runner import make_trainer, quiet_libraries
-from threedgen.system import CameraDataModule, DivergedError, System
 from threedgen.cameras import CameraSampler
+from threedgen.config import build_config, parse_overrides
 from threedgen.guidance.sds import SDS, SDSConfig
 from threedgen.representations.nerf import NeRF
-from mock_prior import MockPrior
+from threedgen.runner import make_trainer, quiet_libraries
+from threedgen.system import CameraDataModule, DivergedError, System
 
 
 class FlakyPrior(MockPrior):

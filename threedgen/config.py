@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 import re
+import typing
 import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources

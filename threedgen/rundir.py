@@ -19,7 +19,6 @@ from pathlib import Path
 
 from threedgen.errors import UserError
 
-
 # errno values of a write that failed for want of space, and of one the disk itself refused.
 NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 DISK_ERRORS = NO_SPACE | {errno.EROFS, errno.EIO}

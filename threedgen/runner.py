@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from threedgen.config import RunConfig, load_run_config, to_yaml
 from threedgen.checkpoints import CorruptCheckpoint, choose_checkpoint, read_checkpoint, save_checkpoint
+from threedgen.config import RunConfig, load_run_config, to_yaml
 from threedgen.errors import RunFailed, UserError
 from threedgen.rundir import NO_SPACE, atomic_write_text, check_writable, new_run_dir, write_status
 
@@ -111,9 +111,9 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     import pytorch_lightning as pl
 
     from threedgen.callbacks import SafeCheckpoint
+    from threedgen.cameras import CameraSampler
     from threedgen.export import export_run_outputs
     from threedgen.system import CameraDataModule, DivergedError
-    from threedgen.cameras import CameraSampler
 
     quiet_libraries()
     ckpt_path = None

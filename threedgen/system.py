@@ -19,8 +19,8 @@ import sys
 import pytorch_lightning as pl
 import torch
 
+from threedgen.cameras import Cameras, CameraSampler, CameraStream
 from threedgen.errors import RunFailed
-from threedgen.cameras import CameraSampler, Cameras, CameraStream
 
 
 class CameraDataModule(pl.LightningDataModule):

@@ -70,8 +70,8 @@ def parse_seeds(text) -> list[int]:
 def validate(settings: Settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
              resolution) -> list[dict]:
     """One job's parameters per seed, each checked exactly as `threedgen run` checks its input."""
-    from threedgen.guidance import GUIDANCE
     from threedgen.config import REPRESENTATIONS
+    from threedgen.guidance import GUIDANCE
     from threedgen.guidance.priors import check_run
 
     if not isinstance(prompt, str) or not isinstance(negative_prompt or "", str):
