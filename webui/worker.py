@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -162,8 +163,6 @@ class WorkerPool:
         if any(d.startswith("cuda") for d in self.devices):
             # Build gsplat's and nerfacc's kernels once, here, before any job: two jobs building
             # them at once on a fresh install delete each other's build folder.
-            import sys
-
             from threedgen import kernels
 
             for name, status in kernels.prepare(log=lambda m: print(m, file=sys.stderr, flush=True)).items():
