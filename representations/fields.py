@@ -104,6 +104,7 @@ class HashGridField(torch.nn.Module):
         self.bound = bound
         self.tcnn = None
         self.backend = "torch"
+        self.fallback = None  # why tiny-cuda-nn was not used where it would have been
         cuda = torch.device(device).type == "cuda"
         if backend == "tcnn" and not cuda:
             raise UserError("representation.hash_backend=tcnn needs CUDA (tiny-cuda-nn); use hash_backend=torch")
@@ -132,8 +133,8 @@ class HashGridField(torch.nn.Module):
                     raise UserError(f"representation.hash_backend=tcnn: tiny-cuda-nn is unavailable ({error}); "
                                     "install it for this GPU, or use hash_backend=torch (a run trained with "
                                     "one cannot be resumed or exported with the other)")
-                print(f"threedgen: tiny-cuda-nn is unavailable ({error}); using the PyTorch hash grid (slower)",
-                      file=sys.stderr, flush=True)
+                self.fallback = f"tiny-cuda-nn is unavailable ({error}); using the PyTorch hash grid (slower)"
+                print(f"threedgen: {self.fallback}", file=sys.stderr, flush=True)
         if self.tcnn is None:
             self.encoding = HashEncoding(n_levels=n_levels, log2_table=log2_table)
             self.mlp = torch.nn.Sequential(torch.nn.Linear(self.encoding.output_dim, hidden), torch.nn.ReLU(),

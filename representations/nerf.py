@@ -183,6 +183,8 @@ class NeRF(Representation):
                                        backend=cfg.hash_backend)
             # Record the implementation chosen: its checkpoint keys are its own (config.yaml keeps it).
             cfg.hash_backend = self.field.backend
+            if self.field.fallback:
+                self.fallbacks.append(self.field.fallback)
         self.estimator = None
         self.empty_grid = None
         self._occ_started = False

@@ -442,6 +442,7 @@ def test_hash_grid_takes_its_own_learning_rates_and_records_its_backend(fake_cud
     lrs = {g["name"]: g["lr"] for g in nerf.parameter_groups()}
     assert lrs == {"encoding": 0.01, "mlp": 0.001}
     assert nerf.backends()["field"] == "hash (torch)"
+    assert any("tiny-cuda-nn is unavailable" in note for note in nerf.backends()["fallbacks"])
     with pytest.raises(UserError, match="hash_backend=tcnn: tiny-cuda-nn is unavailable"):
         NeRF(NeRFConfig(field="hash", hash_backend="tcnn"), "cuda")
 
@@ -493,3 +494,20 @@ def test_dense_depth_is_the_expected_depth():
     cams = Cameras.from_angles([0.0], [0.0], 2.0, 10.0, (0.0, 0.0, 0.0))
     out = nerf.render(cams, 1, 1)  # through the box from t=1.5 to 2.5
     assert out.alpha.item() < 0.5 and 1.9 < out.depth.item() < 2.1
+
+
+def test_status_json_keeps_the_runs_backends_through_later_writes(tmp_path):
+    """Previews, failures and interruptions rewrite status.json; the backends (and any fallback
+    from a CUDA kernel) stay in it for the whole run."""
+    from threedgen.rundir import write_status
+
+    backends = {"rasteriser": "pytorch", "fallbacks": ["gsplat's CUDA kernels are unavailable (...)"]}
+    write_status(tmp_path, "running", step=0, max_steps=10, backends=backends)
+    write_status(tmp_path, "running", step=5, max_steps=10)  # what the preview callback writes
+    assert json.loads((tmp_path / "status.json").read_text())["backends"] == backends
+    write_status(tmp_path, "failed", error="out of memory")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and status["backends"] == backends and "step" not in status
+    (tmp_path / "status.json").write_text("{not json")
+    write_status(tmp_path, "interrupted")  # a damaged file is replaced, not fatal
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "interrupted"

@@ -75,7 +75,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+# Keys of status.json that describe the whole run, not one moment of it: a later write without
+# them keeps the earlier value (previews, failures and interruptions do not lose them).
+RUN_KEYS = ("backends",)
+
+
 def write_status(run_dir: Path, status: str, **extra) -> None:
-    """``status.json``: running / succeeded / failed / interrupted, with the step and timings."""
-    atomic_write_text(Path(run_dir) / "status.json",
-                      json.dumps({"status": status, "time": time.time(), **extra}, indent=1))
+    """``status.json``: running / succeeded / failed / interrupted, with the step and timings, and
+    the run's ``RUN_KEYS`` from the last write that gave them."""
+    path = Path(run_dir) / "status.json"
+    missing = [key for key in RUN_KEYS if key not in extra]
+    if missing:
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = {}
+        extra.update({key: earlier[key] for key in missing if isinstance(earlier, dict) and key in earlier})
+    atomic_write_text(path, json.dumps({"status": status, "time": time.time(), **extra}, indent=1))
