@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from quality import report  # noqa: E402
 
+from threedgen.config import deep_merge  # noqa: E402
+
 # Stable Diffusion 2.1 base (stabilityai/stable-diffusion-2-1-base, 512x512, epsilon prediction).
 SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280),
@@ -75,17 +77,6 @@ def build_sd21_base(folder: Path, dtype: torch.dtype = torch.float16) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False).to(dtype=dtype)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """``top`` over ``base``, section by section: a nested dict updates the one below it key by key."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def occgrid_warmup_steps(estimator) -> int:

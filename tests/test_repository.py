@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTSIDE = ("../shared", "shared/design", "shared/reviews")
+# Spelled in parts, so that this file does not name what it looks for.
+OUTSIDE = tuple("/".join(parts) for parts in (("..", "shared"), ("shared", "design"), ("shared", "reviews")))
 
 
 def _tracked_files() -> list[Path]:
@@ -23,7 +24,7 @@ def _tracked_files() -> list[Path]:
 def test_no_tracked_file_points_outside_the_repository():
     offenders = []
     for path in _tracked_files():
-        if path == Path(__file__).resolve() or not path.is_file():
+        if not path.is_file():
             continue
         try:
             text = path.read_text(encoding="utf-8")

@@ -171,7 +171,7 @@ def _load_preset(relative: str, seen: tuple = ()) -> dict:
     mine = data.get("representation", {}).get("name")
     if mine is not None and base.get("representation", {}).get("name", mine) != mine:
         base.pop("representation")  # another representation's settings do not carry over
-    return _deep_merge(base, data)
+    return deep_merge(base, data)
 
 
 # ---- overrides --------------------------------------------------------------------------------
@@ -237,10 +237,11 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, section by section: a nested dict updates the one below it key by key."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -296,12 +297,12 @@ def build_config(guidance: str = "sds", representation: str = "nerf", prior: str
         preset = f"{guidance}-{representation}"
         if _config_text(preset + ".yaml") is None:
             raise UserError(f"no preset configs/{preset}.yaml; available: {', '.join(available_presets())}")
-        data = _deep_merge(_load_preset(preset + ".yaml"), _load_yaml(f"priors/{prior}.yaml"))
-        data = _deep_merge(data, _load_yaml(f"priors/{prior}-{guidance}.yaml"))  # optional, e.g. shapes-sds
+        data = deep_merge(_load_preset(preset + ".yaml"), _load_yaml(f"priors/{prior}.yaml"))
+        data = deep_merge(data, _load_yaml(f"priors/{prior}-{guidance}.yaml"))  # optional, e.g. shapes-sds
     else:
         data = base
-    data = _deep_merge(data, overrides or {})
-    data = _resolve_raw(_deep_merge(data, flags or {}), RunConfig)
+    data = deep_merge(data, overrides or {})
+    data = _resolve_raw(deep_merge(data, flags or {}), RunConfig)
     for section, name in (("guidance", guidance), ("representation", representation), ("prior", prior)):
         if not isinstance(data.setdefault(section, {}), dict):
             raise UserError(f"config key {section!r} is a section; set {section}.name=... instead")

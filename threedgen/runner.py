@@ -152,8 +152,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     trainer = None
     try:
         atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
-        backends = system.representation.backends()
-        write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps, backends=backends)
+        write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps,
+                     backends=system.representation.backends())
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
         try:
             trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path,
@@ -186,7 +186,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
                      skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
                      rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2),
                      export_seconds=round(export_seconds, 2), eval_seconds=round(eval_seconds, 2),
-                     total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"], backends=backends,
+                     total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
                      mask_iou=None if metrics is None else metrics["mask_iou"])
     except KeyboardInterrupt:
         _try_status(run_dir, "interrupted", max_steps=cfg.steps,
