@@ -119,7 +119,7 @@ def measure(model: str, representation: str, device: torch.device, steps: int, w
     system = build_components(cfg, device)
     system.train()
     prior, guidance, rep = system.prior, system.guidance, system.representation
-    opt = system.configure_optimizers()
+    optimizers = system.configure_optimizers()
     sampler = CameraSampler(cfg.camera, 0)
     size = cfg.render.resolution
     floor_warmup = warmup
@@ -131,10 +131,12 @@ def measure(model: str, representation: str, device: torch.device, steps: int, w
     def step(i: int) -> None:
         out = rep.render(cams[i], size, size)
         loss = guidance(out.rgb, system.embeds, cams[i], i, cfg.steps).loss + system.regularizers(out)
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        rep.on_step(i, cfg.steps, opt)
+        for opt in optimizers:
+            opt.step()
+        rep.on_step(i, cfg.steps)
 
     # The teacher-only floor: the same prior calls on a fixed image, nothing else.
     image = torch.rand(1, 3, size, size, device=device, requires_grad=True)

@@ -63,7 +63,7 @@ def measure(prompt: str, representation: str, out: Path, repeats: int, size: int
     rep = system.representation
     metrics = json.loads((run_dir / "metrics.json").read_text())
     truth = system.prior.truth(prompt).mesh()
-    before = rep.extract_mesh(128)
+    before = rep.extract_surface(128).colored_mesh()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -68,7 +68,8 @@ class MemoryProbe(pl.Callback):
 def soak(representation: str, steps: int, every: int, overrides: dict, trim: bool = False) -> dict:
     from threedgen.cameras import CameraSampler
     from threedgen.config import build_config
-    from threedgen.runner import build_components, make_trainer, resolve_device
+    from threedgen.devices import resolve_device
+    from threedgen.runner import build_components, make_trainer
     from threedgen.system import CameraDataModule
 
     cfg = build_config("sds", representation, overrides=overrides, flags={"prompt": "a red cube", "steps": steps})

@@ -18,7 +18,8 @@ import torch
 
 from threedgen.cameras import orbit
 from threedgen.representations import splatting
-from threedgen.representations.gaussians import Gaussians, GaussiansConfig
+from threedgen.representations.config import GaussiansConfig
+from threedgen.representations.gaussians import Gaussians
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import report  # noqa: E402

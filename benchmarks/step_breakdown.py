@@ -21,7 +21,7 @@ from threedgen.runner import build_components
 def measure(cfg, steps: int, warmup: int = 10) -> dict:
     torch.manual_seed(0)
     system = build_components(cfg, torch.device("cpu"))
-    opt = system.configure_optimizers()
+    optimizers = system.configure_optimizers()
     sampler = CameraSampler(cfg.camera, 0)
     rep, guidance, size = system.representation, system.guidance, cfg.render.resolution
     parts = {"render": [], "guidance": [], "backward": [], "optimizer": []}
@@ -32,10 +32,12 @@ def measure(cfg, steps: int, warmup: int = 10) -> dict:
         t1 = time.perf_counter()
         g = guidance(out.rgb, system.embeds, cams, step, cfg.steps)
         t2 = time.perf_counter()
-        opt.zero_grad()
+        for opt in optimizers:
+            opt.zero_grad()
         g.loss.backward()
         t3 = time.perf_counter()
-        opt.step()
+        for opt in optimizers:
+            opt.step()
         t4 = time.perf_counter()
         if step >= warmup:
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

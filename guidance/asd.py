@@ -16,36 +16,15 @@ min_step and ``w`` is taken at t, as the official code does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.errors import check_range
-from threedgen.guidance.base import Guidance, GuidanceConfig, GuidanceOutput, add_noise, alphas_at, inject_gradient
-from threedgen.guidance.cfg import ExtraItems, guided_noise
+from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient
+from threedgen.guidance.classifier_free import RideAlong, guided_noise
 from threedgen.guidance.priors.base import PromptEmbeds
 
 
-@dataclass
-class ASDConfig(GuidanceConfig):
-    name: str = "asd"
-    guidance_scale: float = 7.5
-    min_step_percent: Any = (0.5, 0.02)
-    max_step_percent: Any = (0.98, 0.5)
-    plus_ratio: float = 0.1  # dt as a fraction of (t - min_step)
-    plus_random: bool = True  # dt uniform in [0, max]; False: always the max
-
-    def check(self) -> None:
-        super().check()
-        check_range("guidance.plus_ratio", self.plus_ratio, 0, 10)
-
-
 class ASD(Guidance):
-    name = "asd"
-
-
     def shifted_timesteps(self, t: torch.Tensor, min_step: int) -> torch.Tensor:
         T = self.prior.num_train_timesteps
         span = torch.minimum(self.cfg.plus_ratio * (t - min_step).float(), (T - 1 - t).float())
@@ -61,8 +40,8 @@ class ASD(Guidance):
         with torch.no_grad():
             eps = torch.randn_like(x)
             t2 = self.shifted_timesteps(t, self.step_range(step, max_steps)[0])
-            x_t, x_t2 = add_noise(prior, x, t, eps), add_noise(prior, x, t2, eps)
+            x_t, x_t2 = prior.noise.add_noise(x, t, eps), prior.noise.add_noise(x, t2, eps)
             pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale,
-                                extra=ExtraItems(x_t2, t2, embeds.cond_for(cameras), cameras))
-            grad = (1 - alphas_at(prior, t, x)) * (pred.eps - pred.extra)
+                                ride_along=RideAlong(x_t2, t2, embeds.cond_for(cameras), cameras))
+            grad = (1 - prior.noise.alphas_at(t, x)) * (pred.eps - pred.ride_along)
         return GuidanceOutput(inject_gradient(x, grad), grad.flatten(1).norm(dim=1).mean(), t, {"t2": t2.float().mean()})

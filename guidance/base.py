@@ -6,6 +6,8 @@ Conventions shared by every method:
   for the prior-space input ``x`` of a batch of B views (threestudio's normalisation).
 - Timesteps are drawn per view, ``t ~ U{min_step, max_step}`` with ``min_step_percent`` and
   ``max_step_percent`` schedules (``threedgen.schedule``) times ``num_train_timesteps``.
+- Noise algebra (``x_t``, ``abar_t``, DDIM steps) is the prior's schedule's, ``prior.noise``
+  (``threedgen.noise``).
 """
 
 from __future__ import annotations
@@ -17,33 +19,8 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.guidance.priors.base import Prior, PromptEmbeds
-from threedgen.schedule import check_schedule, schedule_value
-
-
-@dataclass
-class GuidanceConfig:
-    """What every method has: a CFG scale and the timestep range schedules (fractions of T)."""
-
-    name: str = "guidance"
-    guidance_scale: float = 7.5
-    # Schedules (threedgen.schedule): a number, [v0, v1] or [start_step, v0, v1, end_step].
-    min_step_percent: Any = 0.02
-    max_step_percent: Any = 0.98
-
-    def check(self) -> None:
-        check_schedule("guidance.min_step_percent", self.min_step_percent, 0.0, 1.0)
-        check_schedule("guidance.max_step_percent", self.max_step_percent, 0.0, 1.0)
-
-
-def alphas_at(prior: Prior, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``alphas_cumprod[t]`` shaped to broadcast against ``like [B,...]``."""
-    return prior.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.dim() - 1)))
-
-
-def add_noise(prior: Prior, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (the scheduler's add_noise)."""
-    abar = alphas_at(prior, t, x)
-    return abar.sqrt() * x + (1 - abar).sqrt() * eps
+from threedgen.modules import hold
+from threedgen.schedule import schedule_value
 
 
 def sample_noise(x: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
@@ -59,7 +36,7 @@ class GuidanceOutput:
     loss: torch.Tensor  # scalar; d loss / d x = g / B
     grad_norm: torch.Tensor  # ||g|| (mean over the batch), detached
     t: torch.Tensor  # [B] timesteps used
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific numbers to log
 
 
 def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -71,15 +48,13 @@ def inject_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 class Guidance(torch.nn.Module):
     """Base class: holds the prior and the timestep schedule; subclasses implement ``forward``."""
 
-    name = "guidance"
-
     def __init__(self, cfg, prior: Prior):
         super().__init__()
         if hasattr(cfg, "check"):
             cfg.check()
         self.cfg = cfg
         # Not a submodule: the prior is frozen and shared, and its weights are never checkpointed.
-        object.__setattr__(self, "prior", prior)
+        hold(self, "prior", prior)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Renders ``[B,H,W,3]`` in [0,1] -> the prior's input space (differentiable)."""

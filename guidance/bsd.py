@@ -19,39 +19,12 @@ low quality.").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.errors import check_range
-from threedgen.guidance.base import (
-    Guidance,
-    GuidanceConfig,
-    GuidanceOutput,
-    add_noise,
-    alphas_at,
-    inject_gradient,
-    sample_noise,
-)
-from threedgen.guidance.cfg import guided_noise
+from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient, sample_noise
+from threedgen.guidance.classifier_free import guided_noise
 from threedgen.guidance.priors.base import PromptEmbeds
-
-
-@dataclass
-class BSDConfig(GuidanceConfig):
-    name: str = "bsd"
-    guidance_scale: float = 15.0  # the classifier : smoothing ratio
-    min_step_percent: Any = 0.02
-    max_step_percent: Any = (0, 0.98, 0.5, 0.3)
-    noise_offset: float = 0.1
-    grad_scale: float = 1.0
-
-    def check(self) -> None:
-        super().check()
-        check_range("guidance.noise_offset", self.noise_offset, 0, 10)
-        check_range("guidance.grad_scale", self.grad_scale, 0, 1e6)
 
 
 def min_norm_weight(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -62,20 +35,17 @@ def min_norm_weight(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 class BSD(Guidance):
-    name = "bsd"
-
-
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         prior, cfg = self.prior, self.cfg
         x = self.encode(images)
         t = self.sample_shared_timestep(x.shape[0], step, max_steps, x.device)
         with torch.no_grad():
-            x_t = add_noise(prior, x, t, sample_noise(x, cfg.noise_offset))
+            x_t = prior.noise.add_noise(x, t, sample_noise(x, cfg.noise_offset))
             pred = guided_noise(prior, x_t, t, embeds, cameras, 1.0)
             c = cfg.guidance_scale * (pred.eps - pred.uncond)  # e_y - e_u (with Perp-Neg: its guided direction)
             d = pred.uncond
             al = min_norm_weight(c, d)
-            grad = alphas_at(prior, t, x).sqrt() * (al * c + (1 - al) * d) * cfg.grad_scale
+            grad = prior.noise.alphas_at(t, x).sqrt() * (al * c + (1 - al) * d) * cfg.grad_scale
         return GuidanceOutput(inject_gradient(x, grad), grad.flatten(1).norm(dim=1).mean(), t,
                               {"balance": al.mean()})

@@ -19,39 +19,17 @@ Stable Diffusion the VAE's posterior sample still adds some).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.errors import UserError, check_range
-from threedgen.guidance.base import Guidance, GuidanceConfig, GuidanceOutput, alphas_at, inject_gradient
-from threedgen.guidance.cfg import guided_noise
+from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient
+from threedgen.guidance.classifier_free import guided_noise
 from threedgen.guidance.inversion import ddim_invert
 from threedgen.guidance.priors.base import PromptEmbeds
 
 
-@dataclass
-class CSMConfig(GuidanceConfig):
-    name: str = "csm"
-    guidance_scale: float = 7.5
-    weighting: str = "sds"
-    normalize: bool = False
-    inversion_stride: int = 200
-    inversion_max_steps: int = 5
-
-    def check(self) -> None:
-        super().check()
-        if self.weighting not in ("sds", "uniform"):
-            raise UserError(f"guidance.weighting must be sds or uniform; got {self.weighting!r}")
-        check_range("guidance.inversion_stride", self.inversion_stride, 1, 1000, integer=True)
-        check_range("guidance.inversion_max_steps", self.inversion_max_steps, 1, 1000, integer=True)
-
-
 class CSM(Guidance):
-    name = "csm"
-
-
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         prior, cfg = self.prior, self.cfg
@@ -62,7 +40,8 @@ class CSM(Guidance):
             stride = max(cfg.inversion_stride, math.ceil(k_t / cfg.inversion_max_steps))
             x_t, calls = ddim_invert(prior, x, 0, k_t, stride, embeds.empty_for(cameras), cameras)
             pred = guided_noise(prior, x_t, t, embeds, cameras, 1.0)
-            w = 1 - alphas_at(prior, t, x) if cfg.weighting == "sds" else torch.ones_like(alphas_at(prior, t, x))
+            abar = prior.noise.alphas_at(t, x)
+            w = 1 - abar if cfg.weighting == "sds" else torch.ones_like(abar)
             grad = w * cfg.guidance_scale * (pred.eps - pred.uncond)  # e_y - e_u (Perp-Neg: its direction)
             if cfg.normalize:
                 grad = grad / grad.norm().clamp(min=1e-12)

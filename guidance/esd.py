@@ -14,28 +14,11 @@ the README's example is 0.5. Everything else is VSD (``vsd.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from threedgen.errors import UserError, check_range
-from threedgen.guidance.vsd import VSD, VSDConfig
-
-
-@dataclass
-class ESDConfig(VSDConfig):
-    name: str = "esd"
-    entropy_weight: float = 0.5
-
-    def check(self) -> None:
-        super().check()
-        check_range("guidance.entropy_weight", self.entropy_weight, 0, 1)
-        if self.entropy_weight > 0 and self.camera_dropout <= 0:
-            raise UserError("ESD needs guidance.camera_dropout > 0: the camera-free branch of the fake score is "
-                            "only trained through camera dropout (0.1 is the usual value)")
+from threedgen.guidance.config import ESDConfig
+from threedgen.guidance.vsd import VSD
 
 
 class ESD(VSD):
-    name = "esd"
-
     def __init__(self, cfg: ESDConfig, prior):
         super().__init__(cfg, prior)
         self.entropy_weight = cfg.entropy_weight

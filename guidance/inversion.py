@@ -2,8 +2,9 @@
 
     x0_hat = (x_k - s_k e) / a_k,     x_k' = a_k' x0_hat + s_k' e          (eta = 0)
 
-with ``e`` the prior's eps at ``(x_k, k)``. With ``k' > k`` this is DDIM *inversion* (LucidDreamer's
-``ddim_step`` called with a negative delta). All items of a batch share one timestep.
+with ``e`` the prior's eps at ``(x_k, k)`` (the step itself is ``prior.noise.ddim_step``). With
+``k' > k`` this is DDIM *inversion* (LucidDreamer's ``ddim_step`` called with a negative delta).
+All items of a batch share one timestep.
 """
 
 from __future__ import annotations
@@ -11,13 +12,6 @@ from __future__ import annotations
 import torch
 
 from threedgen.cameras import Cameras
-
-
-def ddim_step(prior, x: torch.Tensor, eps: torch.Tensor, k_from: int, k_to: int) -> torch.Tensor:
-    abar = prior.alphas_cumprod.to(x.device)
-    a_from, a_to = abar[k_from], abar[k_to]
-    x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
 
 
 def ddim_invert(prior, x: torch.Tensor, k_from: int, k_to: int, stride: int, cond: list,
@@ -29,7 +23,7 @@ def ddim_invert(prior, x: torch.Tensor, k_from: int, k_to: int, stride: int, con
     while cur < k_to:
         nxt = min(cur + stride, k_to)
         t = torch.full((x.shape[0],), cur, dtype=torch.long, device=x.device)
-        x = ddim_step(prior, x, prior.predict_noise(x, t, cond, views), cur, nxt)
+        x = prior.noise.ddim_step(x, prior.predict_noise(x, t, cond, views), cur, nxt)
         calls += 1
         cur = nxt
     return x, calls

@@ -5,41 +5,23 @@ Diffusion", eq. 3):
     g = w(t) * (eps_cfg(x_t, t) - eps),   eps_cfg = eps_u + s * (eps_y - eps_u)
 
 with ``w(t) = 1 - alphas_cumprod[t]`` ("sds"), 1 ("uniform") or ``sqrt(abar)(1-abar)``
-("fantasia3d"). Cond and uncond are one batched prior call (``threedgen.guidance.cfg``; Perp-Neg
-when the prior's prompt settings ask for it). Optional element-wise clipping of g
+("fantasia3d"). Cond and uncond are one batched prior call (``threedgen.guidance.classifier_free``;
+Perp-Neg when the prior's prompt settings ask for it). Optional element-wise clipping of g
 (threestudio's ``grad_clip``). Note the CFG convention: diffusers' (D); threestudio's SDS uses
 ``e_y + s(e_y - e_u)`` (T), so its scale 100 equals 101 here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.guidance.base import Guidance, GuidanceConfig, GuidanceOutput, add_noise, alphas_at, inject_gradient
-from threedgen.guidance.cfg import guided_noise
+from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient
+from threedgen.guidance.classifier_free import guided_noise
+from threedgen.guidance.config import SDS_WEIGHTINGS as WEIGHTINGS
 from threedgen.guidance.priors.base import PromptEmbeds
-from threedgen.schedule import check_schedule, schedule_value
-
-WEIGHTINGS = ("sds", "uniform", "fantasia3d")
-
-
-@dataclass
-class SDSConfig(GuidanceConfig):
-    name: str = "sds"
-    guidance_scale: float = 100.0
-    weighting: str = "sds"
-    grad_clip: Any = None  # a schedule, or None for no clipping
-
-    def check(self) -> None:
-        super().check()
-        if self.weighting not in WEIGHTINGS:
-            raise UserError(f"guidance.weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
-        check_schedule("guidance.grad_clip", self.grad_clip, 0.0, float("inf"))
+from threedgen.schedule import schedule_value
 
 
 def sds_weight(weighting: str, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
@@ -53,9 +35,6 @@ def sds_weight(weighting: str, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
 
 
 class SDS(Guidance):
-    name = "sds"
-
-
     def forward(self, images: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras, step: int,
                 max_steps: int) -> GuidanceOutput:
         """``images [B,H,W,3]`` in [0,1] -> loss whose gradient on the prior input is g / B."""
@@ -64,9 +43,9 @@ class SDS(Guidance):
         b = x.shape[0]
         t = self.sample_timesteps(b, step, max_steps, x.device)
         with torch.no_grad():
-            abar = alphas_at(prior, t, x)
+            abar = prior.noise.alphas_at(t, x)
             eps = torch.randn_like(x)
-            x_t = add_noise(prior, x, t, eps)
+            x_t = prior.noise.add_noise(x, t, eps)
             eps_cfg = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale).eps
             grad = sds_weight(cfg.weighting, abar) * (eps_cfg - eps)
             clip = schedule_value(cfg.grad_clip, step, max_steps)

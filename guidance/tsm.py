@@ -29,59 +29,15 @@ defaults (200, 5, T = 1000) that is LucidDreamer's schedule; the official code i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
 
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.errors import check_range
-from threedgen.guidance.base import (
-    Guidance,
-    GuidanceConfig,
-    GuidanceOutput,
-    add_noise,
-    alphas_at,
-    inject_gradient,
-    sample_noise,
-)
-from threedgen.guidance.cfg import ExtraItems, guided_noise
-from threedgen.guidance.inversion import ddim_invert, ddim_step
+from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient, sample_noise
+from threedgen.guidance.classifier_free import RideAlong, guided_noise
+from threedgen.guidance.inversion import ddim_invert
 from threedgen.guidance.priors.base import PromptEmbeds
-from threedgen.schedule import check_schedule, schedule_value
-
-
-@dataclass
-class TSMConfig(GuidanceConfig):
-    name: str = "tsm"
-    guidance_scale: float = 7.5
-    min_step_percent: Any = 0.02
-    # 0.98 -> 0.5 over the warm-up (LucidDreamer: 1,500 of 5,000 iterations)
-    max_step_percent: Any = (0, 0.98, 0.5, 0.3)
-    interval: Any = (0, 100, 80, 0.3)  # dT = t - s, annealed over the warm-up like the range
-    gamma: float = 0.3  # 1 = ISM
-    inversion_stride: int = 200
-    inversion_max_steps: int = 5
-    noise_offset: float = 0.1
-    grad_scale: float = 1.0
-    pixel_grad_clip: Optional[float] = None  # Dreamer XL: 0.05
-
-    def check(self) -> None:
-        super().check()
-        check_range("guidance.gamma", self.gamma, 0, 1)
-        check_schedule("guidance.interval", self.interval, 0, 1000)
-        check_range("guidance.inversion_stride", self.inversion_stride, 1, 1000, integer=True)
-        check_range("guidance.inversion_max_steps", self.inversion_max_steps, 1, 1000, integer=True)
-        check_range("guidance.noise_offset", self.noise_offset, 0, 10)
-        check_range("guidance.grad_scale", self.grad_scale, 0, 1e6)
-        if self.pixel_grad_clip is not None:
-            check_range("guidance.pixel_grad_clip", self.pixel_grad_clip, 1e-12, 1e6)
-
-
-@dataclass
-class ISMConfig(TSMConfig):
-    name: str = "ism"
-    gamma: float = 1.0
+from threedgen.schedule import schedule_value
 
 
 def clip_pixel_gradient(grad: torch.Tensor, limit: float) -> torch.Tensor:
@@ -91,9 +47,6 @@ def clip_pixel_gradient(grad: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 class TSM(Guidance):
-    name = "tsm"
-
-
     def timesteps(self, b: int, step: int, max_steps: int, device) -> tuple[torch.Tensor, int, int, int]:
         """(t for the batch, t, s, mu) as integers."""
         t = self.sample_shared_timestep(b, step, max_steps, device)
@@ -114,18 +67,18 @@ class TSM(Guidance):
         empty = embeds.empty_for(cameras)
         with torch.no_grad():
             eps = sample_noise(x, cfg.noise_offset)
-            x_0 = add_noise(prior, x, torch.zeros_like(t), eps)
+            x_0 = prior.noise.add_noise(x, torch.zeros_like(t), eps)
             stride = max(cfg.inversion_stride, math.ceil(k_s / cfg.inversion_max_steps))
             x_s, calls = ddim_invert(prior, x_0, 0, k_s, stride, empty, cameras)
             e_s = prior.predict_noise(x_s, torch.full_like(t, k_s), empty, cameras)
-            x_t = ddim_step(prior, x_s, e_s, k_s, k_t)
-            extra = None
+            x_t = prior.noise.ddim_step(x_s, e_s, k_s, k_t)
+            mu_item = None
             if k_mu != k_s:
-                x_mu = ddim_step(prior, x_s, e_s, k_s, k_mu)
-                extra = ExtraItems(x_mu, torch.full_like(t, k_mu), empty, cameras)
-            pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale, extra=extra)
-            target = e_s if extra is None else pred.extra
-            abar = alphas_at(prior, t, x)
+                x_mu = prior.noise.ddim_step(x_s, e_s, k_s, k_mu)
+                mu_item = RideAlong(x_mu, torch.full_like(t, k_mu), empty, cameras)
+            pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale, ride_along=mu_item)
+            target = e_s if mu_item is None else pred.ride_along
+            abar = prior.noise.alphas_at(t, x)
             grad = ((1 - abar) / abar).sqrt() * (pred.eps - target) * cfg.grad_scale
         return GuidanceOutput(inject_gradient(x, grad), grad.flatten(1).norm(dim=1).mean(), t,
                               {"inversion_calls": float(calls + 1)})

@@ -27,48 +27,18 @@ ESD) the prior's view-marginal prediction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.errors import check_range
-from threedgen.guidance.base import Guidance, GuidanceConfig, GuidanceOutput, add_noise, alphas_at, inject_gradient
-from threedgen.guidance.cfg import ExtraItems, guided_noise
-from threedgen.guidance.fake_score import build_fake_score, camera_input
+from threedgen.guidance.base import Guidance, GuidanceOutput, inject_gradient
+from threedgen.guidance.camera_embedding import camera_input
+from threedgen.guidance.classifier_free import RideAlong, guided_noise
+from threedgen.guidance.config import VSDConfig
+from threedgen.guidance.fake_score import build_fake_score
 from threedgen.guidance.priors.base import PromptEmbeds
 
 
-@dataclass
-class VSDConfig(GuidanceConfig):
-    name: str = "vsd"
-    guidance_scale: float = 7.5
-    min_step_percent: Any = 0.02
-    max_step_percent: Any = (0.2, 0.98, 0.5, 0.2)  # U{20..980}, then U{20..500} after 20% of the run
-    camera_dropout: float = 0.1  # probability the fake score is trained without the camera
-    lambda_fake: float = 1.0  # weight of the fake-score loss
-    lora_rank: int = 4  # diffusers priors
-    lora_lr: float = 1e-4
-    fake_score_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # pixel priors
-    fake_score_lr: float = 1e-3
-
-    def check(self) -> None:
-        super().check()
-        check_range("guidance.camera_dropout", self.camera_dropout, 0, 1)
-        check_range("guidance.lambda_fake", self.lambda_fake, 0, 1e6)
-        check_range("guidance.lora_rank", self.lora_rank, 1, 1024, integer=True)
-        check_range("guidance.lora_lr", self.lora_lr, 0, 1)
-        check_range("guidance.fake_score_lr", self.fake_score_lr, 0, 1)
-        if not self.fake_score_channels or any(not isinstance(c, int) or c < 8 or c % 8 for c in self.fake_score_channels):
-            from threedgen.errors import UserError
-
-            raise UserError("guidance.fake_score_channels must be a list of multiples of 8, e.g. [32, 64, 64]; "
-                            f"got {self.fake_score_channels!r}")
-
-
 class VSD(Guidance):
-    name = "vsd"
     entropy_weight = 0.0  # ESD's lambda; 0 is VSD
 
     def __init__(self, cfg: VSDConfig, prior):
@@ -104,8 +74,8 @@ class VSD(Guidance):
         keep = torch.rand(b, device=x.device) >= cfg.camera_dropout
         with torch.no_grad():
             eps = torch.randn_like(x)
-            x_t = add_noise(prior, x, t, eps)
-            x_fake = add_noise(prior, x_d, t_fake, eps_fake)
+            x_t = prior.noise.add_noise(x, t, eps)
+            x_fake = prior.noise.add_noise(x_d, t_fake, eps_fake)
             if not self.fake_score.uses_teacher:
                 pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale)
                 teacher = teacher_free = teacher_fake = None
@@ -113,7 +83,7 @@ class VSD(Guidance):
                 pred, teacher_free, teacher_fake = self._teacher_terms(x_t, t, x_fake, t_fake, keep, embeds, cameras)
                 teacher = pred.cond
             e_fake = self.fake_eps(x_t, t, cond, camera, teacher, teacher_free)
-            grad = (1 - alphas_at(prior, t, x)) * (pred.eps - e_fake)
+            grad = (1 - prior.noise.alphas_at(t, x)) * (pred.eps - e_fake)
         fake_loss = self.fake_score.training_loss(x_d, t_fake, eps_fake, cond, camera_input(cameras.c2w.to(x.device), keep),
                                                   teacher_fake)
         loss = inject_gradient(x, grad) + cfg.lambda_fake * fake_loss
@@ -127,11 +97,11 @@ class VSD(Guidance):
         prior = self.prior
         kept = keep.nonzero().flatten().tolist()
         dropped = (~keep).nonzero().flatten().tolist()
-        extra = None
+        kept_rows = None
         if kept:
             sub = cameras.take(kept)
-            extra = ExtraItems(x_fake[kept], t_fake[kept], embeds.cond_for(sub), sub)
-        pred = guided_noise(prior, x_t, t, embeds, cameras, self.cfg.guidance_scale, extra=extra)
+            kept_rows = RideAlong(x_fake[kept], t_fake[kept], embeds.cond_for(sub), sub)
+        pred = guided_noise(prior, x_t, t, embeds, cameras, self.cfg.guidance_scale, ride_along=kept_rows)
         free_x, free_t = [x_fake[dropped]], [t_fake[dropped]]
         if self.entropy_weight:
             free_x.append(x_t)
@@ -140,7 +110,7 @@ class VSD(Guidance):
         free = prior.predict_noise(free_x, free_t, [embeds.cond] * len(free_x), None) if len(free_x) else free_x
         teacher_fake = torch.empty_like(x_fake)
         if kept:
-            teacher_fake[kept] = pred.extra
+            teacher_fake[kept] = pred.ride_along
         if dropped:
             teacher_fake[dropped] = free[:len(dropped)]
         teacher_free = free[len(dropped):] if self.entropy_weight else None

@@ -1,11 +1,7 @@
-"""Representations and their registry: name -> (config dataclass, class)."""
+"""Representations, one file each; their settings and registry are in ``config.py`` (torch-free)."""
 
 from __future__ import annotations
 
-from threedgen.representations.gaussians import Gaussians, GaussiansConfig
-from threedgen.representations.nerf import NeRF, NeRFConfig
+from threedgen.representations.config import REPRESENTATIONS
 
-REPRESENTATION_CLASSES = {
-    "nerf": (NeRFConfig, NeRF),
-    "gaussians": (GaussiansConfig, Gaussians),
-}
+__all__ = ["REPRESENTATIONS"]

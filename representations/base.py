@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -13,19 +12,25 @@ from threedgen.cameras import Cameras
 @dataclass
 class RenderOutput:
     """Renders in ``[B,H,W,C]``: ``rgb`` (C=3, composited over each camera's background),
-    ``alpha`` (C=1, accumulated opacity), ``depth`` (C=1, expected ray distance), ``normal``
-    (C=3) where the representation provides it."""
+    ``alpha`` (C=1, accumulated opacity), ``depth`` (C=1, expected ray distance)."""
 
     rgb: torch.Tensor
     alpha: torch.Tensor
     depth: torch.Tensor
-    normal: Optional[torch.Tensor] = None
 
 
 class Representation(torch.nn.Module):
-    """Base class. Subclasses implement ``render``, ``parameter_groups`` and ``extract_surface``."""
+    """Base class. Subclasses implement ``render``, ``parameter_groups`` and ``extract_surface``.
+
+    A representation owns its optimizers (``optimizers``, name -> optimizer, made by
+    :meth:`make_optimizers`): the system steps, checkpoints and rolls them back, and a
+    representation that adds or removes parameters (Gaussians' densification) updates them itself."""
 
     name = "representation"
+
+    def __init__(self):
+        super().__init__()
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
     def render(self, cameras: Cameras, height: int, width: int) -> RenderOutput:
         raise NotImplementedError
@@ -34,10 +39,15 @@ class Representation(torch.nn.Module):
         """Optimizer parameter groups (``params``, ``lr``, ``name``) from the representation's config."""
         raise NotImplementedError
 
-    def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
-        """Maintenance after an optimizer step (occupancy grid update, densify/prune). ``optimizer``
-        is the system's optimizer: a representation that adds or removes parameters (Gaussians'
-        densification) updates its groups and state there, so the system keeps owning it."""
+    def make_optimizers(self, betas: tuple[float, float], eps: float) -> dict[str, torch.optim.Optimizer]:
+        """Make (replacing any earlier ones) and keep in ``optimizers`` the Adam optimizers of
+        :meth:`parameter_groups`; here one over every group, named after the representation."""
+        self.optimizers = {self.name: torch.optim.Adam(self.parameter_groups(), betas=betas, eps=eps)}
+        return self.optimizers
+
+    def on_step(self, step: int, max_steps: int = 0) -> None:
+        """Maintenance after an optimizer step (occupancy grid update, densify/prune through
+        ``optimizers``)."""
 
     def backends(self) -> dict:
         """Which implementations render it (rasteriser, sampler, field) and any fallback from a
@@ -56,15 +66,7 @@ class Representation(torch.nn.Module):
         """Representation-specific files written next to the meshes (Gaussians' ``splats.ply``)."""
         return []
 
-    def regularizers(self, out: RenderOutput) -> dict[str, torch.Tensor]:
-        """Representation-specific losses on a render (name -> scalar, weighted in the system)."""
-        return {}
-
     def extract_surface(self, resolution: int = 128):
         """The surface for export: a ``threedgen.meshing.Surface`` (mesh +Y up in world units, and
         the colour function that vertex colours and textures are baked from)."""
         raise NotImplementedError
-
-    def extract_mesh(self, resolution: int = 128):
-        """A ``trimesh.Trimesh`` with vertex colours, +Y up, in world units."""
-        return self.extract_surface(resolution).colored_mesh()

@@ -110,8 +110,8 @@ class HashGridField(torch.nn.Module):
             raise UserError("representation.hash_backend=tcnn needs CUDA (tiny-cuda-nn); use hash_backend=torch")
         if backend in ("auto", "tcnn") and cuda:
             error = None
-            try:  # optional, CUDA only; imported lazily
-                import tinycudann as tcnn
+            try:
+                import tinycudann as tcnn  # optional and CUDA only: imported where it is used, and may fail
 
                 per_level_scale = math.exp(math.log(2048 / 16) / max(n_levels - 1, 1))
                 # Two modules, so that the hash table and the MLP take their own learning rates.

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from threedgen.boxes import box_points, chunk_ranges
 from threedgen.meshing import Surface, check_mesh_resolution, surface_from_grid
-from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, box_points, chunk_ranges, opacity_extent
+from threedgen.representations.gsplat_reference import quat_scale_to_covar_preci
+from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, opacity_extent
 
 MAX_PAIRS = 1 << 22  # (voxel, Gaussian) pairs evaluated at once
 
@@ -42,10 +45,8 @@ def _splat(centers, radius, size: int, weight_fn, channels: int, dims: int) -> t
 def density_grids(means, quats, scales, opacities, colors, bound: float, resolution: int):
     """``(density [R,R,R], colour [R,R,R,3])`` on the grid ``linspace(-bound, bound, R)`` per axis,
     indexed ``[x,y,z]``."""
-    from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci
-
     h = 2 * bound / (resolution - 1)
-    covars, precis = _quat_scale_to_covar_preci(quats, scales)
+    covars, precis = quat_scale_to_covar_preci(quats, scales)
     centers = (means + bound) / h
     radius = opacity_extent(opacities)[:, None] * covars.diagonal(dim1=-2, dim2=-1).sqrt() / h
     precis_grid = precis * h * h  # offsets are in grid units
@@ -67,10 +68,8 @@ def axis_opacity(means, quats, scales, opacities, bound: float, resolution: int)
     """Whether each axis-aligned grid line renders opaque (alpha >= 0.5) under orthographic
     splatting: for axis a, the Gaussians' 2D marginals over the other two axes, alphas composited
     (order does not change the total). Concatenated as ``silhouette_level`` expects."""
-    from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci
-
     h = 2 * bound / (resolution - 1)
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    covars, _ = quat_scale_to_covar_preci(quats, scales, compute_preci=False)
     centers3 = (means + bound) / h
     extent = opacity_extent(opacities)
     flags = []
@@ -95,8 +94,6 @@ def axis_opacity(means, quats, scales, opacities, bound: float, resolution: int)
 def gaussians_surface(means, quats, scales, opacities, colors, bound: float, resolution: int = 128,
                       threshold: float | None = None) -> Surface:
     """The Gaussians' surface (+Y up, world units) with the colour grid as its colour function."""
-    import torch.nn.functional as F
-
     check_mesh_resolution(resolution)
     means, quats, scales = means.float(), quats.float(), scales.float()
     opacities, colors = opacities.float(), colors.float()

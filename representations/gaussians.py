@@ -10,96 +10,38 @@ the matched pure-PyTorch rasteriser (``splatting.rasterize_pytorch``) elsewhere,
 ``representation.backend`` forces one.
 
 Densification and pruning: gsplat's ``DefaultStrategy`` (clone small / split large Gaussians whose
-mean screen-space gradient is high, prune transparent ones), fed by either rasteriser. Settings for
-score distillation differ from photogrammetry's (see ``GaussiansConfig``): the gradient comes from a
-noisy teacher, not a photo, so the threshold is ~50x gsplat's default (DreamGaussian's 0.01), growth
-stops well before the end of the run, the opacity reset is off (it would throw away the shape the
-teacher has agreed on), and a cap on the number of Gaussians keeps a CPU step bounded. MCMC
-(``densify=mcmc``) needs CUDA (its relocation kernel).
+mean screen-space gradient is high, prune transparent ones), fed by either rasteriser. It edits the
+parameters together with their optimizers, so the Gaussians own theirs in gsplat's convention: one
+Adam per parameter, by name (``make_optimizers``). Settings for score distillation differ from
+photogrammetry's (see ``GaussiansConfig``): the gradient comes from a noisy teacher, not a photo, so
+the threshold is ~50x gsplat's default (DreamGaussian's 0.01), growth stops well before the end of
+the run, the opacity reset is off (it would throw away the shape the teacher has agreed on), and a
+cap on the number of Gaussians keeps a CPU step bounded. MCMC (``densify=mcmc``) needs CUDA (its
+relocation kernel).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from gsplat import DefaultStrategy, MCMCStrategy, export_splats
+from gsplat.strategy.ops import remove
 
 from threedgen import kernels
 from threedgen.cameras import Cameras
-from threedgen.errors import UserError, check_range
+from threedgen.errors import UserError
 from threedgen.representations import splatting
 from threedgen.representations.base import RenderOutput, Representation
+from threedgen.representations.config import GaussiansConfig
+from threedgen.representations.gaussian_mesh import gaussians_surface
+from threedgen.rundir import atomic_path
 
 SH_C0 = 0.28209479177387814
 PARAM_NAMES = ("means", "scales", "quats", "opacities", "sh0", "shN")
-
-
-@dataclass
-class GaussiansConfig:
-    name: str = "gaussians"
-    # Rasteriser: "auto" (gsplat on CUDA, PyTorch elsewhere), "gsplat" (CUDA only), "pytorch".
-    backend: str = "auto"
-    # Scene box half-size: initialisation and the mesh grid stay inside [-bound, bound]^3.
-    bound: float = 1.0
-    num_points: int = 2000
-    # "ball": uniform in a ball of init_radius; "sphere": on its surface.
-    init: str = "ball"
-    init_radius: float = 0.5
-    init_opacity: float = 0.1
-    # Initial standard deviation; None = the mean spacing of the initial points.
-    init_scale: Optional[float] = None
-    sh_degree: int = 0
-    eps2d: float = 0.3
-    lr_means: float = 0.001
-    lr_scales: float = 0.005
-    lr_quats: float = 0.005
-    lr_opacities: float = 0.05
-    lr_sh0: float = 0.01
-    lr_shN: float = 0.0005
-    # Densification: "default" (gsplat DefaultStrategy, any device), "mcmc" (CUDA), "none".
-    densify: str = "default"
-    densify_start: float = 0.1  # fraction of the run
-    densify_stop: float = 0.6  # fraction of the run
-    densify_every: int = 50
-    densify_grad_threshold: float = 0.01
-    # Clone (below) or split (above) at this fraction of the scene scale (init_radius).
-    densify_scale_threshold: float = 0.05
-    prune_opacity: float = 0.01
-    max_gaussians: int = 5000
-    # Isosurface level of the Gaussians' density for export; None = automatic.
-    mesh_threshold: Optional[float] = None
-
-    def check(self) -> None:
-        for key, allowed in (("backend", ("auto", "gsplat", "pytorch")), ("init", ("ball", "sphere")),
-                             ("densify", ("default", "mcmc", "none"))):
-            if getattr(self, key) not in allowed:
-                raise UserError(f"representation.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-        check_range("representation.bound", self.bound, 1e-3, 100)
-        check_range("representation.num_points", self.num_points, 1, 10_000_000, integer=True)
-        check_range("representation.init_radius", self.init_radius, 1e-4, self.bound)
-        check_range("representation.init_opacity", self.init_opacity, 1e-3, 0.999)
-        if self.init_scale is not None:
-            check_range("representation.init_scale", self.init_scale, 1e-5, self.bound)
-        check_range("representation.sh_degree", self.sh_degree, 0, 3, integer=True)
-        check_range("representation.eps2d", self.eps2d, 0, 10)
-        for key in ("lr_means", "lr_scales", "lr_quats", "lr_opacities", "lr_sh0", "lr_shN"):
-            check_range(f"representation.{key}", getattr(self, key), 0, 10)
-        check_range("representation.densify_start", self.densify_start, 0, 1)
-        check_range("representation.densify_stop", self.densify_stop, 0, 1)
-        check_range("representation.densify_every", self.densify_every, 1, 1_000_000, integer=True)
-        check_range("representation.densify_grad_threshold", self.densify_grad_threshold, 0, 1e6)
-        check_range("representation.densify_scale_threshold", self.densify_scale_threshold, 0, 100)
-        check_range("representation.prune_opacity", self.prune_opacity, 0, 1)
-        check_range("representation.max_gaussians", self.max_gaussians, 1, 100_000_000, integer=True)
-        if self.max_gaussians < self.num_points:
-            raise UserError(f"representation.max_gaussians ({self.max_gaussians}) is below "
-                            f"representation.num_points ({self.num_points})")
-        if self.mesh_threshold is not None:
-            check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
 
 
 def initial_points(cfg: GaussiansConfig, generator: torch.Generator) -> torch.Tensor:
@@ -117,15 +59,6 @@ def mean_spacing(cfg: GaussiansConfig) -> float:
     if cfg.init == "ball":
         return (4 / 3 * math.pi * r ** 3 / n) ** (1 / 3)
     return (4 * math.pi * r ** 2 / n) ** 0.5
-
-
-class _GroupView:
-    """One parameter's group of the system's shared optimizer, shaped like the one-parameter
-    optimizer gsplat's strategies expect (``param_groups`` and ``state``). Writing a new tensor
-    into the group (as gsplat does on clone/split/prune) updates the shared optimizer."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, group: dict):
-        self.param_groups, self.state = [group], optimizer.state
 
 
 class Gaussians(Representation):
@@ -184,13 +117,27 @@ class Gaussians(Representation):
         cfg = self.cfg
         return [{"params": [self.params[k]], "lr": getattr(cfg, f"lr_{k}"), "name": k} for k in PARAM_NAMES]
 
+    def make_optimizers(self, betas: tuple[float, float], eps: float) -> dict[str, torch.optim.Optimizer]:
+        """gsplat's convention, which its strategies densify and prune through: one Adam per
+        parameter, under the parameter's name."""
+        self.optimizers = {group["name"]: torch.optim.Adam([group], betas=betas, eps=eps)
+                           for group in self.parameter_groups()}
+        return self.optimizers
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Densification changes N: take the checkpoint's sizes before loading its values.
+        # Densification changes N: take the checkpoint's sizes before loading its values, and point
+        # the parameter's optimizer at the new tensor (its moments no longer fit: a rollback loads
+        # the saved ones next).
         for name in PARAM_NAMES:
             key = f"{prefix}params.{name}"
             if key in state_dict and state_dict[key].shape != self.params[name].shape:
-                self.params[name] = torch.nn.Parameter(torch.empty_like(state_dict[key], device=self.params[name].device))
+                old = self.params[name]
+                self.params[name] = torch.nn.Parameter(torch.empty_like(state_dict[key], device=old.device))
+                optimizer = self.optimizers.get(name)
+                if optimizer is not None:
+                    optimizer.state.pop(old, None)
+                    optimizer.param_groups[0]["params"] = [self.params[name]]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -228,13 +175,9 @@ class Gaussians(Representation):
     def _make_strategy(self):
         cfg = self.cfg
         if cfg.densify == "mcmc":
-            from gsplat import MCMCStrategy
-
             strategy = MCMCStrategy(cap_max=cfg.max_gaussians, refine_every=cfg.densify_every,
                                     min_opacity=cfg.prune_opacity)
             return strategy, strategy.initialize_state()
-        from gsplat import DefaultStrategy
-
         strategy = DefaultStrategy(
             prune_opa=cfg.prune_opacity, grow_grad2d=cfg.densify_grad_threshold,
             grow_scale3d=cfg.densify_scale_threshold, prune_scale3d=1e9,  # never prune for size
@@ -242,48 +185,36 @@ class Gaussians(Representation):
             reset_every=1 << 62)
         return strategy, strategy.initialize_state(scene_scale=cfg.init_radius)
 
-    def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
+    def on_step(self, step: int, max_steps: int = 0) -> None:
         info, self._info = self._info, None
-        if self.strategy is None or optimizer is None or info is None or info["means2d"].grad is None:
+        if self.strategy is None or not self.optimizers or info is None or info["means2d"].grad is None:
             return
         cfg = self.cfg
         start, stop = int(cfg.densify_start * max_steps), int(cfg.densify_stop * max_steps)
         if cfg.densify != "mcmc" and not (start <= step < stop):
             return
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper -> torch's
-        views = {}
-        for group in optimizer.param_groups:
-            for name in PARAM_NAMES:
-                if any(p is self.params[name] for p in group["params"]):
-                    views[name] = _GroupView(optimizer, group)
         if cfg.densify == "mcmc":
             # MCMC relocates and grows inside [start, stop) (its own defaults, 500 and 25,000, would
             # leave a short run untouched) and perturbs the means every step (its noise).
             self.strategy.refine_start_iter, self.strategy.refine_stop_iter = start, stop
-            self.strategy.step_post_backward(self.params, views, self.strategy_state, step, info,
-                                             lr=views["means"].param_groups[0]["lr"])
+            self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info,
+                                             lr=self.optimizers["means"].param_groups[0]["lr"])
             return
         s = self.strategy
         s.refine_start_iter, s.refine_stop_iter = start, stop
         # At the cap, refinement only prunes.
         s.grow_grad2d = cfg.densify_grad_threshold if len(self) < cfg.max_gaussians else float("inf")
-        s.step_post_backward(self.params, views, self.strategy_state, step, info, packed=False)
+        s.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, packed=False)
         if len(self) > cfg.max_gaussians:  # the last growth overshot: drop the newest Gaussians
-            from gsplat.strategy.ops import remove
-
             extra = torch.zeros(len(self), dtype=torch.bool, device=self.params["means"].device)
             extra[cfg.max_gaussians:] = True
-            remove(self.params, views, self.strategy_state, extra)
+            remove(self.params, self.optimizers, self.strategy_state, extra)
 
     # ---- export --------------------------------------------------------------------------
     @torch.no_grad()
     def export_files(self, run_dir: Path) -> list[Path]:
         """The standard 3D Gaussian splatting ``splats.ply`` (x y z, f_dc, f_rest, opacity logit,
         log scales, wxyz rotation), through gsplat's exporter."""
-        from gsplat import export_splats
-
-        from threedgen.rundir import atomic_path
-
         p = {k: v.detach().float().cpu() for k, v in self.params.items()}
         path = Path(run_dir) / "splats.ply"
         with atomic_path(path) as tmp:
@@ -293,8 +224,6 @@ class Gaussians(Representation):
 
     @torch.no_grad()
     def extract_surface(self, resolution: int = 128):
-        from threedgen.representations.gaussian_mesh import gaussians_surface
-
         a = self.activated()
         rgb = torch.clamp(SH_C0 * self.params["sh0"][:, 0] + 0.5, 0, 1)
         return gaussians_surface(a["means"], a["quats"], a["scales"], a["opacities"], rgb, self.cfg.bound,

@@ -19,79 +19,16 @@ optimisation from a soft ball so early renders have something to shade.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
+import nerfacc
 import torch
 import torch.nn.functional as F
 
 from threedgen import kernels
 from threedgen.cameras import Cameras
-from threedgen.errors import UserError, check_range
+from threedgen.meshing import surface_from_field
 from threedgen.representations.base import RenderOutput, Representation
+from threedgen.representations.config import NeRFConfig
 from threedgen.representations.fields import DenseGridField, HashGridField
-
-
-@dataclass
-class NeRFConfig:
-    name: str = "nerf"
-    # Field: "grid" (dense voxel grids, the CPU default), "hash" (hash grid + MLP, the CUDA
-    # default; tiny-cuda-nn when importable), or "auto".
-    field: str = "auto"
-    # Sampler: "dense" (stratified, any device), "occgrid" (nerfacc occupancy grid, CUDA), "auto".
-    sampler: str = "auto"
-    bound: float = 1.0
-    density_resolution: int = 64
-    color_resolution: int = 32
-    hash_levels: int = 16
-    hash_log2_table: int = 19
-    # Hash grid implementation: "auto" (tiny-cuda-nn on CUDA when it imports, else PyTorch),
-    # "tcnn", "torch". A run records the one it used here (their checkpoints differ).
-    hash_backend: str = "auto"
-    num_samples: int = 32
-    render_step_size: float = 0.005
-    occgrid_resolution: int = 128
-    # Empty-space skipping for the dense sampler (any device): a skip_grid^3 occupancy grid.
-    skip_empty: bool = True
-    skip_grid: int = 32
-    skip_every: int = 16
-    skip_threshold: float = 0.001  # a cell is empty below this opacity across one cell
-    density_activation: str = "softplus"
-    density_blob_scale: float = 10.0
-    density_blob_radius: float = 0.5
-    lr_density: float = 0.3  # dense grids
-    lr_color: float = 0.3  # dense grids
-    # Hash field: its encoding and its MLP (threestudio's order of magnitude for the hash grid).
-    lr_hash: float = 0.01
-    lr_mlp: float = 0.001
-    # Isosurface level for export; None = automatic (see threedgen.meshing).
-    mesh_threshold: Optional[float] = None
-
-    def check(self) -> None:
-        for key, allowed in (("field", ("auto", "grid", "hash")), ("sampler", ("auto", "dense", "occgrid")),
-                             ("hash_backend", ("auto", "tcnn", "torch")),
-                             ("density_activation", ("softplus", "exp"))):
-            if getattr(self, key) not in allowed:
-                raise UserError(f"representation.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-        check_range("representation.bound", self.bound, 1e-3, 100)
-        check_range("representation.density_resolution", self.density_resolution, 4, 512, integer=True)
-        check_range("representation.color_resolution", self.color_resolution, 4, 512, integer=True)
-        check_range("representation.num_samples", self.num_samples, 1, 1024, integer=True)
-        check_range("representation.hash_levels", self.hash_levels, 1, 32, integer=True)
-        check_range("representation.hash_log2_table", self.hash_log2_table, 8, 24, integer=True)
-        check_range("representation.render_step_size", self.render_step_size, 1e-5, 1)
-        check_range("representation.occgrid_resolution", self.occgrid_resolution, 8, 512, integer=True)
-        check_range("representation.skip_grid", self.skip_grid, 4, 256, integer=True)
-        check_range("representation.skip_every", self.skip_every, 1, 1_000_000, integer=True)
-        check_range("representation.skip_threshold", self.skip_threshold, 0, 1)
-        check_range("representation.density_blob_scale", self.density_blob_scale, 0, 1e4)
-        check_range("representation.density_blob_radius", self.density_blob_radius, 1e-3, 100)
-        check_range("representation.lr_density", self.lr_density, 0, 100)
-        check_range("representation.lr_color", self.lr_color, 0, 100)
-        check_range("representation.lr_hash", self.lr_hash, 0, 100)
-        check_range("representation.lr_mlp", self.lr_mlp, 0, 100)
-        if self.mesh_threshold is not None:
-            check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
 
 
 def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound, upper=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +127,7 @@ class NeRF(Representation):
         self._occ_started = False
         if self.sampler_kind == "dense" and cfg.skip_empty:
             self.empty_grid = EmptySpaceGrid(cfg.bound, cfg.skip_grid, cfg.skip_threshold)
-        if self.sampler_kind == "occgrid":
-            import nerfacc  # its CUDA kernels were loaded (or built) by kernels.choose
-
+        if self.sampler_kind == "occgrid":  # nerfacc's CUDA kernels were loaded (or built) by kernels.choose
             b = cfg.bound
             self.estimator = nerfacc.OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b],
                                                       resolution=cfg.occgrid_resolution, levels=1)
@@ -247,8 +182,6 @@ class NeRF(Representation):
         return tuple(v.new_zeros(len(o), v.shape[1]).index_copy(0, hit, v) for v in (color, acc, depth))
 
     def _march_dense(self, o: torch.Tensor, d: torch.Tensor):
-        from nerfacc import accumulate_along_rays, render_weight_from_density
-
         n = self.cfg.num_samples
         near, far = ray_aabb(o, d, self.cfg.bound)
         u = torch.rand(o.shape[0], n, device=o.device) if self.training else torch.full((o.shape[0], n), 0.5, device=o.device)
@@ -266,16 +199,14 @@ class NeRF(Representation):
             sigma_kept, rgb_kept = self.density_and_color(points.index_select(0, keep))
             sigma = sigma_kept.new_zeros(points.shape[0]).index_copy(0, keep, sigma_kept)
             rgb = rgb_kept.new_zeros(points.shape[0], 3).index_copy(0, keep, rgb_kept)
-        weights, _, _ = render_weight_from_density(t_starts, t_ends, sigma.view(-1, n))
-        color = accumulate_along_rays(weights, rgb.view(-1, n, 3))
-        acc = accumulate_along_rays(weights, None)
+        weights, _, _ = nerfacc.render_weight_from_density(t_starts, t_ends, sigma.view(-1, n))
+        color = nerfacc.accumulate_along_rays(weights, rgb.view(-1, n, 3))
+        acc = nerfacc.accumulate_along_rays(weights, None)
         # The expected depth along the ray (divided by the opacity), as nerfacc's rendering gives.
-        depth = accumulate_along_rays(weights, t_mid[..., None]) / acc.clamp_min(1e-10)
+        depth = nerfacc.accumulate_along_rays(weights, t_mid[..., None]) / acc.clamp_min(1e-10)
         return color, acc, depth
 
     def _render_occgrid(self, o: torch.Tensor, d: torch.Tensor):
-        import nerfacc
-
         def sigma_fn(t_starts, t_ends, ray_indices):
             p = o[ray_indices] + d[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
             return self.density(p)
@@ -298,7 +229,7 @@ class NeRF(Representation):
                                                  rgb_sigma_fn=rgb_sigma_fn)
         return color, acc, depth
 
-    def on_step(self, step: int, max_steps: int = 0, optimizer=None) -> None:
+    def on_step(self, step: int, max_steps: int = 0) -> None:
         if self.empty_grid is not None and step % self.cfg.skip_every == 0:
             self.empty_grid.update(self.density, jitter=True)
         if self.estimator is not None:
@@ -317,7 +248,5 @@ class NeRF(Representation):
 
     @torch.no_grad()
     def extract_surface(self, resolution: int = 128):
-        from threedgen.meshing import surface_from_field
-
         return surface_from_field(self.density, self.color, self.cfg.bound, resolution, self.cfg.mesh_threshold,
                                device=next(self.parameters()).device)

@@ -13,9 +13,9 @@ Both paths take the same inputs and return ``(rgb, alpha, depth, info)``:
 
 What the CPU rasteriser reproduces of gsplat 1.5's CUDA kernels (``ProjectionEWA3DGSFused.cu`` and
 ``RasterizeToPixels3DGSFwd.cu``), so the two agree to float rounding:
-- projection through gsplat's own PyTorch reference (``_fully_fused_projection``): EWA with the
-  Jacobian clamped at 1.3x the field of view, the low-pass term ``eps2d`` added to the 2D
-  covariance, near-plane culling;
+- projection through gsplat's own PyTorch reference (``gsplat_reference.fully_fused_projection``):
+  EWA with the Jacobian clamped at 1.3x the field of view, the low-pass term ``eps2d`` added to the
+  2D covariance, near-plane culling;
 - the opacity-aware screen radius ``ceil(min(3.33, sqrt(2 ln(255 o))) * sigma_xy)``; Gaussians
   with ``o < 1/255`` or off-screen are culled (radius 0);
 - per pixel (centre at ``+0.5``), Gaussians in increasing camera depth; ``alpha = min(0.999, o
@@ -33,6 +33,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from gsplat import rasterization
+
+from threedgen.boxes import box_points
+from threedgen.representations import gsplat_reference
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 MAX_ALPHA = 0.999
@@ -58,12 +62,10 @@ def sh_to_color(sh_degree: Optional[int], means: torch.Tensor, colors: torch.Ten
     C = viewmats.shape[0]
     if sh_degree is None:
         return colors[None].expand(C, *colors.shape)
-    from gsplat.cuda._torch_impl import _spherical_harmonics
-
     campos = torch.linalg.inv(viewmats)[:, :3, 3]
     dirs = means[None] - campos[:, None]
     coeffs = colors[None].expand(C, *colors.shape)
-    return torch.clamp_min(_spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
+    return torch.clamp_min(gsplat_reference.spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
 
 
 def opacity_extent(opacities: torch.Tensor) -> torch.Tensor:
@@ -76,10 +78,8 @@ def project(means, quats, scales, opacities, viewmats, Ks, width: int, height: i
             eps2d: float = 0.3, near_plane: float = 0.01):
     """gsplat's projection on any device: ``means2d [C,N,2]``, ``depths [C,N]``, ``conics [C,N,3]``
     and the opacity-aware ``radii [C,N,2]`` (int32, 0 = culled) of the CUDA kernel."""
-    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
-
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False)
-    ref_radii, means2d, depths, conics, _ = _fully_fused_projection(
+    covars, _ = gsplat_reference.quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False)
+    ref_radii, means2d, depths, conics, _ = gsplat_reference.fully_fused_projection(
         means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane)
     with torch.no_grad():
         a, b, c = conics.unbind(-1)
@@ -94,36 +94,6 @@ def project(means, quats, scales, opacities, viewmats, Ks, width: int, height: i
                 & (mx + rx > 0) & (mx - rx < width) & (my + ry > 0) & (my - ry < height))
         radii = torch.where(keep[..., None], radii, torch.zeros_like(radii)).int()
     return means2d, depths, conics, radii
-
-
-def chunk_ranges(count: torch.Tensor, max_items: int):
-    """Consecutive ranges ``(start, end)`` of boxes whose ``count`` sum to at most ``max_items``
-    (a single larger box gets a range of its own), so ``box_points`` fits in memory per range."""
-    start, total = 0, 0
-    for i, c in enumerate(count.tolist()):
-        if total and total + c > max_items:
-            yield start, i
-            start, total = i, 0
-        total += c
-    if start < len(count):
-        yield start, len(count)
-
-
-def box_points(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every integer point of the boxes ``lo[m] <= p <= hi[m]`` (``[M,D]``, inclusive; empty where
-    ``hi < lo``): ``(owner [P], points [P,D])``, box by box, the last axis fastest."""
-    size = (hi - lo + 1).clamp_min(0)
-    count = size.prod(-1)
-    total = int(count.sum())
-    owner = torch.repeat_interleave(torch.arange(len(count), device=lo.device), count, output_size=total)
-    local = torch.arange(total, device=lo.device) - (torch.cumsum(count, 0) - count).index_select(0, owner)
-    coords = []
-    size_t, lo_t = size.T.contiguous(), lo.T.contiguous()  # per-axis rows: 1-D gathers (index_select)
-    for axis in reversed(range(lo.shape[1])):
-        n = size_t[axis].index_select(0, owner)
-        coords.append(lo_t[axis].index_select(0, owner) + local % n)
-        local = torch.div(local, n, rounding_mode="floor")
-    return owner, torch.stack(coords[::-1], -1)
 
 
 def _pairs(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int):
@@ -223,8 +193,6 @@ def rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, widt
                      backgrounds: Optional[torch.Tensor] = None, sh_degree: Optional[int] = None,
                      eps2d: float = 0.3, near_plane: float = 0.01):  # pragma: no cover - CUDA only
     """gsplat's fused CUDA rasteriser with the same conventions as ``rasterize_pytorch``."""
-    from gsplat import rasterization
-
     colors_out, alpha, info = rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane=near_plane,
         eps2d=eps2d, sh_degree=sh_degree, packed=False, backgrounds=backgrounds, render_mode="RGB+ED",

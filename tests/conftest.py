@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_prior_cfg():
     """A small shapes world: 16x16 images, 8 views, two shapes (fast, still every code path)."""
-    from threedgen.guidance.priors.shapes.prior import ShapesPriorConfig
+    from threedgen.guidance.priors.config import ShapesPriorConfig
 
     return ShapesPriorConfig(resolution=16, elevations=[10.0, 40.0], azimuth_step=90.0,
                              shapes=["cube", "torus"], camera_kappa=50.0, camera_kernel_max_angle=0.0)

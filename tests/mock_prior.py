@@ -3,18 +3,18 @@
 import torch
 
 from threedgen.guidance.priors.base import Prior, PromptEmbeds, sd_alphas_cumprod
+from threedgen.noise import NoiseSchedule
 
 
 class MockPrior(Prior):
     """eps(x_t, t, cond) = k_cond * x_t + b_cond + t / 1000, with (k, b) per conditioning string."""
 
-    name = "mock"
     COEFS = {"cond": (0.3, 0.1), "uncond": (-0.2, 0.05), "empty": (0.1, -0.3)}
 
     def __init__(self, resolution: int = 8):
         super().__init__()
         self.resolution = resolution
-        self.register_buffer("alphas_cumprod", sd_alphas_cumprod(), persistent=False)
+        self.noise = NoiseSchedule(sd_alphas_cumprod())
         self.calls = 0
 
     def encode_prompt(self, prompt, negative_prompt=""):
@@ -22,9 +22,6 @@ class MockPrior(Prior):
 
     def encode_images(self, rgb):
         return rgb * 2 - 1
-
-    def decode(self, x):
-        return (x + 1) / 2
 
     def predict_noise(self, x_t, t, cond, views=None):
         self.calls += 1

@@ -257,12 +257,12 @@ def input_resolution(tmp_path, capsys, **_):
     # No multiple is needed: both renderers take any size in range (the prior resizes).
     from threedgen.cameras import Cameras
     from threedgen.config import build_config
-    from threedgen.representations import REPRESENTATION_CLASSES
+    from threedgen.representations import REPRESENTATIONS
 
     cams = Cameras.from_angles([20.0], [30.0], 3.0, 40.0)
     for name in ("nerf", "gaussians"):
         rep_cfg = build_config("sds", name, flags={"prompt": "a red cube"}).representation
-        out = REPRESENTATION_CLASSES[name][1](rep_cfg, "cpu").render(cams, 33, 21)
+        out = REPRESENTATIONS[name].cls(rep_cfg, "cpu").render(cams, 33, 21)
         assert tuple(out.rgb.shape) == (1, 33, 21, 3), (name, out.rgb.shape)
 
 

@@ -3,7 +3,7 @@ import os
 import pytest
 import yaml
 
-from threedgen.config import build_config, escape_interpolation, load_run_config, parse_overrides, to_yaml
+from threedgen.config import build_config, escape_interpolation, parse_overrides, to_yaml
 from threedgen.errors import UserError
 from threedgen.schedule import schedule_value
 
@@ -72,7 +72,9 @@ def test_bad_values_are_one_line_errors(override, expected):
 
 @pytest.mark.parametrize("text", ["${oc.env:HOME}", "a ${x} b", "\\${oc.env:HOME}", "\\\\${y}", "$", "${", "a\\b"])
 def test_interpolations_are_never_resolved(text):
-    cfg = build_config(overrides=parse_overrides([f"negative_prompt={text}"]), flags={"prompt": f"p {text}"})
+    # Text that is no shapes-prior prompt: the config layer alone (no prior's checks of the run).
+    cfg = build_config(overrides=parse_overrides([f"negative_prompt={text}"]), flags={"prompt": f"p {text}"},
+                       whole_run=False)
     assert cfg.prompt == f"p {text}" and cfg.negative_prompt == text
     dumped = to_yaml(cfg)
     assert os.environ.get("HOME", "/root") not in dumped.replace("/root/", "")  # no environment value leaks
@@ -80,7 +82,8 @@ def test_interpolations_are_never_resolved(text):
 
 
 def test_text_fields_keep_the_text_as_typed():
-    cfg = build_config(overrides=parse_overrides(["negative_prompt=no", "device=cpu"]), flags={"prompt": "a red cube"})
+    cfg = build_config(overrides=parse_overrides(["negative_prompt=no", "device=cpu"]), flags={"prompt": "a red cube"},
+                       whole_run=False)
     assert cfg.negative_prompt == "no" and cfg.device == "cpu"
 
 
@@ -90,10 +93,10 @@ def test_prior_names_never_pick_files():
 
 
 def test_snapshot_round_trip(tmp_path):
-    cfg = build_config(flags={"prompt": "a ${oc.env:HOME} cube", "seed": 7})
+    cfg = build_config(flags={"prompt": "a ${oc.env:HOME} cube", "seed": 7}, whole_run=False)
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
-    again = load_run_config(path)
+    again = build_config(base=yaml.safe_load(path.read_text()), whole_run=False)
     assert again == cfg
 
 

@@ -112,7 +112,7 @@ def test_resume_continues_from_the_saved_step(tmp_path, capsys):
 def test_eval_of_a_run_without_a_truth_is_a_clear_error(short_run, monkeypatch, capsys):
     from threedgen.guidance.priors.shapes.prior import ShapesPrior
 
-    monkeypatch.setattr(ShapesPrior, "truth", lambda self, prompt: None)
+    monkeypatch.setattr(ShapesPrior, "truth", classmethod(lambda cls, prompt: None))
     assert main(["eval", str(short_run)]) == 2
     assert "has no ground truth" in capsys.readouterr().err
 

@@ -1,5 +1,5 @@
 """Gaussian splatting: the CPU rasteriser against the CUDA kernel's rules (and gsplat on a GPU),
-gradients, densification with the system's optimizer, splat .ply, mesh export, end-to-end runs."""
+gradients, densification through the Gaussians' own optimizers, splat .ply, mesh export, end-to-end runs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 
 from threedgen.cameras import Cameras, orbit
 from threedgen.errors import UserError
-from threedgen.representations import splatting
-from threedgen.representations.gaussians import PARAM_NAMES, SH_C0, Gaussians, GaussiansConfig, read_splat_ply
+from threedgen.representations import gsplat_reference, splatting
+from threedgen.representations.config import GaussiansConfig
+from threedgen.representations.gaussians import PARAM_NAMES, SH_C0, Gaussians, read_splat_ply
 
 
 def random_scene(n=40, seed=0, dtype=torch.float32):
@@ -81,14 +82,13 @@ def test_cpu_rasteriser_matches_the_cuda_kernel_rules():
 
 
 def test_projection_is_gsplats_with_the_opacity_aware_radius():
-    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
-
     means, quats, scales, opacities, _ = random_scene()
     cams = cameras()
     viewmats, Ks = splatting.camera_matrices(cams.c2w, cams.fovy, 64, 64)
     means2d, depths, conics, radii = splatting.project(means, quats, scales, opacities, viewmats, Ks, 64, 64)
-    covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False)
-    ref_radii, ref_means2d, ref_depths, ref_conics, _ = _fully_fused_projection(means, covars, viewmats, Ks, 64, 64)
+    covars, _ = gsplat_reference.quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    ref_radii, ref_means2d, ref_depths, ref_conics, _ = gsplat_reference.fully_fused_projection(
+        means, covars, viewmats, Ks, 64, 64)
     torch.testing.assert_close(means2d, ref_means2d)
     torch.testing.assert_close(conics, ref_conics)
     # The radius: ceil(min(3.33, sqrt(2 ln(255 o))) * sqrt(Sigma2d_xx)), Sigma2d = inverse conic.
@@ -163,20 +163,20 @@ def test_gradients_reach_every_parameter_and_match_finite_differences():
             assert fd == pytest.approx(float(grads[i, axis]), rel=0.02, abs=0.02), (i, axis)
 
 
-def _train_steps(rep, steps, start=0, max_steps=100, lr_scale=1.0):
-    opt = torch.optim.Adam(rep.parameter_groups(), eps=1e-15)
-    for group in opt.param_groups:
-        group["lr"] *= lr_scale
+def _train_steps(rep, steps, start=0, max_steps=100):
+    optimizers = rep.make_optimizers((0.9, 0.999), 1e-15)
     cams = cameras(1)
     target = torch.tensor([0.9, 0.1, 0.1])
     for step in range(start, start + steps):
         out = rep.render(cams, 32, 32)
         loss = ((out.rgb - target) ** 2).sum() * 100  # large gradients: everything wants to grow
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        rep.on_step(step, max_steps, opt)
-    return opt
+        for opt in optimizers.values():
+            opt.step()
+        rep.on_step(step, max_steps)
+    return optimizers
 
 
 def test_densify_and_prune_keep_the_optimizer_consistent():
@@ -184,15 +184,15 @@ def test_densify_and_prune_keep_the_optimizer_consistent():
                           densify_grad_threshold=1e-6, max_gaussians=5000, init_radius=0.3)
     rep = Gaussians(cfg, seed=0)
     n0 = len(rep)
-    opt = _train_steps(rep, 11)
+    optimizers = _train_steps(rep, 11)
     assert len(rep) > n0  # grew at steps 5 and 10
-    params = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert optimizers is rep.optimizers and list(optimizers) == list(PARAM_NAMES)  # gsplat's: one per parameter
     for name in PARAM_NAMES:
-        p = rep.params[name]
-        assert id(p) in params and p.shape[0] == len(rep)
+        p, opt = rep.params[name], optimizers[name]
+        assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p] and p.shape[0] == len(rep)
+        assert opt.param_groups[0]["params"][0] is p and list(opt.state) == [p]
         state = opt.state[p]
         assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
-    assert len(opt.param_groups) == len(PARAM_NAMES)
     # Pruning: make half of the Gaussians transparent; the next refinement drops them.
     with torch.no_grad():
         rep.params["opacities"][::2] = -20.0
@@ -258,7 +258,7 @@ def cube_of_gaussians(half=0.3, per_axis=10, color=(0.9, 0.1, 0.1)):
 
 def test_mesh_of_a_cube_of_gaussians_has_the_cube_s_size_and_colour():
     rep = cube_of_gaussians()
-    mesh = rep.extract_mesh(64)
+    mesh = rep.extract_surface(64).colored_mesh()
     assert len(mesh.faces) > 100 and mesh.is_watertight
     lo, hi = mesh.bounds
     # The splats' silhouette reaches a little beyond the outermost centres (their footprint).

@@ -106,4 +106,4 @@ def test_lora_fake_score_trains_on_the_priors_own_parameterisation(tiny_sd_v_dir
         torch.nn.functional.mse_loss = original
     a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x + (1 - a).sqrt() * eps
-    torch.testing.assert_close(prior.to_eps(captured["target"], x_t, t), eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prior.noise.to_eps(captured["target"], x_t, t), eps, rtol=1e-4, atol=1e-4)

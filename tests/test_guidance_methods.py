@@ -10,7 +10,7 @@ from mock_prior import MockPrior
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.guidance import GUIDANCE, GUIDANCE_INFO
+from threedgen.guidance import GUIDANCE
 
 SEED = 7
 K = MockPrior.COEFS
@@ -48,8 +48,8 @@ def ddim(prior, x, eps, k_from, k_to):
 
 def run(name, images, cams, step=0, max_steps=100, seed=SEED, **cfg_kw):
     prior = MockPrior()
-    cfg = GUIDANCE[name][0](**cfg_kw)
-    method = GUIDANCE[name][1](cfg, prior)
+    cfg = GUIDANCE[name].config(**cfg_kw)
+    method = GUIDANCE[name].cls(cfg, prior)
     torch.manual_seed(seed)
     out = method(images, prior.encode_prompt("p"), cams, step, max_steps)
     (grad_rgb,) = torch.autograd.grad(out.loss, images)
@@ -195,12 +195,12 @@ def _vsd_draws(method, images, b=2):
 @pytest.mark.parametrize("name, lam, dropout", [("vsd", 0.0, 0.1), ("vsd", 0.0, 1.0), ("esd", 0.5, 0.1),
                                                 ("esd", 1.0, 0.5)])
 def test_vsd_and_esd_gradient_with_a_trained_fake_score(inputs, name, lam, dropout):
-    from threedgen.guidance.fake_score import camera_input
+    from threedgen.guidance.camera_embedding import camera_input
 
     images, cams, x = inputs
     prior = MockPrior()
-    cfg = GUIDANCE[name][0](camera_dropout=dropout, **({"entropy_weight": lam} if name == "esd" else {}))
-    method = GUIDANCE[name][1](cfg, prior)
+    cfg = GUIDANCE[name].config(camera_dropout=dropout, **({"entropy_weight": lam} if name == "esd" else {}))
+    method = GUIDANCE[name].cls(cfg, prior)
     with torch.no_grad():  # a fake score that is not the teacher (as after some training)
         for p in method.fake_score.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -250,7 +250,7 @@ def test_esd_with_zero_entropy_weight_is_vsd(inputs):
     torch.manual_seed(3)
     m_state = {k: v.clone() for k, v in m_vsd.fake_score.state_dict().items()}
     prior = MockPrior()
-    esd = GUIDANCE["esd"][1](GUIDANCE["esd"][0](entropy_weight=0.0), prior)
+    esd = GUIDANCE["esd"].cls(GUIDANCE["esd"].config(entropy_weight=0.0), prior)
     esd.fake_score.load_state_dict(m_state)
     torch.manual_seed(SEED)
     out = esd(images, prior.encode_prompt("p"), cams, 0, 100)
@@ -259,12 +259,13 @@ def test_esd_with_zero_entropy_weight_is_vsd(inputs):
 
 def test_esd_requires_camera_dropout():
     with pytest.raises(UserError, match="camera_dropout > 0"):
-        GUIDANCE["esd"][0](camera_dropout=0.0).check()
+        GUIDANCE["esd"].config(camera_dropout=0.0).check()
 
 
 def test_fake_score_learns_a_fixed_toy_distribution():
     """Two fixed 'renders' seen from two cameras: the denoising loss of the fake score falls."""
-    from threedgen.guidance.fake_score import PixelFakeScore, camera_input
+    from threedgen.guidance.camera_embedding import camera_input
+    from threedgen.guidance.fake_score import PixelFakeScore
 
     prior = MockPrior()
     torch.manual_seed(0)
@@ -293,10 +294,10 @@ def test_guidance_list_names_every_method(capsys):
 
     assert main(["guidance", "list"]) == 0
     out = capsys.readouterr().out
-    for name in ("sds", "vsd", "esd", "asd", "tsm", "ism", "bsd", "csm"):
-        assert f"\n{name} " in out
-        assert GUIDANCE_INFO[name][0].split(" (")[0] in out
-    assert set(GUIDANCE_INFO) == set(GUIDANCE)
+    assert GUIDANCE.names() == ["sds", "vsd", "esd", "asd", "tsm", "ism", "bsd", "csm"]
+    for entry in GUIDANCE.entries():
+        assert f"\n{entry.name} " in out
+        assert entry.summary.split(" (")[0] in out and entry.cost in out
 
 
 @pytest.mark.parametrize("name", sorted(set(GUIDANCE) - {"sds"}))

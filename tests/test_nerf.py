@@ -6,7 +6,8 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.representations.nerf import NeRF, NeRFConfig, ray_aabb
+from threedgen.representations.config import NeRFConfig
+from threedgen.representations.nerf import NeRF, ray_aabb
 
 
 def _cams(n=2, bg=(1.0, 1.0, 1.0)):
@@ -110,7 +111,7 @@ def test_extract_mesh_of_a_sphere_has_the_right_radius_and_colours():
     with torch.no_grad():
         nerf.field.color[0].fill_(3.0)  # red
         nerf.field.color[1:].fill_(-3.0)
-    mesh = nerf.extract_mesh(96)
+    mesh = nerf.extract_surface(96).colored_mesh()
     radii = np.linalg.norm(mesh.vertices, axis=1)
     assert abs(np.median(radii) - 0.5) < 0.03
     assert mesh.is_watertight and mesh.volume > 0  # outward normals
@@ -121,24 +122,24 @@ def test_extract_mesh_of_a_sphere_has_the_right_radius_and_colours():
 def test_extract_mesh_fills_enclosed_cavities():
     # A thick shell (density only where 0.3 < r < 0.5) must export as one outer surface.
     nerf = _grid_nerf(lambda x, y, z: (_radius(x, y, z) < 0.5) & (_radius(x, y, z) > 0.3))
-    mesh = nerf.extract_mesh(96)
+    mesh = nerf.extract_surface(96).colored_mesh()
     assert len(mesh.split(only_watertight=False)) == 1
     assert np.linalg.norm(mesh.vertices, axis=1).min() > 0.45
 
 
 def test_extract_mesh_drops_small_floaters_and_rejects_bad_fields():
     nerf = _grid_nerf(lambda x, y, z: (_radius(x, y, z) < 0.4) | (_radius(x, y, z, 0.6, 0.6, 0.6) < 0.04))
-    mesh = nerf.extract_mesh(96)
+    mesh = nerf.extract_surface(96).colored_mesh()
     assert len(mesh.split(only_watertight=False)) == 1
     assert np.abs(mesh.vertices).max() < 0.45
     with torch.no_grad():
         nerf.field.density.fill_(-20.0)
     with pytest.raises(UserError, match="empty"):
-        nerf.extract_mesh(32)
+        nerf.extract_surface(32).colored_mesh()
     with torch.no_grad():
         nerf.field.density[0, 0, 0, 0] = float("nan")
     with pytest.raises(UserError, match="non-finite"):
-        nerf.extract_mesh(32)
+        nerf.extract_surface(32).colored_mesh()
 
 
 def _ball_nerf(skip: bool, radius: float = 0.3) -> NeRF:

@@ -56,8 +56,8 @@ def test_wheel_contains_the_subpackages_and_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("threedgen/cli.py", "threedgen/guidance/sds.py", "threedgen/guidance/priors/shapes/prior.py",
                  "threedgen/representations/nerf.py", "threedgen/representations/gaussians.py",
-                 "threedgen/webui/__init__.py", "threedgen/webui/app.py", "threedgen/configs/sds-nerf.yaml",
-                 "threedgen/configs/vsd-gaussians.yaml", "threedgen/configs/priors/shapes.yaml"):
+                 "threedgen/webui/__init__.py", "threedgen/webui/app.py", "threedgen/guidance/config.py",
+                 "threedgen/configs/guidance/sds-gaussians.yaml", "threedgen/configs/priors/shapes.yaml"):
         assert path in names, path
     assert not any(n.startswith(("guidance/", "webui/", "representations/")) for n in names)
     # The installed package (not the source tree) finds its presets.
@@ -65,11 +65,11 @@ def test_wheel_contains_the_subpackages_and_configs(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import threedgen; from threedgen.config import build_config\n"
             "print(threedgen.__file__); print(build_config(flags={'prompt': 'a red cube'}).representation.bound)\n"
-            "g = build_config('vsd', 'gaussians', flags={'prompt': 'a red cube'})\n"
-            "print(g.representation.name, g.guidance.camera_dropout)")
+            "g = build_config('sds', 'gaussians', flags={'prompt': 'a red cube'})\n"
+            "print(g.representation.name, g.representation.num_points)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(site)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    where, bound, name, dropout = proc.stdout.split()
+    where, bound, name, points = proc.stdout.split()
     assert where.startswith(str(site)) and bound == "0.75"
-    assert (name, dropout) == ("gaussians", "0.1")  # the preset inherits vsd-nerf.yaml inside the wheel
+    assert (name, points) == ("gaussians", "1000")  # configs/guidance/sds-gaussians.yaml inside the wheel

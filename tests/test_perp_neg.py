@@ -8,8 +8,9 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.guidance.cfg import guided_noise
+from threedgen.guidance.classifier_free import guided_noise
 from threedgen.guidance.priors.base import Prior, PromptEmbeds, sd_alphas_cumprod
+from threedgen.noise import NoiseSchedule
 
 
 class LinearTextPrior(Prior):
@@ -18,7 +19,7 @@ class LinearTextPrior(Prior):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("alphas_cumprod", sd_alphas_cumprod(), persistent=False)
+        self.noise = NoiseSchedule(sd_alphas_cumprod())
         self.batches = []
 
     def predict_noise(self, x_t, t, cond, views=None):
@@ -84,7 +85,7 @@ def test_at_full_front_the_front_negative_has_no_weight():
     # f_fs(1) = 4 exp(-0.5) - 2.426 = 0: a camera looking straight at the front removes nothing
     # along the front prompt, and the side negative keeps the weight -(4 - 2.426)
     assert abs(_f(4, 0.5, -2.426, 1.0)) < 1e-3
-    from threedgen.guidance.cfg import perp_neg_conditions
+    from threedgen.guidance.classifier_free import perp_neg_conditions
 
     pn = perp_neg_conditions(_embeds(), Cameras.from_angles(0.0, 0.0, 2.0, 40.0))
     assert pn.weights[0, 0].abs() < 1e-3 and pn.weights[0, 1] == pytest.approx(-(4 - 2.426), abs=1e-5)

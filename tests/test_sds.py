@@ -6,7 +6,8 @@ from mock_prior import MockPrior
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.guidance.sds import SDS, SDSConfig
+from threedgen.guidance.config import SDSConfig
+from threedgen.guidance.sds import SDS
 
 
 def _expected_grad(prior, images, cfg, seed, step=0, max_steps=100):

@@ -6,7 +6,9 @@ from mock_prior import MockPrior
 
 from threedgen.cameras import CameraSampler
 from threedgen.config import build_config, parse_overrides
-from threedgen.guidance.sds import SDS, SDSConfig
+from threedgen.guidance.config import SDSConfig
+from threedgen.guidance.sds import SDS
+from threedgen.representations.gaussians import PARAM_NAMES, Gaussians
 from threedgen.representations.nerf import NeRF
 from threedgen.runner import make_trainer, quiet_libraries
 from threedgen.system import CameraDataModule, DivergedError, System
@@ -24,13 +26,15 @@ class FlakyPrior(MockPrior):
         return eps * float("nan") if self.calls in self.bad_calls else eps
 
 
-def _system(tmp_path, prior, steps, **over):
+def _system(tmp_path, prior, steps, representation="nerf", extra=(), **over):
     quiet_libraries()
-    items = ["render.resolution=16", "representation.num_samples=8", "prior.shapes=[cube]",
+    items = ["render.resolution=16", "prior.shapes=[cube]", *extra,
              f"optimizer.rollback_after={over.get('max_bad', 50)}", f"optimizer.max_rollbacks={over.get('rollbacks', 0)}"]
-    cfg = build_config(overrides=parse_overrides(items), flags={"prompt": "a red cube", "steps": steps,
-                                                                "checkpoint_every": 2, "preview_every": 1000})
-    rep = NeRF(cfg.representation)
+    if representation == "nerf":
+        items.append("representation.num_samples=8")
+    cfg = build_config(representation=representation, overrides=parse_overrides(items),
+                       flags={"prompt": "a red cube", "steps": steps, "checkpoint_every": 2, "preview_every": 1000})
+    rep = NeRF(cfg.representation) if representation == "nerf" else Gaussians(cfg.representation, seed=0)
     system = System(cfg, prior, rep, SDS(SDSConfig(guidance_scale=7.5), prior), prior.encode_prompt("p"))
     trainer = make_trainer(cfg, tmp_path, torch.device("cpu"), progress_bar=False)
     return cfg, system, trainer
@@ -55,6 +59,49 @@ def test_many_bad_steps_in_a_row_fail_as_diverged(tmp_path):
     cfg, system, trainer = _system(tmp_path, prior, steps=50, max_bad=5)
     with pytest.raises(DivergedError, match="diverged: 5 non-finite steps in a row at step 0, after 0 rollback"):
         trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, 0)))
+
+
+def test_a_rollback_restores_the_gaussians_and_their_optimizers_by_name(tmp_path):
+    """Densification after the last good state (step 6) changes the number of Gaussians; three bad
+    steps in a row (batches 8-10) roll back to step 6: every parameter and its own optimizer's
+    moments come back by name, at the saved size, with the learning rates halved."""
+    prior = FlakyPrior(bad_calls={8, 9, 10})
+    cfg, system, trainer = _system(tmp_path, prior, steps=12, representation="gaussians", max_bad=3, rollbacks=1,
+                                   extra=["representation.num_points=50", "representation.densify_every=1",
+                                          "representation.densify_start=0.0", "representation.densify_stop=1.0",
+                                          "representation.densify_grad_threshold=1e-9", "representation.max_gaussians=20000"])
+    rep = system.representation
+    seen = {}
+    remember, roll_back = system.remember_good_state, system.roll_back
+
+    def spy_remember():
+        remember()
+        seen["good_size"] = len(rep)
+
+    def spy_roll_back(reason):
+        seen["size_before"], seen["size_good"] = len(rep), seen["good_size"]
+        roll_back(reason)
+        good = system._good
+        seen["size_after"] = len(rep)
+        for name in PARAM_NAMES:
+            p, opt = rep.params[name], rep.optimizers[name]
+            assert opt.param_groups[0]["params"] == [p] and opt.param_groups[0]["params"][0] is p, name
+            assert torch.equal(p.detach().cpu(), good["model"][f"representation.params.{name}"]), name
+            saved = good["optimizers"][f"representation.{name}"]
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(opt.state[p][key].cpu(), saved["state"][0][key]), (name, key)
+            assert opt.param_groups[0]["lr"] == saved["param_groups"][0]["lr"] * 0.5, name
+        seen["lrs"] = {name: opt.param_groups[0]["lr"] for name, opt in rep.optimizers.items()}
+
+    system.remember_good_state, system.roll_back = spy_remember, spy_roll_back
+    lrs = {g["name"]: g["lr"] for g in rep.parameter_groups()}
+    trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, 0)))
+    assert system.rollbacks == 1 and system.skipped_steps == 3 and trainer.global_step == 12
+    assert seen["size_before"] != seen["size_good"] == seen["size_after"]  # densification was undone
+    assert seen["lrs"] == {name: lr * 0.5 for name, lr in lrs.items()}
+    for name in PARAM_NAMES:  # training went on through the same optimizers, densifying again
+        p, opt = rep.params[name], rep.optimizers[name]
+        assert opt.param_groups[0]["params"][0] is p and opt.state[p]["exp_avg"].shape == p.shape
 
 
 def test_progressive_resolution_renders_coarse_first_and_logs_only_on_logging_steps(tmp_path):

@@ -114,11 +114,9 @@ def build_tiny_if(folder: str | Path, seed: int = 0) -> Path:
 
 
 def load_prior(folder, **overrides):
-    """A diffusers prior loaded the way the CLI loads it: --prior FOLDER -> resolve -> build."""
-    import torch
-
+    """A diffusers prior loaded the way the CLI loads it: --prior FOLDER -> resolve -> build, on the CPU."""
     from threedgen.guidance.priors import PRIORS, build_prior, resolve_prior
 
-    choice = resolve_prior(str(folder), torch.device("cpu"))
-    cfg = PRIORS[choice.name][0](model=choice.model, **overrides)
+    choice = resolve_prior(str(folder), False)
+    cfg = PRIORS[choice.name].config(model=choice.model, **overrides)
     return build_prior(cfg, torch.device("cpu"))

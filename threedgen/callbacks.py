@@ -15,8 +15,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from threedgen.cameras import Cameras
 from threedgen.checkpoints import save_checkpoint
-from threedgen.export import render_views, write_image
 from threedgen.rundir import write_status
+from threedgen.views import render_views, write_image
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -15,6 +15,8 @@ from typing import Iterator
 
 import torch
 
+from threedgen.schema import CameraSamplerConfig
+
 
 def look_at_c2w(elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
     """Camera-to-world matrices ``[B,4,4]`` for cameras looking at the origin."""
@@ -134,18 +136,6 @@ class Cameras:
         return origins, dirs
 
 
-@dataclass
-class CameraSamplerConfig:
-    """Ranges of the random training cameras (degrees for angles)."""
-
-    batch_size: int = 1
-    elevation_range: tuple[float, float] = (-10.0, 65.0)
-    azimuth_range: tuple[float, float] = (-180.0, 180.0)
-    distance_range: tuple[float, float] = (2.5, 2.5)
-    fovy_range: tuple[float, float] = (40.0, 40.0)
-    # Probability that a step renders over a random background colour (the rest use `background`).
-    random_background_prob: float = 0.5
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 class CameraSampler:

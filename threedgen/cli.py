@@ -6,20 +6,32 @@
     threedgen export RUN_DIR [--format glb|obj|ply ...] [--texture uv|vertex] [--faces N] [--resolution N]
     threedgen eval RUN_DIR
     threedgen guidance list
+    threedgen config show [--guidance G] [--representation R] [--prior P] [key=value ...]
+    threedgen config keys [--guidance G] [--representation R] [--prior P]
     threedgen doctor [--build] [--json]
 
-Bad input prints one line on stderr and exits with code 2.
+Bad input prints one line on stderr and exits with code 2. This module imports no torch: help,
+listings, config and input errors answer at once; the commands that work import what they need.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
+from threedgen.config import flat, parse_overrides, resolve_request
+from threedgen.devices import cuda_for_auto
 from threedgen.errors import RunFailed, UserError
+from threedgen.guidance.config import GUIDANCE
+from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior
+from threedgen.guidance.priors.config import PRIORS
+from threedgen.registry import field_docs
+from threedgen.representations.config import REPRESENTATIONS
+from threedgen.schema import MAX_STEPS, MESH_FORMATS, TEXTURE_MODES, RunConfig, check_faces
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -44,9 +56,17 @@ def _int_arg(name: str, lo: int, hi: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from threedgen.config import MAX_STEPS
+def _component_args(parser: argparse.ArgumentParser, prior_default: str) -> None:
+    parser.add_argument("--guidance", default=PARSER_DEFAULTS["guidance"],
+                        help=f"guidance method: {', '.join(GUIDANCE)} (`threedgen guidance list`)")
+    parser.add_argument("--representation", default=PARSER_DEFAULTS["representation"],
+                        help=f"3D representation: {', '.join(REPRESENTATIONS)}")
+    parser.add_argument("--prior", default=prior_default,
+                        help=f"auto (Stable Diffusion 2.1 base on CUDA, shapes on CPU), {', '.join(PRIORS)}, "
+                             "a Hugging Face id or a local diffusers folder")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="threedgen", description="Text-to-3D generation by score distillation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -55,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "writes a run folder and prints its path as the last line.")
     run.add_argument("--prompt", help='what to make, e.g. "a red cube"')
     run.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    run.add_argument("--guidance", default=PARSER_DEFAULTS["guidance"], help="guidance method (`threedgen guidance list`)")
-    run.add_argument("--representation", default=PARSER_DEFAULTS["representation"], help="3D representation: nerf or gaussians")
-    run.add_argument("--prior", default=PARSER_DEFAULTS["prior"], help="auto (Stable Diffusion 2.1 base on CUDA, shapes on CPU), shapes, "
-                     "stable-diffusion, deepfloyd-if, a Hugging Face id or a local diffusers folder")
+    _component_args(run, PARSER_DEFAULTS["prior"])
     run.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="optimisation steps")
     run.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), help="random seed")
     run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
@@ -70,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="re-export meshes of a run from its last checkpoint")
     export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--format", action="append", choices=["glb", "obj", "ply"],
+    export.add_argument("--format", action="append", choices=list(MESH_FORMATS),
                         help="mesh format (repeat for several; default: all three)")
     export.add_argument("--resolution", type=_int_arg("--resolution", 8, 1024), default=None,
                         help="marching-cubes grid resolution (default from the run's config)")
-    export.add_argument("--texture", choices=["uv", "vertex"], default=None,
+    export.add_argument("--texture", choices=list(TEXTURE_MODES), default=None,
                         help="uv: xatlas unwrap + baked PNG texture (GLB, OBJ); vertex: vertex colours "
                              "(default from the run's config: uv)")
     export.add_argument("--faces", type=_int_arg("--faces", 0, 10_000_000), default=None,
@@ -93,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("guidance", help="guidance methods")
     g.add_argument("action", choices=["list"])
+
+    c = sub.add_parser("config", help="a run's merged config, or every config key",
+                       description="show: the config a run would use, each value with the layer it came from "
+                                   "(default, a preset file, key=value, a flag). keys: every key with its default "
+                                   "and what it does, for the chosen guidance, representation and prior.")
+    c.add_argument("action", choices=["show", "keys"])
+    _component_args(c, PARSER_DEFAULTS["prior"])
+    for flag, kind in (("--prompt", None), ("--negative-prompt", None), ("--steps", _int_arg("--steps", 1, MAX_STEPS)),
+                       ("--seed", _int_arg("--seed", 0, 2 ** 32 - 1)), ("--device", None)):
+        c.add_argument(flag, type=kind, default=None, help="as for `threedgen run`")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (show)")
 
     w = sub.add_parser("webui", help="the web UI over a durable job queue",
                        description="A Gradio app: submit prompts, watch progress, download results. "
@@ -114,9 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from threedgen.config import build_config, parse_overrides
-    from threedgen.runner import run
-
     if args.resume:
         given = [flag for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
                                           ("--seed", args.seed), ("--device", args.device),
@@ -125,36 +150,17 @@ def _cmd_run(args) -> int:
         given += [f"--{k}" for k in ("guidance", "representation", "prior") if getattr(args, k) != PARSER_DEFAULTS[k]]
         if given:
             raise UserError(f"--resume continues a run with its own config (only --steps may change); drop {', '.join(given)}")
+        from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
+
         run_dir = run(resume=args.resume, steps=args.steps, progress_bar=not args.no_progress)
     else:
         if args.prompt is None:
             raise UserError('--prompt is required, e.g. threedgen run --prompt "a red cube"')
-        flags = {"prompt": args.prompt}
-        if args.negative_prompt is not None:
-            flags["negative_prompt"] = args.negative_prompt
-        for key in ("steps", "seed", "device"):
-            if getattr(args, key) is not None:
-                flags[key] = getattr(args, key)
-        from threedgen.guidance.priors import PRIOR_CHOICES, PriorChoice, resolve_prior
-        from threedgen.runner import resolve_device
+        merged, note = resolve_request(args.guidance, args.representation, args.prior,
+                                       parse_overrides(args.overrides), _run_flags(args))
+        from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
 
-        # Resolved here (and "auto" said on stderr) so that the prior's config overlay applies.
-        overrides = parse_overrides(args.overrides)
-        model = overrides.get("prior", {}).get("model") if isinstance(overrides.get("prior"), dict) else None
-        choice = resolve_prior(args.prior, resolve_device(args.device or "auto"))
-        if model is not None:  # prior.model=... names the model: it decides which prior this is
-            if args.prior not in PRIOR_CHOICES:
-                raise UserError(f"give the model once: --prior {args.prior} or prior.model={model.raw}, not both")
-            chosen = resolve_prior(model.raw.strip(), resolve_device("cpu"))
-            if args.prior != "auto" and chosen.name != args.prior:
-                raise UserError(f"prior.model={model.raw} is a {chosen.name} model, not {args.prior}; "
-                                f"use --prior {chosen.name} or --prior {model.raw}")
-            choice = PriorChoice(chosen.name, chosen.model)
-        if choice.model is not None:
-            flags["prior"] = {"model": choice.model}
-        cfg = build_config(args.guidance, args.representation, choice.name, overrides, flags)
-        note = choice.note
-        run_dir = run(cfg, out=args.out, progress_bar=not args.no_progress, note=note)
+        run_dir = run(merged.cfg, out=args.out, progress_bar=not args.no_progress, note=note)
     status = json.loads((run_dir / "status.json").read_text())
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
@@ -166,12 +172,12 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from threedgen.export import export_run_outputs
-    from threedgen.runner import load_representation
+    if args.faces is not None:
+        check_faces(args.faces, "--faces")
+    from threedgen.export import export_run_outputs  # heavy (torch): only once the input is good
+    from threedgen.runs import load_representation  # heavy (torch): only once the input is good
 
     cfg, representation, run_dir = load_representation(args.run_dir)
-    if args.faces is not None and 0 < args.faces < 100:
-        raise UserError(f"--faces must be 0 (no decimation) or at least 100; got {args.faces}")
     summary = export_run_outputs(representation, cfg, run_dir, formats=args.format, resolution=args.resolution,
                                  texture=args.texture, faces=args.faces)
     for f in summary["files"]:
@@ -180,7 +186,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from threedgen.evaluate import evaluate_run, format_table
+    from threedgen.evaluate import evaluate_run, format_table  # heavy (torch)
 
     metrics = evaluate_run(args.run_dir)
     print(json.dumps(metrics, indent=1) if args.json else format_table(metrics))
@@ -188,7 +194,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from threedgen.doctor import format_report, report
+    from threedgen.doctor import format_report, report  # heavy (torch)
 
     info = report(build=args.build)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
@@ -196,17 +202,78 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_guidance(args) -> int:
-    from threedgen.guidance import GUIDANCE_INFO
-
-    print(f"{'method':<8} {'paper':<36} teacher passes per step")
-    for name, (paper, cost) in GUIDANCE_INFO.items():
-        print(f"{name:<8} {paper:<36} {cost}")
+    print(f"{'method':<8} {'paper':<42} teacher passes per step")
+    for entry in GUIDANCE.entries():
+        print(f"{entry.name:<8} {entry.summary:<42} {entry.cost}")
     return 0
 
 
+def _run_flags(args) -> dict:
+    flags = {"prompt": args.prompt} if getattr(args, "prompt", None) is not None else {}
+    for key in ("negative_prompt", "steps", "seed", "device"):
+        if getattr(args, key, None) is not None:
+            flags[key] = getattr(args, key)
+    return flags
+
+
+def _cmd_config(args) -> int:
+    if args.action == "keys":
+        if args.overrides:
+            raise UserError("`threedgen config keys` takes no key=value; use `threedgen config show` for a run's values")
+        prior = resolve_prior(args.prior, cuda_for_auto()).name if args.prior in PRIOR_CHOICES else args.prior
+        print(format_keys(args.guidance, args.representation, prior))
+        return 0
+    overrides = parse_overrides(args.overrides)
+    has_prompt = args.prompt is not None or "prompt" in overrides
+    merged, note = resolve_request(args.guidance, args.representation, args.prior, overrides, _run_flags(args),
+                                   whole_run=has_prompt)
+    if note:
+        print(f"# {note}")
+    values = flat(merged.cfg)
+    width = max(len(k) for k in values)
+    for key, value in values.items():
+        origin = merged.origin.get(key, "default")
+        if key == "prompt" and not has_prompt:
+            origin = "none given: --prompt TEXT checks it against the prior too"
+        print(f"{key:<{width}} = {json.dumps(value)}  # {origin}")
+    return 0
+
+
+def config_keys(guidance: str = "sds", representation: str = "nerf", prior: str = "shapes") -> list[tuple[str, object, str]]:
+    """(dotted key, default, docstring) of every key of a run with these components."""
+    sections = {"guidance": GUIDANCE[guidance].config, "representation": REPRESENTATIONS[representation].config,
+                "prior": PRIORS[prior].config}
+    rows = []
+
+    def walk(cls, prefix):
+        docs, obj = field_docs(cls), cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(obj, f.name)
+            section = sections.get(f.name) if cls is RunConfig else None
+            if section is not None:
+                walk(section, f"{f.name}.")
+            elif dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, default, docs.get(f.name, "")))
+
+    walk(RunConfig, "")
+    return rows
+
+
+def format_keys(guidance: str, representation: str, prior: str) -> str:
+    lines = [f"# every key of a run with --guidance {guidance} --representation {representation} --prior {prior};",
+             "# the defaults here; presets (configs/) change some: `threedgen config show` gives a run's values"]
+    for key, default, doc in config_keys(guidance, representation, prior):
+        value = list(default) if isinstance(default, tuple) else default
+        lines.append(f"{key} = {json.dumps(value)}" + (f"\n    {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
 def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subprocess in the tests
-    from threedgen.guidance.priors import PRIORS
-    from threedgen.webui.app import Settings, WebUI, default_devices, read_auth, wait_forever
+    import platformdirs  # only where --state is not given
+
+    from threedgen.webui.app import Settings, WebUI, default_devices, read_auth, wait_forever  # heavy (Gradio)
 
     devices = default_devices(args.workers)
     if args.priors == "auto":
@@ -216,12 +283,8 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
         unknown = [p for p in priors if p not in PRIORS]
         if unknown or not priors:
             raise UserError(f"--priors: unknown prior(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(PRIORS)}")
-    from threedgen.config import parse_overrides
-
     parse_overrides(list(args.set))  # a malformed --set fails here, before the server starts
     if args.state is None:
-        import platformdirs
-
         args.state = str(platformdirs.user_data_path("threedgen") / "webui")
     ui = WebUI(Settings(outputs=Path(args.outputs), state=Path(args.state), priors=priors, max_steps=args.max_steps,
                         max_queued=args.max_queue, devices=devices, overrides=list(args.set)))
@@ -240,7 +303,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         # key=value overrides may come anywhere after `run`, between the flags too
         args, extra = parser.parse_known_args(argv)
-        if args.command == "run":
+        if args.command in ("run", "config"):
             args.overrides = list(args.overrides or []) + [e for e in extra if "=" in e and not e.startswith("-")]
             extra = [e for e in extra if "=" not in e or e.startswith("-")]
         if extra:
@@ -249,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
-                    "doctor": _cmd_doctor, "webui": _cmd_webui}
+                    "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui}
         return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)

@@ -1,9 +1,18 @@
-"""Configuration: YAML presets + ``key=value`` overrides, merged with OmegaConf into typed
-dataclasses. Strict: an unknown key is an error naming the nearest valid keys.
+"""A run's configuration: the layers merged into a validated ``RunConfig``, and where each value
+came from.
 
-Layers, later wins: ``configs/<guidance>-<representation>.yaml`` -> ``configs/priors/<prior>.yaml``
--> ``configs/priors/<prior>-<guidance>.yaml`` (where one exists) -> ``key=value`` overrides -> CLI
-flags (``--prompt``, ``--steps``, ...).
+Layers, later wins (each preset file states only what differs from the layer below it):
+
+1. the dataclass defaults (``threedgen.schema`` and the component config modules);
+2. ``configs/representations/<representation>.yaml``;
+3. ``configs/guidance/<guidance>.yaml``, then ``configs/guidance/<guidance>-<representation>.yaml``
+   where one exists;
+4. ``configs/priors/<prior>.yaml``, then ``configs/priors/<prior>-<guidance>.yaml`` where one exists;
+5. ``key=value`` overrides, then the CLI's flags (``--prompt``, ``--steps``, ...).
+
+A resumed run starts from its own ``config.yaml`` instead of layers 2-4. ``threedgen config show``
+prints the merged result with each value's layer. Validation happens once, at the end of
+``build_config`` (``RunConfig.check``), before anything is written.
 
 User text is data, never an expression: every string is escaped before it reaches OmegaConf, so
 ``${oc.env:HOME}`` in a prompt or an override stays those characters and nothing is resolved.
@@ -13,11 +22,9 @@ Override values are parsed with ``yaml.safe_load`` (numbers, booleans, lists), n
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import typing
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -26,77 +33,23 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from threedgen.cameras import CameraSamplerConfig
-from threedgen.errors import UserError, check_range, nearest, unknown_name
+from threedgen.devices import cuda_for_auto, resolve_device
+from threedgen.errors import UserError, nearest
+from threedgen.guidance.config import GUIDANCE
+from threedgen.guidance.priors import PRIOR_CHOICES, PriorChoice, resolve_prior
+from threedgen.guidance.priors.config import PRIORS
+from threedgen.registry import Registry
+from threedgen.representations.config import REPRESENTATIONS
+from threedgen.schema import MAX_STEPS, RenderConfig, RunConfig
 
-MAX_PROMPT_CHARS = 1000
-MAX_STEPS = 1_000_000
-REPRESENTATIONS = ("nerf", "gaussians")
+__all__ = ["MAX_STEPS", "RenderConfig", "RunConfig", "build_config", "parse_overrides", "to_yaml",
+           "load_run_config", "deep_merge", "escape_interpolation", "SECTIONS"]
 
-
-@dataclass
-class RenderConfig:
-    resolution: int = 64  # training render size (square)
-    # Progressive resolution: render at coarse_resolution (0 = off) for the first coarse_until of
-    # the run (a fraction of the steps), then at resolution. The prior resizes what it is given.
-    coarse_resolution: int = 0
-    coarse_until: float = 0.0
-
-    def size_at(self, step: int, max_steps: int) -> int:
-        if self.coarse_resolution and step < self.coarse_until * max_steps:
-            return self.coarse_resolution
-        return self.resolution
-
-
-@dataclass
-class LossConfig:
-    lambda_sparsity: float = 0.0  # mean opacity
-    lambda_opaque: float = 0.0  # binary entropy of opacity (pushes alpha to 0 or 1)
-
-
-@dataclass
-class OptimizerConfig:
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-15
-    # After this many steps in a row skipped as non-finite, go back to the last good checkpoint's
-    # state with every learning rate times rollback_lr_factor; more than max_rollbacks such
-    # rollbacks fail the run as diverged.
-    rollback_after: int = 10
-    rollback_lr_factor: float = 0.5
-    max_rollbacks: int = 3
-
-
-@dataclass
-class ExportConfig:
-    resolution: int = 128  # marching-cubes grid
-    formats: list[str] = field(default_factory=lambda: ["glb", "obj", "ply"])
-    texture: str = "uv"  # uv: xatlas unwrap + baked PNG (GLB, OBJ); vertex: vertex colours only
-    texture_size: int = 1024  # texture image side in pixels
-    faces: int = 10000  # decimate to about this many faces (0: keep marching cubes' mesh)
-    scale: float = 1.0  # metres per world unit in the exported files
-    video_frames: int = 36
-    video_resolution: int = 128
-    video_elevation: float = 20.0
-    evaluate: bool = True  # run `threedgen eval` after the run when the prior has a truth
-
-
-@dataclass
-class RunConfig:
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 600
-    device: str = "auto"
-    checkpoint_every: int = 200
-    preview_every: int = 100
-    guidance: Any = None  # the method's own dataclass (threedgen.guidance.GUIDANCE)
-    representation: Any = None  # threedgen.representations.REPRESENTATIONS
-    prior: Any = None  # threedgen.guidance.priors.PRIORS
-    camera: CameraSamplerConfig = field(default_factory=CameraSamplerConfig)
-    render: RenderConfig = field(default_factory=RenderConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+SECTIONS: dict[str, Registry] = {"guidance": GUIDANCE, "representation": REPRESENTATIONS, "prior": PRIORS}
+DEFAULT_LAYER = "default"
+OVERRIDE_LAYER = "key=value"
+FLAG_LAYER = "flag"
+RUN_LAYER = "the run's config.yaml"
 
 
 # ---- text safety ------------------------------------------------------------------------------
@@ -119,19 +72,6 @@ def _escape_all(value):
     return value
 
 
-def clean_prompt(prompt: str, what: str = "prompt") -> str:
-    """Strip control characters (NUL included) and surrounding space; enforce the length cap."""
-    if not isinstance(prompt, str):
-        raise UserError(f"{what} must be text")
-    text = "".join(ch for ch in prompt if unicodedata.category(ch)[0] != "C" or ch in " ")
-    text = " ".join(text.split()) if what == "prompt" else text.strip()
-    if len(text) > MAX_PROMPT_CHARS:
-        raise UserError(f"{what} is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
-    if what == "prompt" and not text:
-        raise UserError("prompt is empty; give a description such as --prompt \"a red cube\"")
-    return text
-
-
 # ---- presets ----------------------------------------------------------------------------------
 
 def _config_text(relative: str) -> Optional[str]:
@@ -147,31 +87,19 @@ def _config_text(relative: str) -> Optional[str]:
     return path.read_text() if path.is_file() else None
 
 
-def available_presets() -> list[str]:
-    from threedgen.guidance import GUIDANCE
-
-    return [f"{g}-{r}" for g in GUIDANCE for r in REPRESENTATIONS if _config_text(f"{g}-{r}.yaml") is not None]
+def preset_files(guidance: str, representation: str, prior: str) -> list[str]:
+    """The preset files a run's layers 2-4 read, in order (those that exist)."""
+    names = [f"representations/{representation}.yaml", f"guidance/{guidance}.yaml",
+             f"guidance/{guidance}-{representation}.yaml", f"priors/{prior}.yaml", f"priors/{prior}-{guidance}.yaml"]
+    return [n for n in names if _config_text(n) is not None]
 
 
 def _load_yaml(relative: str) -> dict:
     text = _config_text(relative)
-    return yaml.safe_load(text) or {} if text is not None else {}
-
-
-def _load_preset(relative: str, seen: tuple = ()) -> dict:
-    """A preset with its ``inherit: other.yaml`` (a preset file in the same folder) merged under it,
-    so a method's settings live in one file (``vsd-gaussians.yaml`` inherits ``vsd-nerf.yaml``)."""
-    data = _load_yaml(relative)
-    parent = data.pop("inherit", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or parent in seen or _config_text(parent) is None or "/" in parent:
-        raise UserError(f"configs/{relative}: inherit must name another preset file; got {parent!r}")
-    base = _load_preset(parent, seen + (relative,))
-    mine = data.get("representation", {}).get("name")
-    if mine is not None and base.get("representation", {}).get("name", mine) != mine:
-        base.pop("representation")  # another representation's settings do not carry over
-    return deep_merge(base, data)
+    data = yaml.safe_load(text) if text is not None else None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"configs/{relative} must hold a mapping of keys to values")
+    return data or {}
 
 
 # ---- overrides --------------------------------------------------------------------------------
@@ -194,10 +122,11 @@ def _resolve_raw(data: dict, schema) -> dict:
             out[key] = value.raw if hint in (str, Optional[str]) else value.parsed
         elif isinstance(value, dict):
             sub = None
-            if schema is RunConfig and key in _SECTIONS:
+            if schema is RunConfig and key in SECTIONS:
                 name = value.get("name")
                 name = name.raw if isinstance(name, RawValue) else name
-                sub = _registry(key).get(name, (None,))[0]
+                entry = SECTIONS[key].get(name)
+                sub = entry.config if entry else None
             elif key in hints and dataclasses.is_dataclass(hints[key]):
                 sub = hints[key]
             out[key] = _resolve_raw(value, sub)
@@ -245,8 +174,14 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-_SECTIONS = ("guidance", "representation", "prior")
+def _leaves(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        keys.extend(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + str(k)])
+    return keys
 
+
+# ---- schema checks ----------------------------------------------------------------------------
 
 def _check_keys(data: dict, schema, prefix: str = "") -> None:
     """Unknown keys -> UserError with the nearest valid keys (full dotted names)."""
@@ -255,9 +190,9 @@ def _check_keys(data: dict, schema, prefix: str = "") -> None:
         if key not in names:
             valid = [prefix + n for n in nearest(str(key), names)]
             raise UserError(f"unknown config key {prefix + str(key)!r}; nearest valid keys: {', '.join(valid[:5])}")
-        if not prefix and key in _SECTIONS:
-            continue  # checked against the chosen method's own dataclass
-        sub = getattr(schema, "__dataclass_fields__")[key]
+        if not prefix and key in SECTIONS:
+            continue  # checked against the chosen component's own dataclass
+        sub = schema.__dataclass_fields__[key]
         sub_default = (sub.default_factory() if sub.default_factory is not dataclasses.MISSING else sub.default)
         if isinstance(value, dict) and dataclasses.is_dataclass(sub_default):
             _check_keys(value, type(sub_default), prefix + key + ".")
@@ -265,129 +200,117 @@ def _check_keys(data: dict, schema, prefix: str = "") -> None:
             raise UserError(f"config key {prefix + key!r} takes a value, not a section")
 
 
-def _registry(section: str) -> dict:
-    from threedgen.guidance import GUIDANCE
-    from threedgen.guidance.priors import PRIORS
-    from threedgen.representations import REPRESENTATION_CLASSES
-
-    return {"guidance": GUIDANCE, "representation": REPRESENTATION_CLASSES, "prior": PRIORS}[section]
-
-
-def _section_class(section: str, name: str):
-    registry = _registry(section)
-    if not isinstance(name, str) or name not in registry:
-        raise unknown_name(section, name, registry)
-    return registry[name][0]
+def _lookup(data: dict, key: str):
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
-def build_config(guidance: str = "sds", representation: str = "nerf", prior: str = "shapes",
-                 overrides: Optional[dict] = None, flags: Optional[dict] = None,
-                 base: Optional[dict] = None) -> RunConfig:
-    """Merge the layers into a validated ``RunConfig``. ``base`` replaces the presets (resume)."""
-    from threedgen.guidance import GUIDANCE
-    from threedgen.guidance.priors import PRIORS
+def _explain(key: str, value, sections: dict) -> UserError:
+    """A value OmegaConf could not take (a text where a number goes, ...): the owning section's
+    own check says what is allowed; OmegaConf's first line otherwise."""
+    cfg = RunConfig(prompt="x", **{s: cls() for s, cls in sections.items()})
+    obj, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part, None)
+    if obj is not None and hasattr(obj, parts[-1]):
+        object.__setattr__(obj, parts[-1], value)
+        try:
+            cfg.check(whole_run=False)
+        except UserError as exc:
+            return exc
+        except (TypeError, ValueError):
+            pass
+    return UserError(f"bad config value for {key}: {value!r}")
 
-    if prior not in PRIORS:  # checked before its name picks an overlay file
-        raise unknown_name("prior", prior, PRIORS)
-    if guidance not in GUIDANCE:
-        raise unknown_name("guidance", guidance, GUIDANCE)
-    if representation not in REPRESENTATIONS:
-        raise unknown_name("representation", representation, REPRESENTATIONS)
-    if base is None:
-        preset = f"{guidance}-{representation}"
-        if _config_text(preset + ".yaml") is None:
-            raise UserError(f"no preset configs/{preset}.yaml; available: {', '.join(available_presets())}")
-        data = deep_merge(_load_preset(preset + ".yaml"), _load_yaml(f"priors/{prior}.yaml"))
-        data = deep_merge(data, _load_yaml(f"priors/{prior}-{guidance}.yaml"))  # optional, e.g. shapes-sds
-    else:
-        data = base
-    data = deep_merge(data, overrides or {})
-    data = _resolve_raw(deep_merge(data, flags or {}), RunConfig)
+
+# ---- the merge --------------------------------------------------------------------------------
+
+@dataclass
+class Merged:
+    """A validated config and, for each dotted key set by a layer above the defaults, that layer."""
+
+    cfg: RunConfig
+    origin: dict[str, str]
+
+
+def merge(guidance: str = "sds", representation: str = "nerf", prior: str = "shapes",
+          overrides: Optional[dict] = None, flags: Optional[dict] = None, base: Optional[dict] = None,
+          whole_run: bool = True) -> Merged:
+    """Merge the layers into a validated ``RunConfig``. ``base`` replaces the presets (resume);
+    ``whole_run=False`` leaves out the checks that need the prompt."""
+    for section, name in (("prior", prior), ("guidance", guidance), ("representation", representation)):
+        SECTIONS[section][name]  # an unknown name is an error before its name picks a file
+    origin: dict[str, str] = {}
+    layers = ([(RUN_LAYER, base)] if base is not None else
+              [(f"configs/{f}", _load_yaml(f)) for f in preset_files(guidance, representation, prior)])
+    layers += [(OVERRIDE_LAYER, overrides or {}), (FLAG_LAYER, flags or {})]
+    data: dict = {}
+    for label, layer in layers:
+        if not isinstance(layer, dict):
+            raise UserError(f"{label} must hold a mapping of keys to values")
+        data = deep_merge(data, layer)
+        origin.update({k: "--" + k.replace("_", "-") if label == FLAG_LAYER else label for k in _leaves(layer)})
+    data = _resolve_raw(data, RunConfig)
     for section, name in (("guidance", guidance), ("representation", representation), ("prior", prior)):
         if not isinstance(data.setdefault(section, {}), dict):
             raise UserError(f"config key {section!r} is a section; set {section}.name=... instead")
-        data[section].setdefault("name", name)
+        if "name" not in data[section]:
+            data[section]["name"] = name
+            origin.setdefault(f"{section}.name", RUN_LAYER if base is not None else f"--{section}")
     _check_keys(data, RunConfig)
     sections = {}
-    for section in ("guidance", "representation", "prior"):
-        cls = _section_class(section, data[section]["name"])
+    for section in SECTIONS:
+        cls = SECTIONS[section][data[section]["name"]].config
         _check_keys(data[section], cls, section + ".")
         sections[section] = cls
     try:
         schema = OmegaConf.structured(RunConfig)
         for section, cls in sections.items():
             schema[section] = OmegaConf.structured(cls)
-        merged = OmegaConf.merge(schema, _escape_all(data))
-        cfg = OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, _escape_all(data)))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
-        msg = str(exc).splitlines()[0]
-        if key in INT_LIMITS:
-            lo, hi = INT_LIMITS[key]
-            node = data
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            raise UserError(f"{key} must be an integer from {lo} to {hi}; got {node!r}") from None
-        raise UserError(f"bad config value{' for ' + key if key else ''}: {msg}") from None
-    validate(cfg)
-    return cfg
+        if key:
+            raise _explain(key, _lookup(data, key), sections) from None
+        raise UserError(f"bad config value: {str(exc).splitlines()[0]}") from None
+    cfg.check(whole_run)
+    return Merged(cfg, origin)
 
 
-INT_LIMITS = {
-    "steps": (1, MAX_STEPS), "seed": (0, 2 ** 32 - 1), "checkpoint_every": (1, MAX_STEPS),
-    "preview_every": (1, MAX_STEPS), "render.resolution": (8, 1024), "export.resolution": (8, 1024),
-    "export.video_resolution": (16, 2048), "export.video_frames": (1, 1000), "camera.batch_size": (1, 64),
-    "export.texture_size": (64, 8192), "export.faces": (0, 10_000_000), "render.coarse_resolution": (0, 1024),
-    "optimizer.rollback_after": (1, 100_000), "optimizer.max_rollbacks": (0, 100),
-}
+def resolve_request(guidance: str, representation: str, prior: str, overrides: Optional[dict] = None,
+                    flags: Optional[dict] = None, whole_run: bool = True) -> tuple[Merged, Optional[str]]:
+    """A request as a user makes it (the CLI's flags, the web form) -> the merged config and a note
+    on what ``--prior auto`` chose. ``prior`` is a registered name, ``auto``, or a diffusers model
+    (Hub id or folder); ``prior.model=...`` among the overrides also names the model, and decides
+    which prior it is."""
+    overrides, flags = dict(overrides or {}), dict(flags or {})
+    cuda = False
+    if prior == "auto":  # what auto means depends on the run's device
+        device = flags.get("device") or "auto"
+        cuda = device != "cpu" and (cuda_for_auto() if device == "auto" else resolve_device(device).type == "cuda")
+    choice = resolve_prior(prior, cuda)
+    model = overrides.get("prior", {}).get("model") if isinstance(overrides.get("prior"), dict) else None
+    if model is not None:
+        raw = model.raw if isinstance(model, RawValue) else str(model)
+        if prior not in PRIOR_CHOICES:
+            raise UserError(f"give the model once: --prior {prior} or prior.model={raw}, not both")
+        chosen = resolve_prior(raw.strip(), False)
+        if prior != "auto" and chosen.name != prior:
+            raise UserError(f"prior.model={raw} is a {chosen.name} model, not {prior}; "
+                            f"use --prior {chosen.name} or --prior {raw}")
+        choice = PriorChoice(chosen.name, chosen.model)
+    if choice.model is not None:
+        flags["prior"] = {**flags.get("prior", {}), "model": choice.model}
+    return merge(guidance, representation, choice.name, overrides, flags, whole_run=whole_run), choice.note
 
 
-def validate(cfg: RunConfig) -> None:
-    """Ranges of the values a user sets most often; each error names the limits."""
-    cfg.prompt = clean_prompt(cfg.prompt)
-    cfg.negative_prompt = clean_prompt(cfg.negative_prompt, "negative prompt")
-
-    def int_in(name, value, lo, hi):
-        if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-            raise UserError(f"{name} must be an integer from {lo} to {hi}; got {value!r}")
-
-    for key, (lo, hi) in INT_LIMITS.items():
-        obj = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        int_in(key, obj, lo, hi)
-    if cfg.render.coarse_resolution and cfg.render.coarse_resolution < 8:
-        raise UserError(f"render.coarse_resolution must be 0 (off) or from 8 to 1024; got {cfg.render.coarse_resolution}")
-    until = cfg.render.coarse_until
-    if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0 <= until <= 1:
-        raise UserError(f"render.coarse_until must be a fraction of the run from 0 to 1; got {until!r}")
-    scale = getattr(cfg.guidance, "guidance_scale", 0.0)
-    if not (math.isfinite(scale) and scale >= 0):
-        raise UserError(f"guidance.guidance_scale must be a finite number >= 0; got {scale}")
-    for section in (cfg.guidance, cfg.representation, cfg.prior):
-        if hasattr(section, "check"):
-            section.check()
-    c = cfg.camera
-    for name, rng, lo, hi in (("camera.elevation_range", c.elevation_range, -90, 90),
-                              ("camera.azimuth_range", c.azimuth_range, -360, 360),
-                              ("camera.distance_range", c.distance_range, 0.1, 100),
-                              ("camera.fovy_range", c.fovy_range, 1, 170)):
-        for v in rng:
-            check_range(name, v, lo, hi)
-        if len(rng) != 2 or rng[0] > rng[1]:
-            raise UserError(f"{name} must be [low, high] with low <= high; got {list(rng)}")
-    check_range("camera.random_background_prob", c.random_background_prob, 0, 1)
-    for fmt in cfg.export.formats:
-        if fmt not in ("glb", "obj", "ply"):
-            raise UserError(f"export.formats: unknown format {fmt!r}; valid: glb, obj, ply")
-    if cfg.export.texture not in ("uv", "vertex"):
-        raise UserError(f"export.texture must be uv or vertex; got {cfg.export.texture!r}")
-    if 0 < cfg.export.faces < 100:
-        raise UserError(f"export.faces must be 0 (no decimation) or at least 100; got {cfg.export.faces}")
-    check_range("export.scale", cfg.export.scale, 1e-6, 1e6)
-    check_range("optimizer.rollback_lr_factor", cfg.optimizer.rollback_lr_factor, 1e-6, 1)
-    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+def build_config(guidance: str = "sds", representation: str = "nerf", prior: str = "shapes",
+                 overrides: Optional[dict] = None, flags: Optional[dict] = None,
+                 base: Optional[dict] = None, whole_run: bool = True) -> RunConfig:
+    """The validated ``RunConfig`` of a run (see :func:`merge`)."""
+    return merge(guidance, representation, prior, overrides, flags, base, whole_run).cfg
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -401,6 +324,21 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def flat(cfg: RunConfig) -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a config."""
+    out: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+
+    walk(_plain(dataclasses.asdict(cfg)), "")
+    return out
 
 
 def load_run_config(path: Path, flags: Optional[dict] = None) -> RunConfig:

@@ -8,13 +8,12 @@ import importlib.util
 import torch
 
 from threedgen import kernels
+from threedgen.devices import resolve_device
 
 
 def report(build: bool = False) -> dict:
     """The machine's report; ``build`` loads (building once, under the lock) the CUDA kernels
     rather than only looking for them."""
-    from threedgen.runner import resolve_device
-
     devices = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

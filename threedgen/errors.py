@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Iterable
 
 
@@ -23,7 +24,6 @@ class RunFailed(Exception):
 
 def check_range(name: str, value, low: float, high: float, integer: bool = False) -> None:
     """UserError unless ``value`` is a finite number (an integer if asked) in ``[low, high]``."""
-    import math
 
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (not integer or float(value).is_integer()) and low <= value <= high

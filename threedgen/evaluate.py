@@ -19,10 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import trimesh
+from scipy.spatial import cKDTree
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
+from threedgen.guidance.priors.config import PRIORS
 from threedgen.rundir import atomic_write_text
+from threedgen.runs import load_representation, open_run
+from threedgen.views import render_views
 
 HELD_OUT_VIEWS = [(12.5 if k % 2 == 0 else 42.5, 22.5 + 45.0 * k) for k in range(8)]
 EVAL_RESOLUTION = 64
@@ -37,10 +42,7 @@ def held_out_cameras(distance: float, fovy: float, yaw: float = 0.0) -> Cameras:
 
 @torch.no_grad()
 def _render(representation, cameras: Cameras, size: int):
-    device = next(iter(representation.parameters()), torch.empty(0)).device
-    from threedgen.export import render_views
-
-    rgb, alpha = render_views(representation, cameras.to(device), size, chunk=8)
+    rgb, alpha = render_views(representation, cameras, size, chunk=8)
     return rgb.astype(np.float64) / 255.0, alpha
 
 
@@ -64,8 +66,6 @@ def rotate_y(points: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def chamfer(pred_mesh, true_mesh, yaw: float = 0.0, n: int = 20000, seed: int = 0) -> float:
-    import trimesh
-    from scipy.spatial import cKDTree
 
     if pred_mesh is None or len(pred_mesh.faces) == 0:
         return float("inf")
@@ -122,21 +122,17 @@ def evaluate_representation(representation, truth, distance: float, fovy: float,
 
 def evaluate_run(run_dir: str | Path, system=None) -> dict:
     """Score a run folder; writes ``metrics.json`` there and returns the metrics."""
-    import trimesh
-
-    from threedgen.guidance.priors import PRIORS
-    from threedgen.runner import load_trained, open_run
-
     run_dir = Path(run_dir).expanduser().resolve()
     if system is None:
         cfg = open_run(run_dir)[0]
-        if not PRIORS[cfg.prior.name][1].has_truth:  # say so before loading anything heavy
+        if not cfg.prior.has_truth:  # say so before loading anything heavy
             raise UserError(f"prior {cfg.prior.name!r} has no ground truth; `threedgen eval` scores runs of the "
                             "embedded shapes prior only")
-        cfg, system, run_dir = load_trained(run_dir)
+        cfg, representation, run_dir = load_representation(run_dir)  # the prior is not built
+        truth = PRIORS[cfg.prior.name].cls.truth(cfg.prompt)
     else:
-        cfg = system.cfg
-    truth = system.prior.truth(cfg.prompt)
+        cfg, representation = system.cfg, system.representation
+        truth = system.prior.truth(cfg.prompt)
     if truth is None:
         raise UserError(f"prior {cfg.prior.name!r} has no ground truth; `threedgen eval` scores runs of the "
                         "embedded shapes prior only")
@@ -150,7 +146,7 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
         raise UserError(f"run {str(run_dir)!r} has no exported mesh; run `threedgen export {run_dir}` first")
     distance = float(np.mean(cfg.camera.distance_range))
     fovy = float(np.mean(cfg.camera.fovy_range))
-    metrics = evaluate_representation(system.representation, truth, distance, fovy, mesh)
+    metrics = evaluate_representation(representation, truth, distance, fovy, mesh)
     metrics = {"prompt": cfg.prompt, **metrics}
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics

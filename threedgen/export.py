@@ -8,15 +8,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio.v2 as imageio
 import numpy as np
-import torch
+import trimesh
+from PIL import Image
+from trimesh.exchange.obj import export_obj
 
-from threedgen.cameras import Cameras, orbit
+from threedgen.cameras import orbit
 from threedgen.errors import UserError
 from threedgen.rundir import DISK_ERRORS, atomic_path, atomic_write_text
+from threedgen.schema import MESH_FORMATS, TEXTURE_MODES
+from threedgen.texture import bake_texture, unwrap
+from threedgen.views import render_views, write_image
 
-MESH_FORMATS = ("glb", "obj", "ply")
-TEXTURE_MODES = ("uv", "vertex")
 TEXTURE_NAME = "mesh_texture.png"  # the OBJ's base-colour image (the GLB embeds its own copy)
 MTL_NAME = "mesh.mtl"
 OBJECT_NAME = "threedgen"
@@ -39,7 +43,6 @@ def decimate(mesh, faces: int):
     """Quadric decimation (fast-simplification through trimesh) down to about ``faces`` faces;
     a mesh already that small is returned as is. Pairs of faces on the same three vertices (a
     zero-volume fold that the decimation leaves behind now and then) are removed."""
-    import trimesh
 
     if not faces or len(mesh.faces) <= faces:
         return mesh
@@ -64,10 +67,6 @@ def build_asset(surface, texture: str = "uv", texture_size: int = 1024, faces: i
     origin at the point every training camera orbits (the object's centre by construction; the
     mesh is not moved, so a lopsided result stays as the renders show it), ``scale`` metres per
     world unit (1: the shapes prior's objects are 0.7-0.9 m across)."""
-    import trimesh
-    from PIL import Image
-
-    from threedgen.texture import bake_texture, unwrap
 
     if texture not in TEXTURE_MODES:
         raise UserError(f"texture mode must be uv or vertex; got {texture!r}")
@@ -91,7 +90,6 @@ def build_asset(surface, texture: str = "uv", texture_size: int = 1024, faces: i
 
 
 def _write_obj(asset: Asset, path: Path) -> list[Path]:
-    from trimesh.exchange.obj import export_obj
 
     if asset.textured is None:
         # Vertex colours as "v x y z r g b"; no material file is needed.
@@ -122,8 +120,6 @@ def export_meshes(asset: Asset, run_dir: Path, formats=MESH_FORMATS) -> list[Pat
         mesh = asset.textured if fmt == "glb" and asset.textured is not None else asset.mesh
         with atomic_path(path) as tmp:
             if fmt == "glb":  # one node, named, so Blender's object is "threedgen"
-                import trimesh
-
                 scene = trimesh.Scene()
                 scene.add_geometry(mesh, geom_name=OBJECT_NAME, node_name=OBJECT_NAME)
                 scene.export(tmp, file_type="glb")
@@ -133,40 +129,8 @@ def export_meshes(asset: Asset, run_dir: Path, formats=MESH_FORMATS) -> list[Pat
     return written
 
 
-def representation_device(representation) -> torch.device:
-    """Where a representation's parameters live (the CPU for one without parameters)."""
-    first = next(iter(representation.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def render_views(representation, cameras: Cameras, size: int, chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """``rgb [N,H,W,3]`` uint8 and ``alpha [N,H,W]`` float of the representation in eval mode."""
-    was_training = representation.training
-    representation.eval()
-    cameras = cameras.to(representation_device(representation))
-    rgbs, alphas = [], []
-    try:
-        for i in range(0, len(cameras), chunk):
-            out = representation.render(cameras[i:i + chunk], size, size)
-            rgbs.append(out.rgb.clamp(0, 1).cpu())
-            alphas.append(out.alpha[..., 0].cpu())
-    finally:
-        representation.train(was_training)
-    rgb = (torch.cat(rgbs).numpy() * 255).round().astype(np.uint8)
-    return rgb, torch.cat(alphas).numpy()
-
-
-def write_image(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-
-
 def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
     """mp4 through imageio-ffmpeg; a GIF when no encoder is available."""
-    import imageio.v2 as imageio
 
     path = Path(run_dir) / "turntable.mp4"
     try:

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from threedgen.errors import UserError
+
 # extension -> (the module that builds/loads it, torch's extension name, a prebuilt module)
 EXTENSIONS = {
     "gsplat": ("gsplat.cuda._backend", "gsplat_cuda", "gsplat.csrc"),
@@ -62,14 +64,18 @@ _WARNED: set[str] = set()
 
 
 def extensions_root() -> Path:
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import (
+        get_default_build_root,  # slow (setuptools): only when a CUDA kernel is looked for
+    )
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
 def build_folder(name: str) -> Path:
     """torch's build folder for an extension (the root, then a python/CUDA-version folder)."""
-    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import (
+        _get_build_directory,  # slow (setuptools): only when a CUDA kernel is looked for
+    )
 
     with contextlib.redirect_stdout(sys.stderr):
         return Path(_get_build_directory(EXTENSIONS[name][1], verbose=False))
@@ -77,7 +83,7 @@ def build_folder(name: str) -> Path:
 
 def nvcc() -> Optional[str]:
     """The CUDA compiler torch would build with, or None."""
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME  # slow (setuptools): only when a CUDA kernel is looked for
 
     if CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").is_file():
         return str(Path(CUDA_HOME, "bin", "nvcc"))
@@ -91,7 +97,7 @@ def build_lock(name: str):
     root = extensions_root()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
+        import fcntl  # POSIX only: the lock is skipped where it does not exist
     except ImportError:  # pragma: no cover - not POSIX: no lock
         yield
         return
@@ -175,7 +181,6 @@ def choose(extension: str, key: str, requested: str, kernel_value: str, fallback
     ``extension``'s CUDA kernels and whose ``fallback_value`` is plain PyTorch on any device:
     ``auto`` takes the kernels on CUDA when they load (or build) here, else the fallback, said
     once on stderr; asking for the kernels where they cannot run is a one-line error."""
-    from threedgen.errors import UserError
 
     cuda = torch.device(device).type == "cuda"
     if requested == fallback_value or (requested == "auto" and not cuda):

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import mcubes
 import numpy as np
 import torch
+import trimesh
+from scipy.ndimage import binary_fill_holes
 
 from threedgen.errors import UserError
 
@@ -83,7 +86,6 @@ class Surface:
 
     def colored_mesh(self):
         """A copy of the mesh with vertex colours from ``color_fn``."""
-        import trimesh
 
         mesh = self.mesh.copy()
         mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=self.colors(mesh.vertices))
@@ -113,8 +115,6 @@ def surface_from_grid(values: np.ndarray, color_fn, bound: float, threshold: flo
     ``threshold`` (None: ``silhouette_level``, with ``opaque`` if given), enclosed cavities filled;
     components with fewer than ``min_component_fraction`` of the largest one's faces (floaters)
     are dropped. The grid is padded with empty space, so every component is closed (watertight)."""
-    import mcubes
-    import trimesh
 
     resolution = values.shape[0]
     if not np.isfinite(values).all():
@@ -127,7 +127,6 @@ def surface_from_grid(values: np.ndarray, color_fn, bound: float, threshold: flo
     # Score distillation never sees inside an opaque object, so low-density pockets there are
     # arbitrary: fill enclosed cavities so they do not become inner surfaces (a torus's hole is
     # open to the outside and stays).
-    from scipy.ndimage import binary_fill_holes
 
     solid = values > threshold
     cavities = binary_fill_holes(solid) & ~solid

@@ -1,79 +1,57 @@
 """The Python entry point of a run, shared by the CLI and the web UI.
 
-``run(cfg, out)`` validates everything that can be checked before work starts (prompt against the
-prior's vocabulary, output folder writable), then trains with Lightning, exports the mesh, video
-and previews, and scores the result when the prior knows the truth.
+``run(cfg, out)`` takes a config validated by ``threedgen.config.build_config`` (prompt, values,
+the prior's checks of the run), checks that the output folder is writable, then trains with
+Lightning, exports the mesh, video and previews, and scores the result when the prior knows the
+truth.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
+import signal
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
 
-from threedgen.checkpoints import CorruptCheckpoint, choose_checkpoint, read_checkpoint, save_checkpoint
-from threedgen.config import RunConfig, load_run_config, to_yaml
-from threedgen.errors import RunFailed, UserError
+from threedgen.callbacks import PreviewCallback, RunFolderCheckpointIO, SafeCheckpoint, StepProgressBar
+from threedgen.cameras import CameraSampler
+from threedgen.checkpoints import choose_checkpoint, save_checkpoint
+from threedgen.config import RunConfig, to_yaml
+from threedgen.devices import cuda_for_auto, is_out_of_memory, resolve_device
+from threedgen.errors import RunFailed
+from threedgen.evaluate import evaluate_run
+from threedgen.export import export_run_outputs
+from threedgen.guidance import priors
+from threedgen.guidance.config import GUIDANCE
+from threedgen.representations.config import REPRESENTATIONS
 from threedgen.rundir import NO_SPACE, atomic_write_text, check_writable, new_run_dir, write_status
+from threedgen.runs import (
+    CONFIG_NAME,
+    load_representation,
+    load_state,
+    open_run,
+    print_err,
+    quiet_libraries,
+    run_config,
+    warn_checkpoint,
+)
+from threedgen.system import CameraDataModule, DivergedError, System
 
-CONFIG_NAME = "config.yaml"
-
-
-def quiet_libraries() -> None:
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for pattern in (".*does not have many workers.*", ".*litlogger.*", ".*pytree.*", ".*LeafSpec.*",
-                    ".*GPU available.*", ".*TPU available.*", ".*checkpoint.*callbacks.*",
-                    ".*Checkpoint directory .* exists and is not empty.*", ".*upgrade.*litmodels.*",
-                    ".*manual optimization and every_n_train_steps.*"):
-        warnings.filterwarnings("ignore", pattern)
-
-
-AUTO_DEVICE_ENV = "THREEDGEN_DEVICE"
-
-
-def cuda_for_auto() -> bool:
-    """Whether ``auto`` means CUDA here: a CUDA device is present and ``THREEDGEN_DEVICE`` (when
-    set) does not say ``cpu``. The test suite sets ``THREEDGEN_DEVICE=cpu`` so that its runs stay on
-    the CPU on a GPU machine too; CUDA tests ask for CUDA by name."""
-    return os.environ.get(AUTO_DEVICE_ENV, "").strip().lower() != "cpu" and torch.cuda.is_available()
-
-
-def resolve_device(name: str) -> torch.device:
-    import re
-
-    if name == "auto":
-        return torch.device("cuda" if cuda_for_auto() else "cpu")
-    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name or ""):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
+__all__ = ["run", "build_components", "make_trainer", "trainer_devices", "load_trained", "load_representation",
+           "resolve_device", "cuda_for_auto", "quiet_libraries", "open_run", "out_of_memory", "as_run_failure"]
 
 
 def build_components(cfg: RunConfig, device: torch.device, prior=None):
     """prior, prompt embeddings, representation, guidance and the system for ``cfg``."""
-    from threedgen.guidance import GUIDANCE
-    from threedgen.guidance.priors import build_prior, check_run
-    from threedgen.representations import REPRESENTATION_CLASSES
-    from threedgen.system import System
-
-    check_run(cfg)
     if prior is None:
-        prior = build_prior(cfg.prior, device)
+        prior = priors.build_prior(cfg.prior, device)
     embeds = prior.encode_prompt(cfg.prompt, cfg.negative_prompt)
-    representation = REPRESENTATION_CLASSES[cfg.representation.name][1](cfg.representation, device)
-    guidance = GUIDANCE[cfg.guidance.name][1](cfg.guidance, prior)
+    representation = REPRESENTATIONS[cfg.representation.name].cls(cfg.representation, device)
+    guidance = GUIDANCE[cfg.guidance.name].cls(cfg.guidance, prior)
     return System(cfg, prior, representation, guidance, embeds).to(device)
 
 
@@ -86,11 +64,6 @@ def trainer_devices(device: torch.device):
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_bar: bool = True, callbacks=()):
-    import pytorch_lightning as pl
-    from pytorch_lightning.loggers import CSVLogger
-
-    from threedgen.callbacks import PreviewCallback, RunFolderCheckpointIO, SafeCheckpoint, StepProgressBar
-
     if progress_bar:
         callbacks = [*callbacks, StepProgressBar(cfg.prompt)]
     return pl.Trainer(
@@ -108,24 +81,13 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N``) replaces the config's device: a resumed web UI job
     runs on the GPU of the worker that resumes it, not on the one that started it."""
-    import pytorch_lightning as pl
-
-    from threedgen.callbacks import SafeCheckpoint
-    from threedgen.cameras import CameraSampler
-    from threedgen.export import export_run_outputs
-    from threedgen.system import CameraDataModule, DivergedError
-
     quiet_libraries()
     ckpt_path = None
     if resume is not None:
-        run_dir = Path(resume).expanduser().resolve()
-        config_file = run_dir / CONFIG_NAME
-        if not config_file.is_file():
-            raise UserError(f"{str(run_dir)!r} is not a threedgen run folder (no {CONFIG_NAME})")
         flags = {k: v for k, v in (("steps", steps), ("device", device)) if v is not None}
-        cfg = load_run_config(config_file, flags=flags or None)
+        cfg, run_dir = run_config(resume, flags or None)
         check_writable(run_dir)
-        chosen = choose_checkpoint(run_dir, warn=lambda msg: print_err(f"threedgen: warning: {msg}"), repair=True)
+        chosen = choose_checkpoint(run_dir, warn=warn_checkpoint, repair=True)
         ckpt_path = str(chosen) if chosen is not None else None
     assert cfg is not None
     if device is not None and resume is None:
@@ -133,10 +95,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     device = resolve_device(cfg.device)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if resume is None:
-        from threedgen.guidance.priors import check_run
-
-        check_run(cfg)  # prompt and prior settings, before any folder is made or prior built
-        check_writable(Path(out))
+        check_writable(Path(out))  # before any folder is made or the prior is built
     if note:
         print_err(f"threedgen: {note}")
     try:
@@ -162,7 +121,6 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             # Lightning turns Ctrl-C into a graceful stop and sys.exit(1), leaving SIGINT ignored.
             if not trainer.interrupted:
                 raise
-            import signal
 
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
@@ -178,8 +136,6 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         export_seconds = time.time() - started - train_seconds
         metrics = None
         if cfg.export.evaluate and system.prior.truth(cfg.prompt) is not None:
-            from threedgen.evaluate import evaluate_run
-
             metrics = evaluate_run(run_dir, system=system)
         eval_seconds = time.time() - started - train_seconds - export_seconds
         write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
@@ -213,28 +169,17 @@ def _try_status(run_dir: Path, status: str, **extra) -> None:
 
 def out_of_memory(exc: BaseException, cfg: RunConfig, run_dir: Optional[Path]) -> Optional[RunFailed]:
     """A one-line RunFailed with what to lower, for an out-of-memory error; None otherwise."""
-    text = str(exc).lower()
-    if not (isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, RuntimeError) and (
-            "out of memory" in text or "can't allocate memory" in text)):
+    if not is_out_of_memory(exc):
         return None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if run_dir is None:
         return RunFailed(f"out of memory building the prior and the representation on {cfg.device}; free memory "
                          "(other jobs), use a smaller model, or run with --device cpu")
+    hint = cfg.representation.memory_hint(resolve_device(cfg.device).type == "cuda")
     return RunFailed(f"out of memory at render.resolution={cfg.render.resolution} with camera.batch_size="
-                     f"{cfg.camera.batch_size}; lower those (or {_nerf_sample_key(cfg)} for a NeRF, "
-                     f"representation.max_gaussians for Gaussians) in {run_dir / CONFIG_NAME}, then continue with: "
-                     f"threedgen run --resume {run_dir}")
-
-
-def _nerf_sample_key(cfg: RunConfig) -> str:
-    """The setting that sets a NeRF's samples per ray: the step size for nerfacc's occupancy grid
-    (CUDA), the sample count for the dense sampler."""
-    rep = cfg.representation
-    occgrid = getattr(rep, "sampler", "dense") == "occgrid" or (
-        getattr(rep, "sampler", "dense") == "auto" and resolve_device(cfg.device).type == "cuda")
-    return "raise representation.render_step_size" if occgrid else "representation.num_samples"
+                     f"{cfg.camera.batch_size}; lower those{f' (or {hint})' if hint else ''} in "
+                     f"{run_dir / CONFIG_NAME}, then continue with: threedgen run --resume {run_dir}")
 
 
 def as_run_failure(exc: BaseException, run_dir: Path, cfg: RunConfig) -> Optional[RunFailed]:
@@ -255,56 +200,12 @@ def as_run_failure(exc: BaseException, run_dir: Path, cfg: RunConfig) -> Optiona
     return None
 
 
-def open_run(run_dir: str | Path):
-    """(cfg, run_dir, checkpoint) of a run folder (the last checkpoint, else the one before it),
-    or a one-line UserError."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    config_file = run_dir / CONFIG_NAME
-    if not config_file.is_file():
-        raise UserError(f"{str(run_dir)!r} is not a threedgen run folder (no {CONFIG_NAME})")
-    cfg = load_run_config(config_file)
-    ckpt = choose_checkpoint(run_dir, warn=lambda msg: print_err(f"threedgen: warning: {msg}"))
-    if ckpt is None:
-        raise UserError(f"run {str(run_dir)!r} has no checkpoint yet (checkpoints/last.ckpt)")
-    return cfg, run_dir, ckpt
-
-
-def _load_state(module: torch.nn.Module, ckpt: Path, run_dir: Path, device, prefix: str = "") -> None:
-    try:
-        state = read_checkpoint(ckpt, run_dir, map_location=device)["state_dict"]
-        if prefix:
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        module.load_state_dict(state)
-    except (CorruptCheckpoint, RuntimeError, KeyError) as exc:
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise
-        raise UserError(f"checkpoint {str(ckpt)!r} cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
-
-
 def load_trained(run_dir: str | Path, device: str | None = None):
     """(cfg, system, run_dir) of a run folder with the weights of its last checkpoint."""
     quiet_libraries()
     cfg, run_dir, ckpt = open_run(run_dir)
     dev = resolve_device(device or cfg.device)
     system = build_components(cfg, dev)
-    _load_state(system, ckpt, run_dir, dev)
+    load_state(system, ckpt, run_dir, dev)
     system.eval()
     return cfg, system, run_dir
-
-
-def load_representation(run_dir: str | Path, device: str | None = None):
-    """(cfg, representation, run_dir): the trained 3D representation alone, without building the
-    prior (exporting a Stable Diffusion run does not load Stable Diffusion)."""
-    from threedgen.representations import REPRESENTATION_CLASSES
-
-    quiet_libraries()
-    cfg, run_dir, ckpt = open_run(run_dir)
-    dev = resolve_device(device or cfg.device)
-    representation = REPRESENTATION_CLASSES[cfg.representation.name][1](cfg.representation, dev).to(dev)
-    _load_state(representation, ckpt, run_dir, dev, prefix="representation.")
-    representation.eval()
-    return cfg, representation, run_dir
-
-
-def print_err(*args) -> None:
-    print(*args, file=sys.stderr)

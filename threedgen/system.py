@@ -5,6 +5,11 @@ regularisers -> step. Optimisation is manual so that a non-finite loss or gradie
 instead of reaching the parameters; ``global_step`` therefore counts optimizer steps taken
 (skipped steps are counted separately and logged).
 
+Optimizers: the representation owns its own (``Representation.optimizers``, name -> Adam; the
+Gaussians' are gsplat's one Adam per parameter, which its densification edits), the system owns the
+guidance's (VSD's fake score) and steps them all. Lightning checkpoints them as a list, in the
+order of :meth:`System.named_optimizers`.
+
 Divergence: after ``optimizer.rollback_after`` skipped steps in a row the system goes back to its
 last good state (the one its last verified checkpoint holds: parameters, optimizer moments,
 densification state) and scales every learning rate by ``optimizer.rollback_lr_factor``; a run
@@ -20,7 +25,8 @@ import pytorch_lightning as pl
 import torch
 
 from threedgen.cameras import Cameras, CameraSampler, CameraStream
-from threedgen.errors import RunFailed
+from threedgen.errors import RunFailed, UserError
+from threedgen.modules import hold
 
 
 class CameraDataModule(pl.LightningDataModule):
@@ -62,8 +68,7 @@ class System(pl.LightningModule):
         self.cfg = cfg
         self.representation = representation
         self.guidance = guidance
-        # The frozen prior is shared and never checkpointed: keep it out of the module tree.
-        object.__setattr__(self, "prior", prior)
+        hold(self, "prior", prior)  # the frozen prior is shared and never checkpointed
         self.embeds = embeds
         self.automatic_optimization = False
         self.skipped_steps = 0
@@ -73,11 +78,24 @@ class System(pl.LightningModule):
         self._bad_in_a_row = 0
         self._good = None
         self._resume_rng = (None, None)  # RNG states of a loaded checkpoint, applied at the first step
+        self.guidance_optimizer = None  # Adam over the guidance's trained networks, when it has any
 
     def configure_optimizers(self):
-        groups = self.representation.parameter_groups() + self.guidance.extra_parameters()
+        """Make every optimizer of the run (the representation keeps its own) and hand them to
+        Lightning, which saves and restores their states in this order."""
         opt = self.cfg.optimizer
-        return torch.optim.Adam(groups, betas=tuple(opt.betas), eps=opt.eps)
+        betas, eps = tuple(opt.betas), opt.eps
+        extra = self.guidance.extra_parameters()
+        self.guidance_optimizer = torch.optim.Adam(extra, betas=betas, eps=eps) if extra else None
+        self.representation.make_optimizers(betas, eps)
+        return list(self.named_optimizers().values())
+
+    def named_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimizer by name, in a fixed order: ``guidance`` (when the guidance trains a
+        network), then the representation's as ``representation.<name>``."""
+        named = {"guidance": self.guidance_optimizer} if self.guidance_optimizer is not None else {}
+        named.update({f"representation.{k}": v for k, v in self.representation.optimizers.items()})
+        return named
 
     def training_step(self, cameras: Cameras, batch_idx: int):
         step, max_steps = self.global_step, self.cfg.steps
@@ -86,13 +104,20 @@ class System(pl.LightningModule):
         guided = self.guidance(out.rgb, self.embeds, cameras, step, max_steps)
         loss = guided.loss + self.regularizers(out)
 
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
+        optimizers = self.optimizers()  # Lightning's wrappers, in the order of named_optimizers
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self._finite(loss):
-            opt.step()
+            # Lightning counts a global step per wrapper step() call: the first optimizer steps
+            # through its wrapper (one count per training step), the others directly (the same
+            # update: manual optimisation has no closure and no gradient clipping).
+            for opt in optimizers[1:]:
+                opt.optimizer.step()
+            optimizers[0].step()
             self._bad_in_a_row = 0
-            self.representation.on_step(self.global_step, self.cfg.steps, opt)
+            self.representation.on_step(self.global_step, self.cfg.steps)
         else:
             self.skipped_steps += 1
             self._bad_in_a_row += 1
@@ -111,11 +136,14 @@ class System(pl.LightningModule):
         return loss.detach()
 
     def _log_now(self) -> bool:
-        """Whether this step's numbers reach the logger (every ``log_every_n_steps``): Lightning's
-        ``log`` costs ~9 ms a call on CPU, more than a 32x32 NeRF step's render."""
-        trainer = self._trainer
-        connector = getattr(trainer, "_logger_connector", None)
-        return connector is None or bool(connector.should_update_logs)
+        """Whether this step's numbers reach the logger: on the batches Lightning writes its logs
+        (every ``log_every_n_steps`` batches, skipped steps included, or when the trainer is
+        stopping). Lightning's ``log`` costs ~9 ms a call on CPU, more than a 32x32 NeRF step's
+        render."""
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        batch = trainer.fit_loop.epoch_loop.total_batch_idx  # this batch, counted from 0 across resumes
+        return every > 0 and ((batch + 1) % every == 0 or trainer.should_stop)
 
     def regularizers(self, out) -> torch.Tensor:
         lc = self.cfg.loss
@@ -126,8 +154,6 @@ class System(pl.LightningModule):
         if lc.lambda_opaque:
             entropy = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log())
             total = total + lc.lambda_opaque * entropy.mean()
-        for value in self.representation.regularizers(out).values():
-            total = total + value
         return total
 
     def _finite(self, loss: torch.Tensor) -> bool:
@@ -143,15 +169,12 @@ class System(pl.LightningModule):
         return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
 
     # ---- divergence: the last good state and rolling back to it ----------------------------
-    def _torch_optimizer(self):
-        opt = self.optimizers()
-        return getattr(opt, "optimizer", opt)
-
     def remember_good_state(self) -> None:
         """Keep (on the CPU) what the last verified checkpoint holds, for :meth:`roll_back`."""
         self._good = {
             "model": _cpu_copy(self.state_dict()),
-            "optimizer": _cpu_copy(self._torch_optimizer().state_dict()),  # loading moves it back
+            # by optimizer name; loading moves the states back to the parameters' device
+            "optimizers": {name: _cpu_copy(opt.state_dict()) for name, opt in self.named_optimizers().items()},
             "runtime": copy.deepcopy(self.representation.runtime_state()),
             "lr_scale": self.lr_scale, "step": self.global_step,
         }
@@ -166,18 +189,15 @@ class System(pl.LightningModule):
         self._bad_in_a_row = 0
         good = self._good
         self.rolled_back_steps += self.global_step - good["step"]
+        # Loading may replace parameters (Gaussians change in number); the representation then
+        # points their optimizers at the new ones.
         self.load_state_dict({k: v.to(self.device) for k, v in good["model"].items()})
         self.representation.load_runtime_state(copy.deepcopy(good["runtime"]))
-        opt = self._torch_optimizer()
-        # Loading may have replaced parameters (Gaussians change in number): point the groups at them.
-        fresh = self.representation.parameter_groups() + self.guidance.extra_parameters()
-        for group, new in zip(opt.param_groups, fresh):
-            group["params"] = list(new["params"])
-        opt.state.clear()
-        opt.load_state_dict(copy.deepcopy(good["optimizer"]))
         self.lr_scale *= opt_cfg.rollback_lr_factor
-        for group in opt.param_groups:
-            group["lr"] *= self.lr_scale / good["lr_scale"]
+        for name, opt in self.named_optimizers().items():
+            opt.load_state_dict(copy.deepcopy(good["optimizers"][name]))  # a copy: Adam updates it in place
+            for group in opt.param_groups:
+                group["lr"] *= self.lr_scale / good["lr_scale"]
         print(f"threedgen: {reason}; rolled back to the last good checkpoint with learning rates x{self.lr_scale:g} "
               f"(rollback {self.rollbacks} of at most {opt_cfg.max_rollbacks}; steps {good['step']}-{self.global_step} "
               "undone)", file=sys.stderr, flush=True)
@@ -185,6 +205,7 @@ class System(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threedgen"] = {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
                                    "lr_scale": self.lr_scale, "rolled_back_steps": self.rolled_back_steps,
+                                   "optimizers": list(self.named_optimizers()),
                                    "runtime": self.representation.runtime_state(),
                                    "rng": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -192,6 +213,15 @@ class System(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("threedgen", {})
+        saved = len(checkpoint.get("optimizer_states", []))
+        if "optimizers" not in state and saved:  # written before each part owned its optimizers
+            opt = self.cfg.optimizer
+            now = len(self.representation.make_optimizers(tuple(opt.betas), opt.eps))
+            now += 1 if self.guidance.extra_parameters() else 0
+            if now != saved:
+                raise UserError("this run's checkpoint was written by an earlier threedgen, whose optimizer "
+                                "layout differs; it cannot be resumed, but `threedgen export` and `threedgen eval` "
+                                "still read it")
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))

@@ -17,7 +17,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+import xatlas
+from scipy.ndimage import distance_transform_edt
 
+from threedgen.boxes import box_points, chunk_ranges
 from threedgen.errors import UserError
 
 MAX_PAIRS = 1 << 22  # (triangle, texel) candidates tested at once
@@ -26,7 +29,6 @@ MAX_PAIRS = 1 << 22  # (triangle, texel) candidates tested at once
 def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int, padding: int = 2):
     """xatlas charts packed for a ``size``-square image: ``(vmapping [V'], faces [F,3], uv [V',2])``
     where new vertex ``k`` is old vertex ``vmapping[k]``."""
-    import xatlas
 
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(faces, np.uint32))
@@ -48,8 +50,6 @@ def texel_coordinates(uv: np.ndarray, size: int) -> np.ndarray:
 def rasterize_uv(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size: int):
     """The 3D surface point under every texel centre covered by a triangle in UV space:
     ``(rows [K], cols [K], points [K,3])``; a texel on a shared edge is taken once."""
-    from threedgen.representations.splatting import box_points, chunk_ranges
-
     tex = torch.as_tensor(texel_coordinates(uv, size), dtype=torch.float64)[torch.as_tensor(faces)]  # [F,3,2]
     pos = torch.as_tensor(positions, dtype=torch.float64)[torch.as_tensor(faces)]  # [F,3,3]
     a, b, c = tex[:, 0], tex[:, 1], tex[:, 2]
@@ -87,7 +87,6 @@ def bake_texture(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size:
     """A ``[size,size,3]`` uint8 base-colour image of ``colors`` (points ``[N,3]`` -> uint8 RGB(A),
     e.g. ``threedgen.meshing.Surface.colors``) over the surface, empty texels filled from their
     nearest baked texel (see the module docstring)."""
-    from scipy.ndimage import distance_transform_edt
 
     rows, cols, points = rasterize_uv(positions, faces, uv, size)
     if not len(rows):

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from threedgen.devices import cuda_for_auto
 from threedgen.errors import UserError
+from threedgen.guidance.config import GUIDANCE
+from threedgen.representations.config import REPRESENTATIONS
 from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.worker import PUBLIC_NAMES, WorkerPool, job_config
 
@@ -70,16 +73,9 @@ def parse_seeds(text) -> list[int]:
 def validate(settings: Settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
              resolution) -> list[dict]:
     """One job's parameters per seed, each checked exactly as `threedgen run` checks its input."""
-    from threedgen.config import REPRESENTATIONS
-    from threedgen.guidance import GUIDANCE
-    from threedgen.guidance.priors import check_run
-
     if not isinstance(prompt, str) or not isinstance(negative_prompt or "", str):
         raise UserError("prompt and negative prompt must be text")
-    if guidance not in GUIDANCE:
-        raise UserError(f"unknown guidance {guidance!r}; valid: {', '.join(GUIDANCE)}")
-    if representation not in REPRESENTATIONS:
-        raise UserError(f"unknown representation {representation!r}; valid: {', '.join(REPRESENTATIONS)}")
+    GUIDANCE[guidance], REPRESENTATIONS[representation]  # unknown names: the registries' own errors
     if prior not in settings.priors:
         raise UserError(f"prior {prior!r} is not offered by this server; valid: {', '.join(settings.priors)}")
     if isinstance(steps, str) and steps.strip().isdigit():
@@ -96,8 +92,7 @@ def validate(settings: Settings, prompt, negative_prompt, guidance, representati
                   "representation": representation, "prior": prior, "steps": steps, "seed": seed,
                   "resolution": int(resolution) if resolution not in (None, "") else None,
                   "server_overrides": list(settings.overrides)}
-        cfg = job_config(params, "cpu")
-        check_run(cfg)
+        cfg = job_config(params, "cpu")  # every check of `threedgen run`, once
         params["prompt"], params["negative_prompt"] = cfg.prompt, cfg.negative_prompt  # cleaned
         jobs.append(params)
     return jobs
@@ -173,10 +168,7 @@ class WebUI:
 
     # ---- the page ----------------------------------------------------------------------------
     def blocks(self):
-        import gradio as gr
-
-        from threedgen.config import REPRESENTATIONS
-        from threedgen.guidance import GUIDANCE, GUIDANCE_INFO
+        import gradio as gr  # heavy: only when the page is built
 
         s = self.settings
 
@@ -224,9 +216,9 @@ class WebUI:
                 with gr.Column(scale=1):
                     prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=1000)
                     negative = gr.Textbox(label="Negative prompt", value="", max_length=1000)
-                    guidance = gr.Dropdown([(f"{k} ({GUIDANCE_INFO[k][0]})", k) for k in GUIDANCE], value="sds",
+                    guidance = gr.Dropdown([(f"{e.name} ({e.summary})", e.name) for e in GUIDANCE.entries()], value="sds",
                                            label="Guidance")
-                    representation = gr.Dropdown(list(REPRESENTATIONS), value="nerf", label="Representation")
+                    representation = gr.Dropdown(REPRESENTATIONS.names(), value="nerf", label="Representation")
                     prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
                     steps = gr.Number(value=600, label="Steps", precision=0, minimum=1, maximum=s.max_steps)
                     seeds = gr.Textbox(value="0", label="Seeds", info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
@@ -293,11 +285,11 @@ class WebUI:
 
 
 def default_devices(workers: Optional[int]) -> list[str]:
-    import torch
+    n = 0
+    if cuda_for_auto():
+        import torch  # heavy: only where a GPU driver exists
 
-    from threedgen.runner import cuda_for_auto
-
-    n = torch.cuda.device_count() if cuda_for_auto() else 0
+        n = torch.cuda.device_count()
     if n == 0:
         if workers not in (None, 1):
             raise UserError("--workers: this machine has no CUDA device; the web UI runs one job at a time on the CPU")

@@ -24,6 +24,9 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from threedgen.config import parse_overrides, resolve_request
+from threedgen.devices import is_out_of_memory
+from threedgen.errors import RunFailed, UserError
 from threedgen.rundir import atomic_path
 from threedgen.webui.jobs import JobStore
 
@@ -59,19 +62,17 @@ def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[
 def job_config(params: dict, device: str = "auto"):
     """The run config of a job's parameters (the same checks as the CLI and the submit form).
     ``params["server_overrides"]`` holds the server's own ``key=value`` settings (``--set``)."""
-    from threedgen.config import build_config, parse_overrides
-
     items = list(params.get("server_overrides") or [])
     if params.get("resolution"):
         items.append(f"render.resolution={int(params['resolution'])}")
     overrides = parse_overrides(items)
     flags = {"prompt": params["prompt"], "negative_prompt": params.get("negative_prompt", ""),
              "steps": int(params["steps"]), "seed": int(params["seed"]), "device": device}
-    return build_config(params["guidance"], params["representation"], params["prior"], overrides, flags)
+    return resolve_request(params["guidance"], params["representation"], params["prior"], overrides, flags)[0].cfg
 
 
 def _progress_callback(store: JobStore, job_id: str, public_dir: Path, parent_pid: int, every_s: float = 0.5):
-    import pytorch_lightning as pl
+    import pytorch_lightning as pl  # heavy: in the job process only
 
     class JobProgress(pl.Callback):
         """Progress and previews to the job table; stops the run on cancel or when the server died."""
@@ -121,8 +122,7 @@ def pin_device(device: str) -> str:
 def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: str, parent_pid: int) -> None:
     """The body of a job process."""
     device = pin_device(device)  # first: before anything touches CUDA
-    from threedgen.errors import RunFailed, UserError
-    from threedgen.runner import run
+    from threedgen.runner import run  # heavy (torch, Lightning): in the job process only, after the pin
 
     store = JobStore(db_path)
     job = store.get(job_id)
@@ -145,7 +145,7 @@ def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: 
         store.finish(job_id, "failed", error=str(exc).splitlines()[0])
     except BaseException as exc:  # anything else: fail this job, keep the details in its log
         (public_dir.parent / f".{job_id}.log").write_text(traceback.format_exc())
-        message = "out of memory" if "out of memory" in str(exc).lower() else f"{type(exc).__name__}: {exc}"
+        message = "out of memory" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
         store.finish(job_id, "failed", error=message.splitlines()[0][:300])
 
 
@@ -163,7 +163,7 @@ class WorkerPool:
         if any(d.startswith("cuda") for d in self.devices):
             # Build gsplat's and nerfacc's kernels once, here, before any job: two jobs building
             # them at once on a fresh install delete each other's build folder.
-            from threedgen import kernels
+            from threedgen import kernels  # heavy (torch): only on a CUDA server
 
             for name, status in kernels.prepare(log=lambda m: print(m, file=sys.stderr, flush=True)).items():
                 if not status.usable:

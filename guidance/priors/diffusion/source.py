@@ -77,13 +77,13 @@ class ModelSource:
 
 
 def hub_offline() -> bool:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: kept off the torch-free config path
 
     return bool(constants.HF_HUB_OFFLINE)
 
 
 def hub_host() -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: kept off the torch-free config path
 
     return urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
 
@@ -92,7 +92,7 @@ def hub_host() -> str:
 def hub_reachable() -> bool:
     """One TCP connection to the Hub endpoint with a short timeout (no retries), once per
     process. Behind a proxy the probe is skipped and huggingface_hub finds out itself."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # heavy: kept off the torch-free config path
 
     url = urlparse(constants.ENDPOINT)
     host = url.hostname or ""
@@ -109,15 +109,15 @@ def hub_reachable() -> bool:
 @contextlib.contextmanager
 def quiet_hub():
     """Silence huggingface_hub's retry chatter and the libraries' weight-loading bars."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
+    import diffusers.utils.logging as diffusers_logging  # heavy: only while a model loads
+    import transformers.utils.logging as transformers_logging  # heavy: only while a model loads
 
     loggers = [logging.getLogger(n) for n in ("huggingface_hub", "diffusers", "transformers")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
-    from huggingface_hub import utils as hub_utils
+    from huggingface_hub import utils as hub_utils  # heavy: kept off the torch-free config path
 
     hub_bars = not hub_utils.are_progress_bars_disabled()
     for module, _ in bars:  # the "Loading weights" bars; the Hub's download bars stay
@@ -141,7 +141,7 @@ def _first_line(exc: BaseException) -> str:
 
 def translate_error(exc: BaseException, model: str, what: str = "") -> UserError:
     """A loading failure as the one line a user needs."""
-    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import errors as hub_errors  # heavy: kept off the torch-free config path
 
     where = f"model {model!r}" + (f" ({what})" if what else "")
     if isinstance(exc, hub_errors.GatedRepoError):
@@ -226,7 +226,7 @@ def resolve_source(model: str, revision: Optional[str] = None, local_files_only:
         return source
     if model.startswith(("/", ".", "~")) or not HUB_ID.match(model):
         raise UserError(f"model {model!r}: no such folder (and not a Hub id of the form owner/name)")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # heavy: kept off the torch-free config path
 
     offline = local_files_only or hub_offline()
     with quiet_hub():

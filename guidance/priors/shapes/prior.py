@@ -22,54 +22,21 @@ and view-dependent prompt tags restrict the text branch to teacher views with th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from threedgen.cameras import Cameras, view_tag
-from threedgen.errors import UserError, check_range
+from threedgen.errors import UserError
 from threedgen.guidance.priors.base import VIEW_TAGS, Prior, PromptEmbeds, sd_alphas_cumprod
+from threedgen.guidance.priors.config import ShapesPriorConfig
 from threedgen.guidance.priors.shapes import render as shapes_render
-from threedgen.guidance.priors.shapes.sdf import SDFS, truth_mesh
+from threedgen.guidance.priors.shapes.sdf import SDFS
 from threedgen.guidance.priors.shapes.vocab import COLOURS, SHAPES, parse_negative, parse_prompt
-
-
-@dataclass
-class ShapesPriorConfig:
-    name: str = "shapes"
-    resolution: int = 64
-    # Camera kernel concentration (von Mises-Fisher); 0 = text only.
-    camera_kappa: float = 1000.0
-    # Support of the camera kernel: teacher views farther than this angle (degrees) from the
-    # render's viewing direction have prior weight 0. Part of the prior's definition (a truncated
-    # kernel; at kappa 1000 the cut-off weight is below e^-130); it makes each call ~15x cheaper.
-    # 0 or >= 180 keeps every view. Ignored in text-only mode (kappa 0).
-    camera_kernel_max_angle: float = 30.0
-    # Teacher view grid: elevations (degrees) x azimuths every `azimuth_step` degrees.
-    elevations: list[float] = field(default_factory=lambda: [-10.0, 5.0, 20.0, 35.0, 50.0, 65.0])
-    azimuth_step: float = 10.0
-    distance: float = 2.5
-    fovy: float = 40.0
-    supersample: int = 2
-    # Text-only mode: restrict the text branch to teacher views with the render's view tag.
-    view_dependent_prompting: bool = True
-    # Limit the world to some shapes (None = all); used by tests for speed.
-    shapes: Optional[list[str]] = None
-
-    def check(self) -> None:
-        check_range("prior.resolution", self.resolution, 8, 256, integer=True)
-        check_range("prior.camera_kappa", self.camera_kappa, 0, 1e6)
-        check_range("prior.camera_kernel_max_angle", self.camera_kernel_max_angle, 0, 180)
-        check_range("prior.azimuth_step", self.azimuth_step, 1, 360)
-        check_range("prior.distance", self.distance, 1.0, 100)
-        check_range("prior.fovy", self.fovy, 1, 170)
-        check_range("prior.supersample", self.supersample, 1, 4, integer=True)
-        if not self.elevations or len(self.elevations) > 32:
-            raise UserError("prior.elevations must list 1 to 32 elevations in degrees")
-        for e in self.elevations:
-            check_range("prior.elevations[]", e, -89, 89)
+from threedgen.noise import NoiseSchedule
 
 
 @dataclass(frozen=True)
@@ -78,6 +45,30 @@ class ShapesCondition:
 
     objects: tuple[int, ...]
     view_tag: Optional[str] = None
+
+
+def truth_mesh(shape: str, resolution: int = 160):
+    """A triangle mesh of the shape's zero level set (marching cubes on the exact SDF), built once
+    and cached on disk beside the teacher maps."""
+    import trimesh  # heavy: only for evaluation's truth mesh
+
+    def build():
+        import mcubes  # only when the truth mesh is not cached yet
+
+        bound = 0.55
+        lin = torch.linspace(-bound, bound, resolution, dtype=torch.float64)
+        grid = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1)
+        values = SDFS[shape](grid).numpy()
+        verts, faces = mcubes.marching_cubes(-values, 0.0)
+        verts = verts * (2 * bound / (resolution - 1)) - bound
+        mesh = trimesh.Trimesh(np.asarray(verts, np.float64), np.asarray(faces, np.int64), process=True)
+        trimesh.repair.fix_normals(mesh)
+        return {"vertices": np.asarray(mesh.vertices), "faces": np.asarray(mesh.faces)}
+
+    arrays = shapes_render.disk_cached("truth", f"{shape}-{resolution}",
+                                       {"version": shapes_render.RENDER_VERSION, "shape": shape,
+                                        "resolution": resolution, "mesher": 1}, build)
+    return trimesh.Trimesh(arrays["vertices"], arrays["faces"], process=False)
 
 
 @dataclass
@@ -107,10 +98,6 @@ class ShapeTruth:
 
 
 class ShapesPrior(Prior):
-    name = "shapes"
-    prediction_type = "epsilon"
-    has_truth = True
-
     def __init__(self, cfg: ShapesPriorConfig | None = None):
         super().__init__()
         cfg = cfg or ShapesPriorConfig()
@@ -135,7 +122,7 @@ class ShapesPrior(Prior):
         self.register_buffer("gram", basis @ basis.transpose(-1, -2), persistent=False)  # [S,V,3,3]
         self.register_buffer("teacher_dirs", teacher.view_dirs, persistent=False)  # [V,3]
         self.register_buffer("albedo", torch.tensor([COLOURS[c] for c in self.colours]), persistent=False)
-        self.register_buffer("alphas_cumprod", sd_alphas_cumprod(self.num_train_timesteps), persistent=False)
+        self.noise = NoiseSchedule(sd_alphas_cumprod(self.num_train_timesteps))  # predict_noise returns eps
         tags = torch.tensor([[t == tag for t in self.teacher_tags] for tag in VIEW_TAGS])
         self.register_buffer("tag_mask", tags, persistent=False)  # [4,V]
 
@@ -144,23 +131,6 @@ class ShapesPrior(Prior):
         if shape not in self.shapes:
             raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(self.shapes)})")
         return self.shapes.index(shape) * len(self.colours) + self.colours.index(colour)
-
-    @classmethod
-    def check_prompt(cls, cfg, prompt: str, negative_prompt: str = "") -> None:
-        _, shape = parse_prompt(prompt)
-        if cfg.shapes and shape not in cfg.shapes:
-            raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(cfg.shapes)})")
-        parse_negative(negative_prompt)
-
-    @classmethod
-    def check_cameras(cls, cfg, camera_cfg) -> None:
-        """The teacher images were rendered at one distance and field of view: the training
-        cameras must use the same ones."""
-        d, f = cfg.distance, cfg.fovy
-        if tuple(camera_cfg.distance_range) != (d, d) or tuple(camera_cfg.fovy_range) != (f, f):
-            raise UserError(f"the shapes prior sees the object from distance {d} with fovy {f}; "
-                            f"set camera.distance_range=[{d},{d}] and camera.fovy_range=[{f},{f}] "
-                            "(or change prior.distance/prior.fovy)")
 
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         colour, shape = parse_prompt(prompt)
@@ -180,7 +150,8 @@ class ShapesPrior(Prior):
             by_view = {tag: ShapesCondition(cond.objects, tag) for tag in VIEW_TAGS}
         return PromptEmbeds(prompt, negative_prompt, cond, uncond, everything, by_view)
 
-    def truth(self, prompt: str) -> ShapeTruth:
+    @classmethod
+    def truth(cls, prompt: str) -> ShapeTruth:
         colour, shape = parse_prompt(prompt)
         return ShapeTruth(shape, colour, COLOURS[colour])
 
@@ -190,9 +161,6 @@ class ShapesPrior(Prior):
             rgb = F.interpolate(rgb, (self.resolution, self.resolution), mode="bilinear",
                                 align_corners=False, antialias=True)
         return rgb * 2.0 - 1.0
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1.0) / 2.0).clamp(0, 1)
 
     # ---- the exact denoiser --------------------------------------------------------------
     def log_view_prior(self, views: Optional[Cameras], n: int) -> torch.Tensor:
@@ -236,7 +204,7 @@ class ShapesPrior(Prior):
         flat = maps.reshape(S * V * 2, -1)
         dots = (x @ flat.T).double().reshape(n, 3, S, V, 2)  # x_ch . {shade, alpha}
         sums = x.double().sum(-1)  # x_ch . 1
-        abar = self.alphas_cumprod.to(device)[t.long()].double()
+        abar = self.noise.alphas_cumprod.to(device)[t.long()].double()
         a, s2 = abar.sqrt(), 1.0 - abar
         bg = (views.background.to(device).double() if views is not None
               else torch.ones(n, 3, dtype=torch.float64, device=device))
@@ -264,6 +232,4 @@ class ShapesPrior(Prior):
     @torch.no_grad()
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[ShapesCondition],
                       views: Optional[Cameras] = None) -> torch.Tensor:
-        x0 = self.predict_x0(x_t, t, cond, views)
-        abar = self.alphas_cumprod.to(x_t.device)[t.long()].to(x_t.dtype)[:, None, None, None]
-        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return self.noise.eps_from_x0(self.predict_x0(x_t, t, cond, views), x_t, t.long())

