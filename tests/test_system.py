@@ -139,3 +139,18 @@ def test_render_size_schedule_and_its_errors():
                           ("render.coarse_until=1.5", "coarse_until must be a fraction")):
         with pytest.raises(UserError, match=message):
             build_config(overrides=parse_overrides([item]), flags={"prompt": "a red cube"})
+
+
+def test_a_checkpoint_with_the_old_optimizer_layout_is_a_clear_error(tmp_path):
+    """Checkpoints written when one Adam held every parameter (before each part owned its
+    optimizers) cannot be resumed with per-parameter optimizers: say so in one line, not Adam's
+    size mismatch. A NeRF's layout did not change, so its old checkpoints load."""
+    from threedgen.errors import UserError
+
+    _, gaussians, _ = _system(tmp_path / "g", MockPrior(resolution=16), steps=2, representation="gaussians")
+    old = {"optimizer_states": [{"state": {}, "param_groups": []}], "threedgen": {"skipped_steps": 0}}
+    with pytest.raises(UserError, match="written by an earlier threedgen.*cannot be resumed.*threedgen export"):
+        gaussians.on_load_checkpoint(old)
+    _, nerf, _ = _system(tmp_path / "n", MockPrior(resolution=16), steps=2)
+    nerf.on_load_checkpoint(old)  # one optimizer then and now
+    assert nerf.skipped_steps == 0
