@@ -50,9 +50,7 @@ class Guidance(torch.nn.Module):
 
     def __init__(self, cfg, prior: Prior):
         super().__init__()
-        if hasattr(cfg, "check"):
-            cfg.check()
-        self.cfg = cfg
+        self.cfg = cfg  # checked once, with the whole run's config (threedgen.config.merge)
         # Not a submodule: the prior is frozen and shared, and its weights are never checkpointed.
         hold(self, "prior", prior)
 

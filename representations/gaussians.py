@@ -67,8 +67,7 @@ class Gaussians(Representation):
     def __init__(self, cfg: GaussiansConfig, device: torch.device | str = "cpu",
                  seed: Optional[int] = None):
         super().__init__()
-        cfg.check()
-        self.cfg = cfg
+        self.cfg = cfg  # checked once, with the whole run's config (threedgen.config.merge)
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.backend, self.fallbacks = kernels.choose("gsplat", "backend", cfg.backend, "gsplat", "pytorch", device)

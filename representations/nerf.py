@@ -108,8 +108,7 @@ class NeRF(Representation):
     def __init__(self, cfg: NeRFConfig, device: torch.device | str = "cpu"):
         super().__init__()
         self.cfg = cfg
-        device = torch.device(device)
-        cfg.check()
+        device = torch.device(device)  # cfg was checked once, with the whole run's config
         cuda = device.type == "cuda"
         self.field_kind = cfg.field if cfg.field != "auto" else ("hash" if cuda else "grid")
         self.sampler_kind, self.fallbacks = kernels.choose("nerfacc", "sampler", cfg.sampler, "occgrid", "dense", device)

@@ -517,3 +517,19 @@ def test_status_json_keeps_the_runs_backends_through_later_writes(tmp_path):
     (tmp_path / "status.json").write_text("{not json")
     write_status(tmp_path, "interrupted")  # a damaged file is replaced, not fatal
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "interrupted"
+
+
+def test_torch_build_folder_helper_is_where_we_expect(tmp_path, monkeypatch):
+    """kernels.build_folder relies on torch's private ``_get_build_directory`` (no public API):
+    fail loudly, naming the torch version, if a torch release moves or changes it."""
+    import inspect
+
+    import torch.utils.cpp_extension as ext
+
+    helper = getattr(ext, "_get_build_directory", None)
+    assert helper is not None, f"torch {torch.__version__} no longer has cpp_extension._get_build_directory"
+    assert list(inspect.signature(helper).parameters)[:2] == ["name", "verbose"], (
+        f"torch {torch.__version__} changed _get_build_directory{inspect.signature(helper)}")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = kernels.build_folder("gsplat")
+    assert folder.is_relative_to(tmp_path) and folder.name == kernels.EXTENSIONS["gsplat"][1]

@@ -72,7 +72,11 @@ def extensions_root() -> Path:
 
 
 def build_folder(name: str) -> Path:
-    """torch's build folder for an extension (the root, then a python/CUDA-version folder)."""
+    """torch's build folder for an extension (the root, then a python/CUDA-version folder).
+
+    torch has no public name for this folder: this module is the one place that uses the private
+    ``torch.utils.cpp_extension._get_build_directory`` (torch pinned below 2.14 in pyproject.toml;
+    ``tests/test_cuda_path.py::test_torch_build_folder_helper_is_where_we_expect`` fails when it moves)."""
     from torch.utils.cpp_extension import (
         _get_build_directory,  # slow (setuptools): only when a CUDA kernel is looked for
     )

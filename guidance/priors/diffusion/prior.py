@@ -62,8 +62,7 @@ class DiffusionPrior(Prior):
         super().__init__()
         from diffusers import DDPMScheduler, UNet2DConditionModel  # heavy: only when the prior is built
 
-        cfg.check()
-        self.cfg = cfg
+        self.cfg = cfg  # checked once, with the whole run's config (threedgen.config.merge)
         device = torch.device(device)
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.variant = "fp16" if self.dtype == torch.float16 else None  # half the download where it exists
