@@ -81,7 +81,8 @@ def test_full_timestep_range_stays_inside_the_schedule():
 
 
 def test_bad_settings_are_user_errors():
+    # A config is checked once, with the run's (threedgen.config.merge), not again by SDS(...).
     with pytest.raises(UserError, match="weighting"):
-        SDS(SDSConfig(weighting="log"), MockPrior())
+        SDSConfig(weighting="log").check()
     with pytest.raises(UserError, match="max_step_percent"):
-        SDS(SDSConfig(max_step_percent=1.5), MockPrior())
+        SDSConfig(max_step_percent=1.5).check()

@@ -66,62 +66,19 @@ def _component_args(parser: argparse.ArgumentParser, prior_default: str) -> None
                              "a Hugging Face id or a local diffusers folder")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="threedgen", description="Text-to-3D generation by score distillation.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """What `run` and `config show` share: the prompt, the components, steps, seed, device, overrides."""
+    parser.add_argument("--prompt", help='what to make, e.g. "a red cube"')
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    _component_args(parser, PARSER_DEFAULTS["prior"])
+    parser.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="optimisation steps")
+    parser.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), help="random seed")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. guidance.guidance_scale=50 representation.num_samples=48")
 
-    run = sub.add_parser("run", help="generate a 3D asset from a prompt",
-                         description="Optimise a 3D representation against a 2D diffusion prior; "
-                                     "writes a run folder and prints its path as the last line.")
-    run.add_argument("--prompt", help='what to make, e.g. "a red cube"')
-    run.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    _component_args(run, PARSER_DEFAULTS["prior"])
-    run.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="optimisation steps")
-    run.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), help="random seed")
-    run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
-    run.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    run.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="config overrides, e.g. guidance.guidance_scale=50 representation.num_samples=48")
 
-    export = sub.add_parser("export", help="re-export meshes of a run from its last checkpoint")
-    export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--format", action="append", choices=list(MESH_FORMATS),
-                        help="mesh format (repeat for several; default: all three)")
-    export.add_argument("--resolution", type=_int_arg("--resolution", 8, 1024), default=None,
-                        help="marching-cubes grid resolution (default from the run's config)")
-    export.add_argument("--texture", choices=list(TEXTURE_MODES), default=None,
-                        help="uv: xatlas unwrap + baked PNG texture (GLB, OBJ); vertex: vertex colours "
-                             "(default from the run's config: uv)")
-    export.add_argument("--faces", type=_int_arg("--faces", 0, 10_000_000), default=None,
-                        help="decimate to about N faces; 0 keeps every marching-cubes face (default from the "
-                             "run's config: 10000)")
-
-    ev = sub.add_parser("eval", help="score a run against the truth (shapes prior)")
-    ev.add_argument("run_dir", metavar="RUN_DIR")
-    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
-
-    doc = sub.add_parser("doctor", help="what this machine gives a run: GPUs, CUDA kernels, backends",
-                         description="Reports the CUDA devices, whether gsplat's and nerfacc's CUDA kernels are "
-                                     "built or buildable here, tiny-cuda-nn, and which backends a run would use.")
-    doc.add_argument("--build", action="store_true", help="build (once, under a lock) and load the CUDA kernels now")
-    doc.add_argument("--json", action="store_true", help="print the report as JSON")
-
-    g = sub.add_parser("guidance", help="guidance methods")
-    g.add_argument("action", choices=["list"])
-
-    c = sub.add_parser("config", help="a run's merged config, or every config key",
-                       description="show: the config a run would use, each value with the layer it came from "
-                                   "(default, a preset file, key=value, a flag). keys: every key with its default "
-                                   "and what it does, for the chosen guidance, representation and prior.")
-    c.add_argument("action", choices=["show", "keys"])
-    _component_args(c, PARSER_DEFAULTS["prior"])
-    for flag, kind in (("--prompt", None), ("--negative-prompt", None), ("--steps", _int_arg("--steps", 1, MAX_STEPS)),
-                       ("--seed", _int_arg("--seed", 0, 2 ** 32 - 1)), ("--device", None)):
-        c.add_argument(flag, type=kind, default=None, help="as for `threedgen run`")
-    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (show)")
-
+def _add_webui(sub) -> None:
     w = sub.add_parser("webui", help="the web UI over a durable job queue",
                        description="A Gradio app: submit prompts, watch progress, download results. "
                                    "Jobs are kept in a SQLite table and survive restarts.")
@@ -138,6 +95,57 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--auth-file", default=None, help="require a login: a file of user:password lines")
     w.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="a config setting applied to every job, e.g. export.video_frames=12 (repeatable)")
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser("export", help="re-export meshes of a run from its last checkpoint")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", action="append", choices=list(MESH_FORMATS),
+                        help="mesh format (repeat for several; default: all three)")
+    export.add_argument("--resolution", type=_int_arg("--resolution", 8, 1024), default=None,
+                        help="marching-cubes grid resolution (default from the run's config)")
+    export.add_argument("--texture", choices=list(TEXTURE_MODES), default=None,
+                        help="uv: xatlas unwrap + baked PNG texture (GLB, OBJ); vertex: vertex colours "
+                             "(default from the run's config: uv)")
+    export.add_argument("--faces", type=_int_arg("--faces", 0, 10_000_000), default=None,
+                        help="decimate to about N faces; 0 keeps every marching-cubes face (default from the "
+                             "run's config: 10000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="threedgen", description="Text-to-3D generation by score distillation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="generate a 3D asset from a prompt",
+                         description="Optimise a 3D representation against a 2D diffusion prior; "
+                                     "writes a run folder and prints its path as the last line.")
+    _run_options(run)
+    run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    _add_export(sub)
+    ev = sub.add_parser("eval", help="score a run against the truth (shapes prior)")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    doc = sub.add_parser("doctor", help="what this machine gives a run: GPUs, CUDA kernels, backends",
+                         description="Reports the CUDA devices, whether gsplat's and nerfacc's CUDA kernels are "
+                                     "built or buildable here, tiny-cuda-nn, and which backends a run would use.")
+    doc.add_argument("--build", action="store_true", help="build (once, under a lock) and load the CUDA kernels now")
+    doc.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    g = sub.add_parser("guidance", help="guidance methods")
+    g.add_argument("action", choices=["list"])
+
+    c = sub.add_parser("config", help="a run's merged config, or every config key",
+                       description="show: the config a run would use (the same options as `threedgen run`), each "
+                                   "value with the layer it came from (default, a preset file, key=value, a flag). "
+                                   "keys: every key with its default and what it does, for the chosen guidance, "
+                                   "representation and prior.")
+    c.add_argument("action", choices=["show", "keys"])
+    _run_options(c)
+    _add_webui(sub)
     return parser
 
 

@@ -114,36 +114,8 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps,
                      backends=system.representation.backends())
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
-        try:
-            trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path,
-                        weights_only=True)
-        except SystemExit:
-            # Lightning turns Ctrl-C into a graceful stop and sys.exit(1), leaving SIGINT ignored.
-            if not trainer.interrupted:
-                raise
-
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
-        # Lightning's teardown moved the module to the CPU; export renders on the run's device.
-        system.to(device)
-        if not system.state_finite():
-            raise DivergedError("diverged: the trained parameters are not finite; nothing was exported")
-        if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
-            save_checkpoint(trainer, run_dir)
-        train_seconds = time.time() - started
-        system.representation.eval()
-        summary = export_run_outputs(system.representation, cfg, run_dir)
-        export_seconds = time.time() - started - train_seconds
-        metrics = None
-        if cfg.export.evaluate and system.prior.truth(cfg.prompt) is not None:
-            metrics = evaluate_run(run_dir, system=system)
-        eval_seconds = time.time() - started - train_seconds - export_seconds
-        write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
-                     skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
-                     rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2),
-                     export_seconds=round(export_seconds, 2), eval_seconds=round(eval_seconds, 2),
-                     total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
-                     mask_iou=None if metrics is None else metrics["mask_iou"])
+        _fit(trainer, system, cfg, ckpt_path, run_dir)
+        _finish(trainer, system, cfg, run_dir, device, started)
     except KeyboardInterrupt:
         _try_status(run_dir, "interrupted", max_steps=cfg.steps,
                     step=int(trainer.global_step) if trainer is not None else None)
@@ -157,6 +129,44 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             raise failure from exc
         raise
     return run_dir
+
+
+def _fit(trainer, system: System, cfg: RunConfig, ckpt_path: Optional[str], run_dir: Path) -> None:
+    """The optimisation; Ctrl-C becomes a KeyboardInterrupt that says how to continue."""
+    try:
+        trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path,
+                    weights_only=True)
+    except SystemExit:
+        # Lightning turns Ctrl-C into a graceful stop and sys.exit(1), leaving SIGINT ignored.
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
+
+
+def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, started: float) -> None:
+    """After training: the last checkpoint, the export, the eval (where the prior has a truth) and
+    the final status with each phase's seconds."""
+    # Lightning's teardown moved the module to the CPU; export renders on the run's device.
+    system.to(device)
+    if not system.state_finite():
+        raise DivergedError("diverged: the trained parameters are not finite; nothing was exported")
+    if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
+        save_checkpoint(trainer, run_dir)
+    train_seconds = time.time() - started
+    system.representation.eval()
+    summary = export_run_outputs(system.representation, cfg, run_dir)
+    export_seconds = time.time() - started - train_seconds
+    metrics = None
+    if cfg.export.evaluate and system.prior.truth(cfg.prompt) is not None:
+        metrics = evaluate_run(run_dir, system=system)
+    eval_seconds = time.time() - started - train_seconds - export_seconds
+    write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
+                 skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
+                 rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2),
+                 export_seconds=round(export_seconds, 2), eval_seconds=round(eval_seconds, 2),
+                 total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
+                 mask_iou=None if metrics is None else metrics["mask_iou"])
 
 
 def _try_status(run_dir: Path, status: str, **extra) -> None:

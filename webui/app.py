@@ -167,47 +167,61 @@ class WebUI:
         return [job_row(j) for j in self.store.list()]
 
     # ---- the page ----------------------------------------------------------------------------
+    def job_view(self, job_id):
+        """The selected job's line of text, preview, GLB, video and downloads."""
+        if not job_id:
+            return "Select a job.", None, None, None, []
+        st = guard(self.status)(job_id)
+        files = {k: self.file(job_id, k) for k in st["files"]}
+        line = (f"**{st['status']}** · step {st['step']}/{st['max_steps']} · "
+                f"prompt: {_escape_md(st['prompt'] or '')} · seed {st['seed']}")
+        if st["eta_seconds"] is not None:
+            line += f" · ETA {int(st['eta_seconds'])} s"
+        if st["error"]:
+            line += f"\n\n{_escape_md(st['error'])}"
+        downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "splats", "video") if k in files]
+        return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
+
+    def refresh(self, job_id, shown=None):
+        """The job list and the selected job's view; the 3D viewer, video and downloads are sent
+        only when the job or its status changed (so the viewer does not reload every tick)."""
+        import gradio as gr  # heavy: only once the page exists
+
+        rows = self.table()
+        line, image, glb, mp4, files = self.job_view(job_id)
+        key = [job_id, next((r[5] for r in rows if r[0] == job_id), None)]
+        if key == shown:
+            glb, mp4, files = gr.update(), gr.update(), gr.update()
+        return rows, gr.update(choices=[r[0] for r in rows]), line, image, glb, mp4, files, key
+
+    def _api(self, gr) -> None:
+        """The API: plain values in and out, for gradio_client and scripts (inside the Blocks)."""
+        api_in = [gr.Textbox(visible=False) for _ in range(8)]
+        api_out = gr.JSON(visible=False)
+        job_in, kind_in = gr.Textbox(visible=False), gr.Textbox(visible=False)
+        file_out = gr.File(visible=False)
+        gr.Button(visible=False).click(guard(lambda *a: {"jobs": self.submit(*a)}), api_in, api_out, api_name="submit")
+        gr.Button(visible=False).click(guard(self.status), [job_in], api_out, api_name="status")
+        gr.Button(visible=False).click(guard(lambda j: {"status": self.cancel(j)}), [job_in], api_out, api_name="cancel")
+        gr.Button(visible=False).click(guard(lambda j: {"status": self.resume(j)}), [job_in], api_out, api_name="resume")
+        gr.Button(visible=False).click(guard(lambda: {"jobs": [self.status(r[0]) for r in self.table()]}), None,
+                                       api_out, api_name="jobs")
+        gr.Button(visible=False).click(guard(self.file), [job_in, kind_in], file_out, api_name="download")
+
     def blocks(self):
         import gradio as gr  # heavy: only when the page is built
 
         s = self.settings
 
-        def guard(fn):
-            def wrapped(*args):
-                try:
-                    return fn(*args)
-                except UserError as exc:
-                    raise gr.Error(str(exc), print_exception=False) from None
-            wrapped.__name__ = fn.__name__
-            return wrapped
-
-        def job_view(job_id):
-            if not job_id:
-                return "Select a job.", None, None, None, []
-            st = guard(self.status)(job_id)
-            files = {k: self.file(job_id, k) for k in st["files"]}
-            line = (f"**{st['status']}** · step {st['step']}/{st['max_steps']} · "
-                    f"prompt: {_escape_md(st['prompt'] or '')} · seed {st['seed']}")
-            if st["eta_seconds"] is not None:
-                line += f" · ETA {int(st['eta_seconds'])} s"
-            if st["error"]:
-                line += f"\n\n{_escape_md(st['error'])}"
-            downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "splats", "video") if k in files]
-            return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
-
         def on_submit(*form):
             ids = guard(self.submit)(*form)
             return {"jobs": ids}, self.table(), gr.update(choices=[r[0] for r in self.table()], value=ids[0])
 
-        def refresh(job_id, shown=None):
-            """The job list and the selected job's view; the 3D viewer, video and downloads are sent
-            only when the job or its status changed (so the viewer does not reload every tick)."""
-            rows = self.table()
-            line, image, glb, mp4, files = job_view(job_id)
-            key = [job_id, next((r[5] for r in rows if r[0] == job_id), None)]
-            if key == shown:
-                glb, mp4, files = gr.update(), gr.update(), gr.update()
-            return rows, gr.update(choices=[r[0] for r in rows]), line, image, glb, mp4, files, key
+        def act(method):
+            def handler(job_id):
+                guard(method)(job_id)
+                return self.refresh(job_id)
+            return handler
 
         with gr.Blocks(title="threedgen") as demo:
             gr.Markdown("# threedgen\nText to 3D by score distillation. Jobs run on the server and survive "
@@ -243,30 +257,13 @@ class WebUI:
             view = [info, preview, model, video, downloads]
             shown = gr.State(None)
             submit.click(on_submit, form, [submitted, jobs, selected], api_name="submit_form", api_visibility="private")
-            selected.change(refresh, [selected], [jobs, selected, *view, shown], api_visibility="private")
-            def act(method):
-                def handler(job_id):
-                    guard(method)(job_id)
-                    return refresh(job_id)
-                return handler
-
+            selected.change(self.refresh, [selected], [jobs, selected, *view, shown], api_visibility="private")
             outputs = [jobs, selected, *view, shown]
             cancel.click(act(self.cancel), [selected], outputs, api_visibility="private")
             resume.click(act(self.resume), [selected], outputs, api_visibility="private")
             timer = gr.Timer(2.0)
-            timer.tick(refresh, [selected, shown], outputs, api_visibility="private")
-            # The API: plain values in and out, for gradio_client and scripts.
-            api_in = [gr.Textbox(visible=False) for _ in range(8)]
-            api_out = gr.JSON(visible=False)
-            job_in, kind_in = gr.Textbox(visible=False), gr.Textbox(visible=False)
-            file_out = gr.File(visible=False)
-            gr.Button(visible=False).click(guard(lambda *a: {"jobs": self.submit(*a)}), api_in, api_out, api_name="submit")
-            gr.Button(visible=False).click(guard(self.status), [job_in], api_out, api_name="status")
-            gr.Button(visible=False).click(guard(lambda j: {"status": self.cancel(j)}), [job_in], api_out, api_name="cancel")
-            gr.Button(visible=False).click(guard(lambda j: {"status": self.resume(j)}), [job_in], api_out, api_name="resume")
-            gr.Button(visible=False).click(guard(lambda: {"jobs": [self.status(r[0]) for r in self.table()]}), None,
-                                           api_out, api_name="jobs")
-            gr.Button(visible=False).click(guard(self.file), [job_in, kind_in], file_out, api_name="download")
+            timer.tick(self.refresh, [selected, shown], outputs, api_visibility="private")
+            self._api(gr)
         return demo
 
     def launch(self, host: str = "127.0.0.1", port: Optional[int] = None, auth=None, block: bool = True):
@@ -282,6 +279,21 @@ class WebUI:
         if demo is not None:
             demo.close()
         self.pool.stop()
+
+
+def guard(fn):
+    """``fn`` with a UserError turned into a ``gr.Error``: one line on the page, no traceback."""
+
+    def wrapped(*args):
+        try:
+            return fn(*args)
+        except UserError as exc:
+            import gradio as gr  # heavy: only in a running web UI
+
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    wrapped.__name__ = getattr(fn, "__name__", "handler")
+    return wrapped
 
 
 def default_devices(workers: Optional[int]) -> list[str]:
