@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from threedgen.config import flat, parse_overrides, resolve_request
+from threedgen.config import DEFAULT_LAYER, flat, parse_overrides, resolve_request
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import RunFailed, UserError
 from threedgen.guidance.config import GUIDANCE
@@ -240,7 +240,7 @@ def _cmd_config(args) -> int:
     values = flat(merged.cfg)
     width = max(len(k) for k in values)
     for key, value in values.items():
-        origin = merged.origin.get(key, "default")
+        origin = merged.origin.get(key, DEFAULT_LAYER)
         if key == "prompt" and not has_prompt:
             origin = "none given: --prompt TEXT checks it against the prior too"
         print(f"{key:<{width}} = {json.dumps(value)}  # {origin}")

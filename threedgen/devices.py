@@ -8,13 +8,12 @@ is answered without it, so that the CLI's quick answers (help, listings, input e
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from threedgen.errors import UserError
+from threedgen.schema import check_device
 
 AUTO_DEVICE_ENV = "THREEDGEN_DEVICE"
-DEVICE_PATTERN = re.compile(r"cuda(:\d+)?")
 # Any of these exists where a CUDA (NVIDIA) or ROCm driver is installed.
 DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
 
@@ -41,8 +40,7 @@ def resolve_device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if cuda_for_auto() else "cpu")
-    if name != "cpu" and not DEVICE_PATTERN.fullmatch(name or ""):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    check_device(name)
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

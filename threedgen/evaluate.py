@@ -66,7 +66,6 @@ def rotate_y(points: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def chamfer(pred_mesh, true_mesh, yaw: float = 0.0, n: int = 20000, seed: int = 0) -> float:
-
     if pred_mesh is None or len(pred_mesh.faces) == 0:
         return float("inf")
     p, _ = trimesh.sample.sample_surface(pred_mesh, n, seed=seed)

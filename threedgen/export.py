@@ -90,7 +90,6 @@ def build_asset(surface, texture: str = "uv", texture_size: int = 1024, faces: i
 
 
 def _write_obj(asset: Asset, path: Path) -> list[Path]:
-
     if asset.textured is None:
         # Vertex colours as "v x y z r g b"; no material file is needed.
         with atomic_path(path) as tmp:

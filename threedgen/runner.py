@@ -21,7 +21,7 @@ from threedgen.callbacks import PreviewCallback, RunFolderCheckpointIO, SafeChec
 from threedgen.cameras import CameraSampler
 from threedgen.checkpoints import choose_checkpoint, save_checkpoint
 from threedgen.config import RunConfig, to_yaml
-from threedgen.devices import cuda_for_auto, is_out_of_memory, resolve_device
+from threedgen.devices import is_out_of_memory, resolve_device
 from threedgen.errors import RunFailed
 from threedgen.evaluate import evaluate_run
 from threedgen.export import export_run_outputs
@@ -42,7 +42,7 @@ from threedgen.runs import (
 from threedgen.system import CameraDataModule, DivergedError, System
 
 __all__ = ["run", "build_components", "make_trainer", "trainer_devices", "load_trained", "load_representation",
-           "resolve_device", "cuda_for_auto", "quiet_libraries", "open_run", "out_of_memory", "as_run_failure"]
+           "quiet_libraries", "open_run", "out_of_memory", "as_run_failure"]
 
 
 def build_components(cfg: RunConfig, device: torch.device, prior=None):
