@@ -53,13 +53,18 @@ class PerpNegConditions:
     weights: torch.Tensor  # [B, 2]
 
 
+def mix(a, b, r: float):
+    """``r a + (1 - r) b`` for text embeddings; conditionings of other kinds mix themselves."""
+    return r * a + (1 - r) * b if isinstance(a, torch.Tensor) else a.mix(b, r)
+
+
 def perp_neg_conditions(embeds: PromptEmbeds, cameras: Cameras) -> PerpNegConditions:
     """Interpolated positive, two negatives and their weights for each camera."""
     views = embeds.by_view
     missing = [v for v in ("front", "side", "back", "overhead") if v not in views]
-    if missing or not isinstance(embeds.cond, torch.Tensor):
-        raise UserError("Perp-Neg needs view-dependent text embeddings (a Stable Diffusion or DeepFloyd prior "
-                        "with view_dependent_prompting on)")
+    if missing or not (isinstance(embeds.cond, torch.Tensor) or hasattr(embeds.cond, "mix")):
+        raise UserError("Perp-Neg needs view-dependent conditionings (a diffusers prior, or the shapes prior in "
+                        "text-only mode, with view_dependent_prompting on)")
     front, side, back = views["front"], views["side"], views["back"]
     positive, negatives, weights = [], [], []
     for tag, az in zip(embeds.tags_for(cameras), cameras.azimuth.tolist()):
@@ -70,12 +75,12 @@ def perp_neg_conditions(embeds: PromptEmbeds, cameras: Cameras) -> PerpNegCondit
             weights.append((0.0, 0.0))
         elif abs(az) < 90.0:  # r = 1 at full front, 0 at full side
             r = 1.0 - abs(az) / 90.0
-            positive.append(r * front + (1 - r) * side)
+            positive.append(mix(front, side, r))
             negatives += [front, side]
             weights.append((-_decay(PERP_NEG_FS, r), -_decay(PERP_NEG_SF, 1 - r)))
         else:  # r = 1 at full side, 0 at full back
             r = 2.0 - abs(az) / 90.0
-            positive.append(r * side + (1 - r) * back)
+            positive.append(mix(side, back, r))
             negatives += [side, front]
             weights.append((-_decay(PERP_NEG_SB, r), -_decay(PERP_NEG_FSB, r)))
     return PerpNegConditions(positive, negatives, torch.tensor(weights, dtype=torch.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,19 @@ class RenderOutput:
     rgb: torch.Tensor
     alpha: torch.Tensor
     depth: torch.Tensor
+
+
+def opacity_at_level(values: torch.Tensor, level: float) -> torch.Tensor:
+    """``1 - 2^(-values / level)`` (densities ``values >= 0``): exactly 0.5 at ``level``, towards 1
+    above it and 0 below; ``values > 0`` when the level is 0, none opaque when it is infinite. That is
+    ``1 - exp(-values * l)``, the opacity of a path of length ``l = ln 2 / level``: the depth over
+    which the surface's own density becomes half opaque."""
+    values = values.clamp_min(0)
+    if level <= 0:
+        return (values > 0).to(values.dtype)
+    if not math.isfinite(level):
+        return torch.zeros_like(values)
+    return 1 - torch.exp2(-values / level)
 
 
 class Representation(torch.nn.Module):
@@ -65,6 +79,16 @@ class Representation(torch.nn.Module):
     def export_files(self, run_dir) -> list:
         """Representation-specific files written next to the meshes (Gaussians' ``splats.ply``)."""
         return []
+
+    def opacity_grid(self, bound: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each voxel's opacity and colour on the grid ``linspace(-bound, bound, R)`` per axis,
+        indexed ``[x,y,z]``: ``alpha [R,R,R]`` in [0,1] and ``colour [R,R,R,3]`` (CPU tensors), for
+        ``threedgen eval``'s Janus metrics (``threedgen.janus``), which count marker-coloured parts
+        on the surface of the voxels with ``alpha > 0.5``. The representations here make that the
+        inside of the surface their export meshes (:func:`opacity_at_level` of their density at the
+        export's level, found on this grid)."""
+        raise NotImplementedError(f"{type(self).__name__} has no opacity_grid (per-voxel opacity and colour), "
+                                  "so `threedgen eval` cannot count its front markers")
 
     def extract_surface(self, resolution: int = 128):
         """The surface for export: a ``threedgen.meshing.Surface`` (mesh +Y up in world units, and

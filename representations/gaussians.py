@@ -34,10 +34,11 @@ from gsplat.strategy.ops import remove
 from threedgen import kernels
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
+from threedgen.meshing import silhouette_level
 from threedgen.representations import splatting
-from threedgen.representations.base import RenderOutput, Representation
+from threedgen.representations.base import RenderOutput, Representation, opacity_at_level
 from threedgen.representations.config import GaussiansConfig
-from threedgen.representations.gaussian_mesh import gaussians_surface
+from threedgen.representations.gaussian_mesh import axis_opacity, density_grids, gaussians_surface
 from threedgen.rundir import atomic_path
 
 SH_C0 = 0.28209479177387814
@@ -220,6 +221,25 @@ class Gaussians(Representation):
             export_splats(p["means"], p["scales"], p["quats"], p["opacities"], p["sh0"], p["shN"],
                           format="ply", save_to=str(tmp))
         return [path]
+
+    @torch.no_grad()
+    def opacity_grid(self, bound: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From ``gaussian_mesh.density_grids`` (the mesh's extraction field): ``alpha =
+        opacity_at_level(density, level)`` of the density ``sum_i o_i exp(-q_i(x) / 2)``, 0.5 at the
+        level ``extract_surface`` meshes (``mesh_threshold``, or ``meshing.silhouette_level`` of this
+        grid with the splats' own line opacities, as the export finds it); the colour is the
+        density-weighted mean of the Gaussians' degree-0 colours (see the base class)."""
+        a = self.activated()
+        means, quats, scales = a["means"].float(), a["quats"].float(), a["scales"].float()
+        opacities = a["opacities"].float()
+        rgb = torch.clamp(SH_C0 * self.params["sh0"][:, 0] + 0.5, 0, 1).float()
+        density, colour = density_grids(means, quats, scales, opacities, rgb, bound, resolution)
+        density = density.cpu()
+        level = self.cfg.mesh_threshold
+        if level is None:
+            opaque = axis_opacity(means, quats, scales, opacities, bound, resolution)
+            level = silhouette_level(density.numpy(), 2 * bound / (resolution - 1), opaque=opaque)
+        return opacity_at_level(density, level), colour.cpu()
 
     @torch.no_grad()
     def extract_surface(self, resolution: int = 128):

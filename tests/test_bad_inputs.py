@@ -319,6 +319,27 @@ def input_vocabulary(tmp_path, capsys, **_):
     assert not (tmp_path / "o").exists()
 
 
+def input_marker_colour(tmp_path, capsys, **_):
+    for prompt in ("a magenta house", "the fuchsia head", "a magenta cube"):
+        line = cli_error(capsys, ["run", "--prompt", prompt, "--prior", "shapes", "--out", tmp_path / "o"])
+        assert "reserved for the front markers" in line and "red, orange" in line
+    line = cli_error(capsys, ["run", "--prompt", "a red mug", "--negative-prompt", "magenta", "--out", tmp_path / "o"])
+    assert "reserved for the front markers" in line
+    assert not (tmp_path / "o").exists()
+
+
+def input_front_bias(tmp_path, capsys, **_):
+    base = ["run", "--prompt", "a red house", "--prior", "shapes", "--out", tmp_path / "o"]
+    for value in ("0", "1", "-0.2", "1.5", "nan"):
+        line = cli_error(capsys, base + ["prior.camera_kappa=0", f"prior.front_bias={value}"])
+        assert "prior.front_bias" in line and "between 0 and 1" in line, line
+    line = cli_error(capsys, base + ["prior.front_bias=0.8"])  # the default prior is camera-conditioned
+    assert "prior.camera_kappa=0" in line and "no meaning" in line
+    line = cli_error(capsys, base + ["prior.perp_neg=true"])
+    assert "prior.perp_neg" in line and "prior.camera_kappa=0" in line
+    assert not (tmp_path / "o").exists()
+
+
 INPUT = {
     "empty-prompt": input_empty_prompt,
     "long-prompt": input_long_prompt,
@@ -332,6 +353,8 @@ INPUT = {
     "unknown-names": input_unknown_names,
     "missing-model": input_missing_model,
     "vocabulary": input_vocabulary,
+    "marker-colour": input_marker_colour,
+    "front-bias": input_front_bias,
 }
 
 

@@ -107,6 +107,6 @@ def test_plain_cfg_when_perp_neg_is_off():
 
 def test_perp_neg_needs_view_embeddings():
     embeds = PromptEmbeds("p", "", "cond", "uncond", "empty", perp_neg=True)
-    with pytest.raises(UserError, match="Perp-Neg needs view-dependent text embeddings"):
+    with pytest.raises(UserError, match="Perp-Neg needs view-dependent conditionings"):
         guided_noise(LinearTextPrior(), torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.long), embeds,
                      Cameras.from_angles(0.0, 0.0, 2.0, 40.0), 7.5)

@@ -14,7 +14,7 @@ from threedgen.guidance.priors.config import ShapesPriorConfig
 from threedgen.guidance.priors.shapes import render as shapes_render
 from threedgen.guidance.priors.shapes.prior import ShapesPrior
 from threedgen.guidance.priors.shapes.sdf import SDFS
-from threedgen.guidance.priors.shapes.vocab import COLOURS, SHAPES, parse_negative, parse_prompt
+from threedgen.guidance.priors.shapes.vocab import COLOURS, MARKER_COLOUR, SHAPES, parse_negative, parse_prompt
 
 
 def test_alphas_cumprod_equal_stable_diffusion():
@@ -103,10 +103,12 @@ def test_out_of_vocabulary_lists_the_vocabulary(prompt):
 def _brute_force_eps(prior: ShapesPrior, x_t, t, cond, views):
     """Every image built explicitly, posterior weights by a float64 softmax."""
     grid = prior.grid.cameras()
-    shades, alphas = [], []
+    marker = torch.tensor(MARKER_COLOUR, dtype=torch.float64)
+    shades, markers, alphas = [], [], []
     for s in prior.shapes:
-        sh, al = shapes_render.cached_maps(s, prior.grid, prior.resolution, prior.cfg.supersample)
+        sh, mk, al = shapes_render.cached_maps(s, prior.grid, prior.resolution, prior.cfg.supersample)
         shades.append(sh.double())
+        markers.append(mk.double())
         alphas.append(al.double())
     out = []
     for i in range(x_t.shape[0]):
@@ -116,7 +118,8 @@ def _brute_force_eps(prior: ShapesPrior, x_t, t, cond, views):
             s, c = divmod(o, len(prior.colours))
             albedo = torch.tensor(COLOURS[prior.colours[c]], dtype=torch.float64)
             for v in range(len(grid)):
-                rgb = albedo[:, None, None] * shades[s][v] + bg[:, None, None] * (1 - alphas[s][v])
+                rgb = (albedo[:, None, None] * shades[s][v] + marker[:, None, None] * markers[s][v]
+                       + bg[:, None, None] * (1 - alphas[s][v]))
                 imgs.append(rgb * 2 - 1)
                 cos = float(views.view_dirs[i].double() @ grid.view_dirs[v].double())
                 logp.append(prior.cfg.camera_kappa * cos)
@@ -155,7 +158,7 @@ def test_denoiser_recovers_the_noise_of_a_teacher_image(tiny_prior_cfg):
     grid = prior.grid.cameras()
     view = 3
     cams = Cameras.from_angles(grid.elevation[view:view + 1], grid.azimuth[view:view + 1], 2.5, 40.0, (1.0, 1.0, 1.0))
-    shade, alpha = shapes_render.cached_maps("cube", prior.grid, 16, 2)
+    shade, _, alpha = shapes_render.cached_maps("cube", prior.grid, 16, 2)
     rgb = torch.tensor(COLOURS["red"])[:, None, None] * shade[view] + (1 - alpha[view])
     x0 = rgb[None] * 2 - 1
     eps = torch.randn_like(x0)
@@ -188,7 +191,7 @@ def test_camera_kernel_pins_the_view():
     e = prior.encode_prompt("a red cube")
     cams = Cameras.from_angles([12.0], [91.0], 2.5, 40.0)
     x0 = prior.predict_x0(torch.zeros(1, 3, 16, 16), torch.tensor([999]), [e.cond], cams)
-    shade, alpha = shapes_render.cached_maps("cube", prior.grid, 16, 2)
+    shade, _, alpha = shapes_render.cached_maps("cube", prior.grid, 16, 2)
     view = 1  # elevation 10, azimuth 90
     rgb = torch.tensor(COLOURS["red"])[:, None, None] * shade[view] + (1 - alpha[view])
     assert torch.allclose(x0[0], rgb * 2 - 1, atol=1e-3)
@@ -202,7 +205,7 @@ def test_text_only_view_tags_restrict_the_text_branch():
     cams = Cameras.from_angles([10.0], [180.0], 2.5, 40.0)
     assert e.cond_for(cams)[0].view_tag == "back"
     x0 = prior.predict_x0(torch.zeros(1, 3, 16, 16), torch.tensor([999]), e.cond_for(cams), cams)
-    shade, alpha = shapes_render.cached_maps("cube", prior.grid, 16, 2)
+    shade, _, alpha = shapes_render.cached_maps("cube", prior.grid, 16, 2)
     rgb = torch.tensor(COLOURS["red"])[:, None, None] * shade[2] + (1 - alpha[2])  # azimuth 180 = back
     assert torch.allclose(x0[0], rgb * 2 - 1, atol=1e-3)
 

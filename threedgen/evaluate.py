@@ -9,6 +9,22 @@
   mean of the two directed mean nearest-neighbour distances over 20,000 surface samples each,
   divided by the truth's bounding-box diagonal. The exported mesh is scaled back by
   ``export.scale`` first (exports are in metres).
+
+For a truth with a front (``has_front``: the shapes prior's house, mug and head, whose door, badge
+and nose are a marker in a reserved colour), the Janus metrics of ``threedgen.janus`` (its module
+docstring defines them; the settings are written as ``janus_settings``), the run turned by the best
+yaw found above:
+
+- **front_markers** / **janus**: marker-coloured parts (26-connected once gaps of up to 4 voxels
+  are bridged, of at least 8 voxels) on the surface of the run's opaque voxels (``opacity_grid``
+  > 0.5: inside the surface the export meshes) on a 64^3 grid over [-0.55, 0.55]^3; the truth has
+  1, ``janus`` is ``front_markers >= 2``; ``front_marker_voxels`` gives the parts' sizes;
+- **janus_view_rate**: the share of back views (|azimuth| >= 120) among 24 azimuths at elevation 15
+  whose best-matching truth view (least MSE over 32x32 RGB renders over white) is a front view
+  (|azimuth| <= 45); ``janus_views`` lists every view's match;
+- **view_mi**: the mutual information between a run view and its truth view under
+  ``p(j|i) = softmax_j(-MSE_ij / T)``, T = 2e-4, over ln 24; **view_mi_truth** is the truth's own;
+- **back_front_psnr_gap**: mean PSNR of the back views minus that of the front views (same azimuths).
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ from scipy.spatial import cKDTree
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance.priors.config import PRIORS
+from threedgen.janus import janus_metrics
 from threedgen.rundir import atomic_write_text
 from threedgen.runs import load_representation, open_run
 from threedgen.views import render_views
@@ -116,6 +133,8 @@ def evaluate_representation(representation, truth, distance: float, fovy: float,
                    "psnr": float(ps[i]), "psnr_unaligned": float(psnr0[i])}
                   for i, (e, a) in enumerate(HELD_OUT_VIEWS)],
     }
+    if getattr(truth, "has_front", False):
+        result.update(janus_metrics(representation, truth, distance, fovy, yaw))
     return result
 
 
@@ -160,4 +179,12 @@ def format_table(metrics: dict) -> str:
     lines.append(f"mask_iou {metrics['mask_iou']:.3f} (best yaw {metrics['best_yaw_degrees']:+.0f} deg)  "
                  f"mask_iou_unaligned {metrics['mask_iou_unaligned']:.3f}  psnr {metrics['psnr']:.2f} dB  "
                  + (f"chamfer {ch:.4f}" if ch is not None else "chamfer n/a"))
+    if "janus_view_rate" in metrics:
+        markers = metrics["front_markers"]
+        sizes = "+".join(str(v) for v in metrics.get("front_marker_voxels") or []) or "none"
+        lines.append((f"front_markers {markers} (janus {'yes' if metrics['janus'] else 'no'}; voxels {sizes})  "
+                      if markers is not None else "front_markers n/a  ")
+                     + f"janus_view_rate {metrics['janus_view_rate']:.2f}  view_mi {metrics['view_mi']:.3f} "
+                     f"(truth {metrics['view_mi_truth']:.3f})  back_front_psnr_gap "
+                     f"{metrics['back_front_psnr_gap']:+.2f} dB")
     return "\n".join(lines)

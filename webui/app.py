@@ -9,6 +9,7 @@ run folders with their checkpoints live in the state folder, outside it.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import time
@@ -19,6 +20,7 @@ from typing import Optional
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import UserError
 from threedgen.guidance.config import GUIDANCE
+from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.worker import PUBLIC_NAMES, WorkerPool, job_config
@@ -111,6 +113,26 @@ def job_row(job: Job) -> list:
             job.status, f"{job.step}/{job.max_steps}", _fmt_eta(job)]
 
 
+SHAPES_PROMPT_INFO = (f'shapes prior: "a <colour> <shape>"; shapes: {", ".join(SHAPES)}. The '
+                      + ", ".join(f"{s} ({m})" for s, m in FRONT_MARKERS.items())
+                      + " have a front, marked in magenta (reserved)")
+EXAMPLE_PROMPTS = [["a red cube"], ["a blue torus"], ["a green house"], ["a blue mug"], ["a yellow head"]]
+
+
+def score_line(metrics_path) -> str:
+    """The score of a finished shapes-prior job as one Markdown line (with the Janus metrics when
+    the object has a front); empty when the file cannot be read."""
+    try:
+        m = json.loads(Path(metrics_path).read_text())
+        line = f"\n\nmask IoU {float(m['mask_iou']):.3f} · PSNR {float(m['psnr']):.1f} dB"
+        if m.get("front_markers") is not None:
+            line += (f" · front markers {int(m['front_markers'])} ({'Janus' if m.get('janus') else 'one face'}) · "
+                     f"Janus view rate {float(m['janus_view_rate']):.2f} · view MI {float(m['view_mi']):.2f}")
+        return line
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def _escape_md(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", html.escape(text, quote=True))
 
@@ -179,6 +201,8 @@ class WebUI:
             line += f" · ETA {int(st['eta_seconds'])} s"
         if st["error"]:
             line += f"\n\n{_escape_md(st['error'])}"
+        if "metrics" in files:
+            line += score_line(files["metrics"])
         downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "splats", "video") if k in files]
         return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
 
@@ -228,7 +252,9 @@ class WebUI:
                         "closed tabs and restarts.")
             with gr.Row():
                 with gr.Column(scale=1):
-                    prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=1000)
+                    prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=1000,
+                                        info=SHAPES_PROMPT_INFO)
+                    gr.Examples(EXAMPLE_PROMPTS, [prompt], label="Shapes prior examples")
                     negative = gr.Textbox(label="Negative prompt", value="", max_length=1000)
                     guidance = gr.Dropdown([(f"{e.name} ({e.summary})", e.name) for e in GUIDANCE.entries()], value="sds",
                                            label="Guidance")

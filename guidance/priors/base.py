@@ -36,7 +36,8 @@ class PromptEmbeds:
     (empty when the prior does not use view-dependent prompting), chosen per camera with
     ``view_thresholds`` (front, back, overhead; degrees). Values are prior-specific conditioning
     objects (text-encoder tensors, or the shapes prior's object sets). ``perp_neg``: the guidance
-    combines the views by Perp-Neg (``threedgen.guidance.classifier_free``); needs tensor conditionings.
+    combines the views by Perp-Neg (``threedgen.guidance.classifier_free``); needs conditionings that
+    mix (tensors, or conditionings with a ``mix(other, r)`` method).
     """
 
     prompt: str

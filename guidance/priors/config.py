@@ -34,7 +34,7 @@ class PriorConfig:
 
 
 @PRIORS.register("shapes", "threedgen.guidance.priors.shapes.prior:ShapesPrior",
-                 "the embedded prior: seven shapes in eleven colours, rendered exactly (CPU, no weights)")
+                 "the embedded prior: ten shapes (three with a front) in twelve colours, rendered exactly (CPU, no weights)")
 @dataclass
 class ShapesPriorConfig(PriorConfig):
     has_truth: ClassVar[bool] = True
@@ -57,6 +57,12 @@ class ShapesPriorConfig(PriorConfig):
     """Teacher images are rendered at this many times the resolution, then averaged down."""
     view_dependent_prompting: bool = True
     """Text-only mode: restrict the text branch to teacher views with the render's view tag."""
+    view_tag_strength: float = 1.0
+    """Text-only mode: how strictly a view tag restricts the text branch. 1 = only views with the tag; s < 1 keeps the other views at weight 1 - s (a 2D prior that follows "back view" only partly)."""
+    front_bias: Optional[float] = None
+    """Text-only mode: the share of the teacher's view mass on front views (|azimuth| <= 45 degrees), like a 2D prior that has mostly seen fronts; null = the grid's uniform share (0.25 on the default grid)."""
+    perp_neg: bool = False
+    """Text-only mode: Perp-Neg (the other view tags as negative prompts; 4 prior passes per view instead of 2)."""
     shapes: Optional[list[str]] = None
     """Limit the world to these shapes (null = all); used by tests for speed."""
 
@@ -72,6 +78,18 @@ class ShapesPriorConfig(PriorConfig):
             raise UserError("prior.elevations must list 1 to 32 elevations in degrees")
         for e in self.elevations:
             check_range("prior.elevations[]", e, -89, 89)
+        check_range("prior.view_tag_strength", self.view_tag_strength, 0, 1)
+        text_only = "needs the text-only prior (prior.camera_kappa=0)"
+        if self.front_bias is not None:
+            if not 0 < self.front_bias < 1:
+                raise UserError(f"prior.front_bias must lie strictly between 0 and 1 (the share of the teacher's "
+                                f"views that are front views); got {self.front_bias}")
+            if self.camera_kappa != 0:
+                raise UserError(f"prior.front_bias {text_only}: a camera-conditioned prior sees the view it is "
+                                "asked for, so a bias over views has no meaning there")
+        if self.perp_neg and (self.camera_kappa != 0 or not self.view_dependent_prompting):
+            raise UserError(f"prior.perp_neg {text_only} with prior.view_dependent_prompting=true "
+                            "(it mixes the view prompts)")
 
     def check_run(self, run_cfg) -> None:
         _, shape = parse_prompt(run_cfg.prompt)

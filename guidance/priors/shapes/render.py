@@ -1,10 +1,11 @@
 """Rendering the shapes prior's images: sphere tracing of the exact SDFs, cached on disk.
 
-Each image is stored as two maps at the prior's resolution: ``shade`` = shading x coverage
-(premultiplied) and ``alpha`` = coverage, both from ``supersample^2`` rays per pixel. Shading is
-view-independent: ``ambient + diffuse * max(0, n . light)``; an object's RGB over a background ``b``
-is ``albedo * shade + b * (1 - alpha)``. Colour is separable, so one pair of maps per (shape, view)
-serves every colour.
+Each image is stored as three maps at the prior's resolution: ``shade`` = shading x coverage of
+the body (premultiplied), ``marker`` = the same for the front marker (zero for shapes without one)
+and ``alpha`` = coverage, all from ``supersample^2`` rays per pixel. Shading is view-independent:
+``ambient + diffuse * max(0, n . light)``; an object's RGB over a background ``b`` is
+``albedo * shade + MARKER_COLOUR * marker + b * (1 - alpha)``. Colour is separable, so one set of
+maps per (shape, view) serves every colour.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from threedgen.cameras import Cameras
-from threedgen.guidance.priors.shapes.sdf import TRACE_SDFS
+from threedgen.guidance.priors.shapes.sdf import TRACE_SDFS, marker_share
 
-RENDER_VERSION = 2  # bump whenever a shape, the shading or the tracer changes
+RENDER_VERSION = 3  # bump whenever a shape, the shading or the tracer changes
 LIGHT_DIR = (0.35, 0.85, 0.40)  # world space, normalised at use
 AMBIENT, DIFFUSE = 0.30, 0.70
 
@@ -44,13 +46,21 @@ class ViewGrid:
         return Cameras.from_angles(el_grid.reshape(-1), az_grid.reshape(-1), self.distance, self.fovy)
 
 
+class Maps(NamedTuple):
+    """A shape's images as maps ``[B,H,W]`` (float32): body shading, marker shading, coverage."""
+
+    shade: torch.Tensor
+    marker: torch.Tensor
+    alpha: torch.Tensor
+
+
 def sphere_trace(shape: str, cameras: Cameras, height: int, width: int, supersample: int = 2,
-                 iterations: int = 96, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(shade, alpha)`` maps ``[B,H,W]`` of one shape seen by ``cameras`` (float32)."""
+                 iterations: int = 96, chunk: int = 16) -> Maps:
+    """The maps of one shape seen by ``cameras``."""
     sdf = TRACE_SDFS[shape]
     light = torch.tensor(LIGHT_DIR, dtype=torch.float64)
     light = light / light.norm()
-    shades, alphas = [], []
+    shades, markers, alphas = [], [], []
     for start in range(0, len(cameras), chunk):
         cams = cameras[start:start + chunk]
         o, d = cams.rays(height * supersample, width * supersample)
@@ -72,12 +82,15 @@ def sphere_trace(shape: str, cameras: Cameras, height: int, width: int, supersam
         grad = torch.stack([sdf(p + eps * e) - sdf(p - eps * e) for e in torch.eye(3, dtype=torch.float64)], -1)
         normal = grad / grad.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         shade = (AMBIENT + DIFFUSE * (normal @ light).clamp(min=0)) * hit
+        share = marker_share(shape, p)
         size = (len(cams), height * supersample, width * supersample)
-        shade, hit = shade.reshape(size), hit.reshape(size)
-        pool = torch.nn.functional.avg_pool2d
-        shades.append(pool(shade[:, None], supersample)[:, 0].float())
-        alphas.append(pool(hit[:, None].double(), supersample)[:, 0].float())
-    return torch.cat(shades), torch.cat(alphas)
+
+        def pooled(m):
+            return torch.nn.functional.avg_pool2d(m.reshape(size)[:, None].double(), supersample)[:, 0].float()
+        shades.append(pooled(shade * (1 - share)))
+        markers.append(pooled(shade * share))
+        alphas.append(pooled(hit))
+    return Maps(torch.cat(shades), torch.cat(markers), torch.cat(alphas))
 
 
 def cache_root() -> Path:
@@ -114,14 +127,14 @@ def disk_cached(folder: str, name: str, params: dict, compute) -> dict[str, np.n
     return arrays
 
 
-def cached_maps(shape: str, grid: ViewGrid, resolution: int, supersample: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_maps(shape: str, grid: ViewGrid, resolution: int, supersample: int) -> Maps:
     """The teacher maps of one shape, ``[V,H,W]`` each, rendered once and cached on disk."""
     params = {"version": RENDER_VERSION, "shape": shape, "grid": asdict(grid), "resolution": resolution,
               "supersample": supersample, "light": LIGHT_DIR, "ambient": AMBIENT, "diffuse": DIFFUSE}
 
     def render():
-        shade, alpha = sphere_trace(shape, grid.cameras(), resolution, resolution, supersample)
-        return {"shade": shade.numpy(), "alpha": alpha.numpy()}
+        return {k: v.numpy() for k, v in sphere_trace(shape, grid.cameras(), resolution, resolution,
+                                                      supersample)._asdict().items()}
 
     maps = disk_cached("shapes", f"{shape}-{resolution}", params, render)
-    return torch.from_numpy(maps["shade"]), torch.from_numpy(maps["alpha"])
+    return Maps(*(torch.from_numpy(maps[k]) for k in Maps._fields))

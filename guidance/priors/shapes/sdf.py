@@ -1,7 +1,11 @@
-"""Exact signed distance functions of the shapes prior's world (inside [-0.5, 0.5]^3, +Y up).
+"""Signed distance functions of the shapes prior's world (inside [-0.5, 0.5]^3, +Y up, front +Z).
 
 Every function takes points ``[..., 3]`` and returns distances ``[...]`` (negative inside). The
-formulas are the standard exact ones for each primitive (see Inigo Quilez's catalogue of SDFs).
+primitives are the standard exact formulas (see Inigo Quilez's catalogue of SDFs). The objects
+with a front (``PARTS``) are unions and differences of exact primitives, in two parts: the body,
+which takes the prompt's colour, and the front marker, which has ``MARKER_COLOUR``. A union
+(``min``) or difference (``max(a, -b)``) of exact distances has the exact zero set and sign and
+never overestimates the distance, which is what sphere tracing and marching cubes need.
 """
 
 from __future__ import annotations
@@ -113,8 +117,85 @@ def pyramid_bound(p: torch.Tensor, base: float = 0.8, height: float = 0.8) -> to
     return torch.maximum(side, -(p[..., 1] + h))
 
 
+def box(p: torch.Tensor, center, half) -> torch.Tensor:
+    """An axis-aligned box with half-sides ``half`` around ``center``."""
+    q = (p - p.new_tensor(center)).abs() - p.new_tensor(half)
+    return q.clamp(min=0).norm(dim=-1) + q.max(dim=-1).values.clamp(max=0)
+
+
+def _moved(p: torch.Tensor, center) -> torch.Tensor:
+    return p - p.new_tensor(center)
+
+
+# ---- objects with a front (+Z): (body, marker) --------------------------------------------------
+
+def house_body(p: torch.Tensor) -> torch.Tensor:
+    """Walls (a box 0.64 wide and deep, from y = -0.40 to 0.10) under a pyramid roof (base 0.80,
+    apex at y = 0.45)."""
+    walls = box(p, (0.0, -0.15, 0.0), (0.32, 0.25, 0.32))
+    roof = pyramid(_moved(p, (0.0, 0.275, 0.0)), base=0.80, height=0.35)
+    return torch.minimum(walls, roof)
+
+
+def house_door(p: torch.Tensor) -> torch.Tensor:
+    """A door 0.20 wide and 0.30 tall standing 0.04 proud of the front wall (z = 0.32)."""
+    return box(p, (0.0, -0.25, 0.33), (0.10, 0.15, 0.03))
+
+
+def mug_body(p: torch.Tensor) -> torch.Tensor:
+    """A cup (outer radius 0.30, y from -0.40 to 0.30, walls 0.05, open at the top) with a handle
+    on its +X side (a ring in the XY plane, the part inside the cup's wall removed)."""
+    outer = cylinder(_moved(p, (0.0, -0.05, 0.0)), radius=0.30, half_height=0.35)
+    inner = cylinder(_moved(p, (0.0, 0.10, 0.0)), radius=0.25, half_height=0.38)  # from y = -0.28 up
+    cup = torch.maximum(outer, -inner)
+    q = _moved(p, (0.30, -0.05, 0.0))
+    ring = _length2(_length2(q[..., 0], q[..., 1]) - 0.15, q[..., 2]) - 0.045
+    handle = torch.maximum(ring, -outer)
+    return torch.minimum(cup, handle)
+
+
+def mug_badge(p: torch.Tensor) -> torch.Tensor:
+    """A round badge (radius 0.12) on the front of the cup, about 0.03 proud of its wall."""
+    q = _moved(p, (0.0, -0.05, 0.0))
+    disc = cylinder(torch.stack([q[..., 0], q[..., 2] - 0.30, q[..., 1]], -1), radius=0.12, half_height=0.03)
+    return disc
+
+
+def head_body(p: torch.Tensor) -> torch.Tensor:
+    """A head (a sphere of radius 0.36) with an ear on each side (spheres of radius 0.09 at +-X)."""
+    skull = sphere(_moved(p, (0.0, 0.02, 0.0)), radius=0.36)
+    ears = torch.minimum(sphere(_moved(p, (0.36, 0.04, 0.0)), radius=0.09),
+                         sphere(_moved(p, (-0.36, 0.04, 0.0)), radius=0.09))
+    return torch.minimum(skull, ears)
+
+
+def head_nose(p: torch.Tensor) -> torch.Tensor:
+    """A nose: a capsule of radius 0.08 pointing +Z, its tip 0.46 in front of the centre."""
+    q = _moved(p, (0.0, -0.02, 0.0))
+    z = q[..., 2] - q[..., 2].clamp(0.26, 0.38)
+    return torch.sqrt(q[..., 0] ** 2 + q[..., 1] ** 2 + z * z) - 0.08
+
+
+PARTS: dict[str, tuple[SDF, SDF]] = {"house": (house_body, house_door), "mug": (mug_body, mug_badge),
+                                     "head": (head_body, head_nose)}
+
+
+def _union(parts: tuple[SDF, SDF]) -> SDF:
+    body, marker = parts
+    return lambda p: torch.minimum(body(p), marker(p))
+
+
+def marker_share(shape: str, points: torch.Tensor) -> torch.Tensor:
+    """1 where a surface point belongs to the shape's front marker (the nearer part), else 0."""
+    if shape not in PARTS:
+        return torch.zeros(points.shape[:-1], dtype=points.dtype, device=points.device)
+    body, marker = PARTS[shape]
+    return (marker(points) < body(points)).to(points.dtype)
+
+
 SDFS: dict[str, SDF] = {"cube": cube, "sphere": sphere, "cylinder": cylinder, "cone": cone,
-                        "torus": torus, "capsule": capsule, "pyramid": pyramid}
+                        "torus": torus, "capsule": capsule, "pyramid": pyramid,
+                        **{name: _union(parts) for name, parts in PARTS.items()}}
 
 
 # What the sphere tracer marches: a cheaper conservative bound where one exists (same zero set).

@@ -2,7 +2,9 @@
 
 A prompt names one object: "<colour> <shape>" with optional articles ("a red cube", "the blue
 donut"). A negative prompt may name several, comma-separated, each with a colour, a shape, or both
-("red", "cube", "a blue torus, green").
+("red", "cube", "a blue torus, green"). The house, the mug and the head have a front, marked in
+magenta (a door, a badge, a nose): the colour word colours the body, and magenta is reserved for
+the markers, so no prompt may ask for it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ import re
 
 from threedgen.errors import UserError
 
-SHAPES = ("cube", "sphere", "cylinder", "cone", "torus", "capsule", "pyramid")
+SHAPES = ("cube", "sphere", "cylinder", "cone", "torus", "capsule", "pyramid", "house", "mug", "head")
+FRONT_MARKERS = {"house": "door", "mug": "badge", "head": "nose"}  # the objects with a front (+Z) and their marker
+FRONT_SHAPES = tuple(FRONT_MARKERS)
+MARKER_COLOUR = (0.90, 0.05, 0.90)  # magenta: far from every prompt colour (the word is reserved)
 SHAPE_SYNONYMS = {"box": "cube", "block": "cube", "ball": "sphere", "orb": "sphere", "donut": "torus",
-                  "doughnut": "torus", "ring": "torus", "pill": "capsule", "tube": "cylinder"}
+                  "doughnut": "torus", "ring": "torus", "pill": "capsule", "tube": "cylinder",
+                  "hut": "house", "cottage": "house", "cup": "mug"}
+MARKER_WORDS = ("magenta", "fuchsia")  # the markers' colour: reserved
 
 # Albedo in [0,1] (linear values used directly as pixel colours).
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -65,6 +72,9 @@ def parse_phrase(phrase: str, *, require_both: bool) -> tuple[str | None, str | 
             if colour and colour != name:
                 raise _out_of_vocabulary(phrase, "more than one colour")
             colour = name
+        elif word in MARKER_WORDS:
+            raise UserError(f"{word!r} is reserved for the front markers (the house's door, the mug's badge, the "
+                            f"head's nose), so Janus can be measured; choose another colour: {', '.join(COLOURS)}")
         elif word in SHAPES or word in SHAPE_SYNONYMS:
             name = SHAPE_SYNONYMS.get(word, word)
             if shape and shape != name:

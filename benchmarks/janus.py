@@ -1,0 +1,162 @@
+"""Janus benchmark: how often each method paints a second front, on a prior biased like a 2D model.
+
+    python benchmarks/janus.py [--cells sds sds-perp-neg esd vsd asd sds-gaussians control]
+                               [--objects house mug head] [--seeds 8] [--steps 300] [--jobs 2]
+                               [--front-bias 0.95] [--tag-strength 0.5]
+                               [--out DIR] [--write BENCHMARKS.md] [-- key=value ...]
+
+Every run is the whole ``threedgen run`` command in a subprocess (one torch thread each, ``--jobs``
+at a time; this measures quality, not speed), on the shapes prior's objects with a front, and
+``threedgen eval``'s Janus metrics (``threedgen.janus``) are read from its ``metrics.json``. The
+biased prior is text-only (``prior.camera_kappa=0``) with view tags that a render's view only
+partly restricts (``prior.view_tag_strength``) and a share ``prior.front_bias`` of the teacher's
+views on fronts. The cells:
+
+- ``sds``, ``esd``, ``vsd``, ``asd``: the method on the biased prior, NeRF;
+- ``sds-perp-neg``: SDS with Perp-Neg (``prior.perp_neg=true``), NeRF;
+- ``sds-gaussians``: SDS on the biased prior, 3D Gaussians;
+- ``sds-unbiased``: SDS on the text-only prior without the bias (uniform views, strict view tags),
+  NeRF: what the bias adds;
+- ``control``: SDS on the camera-conditioned prior (the default ``camera_kappa``), NeRF.
+
+A run is Janus when it has two or more front markers; each cell reports the Janus rate with a
+Wilson 95 % interval, and the means of the Janus view rate, the view mutual information and the
+back-front PSNR gap, with mask IoU. Results accumulate in ``DIR/results.jsonl`` (a rerun with the
+same ``--out`` skips what is done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+COLOURS = {"house": "green", "mug": "blue", "head": "yellow"}
+CELLS = {
+    "sds": ["--guidance", "sds"],
+    "sds-perp-neg": ["--guidance", "sds", "prior.perp_neg=true"],
+    "esd": ["--guidance", "esd"],
+    "vsd": ["--guidance", "vsd"],
+    "asd": ["--guidance", "asd"],
+    "sds-gaussians": ["--guidance", "sds", "--representation", "gaussians"],
+    "sds-unbiased": ["--guidance", "sds"],
+    "control": ["--guidance", "sds"],
+}
+FAST_EXPORT = ["export.resolution=96", "export.texture=vertex", "export.video_frames=4", "export.video_resolution=32",
+               "preview_every=100000"]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def prior_args(cell: str, front_bias: float, tag_strength: float) -> list[str]:
+    if cell == "control":
+        return []
+    if cell == "sds-unbiased":
+        return ["prior.camera_kappa=0"]
+    return ["prior.camera_kappa=0", f"prior.front_bias={front_bias}", f"prior.view_tag_strength={tag_strength}"]
+
+
+def run_one(cell: str, obj: str, seed: int, args, out: Path) -> dict:
+    prompt = f"a {COLOURS[obj]} {obj}"
+    cmd = [sys.executable, "-m", "threedgen", "run", "--prompt", prompt, "--seed", str(seed), "--steps",
+           str(args.steps), "--out", str(out / cell), "--no-progress", *CELLS[cell],
+           *prior_args(cell, args.front_bias, args.tag_strength), *FAST_EXPORT, *args.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cell} {prompt!r} seed {seed} failed ({proc.returncode}): "
+                         f"{proc.stderr.strip().splitlines()[-1:]}")
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    keys = ("front_markers", "janus", "janus_view_rate", "view_mi", "view_mi_truth", "back_front_psnr_gap",
+            "mask_iou", "psnr", "best_yaw_degrees")
+    return {"cell": cell, "object": obj, "seed": seed, "steps": args.steps, "wall": wall, "run_dir": str(run_dir),
+            **{k: m.get(k) for k in keys}}
+
+
+def table(results: list[dict], cells: list[str], objects: list[str]) -> str:
+    lines = ["| cell | object | runs | Janus | Janus rate [95 % CI] | mean JVR | mean view MI (truth) | "
+             "mean PSNR gap dB | mean IoU | median wall s |", "|---" * 10 + "|"]
+    for cell in cells:
+        for obj in objects + ["all"]:
+            rs = [r for r in results if r["cell"] == cell and (obj == "all" or r["object"] == obj)]
+            if not rs or (obj == "all" and len({r["object"] for r in rs}) < 2):
+                continue
+            k, n = sum(bool(r["janus"]) for r in rs), len(rs)
+            lo, hi = wilson(k, n)
+            mean = lambda key: statistics.mean(r[key] for r in rs)  # noqa: E731
+            lines.append(f"| {cell} | {obj} | {n} | {k} | {k / n:.2f} [{lo:.2f}, {hi:.2f}] | "
+                         f"{mean('janus_view_rate'):.2f} | {mean('view_mi'):.2f} ({mean('view_mi_truth'):.2f}) | "
+                         f"{mean('back_front_psnr_gap'):+.2f} | {mean('mask_iou'):.3f} | "
+                         f"{statistics.median(r['wall'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    ap.add_argument("--objects", nargs="+", default=["house"], choices=list(COLOURS))
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--front-bias", type=float, default=0.95)
+    ap.add_argument("--tag-strength", type=float, default=0.5)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--write", default=None, help="append the table to this markdown file")
+    ap.add_argument("overrides", nargs="*", help="extra `threedgen run` arguments (after --)")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="threedgen-janus-"))
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "results.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    have = {(r["cell"], r["object"], r["seed"]) for r in done if r["steps"] == args.steps}
+    todo = [(c, o, s) for c in args.cells for o in args.objects for s in range(args.seeds) if (c, o, s) not in have]
+    print(f"{len(todo)} runs to do, {len(have)} done; results in {log}", file=sys.stderr, flush=True)
+
+    def work(job):
+        r = run_one(*job, args, out)
+        with log.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"{r['cell']:<14} {r['object']:<6} seed {r['seed']} markers {r['front_markers']} JVR "
+              f"{r['janus_view_rate']:.2f} MI {r['view_mi']:.2f} IoU {r['mask_iou']:.3f} {r['wall']:.0f}s",
+              file=sys.stderr, flush=True)
+        return r
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(work, todo))
+    results = [json.loads(line) for line in log.read_text().splitlines()]
+    results = [r for r in results if r["steps"] == args.steps and r["cell"] in args.cells and r["object"] in args.objects]
+    cmd = (f"python benchmarks/janus.py --cells {' '.join(args.cells)} --objects {' '.join(args.objects)} "
+           f"--seeds {args.seeds} --steps {args.steps} --front-bias {args.front_bias} --tag-strength {args.tag_strength}"
+           + (" -- " + " ".join(args.overrides) if args.overrides else ""))
+    text = (f"\n### Janus benchmark, {time.strftime('%Y-%m-%d')}\n\nCommand: `{cmd}`; machine: {platform.machine()}, "
+            f"{os.cpu_count()} CPU cores, Python {platform.python_version()}. Biased prior: text-only, "
+            f"front_bias {args.front_bias}, view_tag_strength {args.tag_strength} (control: camera-conditioned). "
+            f"{args.steps} steps per run, seeds 0-{args.seeds - 1}.\n\n" + table(results, args.cells, args.objects) + "\n")
+    print(text)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
