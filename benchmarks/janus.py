@@ -22,7 +22,7 @@ views on fronts. The cells:
 A run is Janus when it has two or more front markers; each cell reports the Janus rate with a
 Wilson 95 % interval, and the means of the Janus view rate, the view mutual information and the
 back-front PSNR gap, with mask IoU. Results accumulate in ``DIR/results.jsonl`` (a rerun with the
-same ``--out`` skips what is done).
+same ``--out`` skips what is done; ``--rescore`` runs ``threedgen eval`` again on every recorded run).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import report  # noqa: E402
 
 COLOURS = {"house": "green", "mug": "blue", "head": "yellow"}
 CELLS = {
@@ -73,24 +76,36 @@ def prior_args(cell: str, front_bias: float, tag_strength: float) -> list[str]:
     return ["prior.camera_kappa=0", f"prior.front_bias={front_bias}", f"prior.view_tag_strength={tag_strength}"]
 
 
+KEYS = ("front_markers", "janus", "janus_view_rate", "view_mi", "view_mi_truth", "back_front_psnr_gap", "mask_iou",
+        "psnr", "best_yaw_degrees", "janus_yaw_degrees")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def rescore(result: dict) -> dict:
+    """``threedgen eval`` again on a recorded run (after a change to the metrics)."""
+    proc = subprocess.run([sys.executable, "-m", "threedgen", "eval", result["run_dir"]], capture_output=True,
+                          text=True, env=ENV)
+    if proc.returncode != 0:
+        raise SystemExit(f"eval of {result['run_dir']} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    m = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
+    return {**result, **{k: m.get(k) for k in KEYS}}
+
+
 def run_one(cell: str, obj: str, seed: int, args, out: Path) -> dict:
     prompt = f"a {COLOURS[obj]} {obj}"
     cmd = [sys.executable, "-m", "threedgen", "run", "--prompt", prompt, "--seed", str(seed), "--steps",
            str(args.steps), "--out", str(out / cell), "--no-progress", *CELLS[cell],
            *prior_args(cell, args.front_bias, args.tag_strength), *FAST_EXPORT, *args.overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{cell} {prompt!r} seed {seed} failed ({proc.returncode}): "
                          f"{proc.stderr.strip().splitlines()[-1:]}")
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     m = json.loads((run_dir / "metrics.json").read_text())
-    keys = ("front_markers", "janus", "janus_view_rate", "view_mi", "view_mi_truth", "back_front_psnr_gap",
-            "mask_iou", "psnr", "best_yaw_degrees")
     return {"cell": cell, "object": obj, "seed": seed, "steps": args.steps, "wall": wall, "run_dir": str(run_dir),
-            **{k: m.get(k) for k in keys}}
+            **{k: m.get(k) for k in KEYS}}
 
 
 def table(results: list[dict], cells: list[str], objects: list[str]) -> str:
@@ -122,12 +137,17 @@ def main() -> None:
     ap.add_argument("--tag-strength", type=float, default=0.5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--write", default=None, help="append the table to this markdown file")
+    ap.add_argument("--rescore", action="store_true", help="run `threedgen eval` again on every recorded run first")
     ap.add_argument("overrides", nargs="*", help="extra `threedgen run` arguments (after --)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="threedgen-janus-"))
     out.mkdir(parents=True, exist_ok=True)
     log = out / "results.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if args.rescore and done:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            done = list(pool.map(rescore, done))
+        log.write_text("".join(json.dumps(r) + "\n" for r in done))
     have = {(r["cell"], r["object"], r["seed"]) for r in done if r["steps"] == args.steps}
     todo = [(c, o, s) for c in args.cells for o in args.objects for s in range(args.seeds) if (c, o, s) not in have]
     print(f"{len(todo)} runs to do, {len(have)} done; results in {log}", file=sys.stderr, flush=True)
@@ -152,10 +172,7 @@ def main() -> None:
             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}. Biased prior: text-only, "
             f"front_bias {args.front_bias}, view_tag_strength {args.tag_strength} (control: camera-conditioned). "
             f"{args.steps} steps per run, seeds 0-{args.seeds - 1}.\n\n" + table(results, args.cells, args.objects) + "\n")
-    print(text)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write(text)
+    report(text, args.write)
 
 
 if __name__ == "__main__":

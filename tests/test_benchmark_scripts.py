@@ -3,6 +3,7 @@ script on the tiny random pipeline on the CPU (its numbers mean nothing; the che
 code path a GPU session runs has no error and reports every column)."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -117,3 +118,34 @@ def test_soak_samples_rss_over_the_real_training_loop():
     assert 50 < row["rss_start"] < 20000 and row["rss_max"] >= row["rss_end"] > 50
     assert row["first_fifth"] > 50 and row["last_fifth"] > 50 and row["from_step"] == 10
     assert [s for s, _ in row["samples"]] == [10, 20, 30, 40] and row["max_second_half"] > 50
+
+
+def test_janus_benchmark_interval_table_and_a_tiny_cell(tmp_path, monkeypatch):
+    janus = _load("janus")
+    # Wilson 95 % intervals (z = 1.96), checked against statsmodels' proportion_confint(method="wilson").
+    assert janus.wilson(3, 8) == pytest.approx((0.1368, 0.6943), abs=1e-4)
+    assert janus.wilson(0, 8) == pytest.approx((0.0, 0.3244), abs=1e-4)
+    assert janus.wilson(8, 8) == pytest.approx((0.6756, 1.0), abs=1e-4)
+    assert janus.prior_args("control", 0.95, 0.5) == []
+    assert janus.prior_args("sds-unbiased", 0.95, 0.5) == ["prior.camera_kappa=0"]
+    assert "prior.front_bias=0.95" in janus.prior_args("vsd", 0.95, 0.5)
+    rows = [{"cell": "sds", "object": "house", "janus": j, "janus_view_rate": r, "view_mi": 0.5, "view_mi_truth": 0.9,
+             "back_front_psnr_gap": -1.0, "mask_iou": 0.9, "wall": 40.0} for j, r in ((True, 0.5), (False, 0.0))]
+    line = janus.table(rows, ["sds"], ["house"]).splitlines()[2]
+    assert line.startswith("| sds | house | 2 | 1 | 0.50 [0.09, 0.91] | 0.25 | 0.50 (0.90) | -1.00 | 0.900 | 40 |")
+    # One real run through the CLI, in a world of one shape, and its table row.
+    out = tmp_path / "bench"
+    monkeypatch.setattr("sys.argv", ["janus.py", "--cells", "sds", "--seeds", "1", "--steps", "3", "--jobs", "1",
+                                     "--out", str(out), "--", "prior.shapes=[house]", "render.resolution=16",
+                                     "render.coarse_resolution=0", "representation.num_samples=16"])
+    janus.main()
+    (result,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert result["cell"] == "sds" and result["object"] == "house" and isinstance(result["front_markers"], int)
+    assert 0.0 <= result["janus_view_rate"] <= 1.0 and 0.0 <= result["view_mi"] <= 1.0
+    # --rescore evaluates the recorded run again (same run, same numbers) and keeps one line per run.
+    monkeypatch.setattr("sys.argv", ["janus.py", "--cells", "sds", "--seeds", "1", "--steps", "3", "--jobs", "1",
+                                     "--out", str(out), "--rescore"])
+    janus.main()
+    (again,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert again["run_dir"] == result["run_dir"] and again["front_markers"] == result["front_markers"]
+    assert again["view_mi"] == pytest.approx(result["view_mi"]) and "janus_yaw_degrees" in again

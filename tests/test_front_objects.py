@@ -9,6 +9,7 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
+from threedgen.evaluate import evaluate_representation
 from threedgen.guidance.classifier_free import guided_noise, mix
 from threedgen.guidance.priors.base import VIEW_TAGS
 from threedgen.guidance.priors.config import ShapesPriorConfig
@@ -16,6 +17,7 @@ from threedgen.guidance.priors.shapes import render as shapes_render
 from threedgen.guidance.priors.shapes.prior import ShapesCondition, ShapesPrior
 from threedgen.guidance.priors.shapes.sdf import PARTS, SDFS, marker_share
 from threedgen.guidance.priors.shapes.vocab import COLOURS, FRONT_MARKERS, FRONT_SHAPES, MARKER_COLOUR, parse_prompt
+from threedgen.representations.base import RenderOutput, Representation
 
 FRONTS = ("house", "mug", "head")
 
@@ -214,3 +216,25 @@ def test_perp_neg_runs_on_the_text_only_shapes_prior():
 def test_prompts_cannot_ask_for_the_marker_colour():
     with pytest.raises(UserError, match="reserved for the front markers"):
         parse_prompt("a magenta house")
+
+
+class _TruthField(Representation):
+    """A truth-perfect result: renders the true object (sphere traced) for any camera."""
+
+    def __init__(self, truth):
+        super().__init__()
+        self.truth = truth
+
+    def render(self, cameras, height, width):
+        rgb, alpha = self.truth.render(cameras, height, width)
+        return RenderOutput(rgb, alpha[..., None], torch.zeros_like(alpha[..., None]))
+
+
+@pytest.mark.parametrize("shape", FRONTS)
+def test_eval_scores_a_truth_perfect_field_at_least_0_99(shape):
+    truth = ShapesPrior.truth(f"a blue {shape}")
+    m = evaluate_representation(_TruthField(truth), truth, 2.5, 40.0, mesh=truth.mesh(), size=32)
+    assert m["mask_iou"] >= 0.99 and m["mask_iou_unaligned"] >= 0.99
+    assert m["best_yaw_degrees"] == 0.0 and m["chamfer"] < 0.005
+    assert m["janus_view_rate"] == 0.0 and m["view_mi"] == pytest.approx(m["view_mi_truth"], abs=1e-6)
+    assert m["front_markers"] is None  # this field has no opacity grid: the marker count needs one

@@ -322,3 +322,24 @@ def test_a_job_whose_server_died_stops_and_is_marked_interrupted(tmp_path):
     assert job.status == "interrupted" and job.step < 500 and "resume" in job.error
     status = json.loads((Path(job.run_dir) / "status.json").read_text())
     assert status["status"] == "interrupted"
+
+
+def test_the_job_view_shows_the_score_and_the_janus_metrics(tmp_path):
+    from threedgen.webui.app import EXAMPLE_PROMPTS, SHAPES_PROMPT_INFO, score_line
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"mask_iou": 0.9312, "psnr": 21.64}))
+    assert score_line(path) == "\n\nmask IoU 0.931 · PSNR 21.6 dB"
+    path.write_text(json.dumps({"mask_iou": 0.92, "psnr": 21.0, "front_markers": 3, "janus": True,
+                                "janus_view_rate": 0.556, "view_mi": 0.41}))
+    line = score_line(path)
+    assert "front markers 3 (Janus)" in line and "Janus view rate 0.56" in line and "view MI 0.41" in line
+    path.write_text("{not json")
+    assert score_line(path) == ""
+    assert score_line(tmp_path / "missing.json") == ""
+    for word in ("house (door)", "mug (badge)", "head (nose)", "magenta"):
+        assert word in SHAPES_PROMPT_INFO
+    from threedgen.guidance.priors.shapes.vocab import parse_prompt
+
+    for (prompt,) in EXAMPLE_PROMPTS:
+        parse_prompt(prompt)  # every example is inside the vocabulary
