@@ -20,8 +20,10 @@ views on fronts. The cells:
 - ``control``: SDS on the camera-conditioned prior (the default ``camera_kappa``), NeRF.
 
 A run is Janus when it has two or more front markers; each cell reports the Janus rate with a
-Wilson 95 % interval, and the means of the Janus view rate, the view mutual information and the
-back-front PSNR gap, with mask IoU. Results accumulate in ``DIR/results.jsonl`` (a rerun with the
+Wilson 95 % interval; how many runs have a second part at least a quarter the size of the truth's
+marker (a second front rather than a fragment) and the mean size of the largest part over the
+truth's; the means of the Janus view rate, the view mutual information and the back-front PSNR
+gap, with mask IoU. Results accumulate in ``DIR/results.jsonl`` (a rerun with the
 same ``--out`` skips what is done; ``--rescore`` runs ``threedgen eval`` again on every recorded run).
 """
 
@@ -77,7 +79,7 @@ def prior_args(cell: str, front_bias: float, tag_strength: float) -> list[str]:
 
 
 KEYS = ("front_markers", "janus", "janus_view_rate", "view_mi", "view_mi_truth", "back_front_psnr_gap", "mask_iou",
-        "psnr", "best_yaw_degrees", "janus_yaw_degrees")
+        "psnr", "best_yaw_degrees", "janus_yaw_degrees", "front_marker_voxels", "front_marker_voxels_truth")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -108,9 +110,18 @@ def run_one(cell: str, obj: str, seed: int, args, out: Path) -> dict:
             **{k: m.get(k) for k in KEYS}}
 
 
+def part_sizes(r: dict) -> tuple[float, bool]:
+    """The largest marker part over the truth's, and whether a second part is at least a quarter of
+    the truth's marker (a second front, not a fragment)."""
+    parts, truth = r.get("front_marker_voxels") or [], (r.get("front_marker_voxels_truth") or [0])[0]
+    if not truth:
+        return float("nan"), False
+    return (parts[0] / truth if parts else 0.0), len(parts) >= 2 and parts[1] >= truth / 4
+
+
 def table(results: list[dict], cells: list[str], objects: list[str]) -> str:
-    lines = ["| cell | object | runs | Janus | Janus rate [95 % CI] | mean JVR | mean view MI (truth) | "
-             "mean PSNR gap dB | mean IoU | median wall s |", "|---" * 10 + "|"]
+    lines = ["| cell | object | runs | Janus | Janus rate [95 % CI] | 2nd part >= 1/4 truth | largest part / truth | "
+             "mean JVR | mean view MI (truth) | mean PSNR gap dB | mean IoU | median wall s |", "|---" * 12 + "|"]
     for cell in cells:
         for obj in objects + ["all"]:
             rs = [r for r in results if r["cell"] == cell and (obj == "all" or r["object"] == obj)]
@@ -119,7 +130,9 @@ def table(results: list[dict], cells: list[str], objects: list[str]) -> str:
             k, n = sum(bool(r["janus"]) for r in rs), len(rs)
             lo, hi = wilson(k, n)
             mean = lambda key: statistics.mean(r[key] for r in rs)  # noqa: E731
+            sizes = [part_sizes(r) for r in rs]
             lines.append(f"| {cell} | {obj} | {n} | {k} | {k / n:.2f} [{lo:.2f}, {hi:.2f}] | "
+                         f"{sum(big for _, big in sizes)} | {statistics.mean(s for s, _ in sizes):.2f} | "
                          f"{mean('janus_view_rate'):.2f} | {mean('view_mi'):.2f} ({mean('view_mi_truth'):.2f}) | "
                          f"{mean('back_front_psnr_gap'):+.2f} | {mean('mask_iou'):.3f} | "
                          f"{statistics.median(r['wall'] for r in rs):.0f} |")
@@ -138,6 +151,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--write", default=None, help="append the table to this markdown file")
     ap.add_argument("--rescore", action="store_true", help="run `threedgen eval` again on every recorded run first")
+    ap.add_argument("--no-run", action="store_true", help="only tabulate what is recorded (after --rescore)")
     ap.add_argument("overrides", nargs="*", help="extra `threedgen run` arguments (after --)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="threedgen-janus-"))
@@ -149,7 +163,8 @@ def main() -> None:
             done = list(pool.map(rescore, done))
         log.write_text("".join(json.dumps(r) + "\n" for r in done))
     have = {(r["cell"], r["object"], r["seed"]) for r in done if r["steps"] == args.steps}
-    todo = [(c, o, s) for c in args.cells for o in args.objects for s in range(args.seeds) if (c, o, s) not in have]
+    todo = [] if args.no_run else [(c, o, s) for c in args.cells for o in args.objects for s in range(args.seeds)
+                                   if (c, o, s) not in have]
     print(f"{len(todo)} runs to do, {len(have)} done; results in {log}", file=sys.stderr, flush=True)
 
     def work(job):
@@ -171,7 +186,8 @@ def main() -> None:
     text = (f"\n### Janus benchmark, {time.strftime('%Y-%m-%d')}\n\nCommand: `{cmd}`; machine: {platform.machine()}, "
             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}. Biased prior: text-only, "
             f"front_bias {args.front_bias}, view_tag_strength {args.tag_strength} (control: camera-conditioned). "
-            f"{args.steps} steps per run, seeds 0-{args.seeds - 1}.\n\n" + table(results, args.cells, args.objects) + "\n")
+            f"{args.steps} steps per run, seeds 0, 1, 2, ... (runs: how many).\n\n" + table(results, args.cells, args.objects)
+            + "\n")
     report(text, args.write)
 
 

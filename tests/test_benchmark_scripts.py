@@ -130,9 +130,12 @@ def test_janus_benchmark_interval_table_and_a_tiny_cell(tmp_path, monkeypatch):
     assert janus.prior_args("sds-unbiased", 0.95, 0.5) == ["prior.camera_kappa=0"]
     assert "prior.front_bias=0.95" in janus.prior_args("vsd", 0.95, 0.5)
     rows = [{"cell": "sds", "object": "house", "janus": j, "janus_view_rate": r, "view_mi": 0.5, "view_mi_truth": 0.9,
-             "back_front_psnr_gap": -1.0, "mask_iou": 0.9, "wall": 40.0} for j, r in ((True, 0.5), (False, 0.0))]
+             "back_front_psnr_gap": -1.0, "mask_iou": 0.9, "wall": 40.0, "front_marker_voxels": parts,
+             "front_marker_voxels_truth": [300]} for j, r, parts in ((True, 0.5, [240, 90]), (False, 0.0, [60]))]
     line = janus.table(rows, ["sds"], ["house"]).splitlines()[2]
-    assert line.startswith("| sds | house | 2 | 1 | 0.50 [0.09, 0.91] | 0.25 | 0.50 (0.90) | -1.00 | 0.900 | 40 |")
+    # Janus by the metric in 1 of 2 runs, and its second part (90 voxels) is over a quarter of the
+    # truth's 300: a second front; the largest parts are 0.8 and 0.2 of the truth's.
+    assert line == "| sds | house | 2 | 1 | 0.50 [0.09, 0.91] | 1 | 0.50 | 0.25 | 0.50 (0.90) | -1.00 | 0.900 | 40 |"
     # One real run through the CLI, in a world of one shape, and its table row.
     out = tmp_path / "bench"
     monkeypatch.setattr("sys.argv", ["janus.py", "--cells", "sds", "--seeds", "1", "--steps", "3", "--jobs", "1",

@@ -144,6 +144,7 @@ def test_the_truth_has_one_front_and_no_janus(shape):
     assert count_markers(alpha.numpy(), colour.numpy(), truth.marker_colour, truth.albedo) == 1
     m = janus_metrics(ExactTruth(truth), truth, 2.5, 40.0)
     assert m["front_markers"] == 1 and m["janus"] is False
+    assert m["front_marker_voxels"] == m["front_marker_voxels_truth"] and m["front_marker_voxels"][0] > 100
     assert m["janus_view_rate"] == 0.0
     assert m["view_mi"] == pytest.approx(m["view_mi_truth"], abs=1e-6)  # the same views, batched otherwise
     assert m["view_mi_truth"] > 0.9  # the truth's own views are told apart at the chosen temperature

@@ -22,9 +22,11 @@ as ``janus_settings``).
   their 26-connected components of at least ``MIN_MARKER_VOXELS`` voxels, after bridging gaps of
   up to ``2 * MARKER_LINK`` voxels (a marker's colour bleeding over an edge is one part, not two).
   The truth scores exactly 1. Both are ``None`` for a representation without ``opacity_grid``.
-  ``front_marker_voxels`` lists the parts' sizes in marker voxels, for judging them: the truth's
-  door, badge and nose have 312, 206 and 144 (a failed text-only house run, a blob, showed two
-  dark smudges of 32 and 24 and so counts as Janus; its ``view_mi`` of 0.29 says what it is).
+  ``front_marker_voxels`` lists the parts' sizes in marker voxels, for judging them, and
+  ``front_marker_voxels_truth`` the truth's ([312], [206] and [144] for the door, badge and nose):
+  a second part of a few dozen voxels is a fragment, not a second front (a failed text-only house
+  run, a blob, showed two dark smudges of 32 and 24 and so counts as Janus; its ``view_mi`` of
+  0.29 says what it is).
 - ``janus_view_rate``: the run and the truth rendered over white at ``len(VIEW_AZIMUTHS)``
   azimuths (every 15 degrees, in (-180, 180]) at elevation ``VIEW_ELEVATION``, ``VIEW_RESOLUTION``
   pixels square, at the run's camera distance and field of view, the run turned by the best yaw
@@ -278,6 +280,8 @@ def janus_metrics(representation, truth, distance: float, fovy: float, yaw: floa
         "front_markers": None if parts is None else len(parts),
         "janus": None if parts is None else len(parts) >= 2,
         "front_marker_voxels": parts,
+        "front_marker_voxels_truth": marker_parts(*(_numpy(g) for g in truth_opacity_grid(truth)), truth.marker_colour,
+                                                  truth.albedo),
         "janus_yaw_degrees": float(_wrap(yaw + VIEW_STEP * shift)),
         "janus_view_rate": janus_view_rate(mse),
         "view_mi": view_mutual_information(mse),
