@@ -11,20 +11,9 @@
   ``export.scale`` first (exports are in metres).
 
 For a truth with a front (``has_front``: the shapes prior's house, mug and head, whose door, badge
-and nose are a marker in a reserved colour), the Janus metrics of ``threedgen.janus`` (its module
-docstring defines them; the settings are written as ``janus_settings``), the run turned by the best
-yaw found above:
-
-- **front_markers** / **janus**: marker-coloured parts (26-connected once gaps of up to 4 voxels
-  are bridged, of at least 8 voxels) on the surface of the run's opaque voxels (``opacity_grid``
-  > 0.5: inside the surface the export meshes) on a 64^3 grid over [-0.55, 0.55]^3; the truth has
-  1, ``janus`` is ``front_markers >= 2``; ``front_marker_voxels`` gives the parts' sizes;
-- **janus_view_rate**: the share of back views (|azimuth| >= 120) among 24 azimuths at elevation 15
-  whose best-matching truth view (least MSE over 32x32 RGB renders over white) is a front view
-  (|azimuth| <= 45); ``janus_views`` lists every view's match;
-- **view_mi**: the mutual information between a run view and its truth view under
-  ``p(j|i) = softmax_j(-MSE_ij / T)``, T = 2e-4, over ln 24; **view_mi_truth** is the truth's own;
-- **back_front_psnr_gap**: mean PSNR of the back views minus that of the front views (same azimuths).
+and nose are a marker in a reserved colour) it adds the Janus metrics of ``threedgen.janus``
+(``front_markers``, ``janus``, ``janus_view_rate``, ``view_mi``, ``back_front_psnr_gap``; that
+module's docstring defines them), starting from the best yaw found here.
 """
 
 from __future__ import annotations

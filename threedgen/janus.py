@@ -62,7 +62,7 @@ import torch
 from scipy import ndimage
 
 from threedgen.cameras import Cameras
-from threedgen.views import representation_device
+from threedgen.views import render_views
 
 GRID_BOUND = 0.55  # the shapes' world fits in [-0.5, 0.5]^3, plus room for a run that grew a little
 GRID_RESOLUTION = 64  # voxel edge 1.1 / 63 = 0.0175: the nose (radius 0.08) is ~9 voxels across
@@ -188,21 +188,6 @@ def janus_cameras(distance: float, fovy: float, yaw: float = 0.0) -> Cameras:
     return Cameras.from_angles([VIEW_ELEVATION] * len(az), az, distance, fovy, (1.0, 1.0, 1.0))
 
 
-@torch.no_grad()
-def render_rgb(representation, cameras: Cameras, size: int, chunk: int = 8) -> np.ndarray:
-    """``rgb [N,H,W,3]`` float64 in [0,1] of the representation in eval mode (not quantised, unlike
-    ``views.render_views``: the matches compare views that may differ by little)."""
-    was_training = representation.training
-    representation.eval()
-    cameras = cameras.to(representation_device(representation))
-    try:
-        rgb = [representation.render(cameras[i:i + chunk], size, size).rgb.clamp(0, 1).cpu()
-               for i in range(0, len(cameras), chunk)]
-    finally:
-        representation.train(was_training)
-    return torch.cat(rgb).double().numpy()
-
-
 def view_mse(run_rgb: np.ndarray, true_rgb: np.ndarray) -> np.ndarray:
     """``MSE_ij`` ``[N,M]`` between run view i and truth view j (means over pixels and channels)."""
     a = run_rgb.reshape(len(run_rgb), -1)
@@ -268,10 +253,12 @@ def janus_metrics(representation, truth, distance: float, fovy: float, yaw: floa
     """Every Janus metric of a representation against a truth with a front (see the module
     docstring); ``yaw`` turns the run onto the truth as in ``evaluate.held_out_cameras``."""
     true_rgb = truth.render(janus_cameras(distance, fovy), size, size)[0].double().numpy()
-    run_rgb = render_rgb(representation, janus_cameras(distance, fovy, yaw), size)
-    shift = colour_shift(view_mse(run_rgb, true_rgb))
-    run_rgb = np.roll(run_rgb, -shift, axis=0)  # run view i + shift now sits beside truth view i
+    # Not quantised to 8 bits: the matches compare views that may differ by little.
+    run_rgb = render_views(representation, janus_cameras(distance, fovy, yaw), size, chunk=8,
+                           quantise=False)[0].astype(np.float64)
     mse = view_mse(run_rgb, true_rgb)
+    shift = colour_shift(mse)
+    mse = np.roll(mse, -shift, axis=0)  # run view i + shift now sits beside truth view i
     truth_mse = view_mse(true_rgb, true_rgb)
     parts = front_marker_parts(representation, truth)
     matched = np.argmin(mse, axis=1)

@@ -20,8 +20,10 @@ def representation_device(representation) -> torch.device:
 
 
 @torch.no_grad()
-def render_views(representation, cameras: Cameras, size: int, chunk: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """``rgb [N,H,W,3]`` uint8 and ``alpha [N,H,W]`` float of the representation in eval mode."""
+def render_views(representation, cameras: Cameras, size: int, chunk: int = 4,
+                 quantise: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``rgb [N,H,W,3]`` uint8 (float in [0,1] when not ``quantise``) and ``alpha [N,H,W]`` float of
+    the representation in eval mode."""
     was_training = representation.training
     representation.eval()
     cameras = cameras.to(representation_device(representation))
@@ -33,8 +35,8 @@ def render_views(representation, cameras: Cameras, size: int, chunk: int = 4) ->
             alphas.append(out.alpha[..., 0].cpu())
     finally:
         representation.train(was_training)
-    rgb = (torch.cat(rgbs).numpy() * 255).round().astype(np.uint8)
-    return rgb, torch.cat(alphas).numpy()
+    rgb = torch.cat(rgbs).numpy()
+    return ((rgb * 255).round().astype(np.uint8) if quantise else rgb), torch.cat(alphas).numpy()
 
 
 def write_image(path: Path, rgb: np.ndarray) -> None:

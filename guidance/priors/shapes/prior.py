@@ -167,6 +167,7 @@ class ShapesPrior(Prior):
         self.register_buffer("gram", basis @ basis.transpose(-1, -2), persistent=False)  # [S,V,4,4]
         self.register_buffer("teacher_dirs", teacher.view_dirs, persistent=False)  # [V,3]
         self.register_buffer("albedo", torch.tensor([COLOURS[c] for c in self.colours]), persistent=False)
+        self.register_buffer("marker_colour", torch.tensor(MARKER_COLOUR, dtype=torch.float64), persistent=False)
         self.noise = NoiseSchedule(sd_alphas_cumprod(self.num_train_timesteps))  # predict_noise returns eps
         tags = torch.tensor([[t == tag for t in self.teacher_tags] for tag in VIEW_TAGS])
         self.register_buffer("tag_mask", tags, persistent=False)  # [4,V]
@@ -289,12 +290,11 @@ class ShapesPrior(Prior):
               else torch.ones(n, 3, dtype=torch.float64, device=device))
         K = maps.shape[2]  # body shade, marker shade, alpha; the constant map is the 4th basis element
         agg = torch.zeros(n, 3, S, V, K + 1, dtype=torch.float64, device=device)
-        marker = torch.tensor(MARKER_COLOUR, dtype=torch.float64, device=device)
         for i, cnd in enumerate(cond):
             objs = torch.tensor(cnd.objects, device=device)
             shape_idx = shape_pos[objs // n_colours]
             albedo = self.albedo[objs % n_colours].double()  # [O,3]
-            coef = torch.stack([2 * albedo, (2 * marker).expand_as(albedo), (-2 * bg[i]).expand_as(albedo),
+            coef = torch.stack([2 * albedo, (2 * self.marker_colour).expand_as(albedo), (-2 * bg[i]).expand_as(albedo),
                                 (2 * bg[i] - 1).expand_as(albedo)], -1)  # [O,3ch,4k]
             d = torch.cat([dots[i][:, shape_idx], sums[i][:, None, None, None].expand(3, len(objs), V, 1)], -1)  # [3ch,O,V,4k]
             x_dot_X = torch.einsum("ock,covk->ov", coef, d)

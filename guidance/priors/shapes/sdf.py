@@ -21,11 +21,14 @@ def _length2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x * x + y * y)
 
 
+def box(p: torch.Tensor, center, half) -> torch.Tensor:
+    """An axis-aligned box with half-sides ``half`` around ``center``."""
+    q = (p - p.new_tensor(center)).abs() - p.new_tensor(half)
+    return q.clamp(min=0).norm(dim=-1) + q.max(dim=-1).values.clamp(max=0)
+
+
 def cube(p: torch.Tensor, half: float = 0.4) -> torch.Tensor:
-    q = p.abs() - half
-    outside = q.clamp(min=0).norm(dim=-1)
-    inside = q.max(dim=-1).values.clamp(max=0)
-    return outside + inside
+    return box(p, (0.0, 0.0, 0.0), (half, half, half))
 
 
 def sphere(p: torch.Tensor, radius: float = 0.45) -> torch.Tensor:
@@ -115,12 +118,6 @@ def pyramid_bound(p: torch.Tensor, base: float = 0.8, height: float = 0.8) -> to
     n = n / n.norm()
     side = (torch.maximum(p[..., 0].abs(), p[..., 2].abs()) - r) * n[0] + (p[..., 1] + h) * n[1]
     return torch.maximum(side, -(p[..., 1] + h))
-
-
-def box(p: torch.Tensor, center, half) -> torch.Tensor:
-    """An axis-aligned box with half-sides ``half`` around ``center``."""
-    q = (p - p.new_tensor(center)).abs() - p.new_tensor(half)
-    return q.clamp(min=0).norm(dim=-1) + q.max(dim=-1).values.clamp(max=0)
 
 
 def _moved(p: torch.Tensor, center) -> torch.Tensor:
