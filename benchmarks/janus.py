@@ -2,7 +2,7 @@
 
     python benchmarks/janus.py [--cells sds sds-perp-neg esd vsd asd sds-gaussians control]
                                [--objects house mug head] [--seeds 8] [--steps 300] [--jobs 2]
-                               [--front-bias 0.95] [--tag-strength 0.5]
+                               [--front-bias 0.95] [--tag-strength 0.5] [--prior shapes|shapes-unet]
                                [--out DIR] [--write BENCHMARKS.md] [-- key=value ...]
 
 Every run is the whole ``threedgen run`` command in a subprocess (one torch thread each, ``--jobs``
@@ -18,6 +18,11 @@ views on fronts. The cells:
 - ``sds-unbiased``: SDS on the text-only prior without the bias (uniform views, strict view tags),
   NeRF: what the bias adds;
 - ``control``: SDS on the camera-conditioned prior (the default ``camera_kappa``), NeRF.
+
+``--prior shapes-unet`` runs the cells on the learned teacher instead (``threedgen train-prior``):
+its text + view-tag mode is the Stable Diffusion analogue, with whatever view bias training left in
+it (no ``front_bias`` to set), Perp-Neg through the same helper, and ``control`` on its camera mode
+(``shapes-unet-camera``); ``sds-unbiased`` has no meaning there.
 
 A run is Janus when it has two or more front markers; each cell reports the Janus rate with a
 Wilson 95 % interval; how many runs have a second part at least a quarter the size of the truth's
@@ -70,7 +75,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def prior_args(cell: str, front_bias: float, tag_strength: float) -> list[str]:
+def prior_args(cell: str, front_bias: float, tag_strength: float, prior: str = "shapes") -> list[str]:
+    if prior == "shapes-unet":
+        return ["--prior", "shapes-unet-camera" if cell == "control" else "shapes-unet"]
     if cell == "control":
         return []
     if cell == "sds-unbiased":
@@ -96,8 +103,8 @@ def rescore(result: dict) -> dict:
 def run_one(cell: str, obj: str, seed: int, args, out: Path) -> dict:
     prompt = f"a {COLOURS[obj]} {obj}"
     cmd = [sys.executable, "-m", "threedgen", "run", "--prompt", prompt, "--seed", str(seed), "--steps",
-           str(args.steps), "--out", str(out / cell), "--no-progress", *CELLS[cell],
-           *prior_args(cell, args.front_bias, args.tag_strength), *FAST_EXPORT, *args.overrides]
+           str(args.steps), "--out", str(out / args.prior / cell), "--no-progress", *CELLS[cell],
+           *prior_args(cell, args.front_bias, args.tag_strength, args.prior), *FAST_EXPORT, *args.overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     wall = time.perf_counter() - start
@@ -106,7 +113,7 @@ def run_one(cell: str, obj: str, seed: int, args, out: Path) -> dict:
                          f"{proc.stderr.strip().splitlines()[-1:]}")
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"cell": cell, "object": obj, "seed": seed, "steps": args.steps, "wall": wall, "run_dir": str(run_dir),
+    return {"cell": cell, "prior": args.prior, "object": obj, "seed": seed, "steps": args.steps, "wall": wall, "run_dir": str(run_dir),
             **{k: m.get(k) for k in KEYS}}
 
 
@@ -148,6 +155,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--front-bias", type=float, default=0.95)
     ap.add_argument("--tag-strength", type=float, default=0.5)
+    ap.add_argument("--prior", default="shapes", choices=["shapes", "shapes-unet"],
+                    help="shapes: the exact prior made biased; shapes-unet: the learned teacher's view-tag mode")
     ap.add_argument("--out", default=None)
     ap.add_argument("--write", default=None, help="append the table to this markdown file")
     ap.add_argument("--rescore", action="store_true", help="run `threedgen eval` again on every recorded run first")
@@ -162,7 +171,11 @@ def main() -> None:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             done = list(pool.map(rescore, done))
         log.write_text("".join(json.dumps(r) + "\n" for r in done))
-    have = {(r["cell"], r["object"], r["seed"]) for r in done if r["steps"] == args.steps}
+    for r in done:
+        r.setdefault("prior", "shapes")
+    if args.prior == "shapes-unet" and "sds-unbiased" in args.cells:
+        args.cells = [c for c in args.cells if c != "sds-unbiased"]
+    have = {(r["cell"], r["object"], r["seed"]) for r in done if r["steps"] == args.steps and r["prior"] == args.prior}
     todo = [] if args.no_run else [(c, o, s) for c in args.cells for o in args.objects for s in range(args.seeds)
                                    if (c, o, s) not in have]
     print(f"{len(todo)} runs to do, {len(have)} done; results in {log}", file=sys.stderr, flush=True)
@@ -179,14 +192,19 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(work, todo))
     results = [json.loads(line) for line in log.read_text().splitlines()]
-    results = [r for r in results if r["steps"] == args.steps and r["cell"] in args.cells and r["object"] in args.objects]
+    results = [r for r in results if r["steps"] == args.steps and r["cell"] in args.cells and r["object"] in args.objects
+               and r.get("prior", "shapes") == args.prior]
     cmd = (f"python benchmarks/janus.py --cells {' '.join(args.cells)} --objects {' '.join(args.objects)} "
-           f"--seeds {args.seeds} --steps {args.steps} --front-bias {args.front_bias} --tag-strength {args.tag_strength}"
+           f"--seeds {args.seeds} --steps {args.steps} "
+           + (f"--front-bias {args.front_bias} --tag-strength {args.tag_strength}" if args.prior == "shapes"
+              else f"--prior {args.prior}")
            + (" -- " + " ".join(args.overrides) if args.overrides else ""))
     text = (f"\n### Janus benchmark, {time.strftime('%Y-%m-%d')}\n\nCommand: `{cmd}`; machine: {platform.machine()}, "
-            f"{os.cpu_count()} CPU cores, Python {platform.python_version()}. Biased prior: text-only, "
-            f"front_bias {args.front_bias}, view_tag_strength {args.tag_strength} (control: camera-conditioned). "
-            f"{args.steps} steps per run, seeds 0, 1, 2, ... (runs: how many).\n\n" + table(results, args.cells, args.objects)
+            f"{os.cpu_count()} CPU cores, Python {platform.python_version()}. "
+            + (f"Biased prior: text-only, front_bias {args.front_bias}, view_tag_strength {args.tag_strength} "
+               "(control: camera-conditioned). " if args.prior == "shapes" else
+               "Learned teacher: text + view tags (control: its camera mode). ")
+            + f"{args.steps} steps per run, seeds 0, 1, 2, ... (runs: how many).\n\n" + table(results, args.cells, args.objects)
             + "\n")
     report(text, args.write)
 

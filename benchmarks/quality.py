@@ -32,10 +32,10 @@ def report(text: str, write: str | None) -> None:
             f.write(text)
 
 
-def run_once(prompt: str, out: Path, extra: list[str]) -> dict:
+def run_once(prompt: str, out: Path, extra: list[str], env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "threedgen", "run", "--prompt", prompt, "--out", str(out), "--no-progress", *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{prompt!r} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")

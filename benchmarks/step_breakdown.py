@@ -1,7 +1,11 @@
-"""Step breakdown of one SDS-NeRF training step on the shapes prior: render forward, guidance
-(prior call + SDS), backward, optimizer step; milliseconds, median over repeats.
+"""Step breakdown of one training step (SDS-NeRF on the shapes prior by default): render forward,
+guidance (prior call + SDS), backward, optimizer step; milliseconds, median over repeats.
 
-    python benchmarks/step_breakdown.py [--steps 60] [--repeats 3] [key=value ...]
+    python benchmarks/step_breakdown.py [--steps 60] [--repeats 3] [--guidance sds]
+                                        [--priors shapes shapes-unet-camera ...] [key=value ...]
+
+With several ``--priors`` each is measured in the same process, their repeats interleaved, and
+the table gives each prior's total against the first one's (the baseline).
 """
 
 from __future__ import annotations
@@ -50,20 +54,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--representation", default="nerf")
+    ap.add_argument("--guidance", default="sds")
+    ap.add_argument("--priors", nargs="+", default=["shapes"])
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = build_config(representation=args.representation, overrides=parse_overrides(args.overrides), flags={"prompt": "a red cube"})
-    runs = [measure(cfg, args.steps) for _ in range(args.repeats)]
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    total = sum(med.values())
-    print(f"### Step breakdown, {time.strftime('%Y-%m-%d')}\n\nCommand: `python benchmarks/step_breakdown.py"
+    cfgs = {p: build_config(args.guidance, args.representation, p, overrides=parse_overrides(args.overrides),
+                            flags={"prompt": "a red cube"}) for p in args.priors}
+    runs = {p: [] for p in args.priors}
+    for _ in range(args.repeats):
+        for p in args.priors:
+            runs[p].append(measure(cfgs[p], args.steps))
+    med = {p: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for p, rs in runs.items()}
+    total = {p: sum(m.values()) for p, m in med.items()}
+    base = args.priors[0]
+    print(f"### Step breakdown, {time.strftime('%Y-%m-%d')}\n\nCommand: `python benchmarks/step_breakdown.py --guidance "
+          f"{args.guidance} --representation {args.representation} --priors {' '.join(args.priors)}"
           f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`; {platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; median per-step ms over {args.steps} "
-          f"steps, median of {args.repeats} runs.\n")
-    print("| part | ms | share |\n|---|---|---|")
-    for k, v in med.items():
-        print(f"| {k} | {v:.1f} | {v / total:.0%} |")
-    print(f"| **total** | {total:.1f} | 100% |")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; {cfgs[base].render.resolution}x"
+          f"{cfgs[base].render.resolution} renders; median per-step ms over {args.steps} steps, median of "
+          f"{args.repeats} runs (interleaved).\n")
+    print("| part | " + " | ".join(f"{p} ms (share)" for p in args.priors) + " |\n" + "|---" * (len(args.priors) + 1) + "|")
+    for k in med[base]:
+        print(f"| {k} | " + " | ".join(f"{med[p][k]:.1f} ({med[p][k] / total[p]:.0%})" for p in args.priors) + " |")
+    print("| **total** | " + " | ".join(f"{total[p]:.1f}" for p in args.priors) + " |")
+    print(f"| ratio to {base} | " + " | ".join(f"{total[p] / total[base]:.2f}" for p in args.priors) + " |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ VSD with the fake score replaced by the frozen teacher, text-conditioned and wit
 later timestep. Cond, uncond and the shifted cond are one batched prior call (3B items; Perp-Neg
 adds its negatives). Defaults from the official single-prompt config: CFG 7.5, min% 0.5 -> 0.02
 and max% 0.98 -> 0.5 linearly over the run. ``dt`` is relative to the current (annealed)
-min_step and ``w`` is taken at t, as the official code does.
+min_step and ``w`` is taken at t, as the official code does. ``e_y`` at t2 uses CFG's positive
+prompt: the view tag's, or under Perp-Neg the azimuth-interpolated one (the official
+``get_eps`` reuses ``text_embeddings_vd``). Perp-Neg's negative weights are scaled by
+``perp_neg_scale``, -0.5 as the official SD config's ``guidance_perp_neg`` (threestudio's -1 is the
+other methods' default).
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ class ASD(Guidance):
             eps = torch.randn_like(x)
             t2 = self.shifted_timesteps(t, self.step_range(step, max_steps)[0])
             x_t, x_t2 = prior.noise.add_noise(x, t, eps), prior.noise.add_noise(x, t2, eps)
+            # e_y at t + dt takes CFG's positive: under Perp-Neg the interpolated view prompt
+            positive = embeds.interpolated_for(cameras) if embeds.perp_neg else embeds.cond_for(cameras)
             pred = guided_noise(prior, x_t, t, embeds, cameras, cfg.guidance_scale,
-                                ride_along=RideAlong(x_t2, t2, embeds.cond_for(cameras), cameras))
+                                ride_along=RideAlong(x_t2, t2, positive, cameras))
             grad = (1 - prior.noise.alphas_at(t, x)) * (pred.eps - pred.ride_along)
         return GuidanceOutput(inject_gradient(x, grad), grad.flatten(1).norm(dim=1).mean(), t, {"t2": t2.float().mean()})

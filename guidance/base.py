@@ -5,13 +5,17 @@ Conventions shared by every method:
 - Gradient injection: ``loss = 0.5 * sum((x - stopgrad(x - g))^2) / B``, so ``dloss/dx = g / B``
   for the prior-space input ``x`` of a batch of B views (threestudio's normalisation).
 - Timesteps are drawn per view, ``t ~ U{min_step, max_step}`` with ``min_step_percent`` and
-  ``max_step_percent`` schedules (``threedgen.schedule``) times ``num_train_timesteps``.
+  ``max_step_percent`` schedules (``threedgen.schedule``) times ``num_train_timesteps``; ISM, TSM,
+  BSD and CSM draw one t per batch (ISM/TSM/BSD shifted by ``steps_offset``).
+- Perp-Neg's negative weights are scaled by the method's ``perp_neg_scale`` (``Guidance.__call__``
+  sets it on the embeds).
 - Noise algebra (``x_t``, ``abar_t``, DDIM steps) is the prior's schedule's, ``prior.noise``
   (``threedgen.noise``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +28,11 @@ from threedgen.schedule import schedule_value
 
 
 def sample_noise(x: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise, plus ``offset`` times a per-channel constant (LucidDreamer's offset noise)."""
+    """Gaussian noise, plus ``offset`` times a per-channel constant drawn once for the whole batch
+    (LucidDreamer's offset noise: ``0.1 * randn(1, C, 1, 1)`` repeated over the views)."""
     eps = torch.randn_like(x)
     if offset:
-        eps = eps + offset * torch.randn(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)), device=x.device, dtype=x.dtype)
+        eps = eps + offset * torch.randn(1, x.shape[1], *([1] * (x.dim() - 2)), device=x.device, dtype=x.dtype)
     return eps
 
 
@@ -68,10 +73,31 @@ class Guidance(torch.nn.Module):
         lo, hi = self.step_range(step, max_steps)
         return torch.randint(lo, hi + 1, (batch,), device=device)
 
-    def sample_shared_timestep(self, batch: int, step: int, max_steps: int, device) -> torch.Tensor:
-        """One t for the whole batch (the inversion-based methods step all views together)."""
+    def sample_shared_timestep(self, batch: int, step: int, max_steps: int, device, offset: int = 0) -> torch.Tensor:
+        """One t for the whole batch (the inversion-based methods step all views together). With
+        ``offset`` (diffusers' ``steps_offset``, as the official ISM/TSM/BSD code indexes its DDIM
+        timesteps) t is an index in ``U{lo..hi-1}`` plus the offset: ``U{lo+offset..hi}``."""
         lo, hi = self.step_range(step, max_steps)
-        return torch.randint(lo, hi + 1, (1,), device=device).expand(batch).clone()
+        T = self.prior.num_train_timesteps
+        lo_t = min(lo + offset, T - 1)
+        return torch.randint(lo_t, max(hi, lo_t) + 1, (1,), device=device).expand(batch).clone()
+
+    def maybe_flip(self, images: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """LucidDreamer's augmentation: with probability ``cfg.flip_prob`` the whole batch of
+        renders ``[B,H,W,3]`` is mirrored left-right (one coin per batch, as torchvision's
+        ``RandomHorizontalFlip`` on a batch); autograd mirrors the gradient back. Never for a
+        camera-conditioned prior: a mirrored render is not the view its camera describes."""
+        p = float(getattr(self.cfg, "flip_prob", 0.0))
+        if p <= 0 or self.prior.camera_conditioned or not bool(torch.rand(()) < p):
+            return images, False
+        return images.flip(2), True
+
+    def __call__(self, images: torch.Tensor, embeds: PromptEmbeds, *args, **kwargs) -> GuidanceOutput:
+        """``forward`` with this method's Perp-Neg negative scale (``cfg.perp_neg_scale``) on the embeds."""
+        scale = getattr(self.cfg, "perp_neg_scale", None)
+        if embeds.perp_neg and scale is not None and scale != embeds.perp_neg_scale:
+            embeds = dataclasses.replace(embeds, perp_neg_scale=scale)
+        return super().__call__(images, embeds, *args, **kwargs)
 
     def extra_parameters(self) -> list[dict]:
         """Parameter groups of trained networks (VSD's fake score); the system optimizes them."""

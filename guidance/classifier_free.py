@@ -14,8 +14,11 @@ the positive direction are removed:
     eps   = e_u + s * (d_pos + sum_i w_i * perp(e_neg_i - e_u, d_pos))
     perp(a, b) = a - (<a, b> / max(<b, b>, 1e-6)) * b          (per sample)
 
-with weights ``w_i = -(a * exp(-b * r) + c)`` of the interpolation ratio ``r`` (the constants
-below). Overhead views use the overhead prompt and no negatives. One batched call of 4B items.
+with weights ``w_i = k * (a * exp(-b * r) + c)`` of the interpolation ratio ``r`` (the constants
+below) and ``k = guidance.perp_neg_scale`` (threestudio: -1, the default; ScaleDreamer's SD
+config: -0.5, ASD's default). Overhead views use the overhead prompt and no negatives. One
+batched call of 4B items. Plain CFG's positive is the view tag's prompt, or with
+``view_interpolation`` (ISM/TSM, BSD) the same interpolated prompt as Perp-Neg's.
 
 Scale convention: threestudio's SDS without Perp-Neg writes ``e_y + s (e_y - e_u)`` (its scale s
 is s + 1 here), but its Perp-Neg branch already writes ``e_u + s (...)``: under Perp-Neg the
@@ -32,7 +35,7 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.guidance.priors.base import PromptEmbeds
+from threedgen.guidance.priors.base import PromptEmbeds, azimuth_mix, can_mix, mix  # noqa: F401 (mix: re-exported)
 
 # a * exp(-b * r) + c, named by the views they weigh (f_fs(1) = 0: no front negative at full front).
 PERP_NEG_FS = (4.0, 0.5, -2.426)
@@ -53,36 +56,27 @@ class PerpNegConditions:
     weights: torch.Tensor  # [B, 2]
 
 
-def mix(a, b, r: float):
-    """``r a + (1 - r) b`` for text embeddings; conditionings of other kinds mix themselves."""
-    return r * a + (1 - r) * b if isinstance(a, torch.Tensor) else a.mix(b, r)
-
-
 def perp_neg_conditions(embeds: PromptEmbeds, cameras: Cameras) -> PerpNegConditions:
     """Interpolated positive, two negatives and their weights for each camera."""
     views = embeds.by_view
     missing = [v for v in ("front", "side", "back", "overhead") if v not in views]
-    if missing or not (isinstance(embeds.cond, torch.Tensor) or hasattr(embeds.cond, "mix")):
+    if missing or not can_mix(embeds.cond):
         raise UserError("Perp-Neg needs view-dependent conditionings (a diffusers prior, or the shapes prior in "
                         "text-only mode, with view_dependent_prompting on)")
-    front, side, back = views["front"], views["side"], views["back"]
-    positive, negatives, weights = [], [], []
+    front, side = views["front"], views["side"]
+    scale = embeds.perp_neg_scale
+    positive, negatives, weights = embeds.interpolated_for(cameras), [], []
     for tag, az in zip(embeds.tags_for(cameras), cameras.azimuth.tolist()):
-        az = (az + 180.0) % 360.0 - 180.0
+        first, _, r = azimuth_mix(az)
         if tag == "overhead":
-            positive.append(views["overhead"])
             negatives += [embeds.uncond, embeds.uncond]
             weights.append((0.0, 0.0))
-        elif abs(az) < 90.0:  # r = 1 at full front, 0 at full side
-            r = 1.0 - abs(az) / 90.0
-            positive.append(mix(front, side, r))
+        elif first == "front":  # r = 1 at full front, 0 at full side
             negatives += [front, side]
-            weights.append((-_decay(PERP_NEG_FS, r), -_decay(PERP_NEG_SF, 1 - r)))
+            weights.append((scale * _decay(PERP_NEG_FS, r), scale * _decay(PERP_NEG_SF, 1 - r)))
         else:  # r = 1 at full side, 0 at full back
-            r = 2.0 - abs(az) / 90.0
-            positive.append(mix(side, back, r))
             negatives += [side, front]
-            weights.append((-_decay(PERP_NEG_SB, r), -_decay(PERP_NEG_FSB, r)))
+            weights.append((scale * _decay(PERP_NEG_SB, r), scale * _decay(PERP_NEG_FSB, r)))
     return PerpNegConditions(positive, negatives, torch.tensor(weights, dtype=torch.float32))
 
 
@@ -112,13 +106,16 @@ class RideAlong:
 
 
 def guided_noise(prior, x_t: torch.Tensor, t: torch.Tensor, embeds: PromptEmbeds, cameras: Cameras,
-                 scale: float, ride_along: Optional[RideAlong] = None) -> GuidedNoise:
+                 scale: float, ride_along: Optional[RideAlong] = None,
+                 view_interpolation: bool = False) -> GuidedNoise:
     """CFG (or Perp-Neg when ``embeds.perp_neg``) for a batch, in one batched prior call, plus
-    the ``ride_along`` items in the same call."""
+    the ``ride_along`` items in the same call. ``view_interpolation``: plain CFG's positive is the
+    azimuth-interpolated view prompt (``PromptEmbeds.interpolated_for``; Perp-Neg's always is)."""
     b = x_t.shape[0]
     if not embeds.perp_neg:
         xs, ts = [x_t, x_t], [t, t]
-        conds = embeds.cond_for(cameras) + embeds.uncond_for(cameras)
+        positive = embeds.interpolated_for(cameras) if view_interpolation else embeds.cond_for(cameras)
+        conds = positive + embeds.uncond_for(cameras)
         views = cameras.cat(cameras)
     else:
         pn = perp_neg_conditions(embeds, cameras)

@@ -29,10 +29,13 @@ class GuidanceConfig:
     """Lower end of the timestep range as a fraction of T; a schedule: a number, [v0, v1] or [start, v0, v1, end]."""
     max_step_percent: Any = 0.98
     """Upper end of the timestep range as a fraction of T; a schedule like `min_step_percent`."""
+    perp_neg_scale: float = -1.0
+    """Perp-Neg only (prior.perp_neg): the negatives' weights are this times a exp(-b r) + c (threestudio -1; ScaleDreamer -0.5)."""
 
     def check(self) -> None:
         check_schedule("guidance.min_step_percent", self.min_step_percent, 0.0, 1.0)
         check_schedule("guidance.max_step_percent", self.max_step_percent, 0.0, 1.0)
+        check_range("guidance.perp_neg_scale", self.perp_neg_scale, -10, 0)
 
 
 @GUIDANCE.register("sds", "threedgen.guidance.sds:SDS", "DreamFusion (Poole et al. 2022)",
@@ -113,6 +116,8 @@ class ASDConfig(GuidanceConfig):
     """dt as a fraction of (t - min_step)."""
     plus_random: bool = True
     """dt uniform in [0, max]; false: always the max."""
+    perp_neg_scale: float = -0.5
+    """Perp-Neg only (prior.perp_neg): the negatives' weights are this times a exp(-b r) + c (ScaleDreamer's SD config: -0.5)."""
 
     def check(self) -> None:
         super().check()
@@ -135,14 +140,22 @@ class TSMConfig(GuidanceConfig):
     inversion_max_steps: int = 5
     """At most this many DDIM inversion steps to reach s."""
     noise_offset: float = 0.1
-    """Offset noise: this times a per-channel constant is added to the noise."""
+    """Offset noise: this times a per-channel constant (one per batch) is added to the noise."""
     grad_scale: float = 1.0
     """Multiplies the gradient."""
     pixel_grad_clip: Optional[float] = None
     """Rescale the loss so that its largest pixel-gradient channel is at most this (Dreamer XL: 0.05); null: off."""
+    steps_offset: int = 1
+    """Timesteps are indices plus this (diffusers' DDIM steps_offset in the official code): t ~ U{lo+offset..hi}, x~_0 noised at t = offset."""
+    flip_prob: float = 0.5
+    """Probability that the whole batch of renders is mirrored left-right (official: 0.5); never with a camera-conditioned prior."""
+    view_interpolation: bool = True
+    """CFG's prompt: the front/side/back prompts interpolated by azimuth (official); false: the view tag's prompt."""
 
     def check(self) -> None:
         super().check()
+        check_range("guidance.steps_offset", self.steps_offset, 0, 10, integer=True)
+        check_range("guidance.flip_prob", self.flip_prob, 0, 1)
         check_range("guidance.gamma", self.gamma, 0, 1)
         check_schedule("guidance.interval", self.interval, 0, 1000)
         check_range("guidance.inversion_stride", self.inversion_stride, 1, 1000, integer=True)
@@ -170,14 +183,22 @@ class BSDConfig(GuidanceConfig):
     """The classifier : smoothing ratio."""
     max_step_percent: Any = (0, 0.98, 0.5, 0.3)
     noise_offset: float = 0.1
-    """Offset noise: this times a per-channel constant is added to the noise."""
+    """Offset noise: this times a per-channel constant (one per batch) is added to the noise."""
     grad_scale: float = 1.0
     """Multiplies the gradient."""
+    steps_offset: int = 1
+    """Timesteps are indices plus this (diffusers' DDIM steps_offset in the official code): t ~ U{lo+offset..hi}."""
+    flip_prob: float = 0.5
+    """Probability that the whole batch of renders is mirrored left-right (official: 0.5); never with a camera-conditioned prior."""
+    view_interpolation: bool = True
+    """The prompt: the front/side/back prompts interpolated by azimuth (official); false: the view tag's prompt."""
 
     def check(self) -> None:
         super().check()
         check_range("guidance.noise_offset", self.noise_offset, 0, 10)
         check_range("guidance.grad_scale", self.grad_scale, 0, 1e6)
+        check_range("guidance.steps_offset", self.steps_offset, 0, 10, integer=True)
+        check_range("guidance.flip_prob", self.flip_prob, 0, 1)
 
 
 @GUIDANCE.register("csm", "threedgen.guidance.csm:CSM", "TV-3DG (2024), after CSD (Yu et al. 2024)",

@@ -8,7 +8,8 @@ with ``guidance_scale_lora = 1 - lambda``):
 The camera-free branch estimates the score of the marginal distribution of renders, whose
 gradient is the entropy term that counters mode collapse (the Janus problem). It is only
 meaningful when the fake score is trained with camera dropout, so ``camera_dropout`` must be > 0
-(threestudio's unified guidance silently defaults it off). ``entropy_weight`` 0 is VSD exactly;
+(threestudio's unified guidance silently defaults it off); as there, it drops the camera of the
+whole batch at once (``vsd.py``). ``entropy_weight`` 0 is VSD exactly;
 the README's example is 0.5. Everything else is VSD (``vsd.py``).
 """
 

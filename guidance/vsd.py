@@ -7,7 +7,7 @@ Algorithm 1), as the official code and threestudio compute it:
 
 and, on the same step, one update of the fake score on the detached render:
 
-    t' ~ U{0..T-1}, eps', camera := 0 with probability 0.1
+    t' ~ U{0..T-1}, eps', camera := 0 for the whole batch with probability 0.1
     L_fake = || f(a_t' x + s_t' eps', t', y, camera) - target ||^2   (target: eps', or v for v-models)
 
 The fake score (``guidance/fake_score.py``) is a LoRA on the prior's UNet for diffusers priors and
@@ -15,7 +15,8 @@ a small residual UNet for pixel-space priors; it takes the view-independent prom
 added to the returned loss (times ``lambda_fake``), so one backward and the system's one
 optimizer step train both; its weights are in the system's checkpoints, so ``--resume`` resumes
 them. The timestep range drops to 0.5 after ``t_switch`` of the run (official: 5,000 of 25,000
-iterations, i.e. 0.2).
+iterations, i.e. 0.2). The camera dropout is one draw per batch (all views keep their cameras or
+none do), as the official code's and threestudio's ``random.random() < 0.1``.
 
 Deliberate differences: the official code's fake score is a separate SD 2.1 (768, v-prediction)
 UNet; here the LoRA sits on the teacher's own UNet (threestudio's choice, one UNet in memory).
@@ -71,7 +72,7 @@ class VSD(Guidance):
         x_d = x.detach()
         t_fake = torch.randint(0, prior.num_train_timesteps, (b,), device=x.device)
         eps_fake = torch.randn_like(x_d)
-        keep = torch.rand(b, device=x.device) >= cfg.camera_dropout
+        keep = (torch.rand((), device=x.device) >= cfg.camera_dropout).repeat(b)  # one draw per batch
         with torch.no_grad():
             eps = torch.randn_like(x)
             x_t = prior.noise.add_noise(x, t, eps)

@@ -85,7 +85,8 @@ def test_presets_state_only_what_differs():
         elif relative.startswith("representations/"):
             r = stem
         elif relative.startswith("priors/"):
-            p, g = next(((name, stem[len(name) + 1:] or "sds") for name in SECTIONS["prior"] if stem.startswith(name)))
+            p = max((n for n in SECTIONS["prior"] if stem == n or stem.startswith(n + "-")), key=len)
+            g = stem[len(p) + 1:] or "sds"
         defaults = merge(g, r, p, whole_run=False, base={}).cfg
         data = yaml.safe_load(path.read_text()) or {}
 

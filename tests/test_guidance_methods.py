@@ -84,16 +84,27 @@ def test_asd_gradient(inputs):
     assert prior.calls == 1  # cond, uncond and cond at t + dt in one call
 
 
-def _tsm_expected(prior, images, x, cfg, step, max_steps, method):
-    torch.manual_seed(SEED)
+def replay_flip(x, seed=SEED, p=0.5):
+    """The methods' first draw: one coin per batch, ``rand() < flip_prob``; a flipped batch is the
+    render mirrored left-right (the last axis of ``x [B,C,H,W]``)."""
+    torch.manual_seed(seed)
+    flipped = bool(torch.rand(()) < p)
+    return flipped, (x.flip(-1) if flipped else x)
+
+
+def _tsm_expected(prior, images, x, cfg, step, max_steps, method, seed=SEED):
+    """The official rule with steps_offset o = 1: t ~ U{lo+1..hi}, s = max(t - dT, 1), x~_0 at t = 1,
+    one offset-noise constant per channel for the whole batch; computed on the (maybe) mirrored
+    render and mirrored back."""
+    flipped, x = replay_flip(x, seed)
     lo, hi = method.step_range(step, max_steps)
-    t = torch.randint(lo, hi + 1, (1,)).expand(2)
-    eps = randn_like_render(images).double() + cfg.noise_offset * torch.randn(2, 3, 1, 1).double()
+    t = torch.randint(lo + 1, hi + 1, (1,)).expand(2)
+    eps = randn_like_render(images).double() + cfg.noise_offset * torch.randn(1, 3, 1, 1).double()
     k_t = int(t[0])
     d = cfg.interval[1] + (cfg.interval[2] - cfg.interval[1]) * min(step / (cfg.interval[3] * max_steps), 1.0)
-    k_s = max(k_t - int(d), 0)
-    x_cur = noised(prior, x, torch.zeros(2, dtype=torch.long), eps)
-    k = 0
+    k_s = max(k_t - int(d), 1)
+    x_cur = noised(prior, x, torch.ones(2, dtype=torch.long), eps)
+    k = 1
     calls = 0
     while k < k_s:  # inversion with the empty prompt, strides of 200
         nxt = min(k + 200, k_s)
@@ -104,14 +115,16 @@ def _tsm_expected(prior, images, x, cfg, step, max_steps, method):
     k_mu = round(k_s + math.sqrt(1 - cfg.gamma ** 2) * (k_t - k_s))
     target = e_s if k_mu == k_s else e("empty", ddim(prior, x_cur, e_s, k_s, k_mu), torch.full((2,), k_mu))
     a = abar(prior, t)
-    return ((1 - a) / a).sqrt() * (cfg_eps(x_t, t, cfg.guidance_scale) - target) * cfg.grad_scale, t, calls
+    g = ((1 - a) / a).sqrt() * (cfg_eps(x_t, t, cfg.guidance_scale) - target) * cfg.grad_scale
+    return (g.flip(-1) if flipped else g), t, calls
 
 
-@pytest.mark.parametrize("name, step", [("tsm", 0), ("tsm", 25), ("ism", 10), ("ism", 60)])
-def test_tsm_and_ism_gradient_with_inversion(inputs, name, step):
+@pytest.mark.parametrize("name, step, seed", [("tsm", 0, SEED), ("tsm", 25, 3), ("ism", 10, SEED), ("ism", 60, 3)])
+def test_tsm_and_ism_gradient_with_inversion(inputs, name, step, seed):
     images, cams, x = inputs
-    g, out, prior, method, cfg = run(name, images, cams, step=step, max_steps=100)
-    expected, t, inversion_calls = _tsm_expected(prior, images, x, cfg, step, 100, method)
+    g, out, prior, method, cfg = run(name, images, cams, step=step, max_steps=100, seed=seed)
+    expected, t, inversion_calls = _tsm_expected(prior, images, x, cfg, step, 100, method, seed)
+    assert out.extras["flipped"] == float(seed == 3)  # seed 3's first rand() is below 0.5, SEED's is not
     assert torch.equal(out.t, t)
     torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
     # inversion steps, the e_0(x~_s, s) call, then one batched CFG (+ target) call
@@ -140,10 +153,10 @@ def test_pixel_gradient_clipping_caps_each_pixel():
 def test_bsd_gradient_is_the_min_norm_combination(inputs):
     images, cams, x = inputs
     g, out, prior, method, cfg = run("bsd", images, cams, step=0)
-    torch.manual_seed(SEED)
+    flipped, x = replay_flip(x)
     lo, hi = method.step_range(0, 100)
-    t = torch.randint(lo, hi + 1, (1,)).expand(2)
-    eps = randn_like_render(images).double() + 0.1 * torch.randn(2, 3, 1, 1).double()
+    t = torch.randint(lo + 1, hi + 1, (1,)).expand(2)  # steps_offset 1
+    eps = randn_like_render(images).double() + 0.1 * torch.randn(1, 3, 1, 1).double()
     x_t = noised(prior, x, t, eps)
     c = 15.0 * (e("cond", x_t, t) - e("uncond", x_t, t))
     d = e("uncond", x_t, t)
@@ -155,7 +168,8 @@ def test_bsd_gradient_is_the_min_norm_combination(inputs):
         fine = grid[(grid - coarse).abs() <= 0.01]
         best = fine[torch.stack([(a * c[i] + (1 - a) * d[i]).norm() for a in fine]).argmin()]
         expected.append(abar(prior, t)[i].sqrt() * (best * c[i] + (1 - best) * d[i]))
-    torch.testing.assert_close(g, torch.stack(expected), rtol=2e-3, atol=1e-4)
+    expected = torch.stack(expected)
+    torch.testing.assert_close(g, expected.flip(-1) if flipped else expected, rtol=2e-3, atol=1e-4)
     assert prior.calls == 1
 
 
@@ -187,7 +201,7 @@ def _vsd_draws(method, images, b=2):
     t = torch.randint(lo, hi + 1, (b,))
     t_fake = torch.randint(0, 1000, (b,))
     eps_fake = randn_like_render(images)
-    keep = torch.rand(b) >= method.cfg.camera_dropout
+    keep = (torch.rand(()) >= method.cfg.camera_dropout).repeat(b)  # one draw for the batch
     eps = randn_like_render(images).double()
     return t, t_fake, eps_fake, keep, eps
 

@@ -59,6 +59,11 @@ def test_wheel_contains_the_subpackages_and_configs(tmp_path):
                  "threedgen/webui/__init__.py", "threedgen/webui/app.py", "threedgen/guidance/config.py",
                  "threedgen/configs/guidance/sds-gaussians.yaml", "threedgen/configs/priors/shapes.yaml"):
         assert path in names, path
+    # the learned shapes teacher's weights ship inside the package, every file of the folder
+    shipped = ROOT / "guidance" / "priors" / "learned" / "weights"
+    for f in shipped.rglob("*"):
+        if f.is_file():
+            assert f"threedgen/guidance/priors/learned/weights/{f.relative_to(shipped).as_posix()}" in names, f
     assert not any(n.startswith(("guidance/", "webui/", "representations/")) for n in names)
     # The installed package (not the source tree) finds its presets.
     site = tmp_path / "site"

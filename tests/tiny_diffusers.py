@@ -18,25 +18,9 @@ WORDS = ("a hamburger red blue green cube torus sphere front side back overhead 
 
 def clip_tokenizer(max_length: int = 77):
     """A byte-level BPE CLIP tokenizer trained on a few words (``</w>`` end-of-word suffix)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
+    from threedgen.guidance.priors.learned.model import clip_tokenizer as build
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
-    bpe.train_from_iterator([" ".join(WORDS)] * 4, trainer)
-    state = bpe.model.__getstate__()
-    import json
-
-    model = json.loads(state) if isinstance(state, (str, bytes)) else state
-    vocab = dict(model["vocab"])
-    for ch in alphabet:  # every byte char and its end-of-word form
-        for piece in (ch, ch + "</w>"):
-            vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return build(WORDS, max_length=max_length)
 
 
 def t5_tokenizer(max_length: int = 77):

@@ -9,6 +9,7 @@
     threedgen config show [--guidance G] [--representation R] [--prior P] [key=value ...]
     threedgen config keys [--guidance G] [--representation R] [--prior P]
     threedgen doctor [--build] [--json]
+    threedgen train-prior [--out DIR] [--steps N] [--batch-size N] [--seed N] [--resume] [--export DIR]
 
 Bad input prints one line on stderr and exits with code 2. This module imports no torch: help,
 listings, config and input errors answer at once; the commands that work import what they need.
@@ -88,8 +89,8 @@ def _add_webui(sub) -> None:
     w.add_argument("--state", default=None, help="folder of the job database and run checkpoints (never served; "
                    "default: the user data folder)")
     w.add_argument("--workers", type=_int_arg("--workers", 1, 64), default=None, help="jobs at once: one per GPU")
-    w.add_argument("--priors", default="auto", help="comma-separated priors offered (default: shapes on CPU, "
-                   "shapes and stable-diffusion on CUDA)")
+    w.add_argument("--priors", default="auto", help="comma-separated priors offered (default: shapes, shapes-unet-camera "
+                   "and shapes-unet; stable-diffusion too on CUDA)")
     w.add_argument("--max-queue", type=_int_arg("--max-queue", 1, 100000), default=100, help="queued jobs at most")
     w.add_argument("--max-steps", type=_int_arg("--max-steps", 1, MAX_STEPS), default=20000, help="steps per job at most")
     w.add_argument("--auth-file", default=None, help="require a login: a file of user:password lines")
@@ -146,7 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["show", "keys"])
     _run_options(c)
     _add_webui(sub)
+    _add_train_prior(sub)
     return parser
+
+
+def _add_train_prior(sub) -> None:
+    t = sub.add_parser("train-prior", help="train the learned shapes teacher (--prior shapes-unet)",
+                       description="Trains a small pixel-space diffusion model (diffusers UNet + CLIP text encoder) "
+                                   "on renders of the shapes world, with checkpoints; the default settings are the "
+                                   "ones of the shipped weights (about 50 minutes on 2 CPU cores).")
+    t.add_argument("--out", default="prior-training", help="training folder: checkpoint, log, pipeline/ (default: prior-training)")
+    t.add_argument("--steps", type=_int_arg("--steps", 1, 1_000_000), default=None, help="optimiser steps (default 2000)")
+    t.add_argument("--batch-size", type=_int_arg("--batch-size", 1, 4096), default=None, help="images per step (default 64)")
+    t.add_argument("--views", type=_int_arg("--views", 1, 100_000), default=None,
+                   help="random training cameras per shape (default 640)")
+    t.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 31 - 1), default=None, help="random seed (default 0)")
+    t.add_argument("--threads", type=_int_arg("--threads", 1, 1024), default=None, help="CPU threads (default: torch's)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--export", default=None, metavar="DIR", help="where to write the trained pipeline (default OUT/pipeline)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _cmd_run(args) -> int:
@@ -206,6 +225,20 @@ def _cmd_doctor(args) -> int:
 
     info = report(build=args.build)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
+    return 0
+
+
+def _cmd_train_prior(args) -> int:
+    from threedgen.guidance.priors.learned.train import TrainConfig, train  # heavy (torch, diffusers)
+
+    cfg = TrainConfig()
+    for key, value in (("steps", args.steps), ("batch_size", args.batch_size), ("views_per_shape", args.views),
+                       ("seed", args.seed)):
+        if value is not None:
+            setattr(cfg, key, value)
+    folder = train(Path(args.out), cfg, resume=args.resume, export_to=Path(args.export) if args.export else None,
+                   threads=args.threads, quiet=args.no_progress)
+    print(folder)
     return 0
 
 
@@ -285,7 +318,8 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
 
     devices = default_devices(args.workers)
     if args.priors == "auto":
-        priors = ["shapes"] + (["stable-diffusion"] if devices[0].startswith("cuda") else [])
+        priors = ["shapes", "shapes-unet-camera", "shapes-unet"]
+        priors += ["stable-diffusion"] if devices[0].startswith("cuda") else []
     else:
         priors = [p.strip() for p in args.priors.split(",") if p.strip()]
         unknown = [p for p in priors if p not in PRIORS]
@@ -320,7 +354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
-                    "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui}
+                    "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui,
+                    "train-prior": _cmd_train_prior}
         return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)

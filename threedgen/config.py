@@ -297,10 +297,11 @@ def resolve_request(guidance: str, representation: str, prior: str, overrides: O
         if prior not in PRIOR_CHOICES:
             raise UserError(f"give the model once: --prior {prior} or prior.model={raw}, not both")
         chosen = resolve_prior(raw.strip(), False)
-        if prior != "auto" and chosen.name != prior:
+        kind = prior if prior == "auto" else PRIORS[prior].config.model_kind or prior
+        if prior != "auto" and chosen.name != kind:
             raise UserError(f"prior.model={raw} is a {chosen.name} model, not {prior}; "
                             f"use --prior {chosen.name} or --prior {raw}")
-        choice = PriorChoice(chosen.name, chosen.model)
+        choice = PriorChoice(chosen.name if prior == "auto" else prior, chosen.model)
     if choice.model is not None:
         flags["prior"] = {**flags.get("prior", {}), "model": choice.model}
     return merge(guidance, representation, choice.name, overrides, flags, whole_run=whole_run), choice.note

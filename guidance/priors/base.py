@@ -27,6 +27,23 @@ def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def mix(a, b, r: float):
+    """``r a + (1 - r) b`` for text embeddings; conditionings of other kinds mix themselves."""
+    return r * a + (1 - r) * b if isinstance(a, torch.Tensor) else a.mix(b, r)
+
+
+def can_mix(cond: Any) -> bool:
+    return isinstance(cond, torch.Tensor) or hasattr(cond, "mix")
+
+
+def azimuth_mix(azimuth: float) -> tuple[str, str, float]:
+    """The two view prompts a camera at ``azimuth`` (degrees) interpolates and the weight ``r`` of
+    the first (LucidDreamer's and Dreamer XL's ``train.py``, threestudio's Perp-Neg positive):
+    ``|az| < 90``: front and side, ``r = 1 - |az| / 90``; else side and back, ``r = 2 - |az| / 90``."""
+    az = abs((azimuth + 180.0) % 360.0 - 180.0)
+    return ("front", "side", 1.0 - az / 90.0) if az < 90.0 else ("side", "back", 2.0 - az / 90.0)
+
+
 @dataclass
 class PromptEmbeds:
     """A prompt as the prior understands it, computed once per run.
@@ -37,7 +54,8 @@ class PromptEmbeds:
     ``view_thresholds`` (front, back, overhead; degrees). Values are prior-specific conditioning
     objects (text-encoder tensors, or the shapes prior's object sets). ``perp_neg``: the guidance
     combines the views by Perp-Neg (``threedgen.guidance.classifier_free``); needs conditionings that
-    mix (tensors, or conditionings with a ``mix(other, r)`` method).
+    mix (tensors, or conditionings with a ``mix(other, r)`` method). ``perp_neg_scale``: Perp-Neg's
+    negatives weigh ``perp_neg_scale * (a exp(-b r) + c)`` (the guidance's setting, set per call).
     """
 
     prompt: str
@@ -48,6 +66,7 @@ class PromptEmbeds:
     by_view: dict[str, Any] = field(default_factory=dict)
     view_thresholds: tuple[float, float, float] = (45.0, 45.0, 60.0)
     perp_neg: bool = False
+    perp_neg_scale: float = -1.0
 
     def tags_for(self, cameras: Cameras) -> list[str]:
         front, back, overhead = self.view_thresholds
@@ -58,6 +77,22 @@ class PromptEmbeds:
         """One conditioning per camera: the view-dependent variant where there is one."""
         return [self.by_view.get(tag, self.cond) for tag in self.tags_for(cameras)] if self.by_view \
             else [self.cond] * len(cameras)
+
+    def interpolated_for(self, cameras: Cameras) -> list[Any]:
+        """One conditioning per camera: the view prompts interpolated by azimuth
+        (``azimuth_mix``); cameras tagged overhead take the overhead prompt. Without
+        front/side/back conditionings that mix, the view tag's (``cond_for``)."""
+        views = self.by_view
+        if any(v not in views for v in ("front", "side", "back")) or not can_mix(self.cond):
+            return self.cond_for(cameras)
+        out = []
+        for tag, az in zip(self.tags_for(cameras), cameras.azimuth.tolist()):
+            if tag == "overhead":
+                out.append(views.get("overhead", self.cond))
+            else:
+                a, b, r = azimuth_mix(az)
+                out.append(mix(views[a], views[b], r))
+        return out
 
     def uncond_for(self, cameras: Cameras) -> list[Any]:
         return [self.uncond] * len(cameras)
@@ -75,6 +110,12 @@ class Prior(torch.nn.Module):
     # A diffusers UNet that a LoRA fake score can adapt (``unet``, ``unet_output``, ``place``).
     supports_lora: bool = False
     noise: NoiseSchedule
+
+    @property
+    def camera_conditioned(self) -> bool:
+        """Whether ``predict_noise`` uses the cameras' poses, so that a mirrored render is not the
+        view its camera describes (Stable Diffusion and IF: no)."""
+        return False
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

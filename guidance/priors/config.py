@@ -11,6 +11,7 @@ from typing import ClassVar, Optional
 
 from threedgen.errors import UserError, check_range
 from threedgen.guidance.priors.diffusion.source import resolve_source
+from threedgen.guidance.priors.learned.folder import SHIPPED, read_meta
 from threedgen.guidance.priors.shapes.vocab import parse_negative, parse_prompt
 from threedgen.registry import Registry
 
@@ -23,6 +24,9 @@ class PriorConfig:
     """What every prior has: a name; ``has_truth`` says whether ``threedgen eval`` can score its runs."""
 
     has_truth: ClassVar[bool] = False
+    # The kind of model folder (model_index.json's pipeline) this prior loads, where it differs
+    # from its name (both learned shapes priors load a "shapes-unet" folder).
+    model_kind: ClassVar[Optional[str]] = None
     name: str = "prior"
     """The prior (`--prior`)."""
 
@@ -96,13 +100,17 @@ class ShapesPriorConfig(PriorConfig):
         if self.shapes and shape not in self.shapes:
             raise UserError(f"shape {shape!r} is not in this prior's world ({', '.join(self.shapes)})")
         parse_negative(run_cfg.negative_prompt)
-        # The teacher images were rendered at one distance and field of view: the training
-        # cameras must use the same ones.
-        d, f, cam = self.distance, self.fovy, run_cfg.camera
-        if tuple(cam.distance_range) != (d, d) or tuple(cam.fovy_range) != (f, f):
-            raise UserError(f"the shapes prior sees the object from distance {d} with fovy {f}; "
-                            f"set camera.distance_range=[{d},{d}] and camera.fovy_range=[{f},{f}] "
-                            "(or change prior.distance/prior.fovy)")
+        check_teacher_cameras(run_cfg.camera, self.distance, self.fovy, "the shapes prior",
+                              " (or change prior.distance/prior.fovy)")
+
+
+def check_teacher_cameras(cam, distance: float, fovy: float, who: str, hint: str = "") -> None:
+    """The teacher's images were rendered at one distance and field of view: the training cameras
+    must use the same ones."""
+    d, f = distance, fovy
+    if tuple(cam.distance_range) != (d, d) or tuple(cam.fovy_range) != (f, f):
+        raise UserError(f"{who} sees the object from distance {d} with fovy {f}; "
+                        f"set camera.distance_range=[{d},{d}] and camera.fovy_range=[{f},{f}]{hint}")
 
 
 @dataclass
@@ -171,3 +179,52 @@ class StableDiffusionPriorConfig(DiffusionPriorConfig):
 class DeepFloydPriorConfig(DiffusionPriorConfig):
     name: str = "deepfloyd-if"
     model: str = "DeepFloyd/IF-I-XL-v1.0"
+
+
+@PRIORS.register("shapes-unet", "threedgen.guidance.priors.learned.prior:ShapesUNetPrior",
+                 "the learned shapes teacher: a small diffusers UNet trained on the shapes world, text + view tags "
+                 "(the Stable Diffusion setting; CPU, shipped weights)")
+@dataclass
+class ShapesUNetPriorConfig(DiffusionPriorConfig):
+    """The learned shapes teacher (``threedgen train-prior``): one model, used text-only with view
+    tags (``shapes-unet``) or conditioned on the render's camera (``shapes-unet-camera``)."""
+
+    has_truth: ClassVar[bool] = True
+    model_kind: ClassVar[Optional[str]] = "shapes-unet"
+    name: str = "shapes-unet"
+    model: str = str(SHIPPED)
+    """The trained pipeline folder (default: the weights shipped inside threedgen)."""
+    camera: bool = False
+    """Give the UNet the render's camera (the MVDream setting); false: text and view tags only."""
+    distance: float = 2.5
+    """The camera distance the model was trained at; training cameras must match it."""
+    fovy: float = 40.0
+    """The vertical field of view (degrees) the model was trained at; training cameras must match it."""
+
+    def check_run(self, run_cfg) -> None:
+        parse_prompt(run_cfg.prompt)
+        parse_negative(run_cfg.negative_prompt)
+        check_teacher_cameras(run_cfg.camera, self.distance, self.fovy, f"the {self.name} prior")
+        self.source()
+
+    def source(self):
+        source = resolve_source(self.model, self.revision, self.local_files_only)
+        if source.kind != "shapes-unet":
+            raise UserError(f"model {self.model!r} is a {source.pipeline_class} ({source.kind}), not a learned "
+                            f"shapes teacher; use --prior {source.kind}")
+        if not source.is_local:
+            raise UserError(f"model {self.model!r}: the learned shapes teacher loads from a local folder only")
+        meta = read_meta(source.location)
+        if self.camera and not meta.get("camera"):
+            raise UserError(f"model {self.model!r} takes no camera input; use --prior shapes-unet (text and view tags)")
+        return source
+
+
+@PRIORS.register("shapes-unet-camera", "threedgen.guidance.priors.learned.prior:ShapesUNetPrior",
+                 "the learned shapes teacher conditioned on the camera (the MVDream setting; CPU, shipped weights)")
+@dataclass
+class ShapesUNetCameraPriorConfig(ShapesUNetPriorConfig):
+    name: str = "shapes-unet-camera"
+    camera: bool = True
+    view_dependent_prompting: bool = False
+    """View tags in the prompt; off, since the camera itself is the UNet's input."""

@@ -32,6 +32,7 @@ PIPELINE_KINDS = {
     "StableDiffusionPipeline": "stable-diffusion",
     "StableDiffusionImg2ImgPipeline": "stable-diffusion",
     "IFPipeline": "deepfloyd-if",
+    "ThreedgenShapesPipeline": "shapes-unet",  # threedgen train-prior's learned shapes teacher
 }
 UNSUPPORTED = {
     "IFSuperResolutionPipeline": "a DeepFloyd IF stage II upscaler; use stage I (e.g. DeepFloyd/IF-I-XL-v1.0)",
@@ -178,7 +179,8 @@ def _kind(pipeline_class: str, model: str) -> str:
     if pipeline_class in PIPELINE_KINDS:
         return PIPELINE_KINDS[pipeline_class]
     what = UNSUPPORTED.get(pipeline_class, f"a {pipeline_class}")
-    raise UserError(f"model {model!r} is {what}; threedgen takes Stable Diffusion 1.x/2.x or DeepFloyd IF stage I")
+    raise UserError(f"model {model!r} is {what}; threedgen takes Stable Diffusion 1.x/2.x, DeepFloyd IF stage I "
+                    "or a learned shapes teacher (threedgen train-prior)")
 
 
 WEIGHTED = ("unet", "vae", "text_encoder")

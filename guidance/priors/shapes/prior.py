@@ -173,6 +173,10 @@ class ShapesPrior(Prior):
         self.register_buffer("tag_mask", tags, persistent=False)  # [4,V]
         self.register_buffer("view_bias", self.front_bias_log_prior(teacher.azimuth, cfg.front_bias), persistent=False)
 
+    @property
+    def camera_conditioned(self) -> bool:
+        return float(self.cfg.camera_kappa) > 0
+
     @staticmethod
     def front_bias_log_prior(azimuth: torch.Tensor, front_bias: Optional[float]) -> torch.Tensor:
         """``log pi_v`` ``[V]`` that gives front views (|azimuth| <= 45) the share ``front_bias`` of the
