@@ -60,7 +60,8 @@ def main() -> None:
             r = json.loads(line)
             rows.setdefault(r["key"], r)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if args.jobs > 1 else None
-    todo = [(m, p) for m in args.methods for p in args.prompts if key(m, p) not in rows]
+    # prompt by prompt, so that a matrix cut short has every method on the prompts it reached
+    todo = [(m, p) for p in args.prompts for m in args.methods if key(m, p) not in rows]
 
     def work(cell):
         method, prompt = cell

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -152,3 +153,24 @@ def test_janus_benchmark_interval_table_and_a_tiny_cell(tmp_path, monkeypatch):
     (again,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert again["run_dir"] == result["run_dir"] and again["front_markers"] == result["front_markers"]
     assert again["view_mi"] == pytest.approx(result["view_mi"]) and "janus_yaw_degrees" in again
+
+
+def test_prior_fidelity_scores_samples_against_the_truth(tmp_path, monkeypatch):
+    fid = _load("prior_fidelity")
+    assert [fid.sector(a) for a in (0, 44, 46, 134, 136, 180, -100)] == ["front", "front", "side", "side", "back",
+                                                                        "back", "side"]
+    img = torch.ones(3, 8, 8)
+    img[:, 2:6, 2:6] = torch.tensor([0.2, 0.3, 0.9])[:, None, None]  # a blue square on white
+    mask, bg = fid.sample_mask(img)
+    assert mask.sum() == 16 and torch.allclose(bg, torch.ones(3))
+    assert fid.iou(mask, mask) == 1.0 and fid.iou(mask, torch.zeros_like(mask)) == 0.0
+    # a few DDIM steps of the shipped model on one object, both modes, and the tables
+    out = tmp_path / "fid.json"
+    monkeypatch.setattr("sys.argv", ["prior_fidelity.py", "--shapes", "house", "--colours", "red", "--steps", "2",
+                                     "--json", str(out), "--no-rms"])
+    fid.main()
+    data = json.loads(out.read_text())
+    camera, tags = data["summaries"]
+    assert camera["n"] == tags["n"] == 8 and 0.0 <= camera["mean_iou"] <= 1.0
+    assert 0.0 <= tags["sector_accuracy"] <= 1.0 and 0.0 <= camera["sector_accuracy"] <= 1.0
+    assert all("best_azimuth" in r for r in data["rows"]["tags"])

@@ -157,7 +157,7 @@ class DiffusionPriorConfig(PriorConfig):
         """Where the model is (``ModelSource``), checked to be this prior's kind; one line of error
         when it cannot be found."""
         source = resolve_source(self.model, self.revision, self.local_files_only)
-        if source.kind != self.name:
+        if source.kind != (self.model_kind or self.name):
             raise UserError(f"model {self.model!r} is a {source.pipeline_class} ({source.kind}), not {self.name}; "
                             f"use --prior {source.kind} or pass the model as --prior {self.model}")
         return source
@@ -208,10 +208,7 @@ class ShapesUNetPriorConfig(DiffusionPriorConfig):
         self.source()
 
     def source(self):
-        source = resolve_source(self.model, self.revision, self.local_files_only)
-        if source.kind != "shapes-unet":
-            raise UserError(f"model {self.model!r} is a {source.pipeline_class} ({source.kind}), not a learned "
-                            f"shapes teacher; use --prior {source.kind}")
+        source = super().source()
         if not source.is_local:
             raise UserError(f"model {self.model!r}: the learned shapes teacher loads from a local folder only")
         meta = read_meta(source.location)

@@ -16,7 +16,7 @@ REBUILD = ("reinstall threedgen (pip install --force-reinstall threedgen), or re
 _verified: dict[tuple, dict] = {}
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -46,7 +46,7 @@ def read_meta(folder: str | Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise UserError(f"weight file {path} is missing; {rebuild}")
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             raise UserError(f"weight file {path} is damaged (its SHA-256 differs from threedgen.json); {rebuild}")
     try:
         unet_cfg = json.loads((folder / "unet" / "config.json").read_text())

@@ -20,7 +20,6 @@ same sequence of batches an uninterrupted run would see.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import torch
 from threedgen.cameras import Cameras, view_tag
 from threedgen.errors import UserError
 from threedgen.guidance.priors.learned import model as arch
+from threedgen.guidance.priors.learned.folder import sha256
 from threedgen.guidance.priors.shapes import render as shapes_render
 from threedgen.guidance.priors.shapes.vocab import COLOUR_SYNONYMS, COLOURS, MARKER_COLOUR, SHAPE_SYNONYMS, SHAPES
 
@@ -137,14 +137,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_pipeline(folder: Path, tokenizer, text_encoder, unet, scheduler, record: dict) -> Path:
