@@ -41,6 +41,13 @@ def test_shipped_weights_are_verified_and_small():
     assert record["steps"] == record["config"]["steps"] and record["train_seconds"] > 0
 
 
+def test_shipped_scheduler_is_the_exact_priors_schedule(camera_prior):
+    from threedgen.guidance.priors.base import sd_alphas_cumprod
+
+    torch.testing.assert_close(camera_prior.alphas_cumprod, sd_alphas_cumprod(), rtol=0, atol=1e-6)
+    assert camera_prior.prediction_type == "epsilon" and camera_prior.resolution == 32
+
+
 def test_shipped_folder_resolves_as_a_learned_teacher():
     choice = resolve_prior(str(SHIPPED), False)
     assert choice.name == "shapes-unet" and Path(choice.model) == SHIPPED
