@@ -149,9 +149,10 @@ def eps_rms(model: str | None) -> dict:
         cfg = build_config("sds", "nerf", name, overrides=overrides, flags={"prompt": "a red cube", "seed": 0})
         torch.manual_seed(0)
         system = build_components(cfg, torch.device("cpu"))
-        cams = CameraSampler(cfg.camera, 0).sample(0)
-        cams = cams.cat(CameraSampler(cfg.camera, 0).sample(1)).cat(CameraSampler(cfg.camera, 0).sample(2))
-        cams = cams.cat(CameraSampler(cfg.camera, 0).sample(3))
+        sampler = CameraSampler(cfg.camera, 0)
+        cams = sampler.sample(0)
+        for step in (1, 2, 3):
+            cams = cams.cat(sampler.sample(step))
         rgb = system.representation.render(cams, 64, 64).rgb
         x = system.prior.encode_images(rgb.permute(0, 3, 1, 2))
         g = torch.Generator().manual_seed(0)

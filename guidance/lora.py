@@ -88,8 +88,7 @@ class LoRAFakeScore(torch.nn.Module):
         if camera is None and self.camera_mlp is not None:
             camera = torch.zeros(x_t.shape[0], 16, device=x_t.device)
         # A camera-conditioned prior's UNet (the learned shapes teacher's) gets the camera too, so
-        # the untrained fake score starts at the camera-conditioned teacher.
-        extra = {"camera": camera} if getattr(self.prior, "use_camera", False) else {}
+        # the untrained fake score starts at the camera-conditioned teacher; others ignore it.
         with self.active(camera):
-            return self.prior.unet_output(x_t, t, cond, unet=self.unet, **extra)
+            return self.prior.unet_output(x_t, t, cond, unet=self.unet, camera=camera)
 

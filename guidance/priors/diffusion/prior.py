@@ -154,17 +154,27 @@ class DiffusionPrior(Prior):
 
     # ---- noise prediction --------------------------------------------------------------------
 
-    def unet_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], unet=None) -> torch.Tensor:
+    def class_labels(self, n: int, views: Optional[Cameras] = None, camera: Optional[torch.Tensor] = None):
+        """The UNet's ``class_labels`` for ``n`` items: None for text-only models (Stable Diffusion,
+        IF); a camera-conditioned prior builds its camera input here from ``views`` or from an
+        already flattened ``camera [n,16]`` (the LoRA fake score's)."""
+        return None
+
+    def unet_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], unet=None,
+                    views: Optional[Cameras] = None, camera: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The UNet's raw prediction (the model's own parameterisation, learned-variance channels
-        dropped), fp32, for one conditioning per item."""
+        dropped), fp32, for one conditioning per item (and the camera, where the UNet takes one)."""
         self.place()
         unet = self.unet if unet is None else unet
         context = torch.stack([c.to(self.device, self.dtype) for c in cond])
-        out = unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=context).sample
+        labels = self.class_labels(x_t.shape[0], views, camera)
+        out = unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=context,
+                   class_labels=None if labels is None else labels.to(self.dtype)).sample
         return out[:, :x_t.shape[1]].float()
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[Any],
                       views: Optional[Cameras] = None) -> torch.Tensor:
         """eps for ``x_t [N,C,h,w]`` at integer ``t [N]``; ``cond``: N text embeddings. Camera
-        poses are not used (Stable Diffusion and IF are text-only)."""
-        return self.noise.to_eps(self.unet_output(x_t, t, cond), x_t, t)
+        poses are used only by a UNet that takes a camera (``class_labels``); Stable Diffusion
+        and IF are text-only."""
+        return self.noise.to_eps(self.unet_output(x_t, t, cond, views=views), x_t, t)

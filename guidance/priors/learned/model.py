@@ -90,9 +90,8 @@ def encode_texts(tokenizer, text_encoder, texts: Sequence[str]) -> torch.Tensor:
     return text_encoder(tok.input_ids.to(device))[0]
 
 
-def camera_labels(c2w: Optional[torch.Tensor], n: int, device, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The UNet's camera input ``[n,16]``: flattened c2w, zero rows for "no camera"."""
+def camera_labels(c2w: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    """The UNet's camera input ``[n,16]``: flattened c2w, or zeros for "no camera"."""
     if c2w is None:
         return torch.zeros(n, CAMERA["dim"], device=device)
-    cam = c2w.reshape(c2w.shape[0], 16).float().to(device)
-    return cam if keep is None else cam * keep.view(-1, 1).to(cam)
+    return c2w.reshape(c2w.shape[0], 16).float().to(device)

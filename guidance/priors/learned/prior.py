@@ -10,7 +10,7 @@ scores its runs against the same truth as the exact prior's.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ class ShapesUNetPrior(DiffusionPrior):
         return CLIPTokenizer, CLIPTextModel
 
     def _load_image_model(self) -> None:
-        self.meta = read_meta(self.source.location)
+        read_meta(self.source.location)  # the weights' hashes and camera settings, checked (cached)
         self.resolution = int(self.unet.config.sample_size)
         self.has_camera_input = arch.unet_has_camera(self.unet)
         self.use_camera = bool(self.cfg.camera) and self.has_camera_input
@@ -48,30 +48,15 @@ class ShapesUNetPrior(DiffusionPrior):
             rgb = F.interpolate(rgb, (size, size), mode="bilinear", align_corners=False, antialias=True)
         return rgb.float() * 2 - 1
 
-    def camera_labels(self, n: int, views: Optional[Cameras] = None, camera: Optional[torch.Tensor] = None):
-        """The UNet's camera input ``[n,16]`` (None for a UNet without one): the views' c2w when
-        the prior is camera-conditioned, else zeros; ``camera`` (already flattened, zero rows
-        "none") wins when given."""
+    def class_labels(self, n: int, views: Optional[Cameras] = None, camera: Optional[torch.Tensor] = None):
+        """The UNet's camera input ``[n,16]`` (None for a UNet without one): zeros ("no camera")
+        unless the prior is camera-conditioned; then ``camera`` (already flattened, as the LoRA
+        fake score passes it) or else the views' c2w."""
         if not self.has_camera_input:
             return None
-        if camera is not None:
+        if self.use_camera and camera is not None:
             return camera.reshape(n, -1).to(self.device, torch.float32)
-        c2w = views.c2w if (views is not None and self.use_camera) else None
-        return arch.camera_labels(c2w, n, self.device)
-
-    def unet_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[torch.Tensor], unet=None,
-                    views: Optional[Cameras] = None, camera: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.place()
-        unet = self.unet if unet is None else unet
-        context = torch.stack([c.to(self.device, self.dtype) for c in cond])
-        labels = self.camera_labels(x_t.shape[0], views, camera)
-        out = unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=context,
-                   class_labels=None if labels is None else labels.to(self.dtype)).sample
-        return out[:, :x_t.shape[1]].float()
-
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Sequence[Any],
-                      views: Optional[Cameras] = None) -> torch.Tensor:
-        return self.noise.to_eps(self.unet_output(x_t, t, cond, views=views), x_t, t)
+        return arch.camera_labels(views.c2w if (views is not None and self.use_camera) else None, n, self.device)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], views: Cameras, guidance_scale: float = 3.0, steps: int = 50,
@@ -88,8 +73,9 @@ class ShapesUNetPrior(DiffusionPrior):
         out = []
         for lo in range(0, len(prompts), batch):
             sub = views[lo:lo + batch]
-            cond = [self.encode_prompt(p).cond_for(sub[i:i + 1])[0] for i, p in enumerate(prompts[lo:lo + batch])]
-            empty = [self.encode_prompt(p).empty for p in prompts[lo:lo + batch]]
+            embeds = [self.encode_prompt(p) for p in prompts[lo:lo + batch]]
+            cond = [e.cond_for(sub[i:i + 1])[0] for i, e in enumerate(embeds)]
+            empty = [e.empty for e in embeds]
             x = torch.randn(len(cond), 3, self.resolution, self.resolution, generator=g).to(self.device)
             both = sub.cat(sub)
             for t in scheduler.timesteps:

@@ -37,6 +37,7 @@ from threedgen.guidance.priors.learned import model as arch
 from threedgen.guidance.priors.learned.folder import sha256
 from threedgen.guidance.priors.shapes import render as shapes_render
 from threedgen.guidance.priors.shapes.vocab import COLOUR_SYNONYMS, COLOURS, MARKER_COLOUR, SHAPE_SYNONYMS, SHAPES
+from threedgen.noise import NoiseSchedule
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -188,7 +189,7 @@ def train(out: Path, cfg: TrainConfig, resume: bool = False, export_to: Optional
     t_start = time.time()
     tokenizer, text_encoder, unet, scheduler = arch.build_components(cfg.seed)
     ema = {k: v.detach().clone() for k, v in _trainable(unet, text_encoder).items()}
-    params = [p for p in list(unet.parameters()) + list(text_encoder.parameters())]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed)
     step, elapsed_before = 0, 0.0
@@ -210,7 +211,9 @@ def train(out: Path, cfg: TrainConfig, resume: bool = False, export_to: Optional
     bar.set_description("training")
     bar.update(step)
     batches = Batches(maps, cams, cfg)
-    abar = scheduler.alphas_cumprod.float()
+    live = _trainable(unet, text_encoder)  # state-dict tensors share the weights' storage: the EMA reads them
+    noise = NoiseSchedule(scheduler.alphas_cumprod.float())
+    abar = noise.alphas_cumprod
     snr = abar / (1 - abar)
     weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
     unet.train()
@@ -223,8 +226,7 @@ def train(out: Path, cfg: TrainConfig, resume: bool = False, export_to: Optional
             x0, texts, camera = batches.sample(g)
             t = torch.randint(len(abar), (x0.shape[0],), generator=g)
             eps = torch.randn(x0.shape, generator=g)
-            a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            x_t = noise.add_noise(x0, t, eps)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -239,8 +241,8 @@ def train(out: Path, cfg: TrainConfig, resume: bool = False, export_to: Optional
             step += 1
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for k, v in _trainable(unet, text_encoder).items():
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                for k, v in live.items():
+                    ema[k].mul_(decay).add_(v, alpha=1 - decay)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % 20 == 0 or step == stop_at:
