@@ -93,9 +93,57 @@ def _add_webui(sub) -> None:
                    "and shapes-unet; stable-diffusion too on CUDA)")
     w.add_argument("--max-queue", type=_int_arg("--max-queue", 1, 100000), default=100, help="queued jobs at most")
     w.add_argument("--max-steps", type=_int_arg("--max-steps", 1, MAX_STEPS), default=20000, help="steps per job at most")
-    w.add_argument("--auth-file", default=None, help="require a login: a file of user:password lines")
+    w.add_argument("action", nargs="?", choices=["hash-password"], default=None,
+                   help="hash-password: read a password (no echo; or one line from a pipe) and print its hash "
+                        "for --auth-file")
+    w.add_argument("--auth-file", default=None, help="require a login: a file of user:HASH lines "
+                   "(`threedgen webui hash-password --user NAME` prints one)")
+    w.add_argument("--no-auth", action="store_true", help="serve an address beyond this machine without a login")
+    w.add_argument("--user", default=None, help="with hash-password: print user:HASH, a line for --auth-file")
     w.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="a config setting applied to every job, e.g. export.video_frames=12 (repeatable)")
+    _backend_args(w)
+
+
+def _backend_args(parser: argparse.ArgumentParser) -> None:
+    """Where jobs run and where their files live: what `webui` and `batch` share."""
+    parser.add_argument("--backend", choices=["local", "ray"], default="local",
+                        help="local: one job per GPU of this machine (default); ray: one task per job on a Ray "
+                             'cluster (pip install "threedgen[cluster]")')
+    parser.add_argument("--ray-address", default="auto", metavar="HOST:PORT",
+                        help="the Ray head's GCS address (default auto: the cluster this machine joined with "
+                             "`ray start`)")
+    parser.add_argument("--runs", default=None, metavar="DIR",
+                        help="run folders (default <state>/runs); on a cluster, a path every node mounts")
+    parser.add_argument("--max-restarts", type=_int_arg("--max-restarts", 0, 100), default=3,
+                        help="ray: automatic resumes of a job whose node or worker died (default 3)")
+
+
+def _add_batch(sub) -> None:
+    b = sub.add_parser("batch", help="queue a file of prompts as jobs and follow them",
+                       description="One prompt per line, optionally followed by flags (--guidance, "
+                                   "--representation, --prior, --steps, --seed, --negative-prompt, --resolution) and "
+                                   "key=value settings; # starts a comment. Every line is checked before anything "
+                                   "is queued. Exits 0 only when every job succeeded.")
+    b.add_argument("prompts", nargs="?", metavar="PROMPTS.txt", help="the batch file")
+    b.add_argument("--status", action="store_true", help="show the jobs of the last batch (or --batch ID) and exit")
+    b.add_argument("--attach", action="store_true",
+                   help="follow the last batch (or --batch ID) again; local: resume its interrupted jobs")
+    b.add_argument("--batch", default=None, metavar="ID", help="with --status or --attach: which batch")
+    _component_args(b, PARSER_DEFAULTS["prior"])
+    b.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), default=None,
+                   help="steps of every job (default: the preset's)")
+    b.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), default=0, help="seed of every job (default 0)")
+    b.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="a config setting applied to every job (repeatable)")
+    b.add_argument("--state", default=None, help="job database folder (default: the web UI's, so it shows the jobs)")
+    b.add_argument("--outputs", default="webui-outputs", help="folder of the jobs' public copies (as the web UI's)")
+    b.add_argument("--report", default=None, help="where to write the batch's report (default batch.json; "
+                   "--attach: where the batch wrote it)")
+    b.add_argument("--workers", type=_int_arg("--workers", 1, 64), default=None, help="local: jobs at once (one per GPU)")
+    b.add_argument("--max-queue", type=_int_arg("--max-queue", 1, 1_000_000), default=10000,
+                   help="jobs a batch may queue at most (default 10000)")
+    _backend_args(b)
 
 
 def _add_export(sub) -> None:
@@ -147,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["show", "keys"])
     _run_options(c)
     _add_webui(sub)
+    _add_batch(sub)
     _add_train_prior(sub)
     return parser
 
@@ -312,9 +361,22 @@ def format_keys(guidance: str, representation: str, prior: str) -> str:
 
 
 def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subprocess in the tests
+    from threedgen.webui import auth as logins  # standard library only: hash-password answers at once
+
+    if args.action == "hash-password":
+        user = logins.check_username(args.user) if args.user is not None else None
+        hashed = logins.hash_password(logins.read_new_password())
+        print(hashed if user is None else f"{user}:{hashed}")
+        return 0
+    if args.user is not None:
+        raise UserError("--user goes with `threedgen webui hash-password`")
+    # Before anything starts: a bind beyond loopback needs a login (or --no-auth), and the file must read.
+    warning = logins.check_exposure(args.host, args.auth_file is not None, args.no_auth)
+    auth = logins.read_auth(args.auth_file)
+
     import platformdirs  # only where --state is not given
 
-    from threedgen.webui.app import Settings, WebUI, default_devices, read_auth, wait_forever  # heavy (Gradio)
+    from threedgen.webui.app import Settings, WebUI, default_devices, wait_forever  # heavy (Gradio)
 
     devices = default_devices(args.workers)
     if args.priors == "auto":
@@ -329,15 +391,102 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
     if args.state is None:
         args.state = str(platformdirs.user_data_path("threedgen") / "webui")
     ui = WebUI(Settings(outputs=Path(args.outputs), state=Path(args.state), priors=priors, max_steps=args.max_steps,
-                        max_queued=args.max_queue, devices=devices, overrides=list(args.set)))
+                        max_queued=args.max_queue, devices=devices, overrides=list(args.set), backend=args.backend,
+                        ray_address=args.ray_address, runs=Path(args.runs) if args.runs else None,
+                        max_restarts=args.max_restarts))
     if ui.recovered:
         print(f"threedgen: {len(ui.recovered)} job(s) left running by a stopped server are now interrupted; "
               "resume them from the page", file=sys.stderr)
-    demo = ui.launch(args.host, args.port, auth=read_auth(args.auth_file), block=False)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    demo = ui.launch(args.host, args.port, auth=auth, block=False,
+                     login_limiter=logins.LoginLimiter(max_failures=19, window_s=60.0) if auth else None)
     print(f"threedgen web UI: http://{args.host}:{args.port}  (outputs {ui.settings.outputs}, state {ui.settings.state})",
           file=sys.stderr, flush=True)
     wait_forever(ui, demo)
     return 0
+
+
+def _default_state(state: Optional[str]) -> Path:
+    if state is not None:
+        return Path(state).expanduser().resolve()
+    import platformdirs
+
+    return platformdirs.user_data_path("threedgen") / "webui"
+
+
+def _cmd_batch(args) -> int:
+    from threedgen.webui import batch as b
+    from threedgen.webui.backends import make_backend
+    from threedgen.webui.jobs import JobStore
+
+    state = _default_state(args.state)
+    if args.status or args.attach:
+        if args.prompts:
+            raise UserError("--status and --attach take no batch file (they follow a batch already queued)")
+        store = JobStore(state / "jobs.sqlite", max_queued=args.max_queue)
+        record = b.load_batch(state, args.batch)
+        if args.status:
+            print(b.format_status(store, record))
+            return 0
+    else:
+        if not args.prompts:
+            raise UserError("give a batch file (one prompt per line), or --status / --attach")
+        if args.batch:
+            raise UserError("--batch goes with --status or --attach")
+        parse_overrides(list(args.set))  # a malformed --set: one line, before the file is read
+        defaults = {"guidance": args.guidance, "representation": args.representation, "prior": args.prior,
+                    "steps": args.steps, "seed": args.seed}
+        jobs = b.read_batch(args.prompts, defaults, list(args.set), args.max_queue)
+        store = JobStore(state / "jobs.sqlite", max_queued=args.max_queue)
+        record = {"batch": b.new_batch_id(), "file": str(Path(args.prompts).resolve()), "backend": args.backend,
+                  "state": str(state), "report": str(Path(args.report or "batch.json").resolve()), "lines": [n for n, _ in jobs]}
+        for n, params in jobs:
+            params["batch"] = {"id": record["batch"], "line": n}
+    devices = None
+    if args.backend == "local":
+        from threedgen.webui.app import default_devices  # the same devices as the web UI's
+
+        devices = default_devices(args.workers)
+    runs = Path(args.runs).expanduser().resolve() if args.runs else state / "runs"
+    backend = make_backend(args.backend, store, runs, Path(args.outputs).expanduser().resolve(), devices,
+                           args.ray_address, args.max_restarts)
+    if args.backend == "ray":
+        backend.start()  # join the cluster before queuing: an unreachable address queues nothing
+    if not args.attach:
+        record["ids"] = store.submit_many([(params, params["steps"]) for _, params in jobs])
+        b.save_batch(state, record)
+        print(f"threedgen batch: queued {len(record['ids'])} job(s) as batch {record['batch']} "
+              f"(backend {args.backend}, state {state})", file=sys.stderr, flush=True)
+    elif args.backend == "local":
+        for job in store.many(record["ids"]):
+            if job.status == "interrupted":
+                store.resume(job.id)
+    if args.backend == "local":
+        if store.recover():
+            print("threedgen batch: jobs left running by a stopped process are now interrupted", file=sys.stderr)
+        backend.start()
+    report = Path(args.report or record["report"])
+    try:
+        jobs_done = b.watch(store, record["ids"])
+    except KeyboardInterrupt:
+        if args.backend == "local":
+            backend.stop()  # running jobs stop at their next step, keeping their checkpoints
+            hint = ("the running jobs stopped and kept their checkpoints; continue with: threedgen batch --attach"
+                    f" --state {state}")
+        else:
+            hint = ("the jobs stay queued and running on the cluster; watch them with: threedgen batch --status "
+                    f"--state {state} (or --attach, or the web UI with the same --state)")
+        b.write_report(store, record, report)
+        print(f"\nthreedgen batch: stopped watching batch {record['batch']}; {hint}", file=sys.stderr)
+        return 130
+    if args.backend == "local":
+        backend.stop()
+    result = b.write_report(store, record, report)
+    ok = all(j.status == "succeeded" for j in jobs_done)
+    print(f"threedgen batch: {', '.join(f'{n} {s}' for s, n in sorted(result['counts'].items()))}; report {report}",
+          file=sys.stderr)
+    return 0 if ok else 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -354,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
-                    "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui,
+                    "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui, "batch": _cmd_batch,
                     "train-prior": _cmd_train_prior}
         return commands[args.command](args)
     except UserError as exc:

@@ -22,8 +22,10 @@ from threedgen.errors import UserError
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.representations.config import REPRESENTATIONS
+from threedgen.webui.auth import LoginLimiter, LoginRateLimit, read_auth  # read_auth: re-exported
+from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id
-from threedgen.webui.worker import PUBLIC_NAMES, WorkerPool, job_config
+from threedgen.webui.worker import PUBLIC_NAMES, job_config
 
 # A local app does not phone home (Gradio's usage analytics and version check), and only the
 # outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
@@ -45,6 +47,10 @@ class Settings:
     devices: list[str] = field(default_factory=lambda: ["cpu"])
     # key=value config settings the server applies to every job (`threedgen webui --set ...`).
     overrides: list[str] = field(default_factory=list)
+    backend: str = "local"  # local | ray
+    ray_address: str = "auto"
+    runs: Optional[Path] = None  # run folders (default <state>/runs); on a cluster, storage every node mounts
+    max_restarts: int = 3  # automatic resumes of a job whose node died (ray backend)
 
 
 def parse_seeds(text) -> list[int]:
@@ -148,8 +154,11 @@ class WebUI:
                             "the state folder holds the job database and checkpoints)")
         settings.outputs.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.state / "jobs.sqlite", max_queued=settings.max_queued)
-        self.recovered = self.store.recover()
-        self.pool = WorkerPool(self.store, settings.state / "runs", settings.outputs, settings.devices)
+        runs = Path(settings.runs).expanduser().resolve() if settings.runs else settings.state / "runs"
+        self.pool = make_backend(settings.backend, self.store, runs, settings.outputs, settings.devices,
+                                 settings.ray_address, settings.max_restarts)
+        # Local jobs died with the server that ran them; on a cluster the dispatcher reconciles.
+        self.recovered = self.store.recover() if settings.backend == "local" else []
 
     # ---- endpoints (each a plain function of strings; UserError -> gr.Error) -----------------
     def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
@@ -162,7 +171,8 @@ class WebUI:
         public = self.settings.outputs / job.id
         return {"id": job.id, "status": job.status, "step": job.step, "max_steps": job.max_steps,
                 "progress": round(job.progress, 4), "eta_seconds": job.eta_seconds, "error": job.error,
-                "prompt": job.params.get("prompt"), "seed": job.params.get("seed"),
+                "prompt": job.params.get("prompt"), "seed": job.params.get("seed"), "node": job.node,
+                "restarts": job.restarts, "history": job.history,
                 "files": sorted(k for k, name in PUBLIC_NAMES.items() if (public / name).is_file())}
 
     def file(self, job_id, kind) -> str:
@@ -199,6 +209,13 @@ class WebUI:
                 f"prompt: {_escape_md(st['prompt'] or '')} · seed {st['seed']}")
         if st["eta_seconds"] is not None:
             line += f" · ETA {int(st['eta_seconds'])} s"
+        if st["node"]:
+            line += f" · node {_escape_md(st['node'])}"
+        faults = [e for e in st["history"] if e.get("event") == "interrupted"]
+        if faults:
+            line += "\n\n" + "; ".join(f"interrupted ({_escape_md(str(e.get('reason', '')))}) at "
+                                        f"{time.strftime('%H:%M:%S', time.localtime(e['time']))}" for e in faults)
+            line += f" · automatic restarts {st['restarts']}"
         if st["error"]:
             line += f"\n\n{_escape_md(st['error'])}"
         if "metrics" in files:
@@ -292,13 +309,24 @@ class WebUI:
             self._api(gr)
         return demo
 
-    def launch(self, host: str = "127.0.0.1", port: Optional[int] = None, auth=None, block: bool = True):
+    def launch(self, host: str = "127.0.0.1", port: Optional[int] = None, auth=None, block: bool = True,
+               login_limiter: Optional[LoginLimiter] = None):
+        """Serve the page. ``auth``: Gradio's ``auth=`` (``read_auth``'s callable). With a login, failed
+        logins are rate-limited per client address by ``login_limiter`` (default: 19 a minute), an
+        ASGI middleware on Gradio's FastAPI app that answers 429 before the password is checked."""
+        from starlette.middleware import Middleware  # heavy: ships with Gradio
+
+        if auth is not None and login_limiter is None:
+            login_limiter = LoginLimiter()
+        app_kwargs = {}
+        if login_limiter is not None:  # FastAPI(middleware=[...]), through Blocks.launch(app_kwargs=...)
+            app_kwargs["middleware"] = [Middleware(LoginRateLimit, limiter=login_limiter)]
         self.pool.start()
         demo = self.blocks()
         demo.queue(default_concurrency_limit=8)
         demo.launch(server_name=host, server_port=port, share=False, auth=auth, ssr_mode=False,
                     allowed_paths=[str(self.settings.outputs)], prevent_thread_lock=not block, quiet=True,
-                    show_error=True, max_file_size="1mb")
+                    show_error=True, max_file_size="1mb", app_kwargs=app_kwargs)
         return demo
 
     def close(self, demo=None) -> None:
@@ -335,21 +363,6 @@ def default_devices(workers: Optional[int]) -> list[str]:
     if workers is not None and not 1 <= workers <= n:
         raise UserError(f"--workers must be from 1 to {n} (one per GPU)")
     return [f"cuda:{i}" for i in range(workers or n)]
-
-
-def read_auth(path: Optional[str]):
-    if path is None:
-        return None
-    pairs = []
-    for line in Path(path).expanduser().read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            user, sep, password = line.strip().partition(":")
-            if not sep or not user or not password:
-                raise UserError(f"{path}: each line must be user:password")
-            pairs.append((user, password))
-    if not pairs:
-        raise UserError(f"{path}: no user:password lines")
-    return pairs
 
 
 def wait_forever(ui: WebUI, demo) -> None:  # pragma: no cover - interactive

@@ -4,6 +4,11 @@ processes (each opens its own connection; every write is one short transaction).
 A job moves ``queued -> running -> succeeded | failed | cancelled | interrupted``; an interrupted or
 failed job can be queued again to resume from its last checkpoint. Jobs left ``running`` by a server
 that died become ``interrupted`` when the next server starts (``recover``).
+
+On a Ray cluster the table stays the record and a single writer on the head (the dispatcher,
+``threedgen.webui.cluster``) keeps it: it claims queued jobs, records which node runs each, and when a
+node dies it marks the job ``interrupted`` and queues it again to resume (``interrupt``), at most
+``max_restarts`` times; every such event is kept in the job's ``history``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -39,10 +44,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     resume INTEGER NOT NULL DEFAULT 0,
     cancel INTEGER NOT NULL DEFAULT 0,
     worker INTEGER,
-    pid INTEGER
+    pid INTEGER,
+    node TEXT,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    history TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
 """
+# Columns added after the first release: a table made by an older server gains them on start.
+ADDED_COLUMNS = {"node": "TEXT", "restarts": "INTEGER NOT NULL DEFAULT 0", "history": "TEXT NOT NULL DEFAULT '[]'"}
 
 
 @dataclass
@@ -62,6 +72,9 @@ class Job:
     cancel: bool
     worker: Optional[int]
     pid: Optional[int]
+    node: Optional[str] = None
+    restarts: int = 0
+    history: list = field(default_factory=list)
 
     @property
     def progress(self) -> float:
@@ -96,6 +109,10 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, decl in ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -123,6 +140,7 @@ class JobStore:
         d = dict(row)
         d["params"] = json.loads(d["params"])
         d["resume"], d["cancel"] = bool(d["resume"]), bool(d["cancel"])
+        d["history"] = json.loads(d["history"] or "[]")
         return Job(**d)
 
     # ---- submitting and reading ------------------------------------------------------------
@@ -149,8 +167,9 @@ class JobStore:
                 key = _key(params)
                 if key not in recent:
                     recent[key] = uuid.uuid4().hex[:12]
-                    db.execute("INSERT INTO jobs (id, params, status, max_steps, created) VALUES (?, ?, 'queued', ?, ?)",
-                               (recent[key], json.dumps(params), int(steps), now))
+                    db.execute("INSERT INTO jobs (id, params, status, max_steps, created, history) "
+                               "VALUES (?, ?, 'queued', ?, ?, ?)", (recent[key], json.dumps(params), int(steps), now,
+                                                                   json.dumps([{"time": round(now, 3), "event": "queued"}])))
                 ids.append(recent[key])
         return ids
 
@@ -166,6 +185,22 @@ class JobStore:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (int(limit),)).fetchall()
         return [self._job(r) for r in rows]
+
+    def many(self, ids: list[str]) -> list[Job]:
+        """The jobs of ``ids``, in that order (unknown ids are left out)."""
+        with self._connect() as db:
+            rows = {r["id"]: r for r in db.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(ids))})", list(ids)).fetchall()}
+        return [self._job(rows[i]) for i in ids if i in rows]
+
+    def running(self) -> list[Job]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY started").fetchall()
+        return [self._job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._connect() as db:
+            return {r[0]: r[1] for r in db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
 
     # ---- the worker's side -------------------------------------------------------------------
     def claim(self, worker: int) -> Optional[Job]:
@@ -191,11 +226,53 @@ class JobStore:
             row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel"])
 
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: str, event: str, **detail) -> None:
+        row = db.execute("SELECT history FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        history = json.loads(row["history"] or "[]") if row else []
+        history.append({"time": round(time.time(), 3), "event": event, **detail})
+        db.execute("UPDATE jobs SET history = ? WHERE id = ?", (json.dumps(history), job_id))
+
+    def record(self, job_id: str, event: str, **detail) -> None:
+        """Add an event (``started``, ``node died`` ...) to a job's history."""
+        with self._transaction() as db:
+            self._event(db, job_id, event, **detail)
+
+    def set_node(self, job_id: str, node: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET node = ? WHERE id = ?", (node, job_id))
+            self._event(db, job_id, "started", node=node)
+
+    def interrupt(self, job_id: str, reason: str, max_restarts: int, count: bool = True) -> str:
+        """A running job lost its worker or node: ``interrupted``, and queued again to resume from its
+        last checkpoint while it has restarts left (``max_restarts`` in all; ``count=False``: a fault
+        that is not the job's, which uses none up). Returns the new status."""
+        with self._transaction() as db:
+            row = db.execute("SELECT status, restarts, run_dir, cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != "running":
+                return row["status"] if row else "unknown"
+            if row["cancel"]:
+                db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, pid = NULL WHERE id = ?",
+                           (time.time(), job_id))
+                self._event(db, job_id, "cancelled", reason=reason)
+                return "cancelled"
+            self._event(db, job_id, "interrupted", reason=reason)
+            if row["restarts"] < max_restarts or not count:
+                db.execute("UPDATE jobs SET status = 'queued', resume = ?, restarts = restarts + ?, error = NULL, "
+                           "pid = NULL WHERE id = ?", (1 if row["run_dir"] else 0, int(count), job_id))
+                self._event(db, job_id, "requeued", restart=row["restarts"] + int(count), of=max_restarts)
+                return "queued"
+            db.execute("UPDATE jobs SET status = 'interrupted', finished = ?, pid = NULL, error = ? WHERE id = ?",
+                       (time.time(), f"{reason}; no automatic restarts left ({max_restarts}); resume continues "
+                        "from the last checkpoint", job_id))
+            return "interrupted"
+
     def finish(self, job_id: str, status: str, error: Optional[str] = None, run_dir: Optional[str] = None) -> None:
         assert status in STATUSES and status not in ("queued", "running"), status
         with self._transaction() as db:
             db.execute("UPDATE jobs SET status = ?, error = ?, finished = ?, pid = NULL, "
                        "run_dir = COALESCE(?, run_dir) WHERE id = ?", (status, error, time.time(), run_dir, job_id))
+            self._event(db, job_id, status, **({"error": error} if error else {}))
 
     # ---- the user's side ---------------------------------------------------------------------
     @staticmethod
@@ -211,6 +288,7 @@ class JobStore:
             row = self._locked_row(db, job_id)
             if row["status"] in ("queued", "interrupted"):
                 db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
+                self._event(db, job_id, "cancelled")
                 return "cancelled"
             if row["status"] == "running":
                 db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
@@ -225,6 +303,7 @@ class JobStore:
                 raise UserError(f"job {job_id} is {row['status']}; only interrupted or failed jobs can be resumed")
             db.execute("UPDATE jobs SET status = 'queued', resume = ?, cancel = 0, error = NULL, created = ? "
                        "WHERE id = ?", (1 if row["run_dir"] else 0, time.time(), job_id))
+            self._event(db, job_id, "resumed")
 
     def recover(self) -> list[str]:
         """At start-up: jobs a dead server left running become interrupted."""
@@ -232,4 +311,6 @@ class JobStore:
             ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
             db.execute("UPDATE jobs SET status = 'interrupted', pid = NULL, error = 'the server stopped while this "
                        "job ran; resume continues from its last checkpoint' WHERE status = 'running'")
+            for job_id in ids:
+                self._event(db, job_id, "interrupted", reason="the server stopped")
         return ids

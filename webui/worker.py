@@ -61,28 +61,56 @@ def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[
 
 def job_config(params: dict, device: str = "auto"):
     """The run config of a job's parameters (the same checks as the CLI and the submit form).
-    ``params["server_overrides"]`` holds the server's own ``key=value`` settings (``--set``)."""
+    ``params["server_overrides"]`` holds the server's own ``key=value`` settings (``--set``);
+    ``steps`` may be None for the preset's default."""
     items = list(params.get("server_overrides") or [])
     if params.get("resolution"):
         items.append(f"render.resolution={int(params['resolution'])}")
     overrides = parse_overrides(items)
     flags = {"prompt": params["prompt"], "negative_prompt": params.get("negative_prompt", ""),
-             "steps": int(params["steps"]), "seed": int(params["seed"]), "device": device}
+             "seed": int(params["seed"]), "device": device}
+    if params.get("steps") is not None:
+        flags["steps"] = int(params["steps"])
     return resolve_request(params["guidance"], params["representation"], params["prior"], overrides, flags)[0].cfg
 
 
-def _progress_callback(store: JobStore, job_id: str, public_dir: Path, parent_pid: int, every_s: float = 0.5):
+class Reporter:
+    """Where a running job sends its progress; ``progress`` answers whether the job must stop."""
+
+    cancelled = False  # the stop was a user's cancel (else: the server or the head went away)
+
+    def progress(self, step: int, max_steps: int, step_time: Optional[float], run_dir: Optional[str],
+                 preview: Optional[Path]) -> bool:
+        raise NotImplementedError
+
+
+class LocalReporter(Reporter):
+    """A job process of the local backend: progress straight to the job table, the preview to the
+    job's public folder; stops when the job is cancelled or its server died."""
+
+    def __init__(self, store: JobStore, job_id: str, public_dir: Path, parent_pid: int):
+        self.store, self.job_id, self.public_dir, self.parent_pid = store, job_id, public_dir, parent_pid
+
+    def progress(self, step, max_steps, step_time, run_dir, preview) -> bool:
+        self.cancelled = self.store.progress(self.job_id, step, max_steps, step_time, run_dir=run_dir)
+        if preview is not None:
+            copy_atomic(preview, self.public_dir / PUBLIC_NAMES["preview"])
+        return self.cancelled or os.getppid() != self.parent_pid
+
+
+def _progress_callback(reporter: Reporter, every_s: float = 0.5):
     import pytorch_lightning as pl  # heavy: in the job process only
 
     class JobProgress(pl.Callback):
-        """Progress and previews to the job table; stops the run on cancel or when the server died."""
+        """Progress and previews to the reporter; stops the run (as Ctrl-C does) when it says so."""
 
         def __init__(self):
             self.last_write, self.last_step, self.last_time, self.preview_mtime = 0.0, None, None, None
             self.step_time = None
 
         def on_train_start(self, trainer, module):
-            store.progress(job_id, trainer.global_step, trainer.max_steps, run_dir=str(trainer.default_root_dir))
+            if reporter.progress(trainer.global_step, trainer.max_steps, None, str(trainer.default_root_dir), None):
+                raise KeyboardInterrupt
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             now, step = time.time(), trainer.global_step
@@ -93,12 +121,10 @@ def _progress_callback(store: JobStore, job_id: str, public_dir: Path, parent_pi
             if now - self.last_write < every_s and step != trainer.max_steps:
                 return
             self.last_write = now
-            cancel = store.progress(job_id, step, trainer.max_steps, self.step_time)
-            latest = Path(trainer.default_root_dir) / "previews" / "latest.png"
+            latest, preview = Path(trainer.default_root_dir) / "previews" / "latest.png", None
             if latest.is_file() and latest.stat().st_mtime != self.preview_mtime:
-                self.preview_mtime = latest.stat().st_mtime
-                copy_atomic(latest, public_dir / PUBLIC_NAMES["preview"])
-            if cancel or os.getppid() != parent_pid:
+                self.preview_mtime, preview = latest.stat().st_mtime, latest
+            if reporter.progress(step, trainer.max_steps, self.step_time, None, preview):
                 raise KeyboardInterrupt  # Lightning's graceful stop, as Ctrl-C
 
     return JobProgress()
@@ -119,38 +145,55 @@ def pin_device(device: str) -> str:
     return "cuda:0"
 
 
-def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: str, parent_pid: int) -> None:
-    """The body of a job process."""
-    device = pin_device(device)  # first: before anything touches CUDA
-    from threedgen.runner import run  # heavy (torch, Lightning): in the job process only, after the pin
+def execute_job(job_id: str, params: dict, resume_dir: Optional[str], runs_dir: str, device: str,
+                reporter: Reporter, log_path: Path) -> dict:
+    """Run one job (a new run, or a resume of ``resume_dir``) as `threedgen run` does; the outcome
+    as ``{"status", "error", "run_dir"}``. Shared by the local backend's job process and the Ray
+    task, so a job behaves the same wherever it runs."""
+    from threedgen.runner import run  # heavy (torch, Lightning): in the job process only
 
+    callback = _progress_callback(reporter)
+    try:
+        if resume_dir:
+            run_dir = run(resume=resume_dir, progress_bar=False, callbacks=[callback], device=device)
+        else:
+            cfg = job_config(params, device)
+            run_dir = run(cfg, out=Path(runs_dir) / job_id, progress_bar=False, callbacks=[callback])
+        return {"status": "succeeded", "error": None, "run_dir": str(run_dir)}
+    except KeyboardInterrupt:
+        if reporter.cancelled:
+            return {"status": "cancelled", "error": None, "run_dir": None}
+        return {"status": "interrupted", "error": "stopped; resume continues from the last checkpoint", "run_dir": None}
+    except (UserError, RunFailed) as exc:
+        return {"status": "failed", "error": str(exc).splitlines()[0], "run_dir": None}
+    except BaseException as exc:  # anything else: fail this job, keep the details in its log
+        try:
+            log_path.write_text(traceback.format_exc())
+        except OSError:
+            pass
+        message = "out of memory" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
+        return {"status": "failed", "error": message.splitlines()[0][:300], "run_dir": None}
+
+
+def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: str, parent_pid: int) -> None:
+    """The body of a local job process."""
+    device = pin_device(device)  # first: before anything touches CUDA
     store = JobStore(db_path)
     job = store.get(job_id)
     public_dir = Path(outputs_dir) / job_id
     public_dir.mkdir(parents=True, exist_ok=True)
-    callback = _progress_callback(store, job_id, public_dir, parent_pid)
-    try:
-        if job.resume and job.run_dir:
-            run_dir = run(resume=job.run_dir, progress_bar=False, callbacks=[callback], device=device)
-        else:
-            cfg = job_config(job.params, device)
-            run_dir = run(cfg, out=Path(runs_dir) / job_id, progress_bar=False, callbacks=[callback])
-        publish(run_dir, public_dir)
-        store.finish(job_id, "succeeded", run_dir=str(run_dir))
-    except KeyboardInterrupt:
-        cancelled = store.get(job_id).cancel
-        store.finish(job_id, "cancelled" if cancelled else "interrupted",
-                     error=None if cancelled else "stopped; resume continues from the last checkpoint")
-    except (UserError, RunFailed) as exc:
-        store.finish(job_id, "failed", error=str(exc).splitlines()[0])
-    except BaseException as exc:  # anything else: fail this job, keep the details in its log
-        (public_dir.parent / f".{job_id}.log").write_text(traceback.format_exc())
-        message = "out of memory" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
-        store.finish(job_id, "failed", error=message.splitlines()[0][:300])
+    outcome = execute_job(job_id, job.params, job.run_dir if job.resume else None, runs_dir, device,
+                          LocalReporter(store, job_id, public_dir, parent_pid), public_dir.parent / f".{job_id}.log")
+    if outcome["status"] == "succeeded":
+        publish(Path(outcome["run_dir"]), public_dir)
+    store.finish(job_id, outcome["status"], error=outcome["error"], run_dir=outcome["run_dir"])
 
 
 class WorkerPool:
-    """``len(devices)`` worker threads; each claims queued jobs and runs them in child processes."""
+    """The local backend: ``len(devices)`` worker threads; each claims queued jobs and runs them in
+    child processes."""
+
+    name = "local"
 
     def __init__(self, store: JobStore, runs_dir: Path, outputs_dir: Path, devices: list[str], poll_s: float = 0.5):
         self.store, self.runs_dir, self.outputs_dir = store, Path(runs_dir), Path(outputs_dir)

@@ -1,0 +1,252 @@
+"""Logins for a shared web UI: scrypt hashes in the auth file (plain text refused), the refusal to
+serve beyond loopback without a login, `threedgen webui hash-password`, and the per-address login
+rate limit on a real server (429 before the password is checked)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import pytest
+
+from threedgen.errors import UserError
+from threedgen.webui import auth as webauth
+from threedgen.webui.auth import (
+    LoginLimiter,
+    LoginRateLimit,
+    check_exposure,
+    hash_password,
+    read_auth,
+    verify_password,
+)
+
+FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
+        "export.formats=[glb]", "export.evaluate=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "threedgen", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---- hashes and the auth file ----------------------------------------------------------------
+
+def test_hash_round_trip_wrong_password_and_salt():
+    first = hash_password("correct horse")
+    scheme, n, r, p, salt, key = first.split("$")
+    assert (scheme, n, r, p) == ("scrypt", "16384", "8", "1")
+    assert verify_password(first, "correct horse")
+    assert not verify_password(first, "correct horsE") and not verify_password(first, "")
+    second = hash_password("correct horse")
+    assert second != first and second.split("$")[4] != salt  # a fresh salt every time
+    assert verify_password(second, "correct horse")
+    for broken in ("", "correct horse", "scrypt$16384$8$1$!!$??", first.replace("16384", "16385"),
+                   "scrypt$1048576$64$16$" + "$".join(first.split("$")[4:])):  # not a power of two; too much memory
+        assert not verify_password(broken, "correct horse")
+    with pytest.raises(UserError, match="empty"):
+        hash_password("")
+
+
+def test_auth_file_takes_hashes_and_refuses_plain_text(tmp_path):
+    good = tmp_path / "users"
+    good.write_text(f"# the team\n\nalice:{hash_password('a-secret')}\n  bob : {hash_password('b-secret')}\n")
+    logins = read_auth(str(good))
+    assert logins.users == ["alice", "bob"]
+    assert logins("alice", "a-secret") and logins("bob", "b-secret")
+    assert not logins("alice", "b-secret") and not logins("carol", "a-secret") and not logins("", "")
+    assert "scrypt" not in repr(logins)
+    assert read_auth(None) is None
+
+    plain = tmp_path / "plain"
+    plain.write_text(f"# the team\nalice:{hash_password('a-secret')}\nbob:hunter2\n")
+    with pytest.raises(UserError) as info:
+        read_auth(str(plain))
+    message = str(info.value)
+    assert "\n" not in message and str(plain) in message and "line 3" in message and "plain-text" in message
+    assert "threedgen webui hash-password" in message and "hunter2" not in message  # never echoes the password
+
+    cases = {"missing": (None, "no such file"), "empty": ("# nobody\n\n", "no user:HASH lines"),
+             "no-colon": ("alice\n", "line 1: not a user:HASH line"),
+             "no-user": (f":{hash_password('x')}\n", "line 1: not a user:HASH line"),
+             "bad-hash": ("alice:scrypt$16384$8$1$@@$@@\n", "line 1: the hash of user 'alice' is malformed"),
+             "twice": (f"alice:{hash_password('x')}\nalice:{hash_password('y')}\n", "line 2: user 'alice' appears twice")}
+    for name, (text, expected) in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(UserError, match=expected) as info:
+            read_auth(str(path))
+        assert "\n" not in str(info.value)
+
+
+# ---- binding beyond this machine -------------------------------------------------------------
+
+def test_check_exposure():
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"):
+        assert check_exposure(host, has_auth=False, no_auth=False) is None
+    for host in ("0.0.0.0", "::", "192.168.1.5", "my-host.example.org", ""):
+        with pytest.raises(UserError, match="refuses to serve .* without a login; give --auth-file") as info:
+            check_exposure(host, has_auth=False, no_auth=False)
+        assert "--no-auth" in str(info.value) and "hash-password" in str(info.value)
+        assert check_exposure(host, has_auth=True, no_auth=False) is None
+        warning = check_exposure(host, has_auth=False, no_auth=True)
+        assert warning and "warning" in warning and "no login" in warning and "\n" not in warning
+    with pytest.raises(UserError, match="contradict"):
+        check_exposure("0.0.0.0", has_auth=True, no_auth=True)
+
+
+def test_cli_refuses_an_open_bind_before_starting_anything(tmp_path):
+    port = free_port()
+    outputs, state = tmp_path / "outputs", tmp_path / "state"
+    start = time.time()
+    proc = cli("webui", "--host", "0.0.0.0", "--port", str(port), "--outputs", str(outputs), "--state", str(state))
+    assert proc.returncode == 2 and time.time() - start < 30
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("threedgen: error: threedgen webui refuses to serve 0.0.0.0")
+    assert "--auth-file" in lines[0] and "--no-auth" in lines[0]
+    assert not outputs.exists() and not state.exists()  # no server, no job database
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # nothing is listening on the port
+
+    plain = tmp_path / "users"
+    plain.write_text("alice:hunter2\n")
+    proc = cli("webui", "--port", str(port), "--auth-file", str(plain), "--outputs", str(outputs), "--state", str(state))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "line 1" in lines[0] and "plain-text" in lines[0]
+    assert not state.exists()
+
+
+def test_hash_password_command_through_a_pipe(tmp_path):
+    proc = cli("webui", "hash-password", stdin="pipe d secret\n")
+    assert proc.returncode == 0, proc.stderr
+    token = proc.stdout.strip()
+    assert len(proc.stdout.strip().splitlines()) == 1 and verify_password(token, "pipe d secret")
+    assert not verify_password(token, "pipe d secret\n")
+
+    proc = cli("webui", "hash-password", "--user", "alice", stdin="a-secret\r\n")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith("alice:scrypt$")
+    users = tmp_path / "users"
+    users.write_text(line + "\n")
+    assert read_auth(str(users))("alice", "a-secret")
+
+    for args, stdin, expected in ((("webui", "hash-password"), "", "empty password"),
+                                  (("webui", "hash-password", "--user", "a:b"), "x\n", "user name"),
+                                  (("webui", "--user", "alice"), "", "hash-password")):
+        proc = cli(*args, stdin=stdin)
+        assert proc.returncode == 2 and expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---- the login rate limit ----------------------------------------------------------------------
+
+def test_limiter_window_and_concurrent_attempts():
+    now = [1000.0]
+    limiter = LoginLimiter(max_failures=3, window_s=60, clock=lambda: now[0])
+    attempts = [limiter.begin("10.0.0.1") for _ in range(3)]  # three in flight at once
+    assert all(a is not None for a in attempts)
+    assert limiter.begin("10.0.0.1") is None  # a fourth concurrent guess is refused
+    assert limiter.begin("10.0.0.2") is not None  # per address
+    limiter.succeeded("10.0.0.1", attempts[0])  # a success is taken back
+    assert limiter.begin("10.0.0.1") is not None and limiter.blocked("10.0.0.1")
+    assert 1 <= limiter.retry_after("10.0.0.1") <= 60
+    now[0] += 61  # the window slides past
+    assert not limiter.blocked("10.0.0.1") and limiter.retry_after("10.0.0.1") == 0
+
+
+def test_middleware_answers_429_without_calling_the_app():
+    calls = []
+
+    async def app(scope, receive, send):
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"detail":"Incorrect credentials."}'})
+
+    limited = LoginRateLimit(app, max_failures=2, window_s=60)
+
+    def request(path, method="POST", client=("10.0.0.1", 5000)):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "client": client, "headers": []}
+        asyncio.run(limited(scope, receive, send))
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    assert [request("/login")[0], request("/login/")[0]] == [400, 400]
+    status, headers = request("/login")
+    assert status == 429 and int(headers[b"retry-after"]) >= 1 and len(calls) == 2
+    assert request("/login", client=("10.0.0.9", 5000))[0] == 400  # another address
+    assert request("/config", method="GET")[0] == 400 and request("/login", method="GET")[0] == 400  # not logins
+    assert len(calls) == 5
+
+
+@pytest.fixture
+def auth_server(tmp_path, monkeypatch):
+    from threedgen.webui.app import Settings, WebUI
+
+    checked = []
+    real_verify = webauth.verify_password
+
+    def spy(stored, password):
+        checked.append(password)
+        return real_verify(stored, password)
+
+    monkeypatch.setattr(webauth, "verify_password", spy)
+    users = tmp_path / "users"
+    users.write_text(f"# the team\nalice:{hash_password('right horse')}\n")
+    ui = WebUI(Settings(outputs=tmp_path / "outputs", state=tmp_path / "state", overrides=FAST, max_queued=2))
+    port = free_port()
+    demo = ui.launch(port=port, auth=read_auth(str(users)), block=False)  # the default limit: 19 a minute
+    try:
+        yield port, checked
+    finally:
+        ui.close(demo)
+
+
+def login(port: int, username: str, password: str, source: str = "127.0.0.1"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        body = urllib.parse.urlencode({"username": username, "password": password})
+        conn.request("POST", "/login", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null"), response.getheader("set-cookie")
+    finally:
+        conn.close()
+
+
+def test_failed_logins_from_one_address_are_rate_limited(auth_server):
+    port, checked = auth_server
+    status, body, cookie = login(port, "alice", "right horse")  # before any failure: logged in
+    assert status == 200 and body == {"success": True} and "access-token" in (cookie or "")
+    assert checked == ["right horse"]
+
+    for i in range(19):  # Gradio's answer to a wrong password
+        assert login(port, "alice", f"guess {i}")[:2] == (400, {"detail": "Incorrect credentials."})
+    assert len(checked) == 20
+
+    status, body, _ = login(port, "alice", "guess 19")  # the 20th within a minute
+    assert status == 429 and "Too many failed logins" in body["detail"]
+    status, _, cookie = login(port, "alice", "right horse")  # even the right password, while blocked
+    assert status == 429 and cookie is None
+    assert len(checked) == 20  # neither password was checked
+
+    # Another address is not blocked (127.0.0.2 is loopback too on Linux).
+    status, body, _ = login(port, "alice", "right horse", source="127.0.0.2")
+    assert status == 200 and body == {"success": True} and len(checked) == 21
