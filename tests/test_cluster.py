@@ -25,6 +25,7 @@ from threedgen.webui.jobs import JobStore  # noqa: E402
 FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
         "export.formats=[glb,obj,ply]", "export.evaluate=false", "checkpoint_every=5", "preview_every=5"]
 MB = 1024 ** 2
+FINAL = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 def wait_for(fn, timeout: float, every: float = 0.25):
@@ -46,12 +47,17 @@ def job_params(prompt="a red cube", steps=30, seed=0, overrides=FAST):
 def cluster():
     from ray.cluster_utils import Cluster
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_TMPDIR")}
     os.environ["RAY_AUTH_MODE"] = "disabled"  # no token written to the home folder
     os.environ.pop("RAY_ADDRESS", None)
-    temp = tempfile.mkdtemp(prefix="tgray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # Every session file (logs, sockets, the "current cluster" address file) under one folder of
+    # this test run, removed afterwards; short, as Ray's socket paths must fit 107 bytes.
+    temp = tempfile.mkdtemp(prefix="tgray-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp
+    os.makedirs(os.path.join(temp, "ray"))
     c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False, "temp_dir": temp})
+        "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False,
+        "temp_dir": os.path.join(temp, "ray")})
     c.workers = [c.add_node(num_cpus=1, object_store_memory=100 * MB) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="threedgen", log_to_driver=False, logging_level="warning")
@@ -87,3 +93,182 @@ def test_submit_runs_on_the_cluster_and_publishes_a_glb(cluster, tmp_path):
     assert (tmp_path / "outputs" / job_id / "preview.png").is_file()
     assert Path(job.run_dir).parent == (tmp_path / "runs" / job_id).resolve()
     b.shutdown_dispatcher()
+
+
+def test_cancel_a_running_job_the_job_stops_itself_and_keeps_its_checkpoints(cluster, tmp_path):
+    b = backend(tmp_path)
+    job_id = b.store.submit(job_params(steps=400), 400)
+    wait_for(lambda: b.store.get(job_id).step >= 10, 120)
+    asked = time.time()
+    assert b.store.cancel(job_id) == "cancelling"
+    job = finished(b.store, job_id, 60)
+    print(f"cancelled in {time.time() - asked:.2f} s")
+    assert job.status == "cancelled" and job.step < 400
+    assert list((Path(job.run_dir) / "checkpoints").glob("*.ckpt"))
+    b.shutdown_dispatcher()
+
+
+def test_cancel_is_backed_up_by_ray_cancel_force(cluster, tmp_path):
+    # A grace of 0 s: the dispatcher kills the task with ray.cancel(force=True) at once, as it does
+    # after 10 s when a job does not stop by itself.
+    b = backend(tmp_path, cancel_grace_s=0.0)
+    job_id = b.store.submit(job_params(steps=400), 400)
+    wait_for(lambda: b.store.get(job_id).step >= 5, 120)
+    b.store.cancel(job_id)
+    job = finished(b.store, job_id, 30)
+    assert job.status == "cancelled" and job.step < 400
+    b.shutdown_dispatcher()
+
+
+def test_a_dead_node_s_job_resumes_on_the_other_node_and_scores_like_an_uninterrupted_run(cluster, tmp_path):
+    b = backend(tmp_path)
+    scored = [*FAST[:-3], "export.evaluate=true", "checkpoint_every=5", "preview_every=5"]
+    # The same job twice (a harmless extra key keeps the second from being taken for a double submit):
+    # one per node; the node running the first is killed mid-run.
+    victim = b.store.submit({**job_params(steps=60, overrides=scored), "batch": {"line": 1}}, 60)
+    straight = b.store.submit({**job_params(steps=60, overrides=scored), "batch": {"line": 2}}, 60)
+    job = wait_for(lambda: (j := b.store.get(victim)).step >= 20 and j.node and j, 180, every=0.05)
+    node = next(n for n in cluster.workers if n.node_id[:8] in job.node)
+    cluster.remove_node(node, allow_graceful=False)
+    cluster.workers.remove(node)
+    killed_at = job.step
+    try:
+        a, s = finished(b.store, victim, 400), finished(b.store, straight, 400)
+    finally:
+        cluster.workers.append(cluster.add_node(num_cpus=1, object_store_memory=100 * MB))  # for the next tests
+    assert s.status == "succeeded" and s.restarts == 0, s
+    assert a.status == "succeeded" and a.restarts == 1 and a.step == 60, a
+    events = [e["event"] for e in a.history]
+    assert events[:2] == ["queued", "started"] and events[-1] == "succeeded"
+    fault = next(e for e in a.history if e["event"] == "interrupted")
+    assert fault["reason"].startswith("node ") and fault["reason"].endswith(" died") and node.node_id[:8] in fault["reason"]
+    assert events.count("started") == 2 and "requeued" in events
+    assert node.node_id[:8] not in a.node  # it finished elsewhere
+    resumed = json.loads((Path(a.run_dir) / "metrics.json").read_text())
+    uninterrupted = json.loads((Path(s.run_dir) / "metrics.json").read_text())
+    print(f"killed at step >= {killed_at}; IoU {uninterrupted['mask_iou']:.4f} / {resumed['mask_iou']:.4f}")
+    # Resume replays the run from its last checkpoint (test_end_to_end's kill test): the same tolerances.
+    assert abs(resumed["mask_iou"] - uninterrupted["mask_iou"]) <= 0.005
+    assert abs(resumed["psnr"] - uninterrupted["psnr"]) <= 0.2
+    assert abs(resumed["chamfer"] - uninterrupted["chamfer"]) <= 0.002
+    b.shutdown_dispatcher()
+
+
+def test_a_node_with_another_threedgen_version_fails_the_job_in_one_line(cluster, tmp_path):
+    b = backend(tmp_path, head_version="9.9.9")
+    job = finished(b.store, b.store.submit(job_params(), 30), 120)
+    from threedgen import __version__
+
+    assert job.status == "failed"
+    assert job.error.startswith("node ") and f"runs threedgen {__version__} and the head 9.9.9" in job.error
+    assert "\n" not in job.error
+    b.shutdown_dispatcher()
+
+
+def test_run_storage_a_worker_cannot_write_fails_the_job_and_others_go_on(cluster, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the run storage should be")
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+    bad = RayBackend(store, blocked / "runs", tmp_path / "outputs").start()
+    first = finished(store, store.submit(job_params(), 30), 120)
+    assert first.status == "failed" and "not writable" in first.error and first.error.startswith("node ")
+    assert "every node" in first.error and "\n" not in first.error
+    bad.shutdown_dispatcher()
+    good = backend(tmp_path / "good")
+    assert finished(good.store, good.store.submit(job_params(steps=10), 10), 120).status == "succeeded"
+    good.shutdown_dispatcher()
+
+
+def test_a_batch_of_four_prompts_on_the_cluster(cluster, tmp_path, capsys):
+    from threedgen.cli import main
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("# four\na red cube\na blue torus --seed 1\na green cube --steps 10\n\"a yellow torus\" --seed 2\n")
+    report = tmp_path / "batch.json"
+    args = ["batch", str(f), "--backend", "ray", "--ray-address", cluster.address, "--steps", "15",
+            "--state", str(tmp_path / "state"), "--outputs", str(tmp_path / "outputs"), "--runs", str(tmp_path / "runs"),
+            "--report", str(report), *[x for item in [*FAST[:-3], "export.evaluate=true"] for x in ("--set", item)]]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    r = json.loads(report.read_text())
+    assert r["backend"] == "ray" and r["counts"] == {"succeeded": 4}
+    assert [(j["line"], j["prompt"], j["seed"], j["max_steps"]) for j in r["jobs"]] == [
+        (2, "a red cube", 0, 15), (3, "a blue torus", 1, 15), (4, "a green cube", 0, 10), (5, "a yellow torus", 2, 15)]
+    nodes = set()
+    for j in r["jobs"]:
+        assert j["status"] == "succeeded" and j["node"] and 0.3 < j["metrics"]["mask_iou"] <= 1
+        assert (tmp_path / "outputs" / j["id"] / "mesh.glb").read_bytes()[:4] == b"glTF"
+        assert Path(j["run_dir"]).is_relative_to(tmp_path / "runs")
+        nodes.add(j["node"])
+    assert len(nodes) == 2  # both worker nodes took jobs
+    assert main(["batch", "--status", "--state", str(tmp_path / "state")]) == 0
+    assert "4 succeeded" in capsys.readouterr().out
+    RayBackend(JobStore(tmp_path / "state" / "jobs.sqlite"), tmp_path / "runs", tmp_path / "outputs").shutdown_dispatcher()
+
+
+def test_the_web_ui_restarts_mid_job_and_the_job_runs_on(cluster, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "threedgen", "webui", "--backend", "ray", "--ray-address", cluster.address,
+            "--port", str(port), "--outputs", str(tmp_path / "outputs"), "--state", str(tmp_path / "state"),
+            "--runs", str(tmp_path / "runs")] + [x for item in FAST for x in ("--set", item)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def start():
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "a"),
+                                start_new_session=True, env=env)
+
+        def up():
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                return Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:
+                return None
+
+        return proc, wait_for(up, 120, every=1.0)
+
+    proc, client = start()
+    try:
+        (job_id,) = client.predict("a red cube", "", "sds", "nerf", "shapes", 150, "0", "", api_name="/submit")["jobs"]
+        wait_for(lambda: client.predict(job_id, api_name="/status")["step"] >= 5, 180)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the web UI dies at once; the job is the cluster's
+        proc.wait()
+    step_at_kill = JobStore(tmp_path / "state" / "jobs.sqlite").get(job_id).step
+    proc, client = start()
+    try:
+        st = client.predict(job_id, api_name="/status")
+        assert st["status"] in ("running", "succeeded") and st["step"] >= step_at_kill, st
+        st = wait_for(lambda: (s := client.predict(job_id, api_name="/status"))["status"] in FINAL and s, 300)
+        assert st["status"] == "succeeded" and st["step"] == 150 and st["restarts"] == 0, st
+        assert [e["event"] for e in st["history"]] == ["queued", "started", "succeeded"]  # it never stopped
+        assert "glb" in st["files"] and st["node"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    RayBackend(JobStore(tmp_path / "state" / "jobs.sqlite"), tmp_path / "runs", tmp_path / "outputs").shutdown_dispatcher()
+
+
+def test_a_restarted_dispatcher_resumes_the_jobs_it_lost(cluster, tmp_path):
+    """A head restart: the dispatcher and the tasks it owned die (Ray stops a task whose owner died);
+    the next dispatcher finds the job the table says is running and queues it again to resume."""
+    b = backend(tmp_path)
+    job_id = b.store.submit(job_params(steps=120), 120)
+    wait_for(lambda: b.store.get(job_id).step >= 10, 120)
+    ray.kill(b.actor, no_restart=True)  # the head's dispatcher dies with its tasks
+    again = backend(tmp_path)
+    assert again.reconciled == [job_id]
+    job = finished(again.store, job_id, 300)
+    assert job.status == "succeeded" and job.step == 120 and job.restarts == 0
+    events = [e["event"] for e in job.history]
+    assert events.count("started") == 2 and "interrupted" in events
+    again.shutdown_dispatcher()

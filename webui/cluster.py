@@ -121,7 +121,8 @@ class Dispatcher:
 
         ray.cloudpickle.register_pickle_by_value(cluster_job)  # see cluster_job's docstring
         self.config = {"db_path": db_path, "runs_dir": runs_dir, "outputs_dir": outputs_dir,
-                       "head_version": head_version, "max_restarts": max_restarts, "job_cpus": job_cpus}
+                       "head_version": head_version, "max_restarts": max_restarts, "job_cpus": job_cpus,
+                       "cancel_grace_s": cancel_grace_s}
         self.store = JobStore(db_path, max_queued=10 ** 9)
         self.runs_dir, self.outputs_dir = Path(runs_dir), Path(outputs_dir)
         self.head_version, self.max_restarts, self.job_cpus = head_version, max_restarts, job_cpus
@@ -134,6 +135,8 @@ class Dispatcher:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.reconciled = self._reconcile()
+        # Give Ray a moment to stop the tasks of the dead owner before their jobs run again.
+        self.hold_until = time.time() + (5.0 if self.reconciled else 0.0)
         self.thread = threading.Thread(target=self._loop, name="threedgen-dispatch", daemon=True)
         self.thread.start()
 
@@ -202,6 +205,8 @@ class Dispatcher:
     def _dispatch(self) -> None:
         import ray
 
+        if time.time() < self.hold_until:
+            return
         free = self._slots()
         while free > 0:
             job = self.store.claim(worker=-1)
@@ -287,9 +292,11 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, store: JobStore, runs_dir: Path, outputs_dir: Path, address: str = "auto",
-                 max_restarts: int = 3, job_cpus: float = 1.0, head_version: Optional[str] = None):
+                 max_restarts: int = 3, job_cpus: float = 1.0, head_version: Optional[str] = None,
+                 cancel_grace_s: float = 10.0):
         self.store, self.runs_dir, self.outputs_dir = store, Path(runs_dir), Path(outputs_dir)
         self.address, self.max_restarts, self.job_cpus = address, max_restarts, job_cpus
+        self.cancel_grace_s = cancel_grace_s
         if head_version is None:
             from threedgen import __version__ as head_version
         self.head_version = head_version
@@ -302,7 +309,7 @@ class RayBackend:
         here = ray.get_runtime_context().get_node_id()
         config = {"db_path": str(self.store.path.resolve()), "runs_dir": str(self.runs_dir.resolve()),
                   "outputs_dir": str(self.outputs_dir.resolve()), "head_version": self.head_version,
-                  "max_restarts": self.max_restarts, "job_cpus": self.job_cpus}
+                  "max_restarts": self.max_restarts, "job_cpus": self.job_cpus, "cancel_grace_s": self.cancel_grace_s}
         actor_cls = ray.remote(Dispatcher)
         self.actor = actor_cls.options(
             name=dispatcher_name(self.store.path), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
