@@ -142,7 +142,7 @@ def test_a_dead_node_s_job_resumes_on_the_other_node_and_scores_like_an_uninterr
     assert events[:2] == ["queued", "started"] and events[-1] == "succeeded"
     fault = next(e for e in a.history if e["event"] == "interrupted")
     assert fault["reason"].startswith("node ") and fault["reason"].endswith(" died") and node.node_id[:8] in fault["reason"]
-    assert events.count("started") == 2 and "requeued" in events
+    assert events.count("started") == 2 and events.count("first step") == 2 and "requeued" in events
     assert node.node_id[:8] not in a.node  # it finished elsewhere
     resumed = json.loads((Path(a.run_dir) / "metrics.json").read_text())
     uninterrupted = json.loads((Path(s.run_dir) / "metrics.json").read_text())
@@ -250,7 +250,7 @@ def test_the_web_ui_restarts_mid_job_and_the_job_runs_on(cluster, tmp_path):
         assert st["status"] in ("running", "succeeded") and st["step"] >= step_at_kill, st
         st = wait_for(lambda: (s := client.predict(job_id, api_name="/status"))["status"] in FINAL and s, 300)
         assert st["status"] == "succeeded" and st["step"] == 150 and st["restarts"] == 0, st
-        assert [e["event"] for e in st["history"]] == ["queued", "started", "succeeded"]  # it never stopped
+        assert [e["event"] for e in st["history"]] == ["queued", "started", "first step", "succeeded"]  # it never stopped
         assert "glb" in st["files"] and st["node"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

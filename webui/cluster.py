@@ -26,6 +26,7 @@ dispatcher publishes the finished files from there to the outputs folder the web
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -109,6 +110,9 @@ class ActorReporter(Reporter):
             return True  # the dispatcher is gone: stop, keeping the checkpoints (a new one resumes it)
         return bool(self.cancelled)
 
+    def first_step(self, step: int) -> None:
+        self.board.first_step.remote(self.job_id, step)  # no answer needed
+
 
 class Dispatcher:
     """The head's dispatcher (a Ray actor; see the module's docstring)."""
@@ -144,7 +148,8 @@ class Dispatcher:
     def info(self) -> dict:
         with self.lock:
             running = len(self.refs)
-        return {**self.config, "running": running, "slots": self._slots(), "reconciled": self.reconciled}
+        return {**self.config, "running": running, "slots": self._slots(), "reconciled": self.reconciled,
+                "pid": os.getpid()}
 
     def started(self, job_id: str, node: str, pid: int) -> None:
         self.nodes[job_id] = node
@@ -159,6 +164,9 @@ class Dispatcher:
             except OSError:
                 pass  # a preview is a nicety; the next one comes soon
         return cancel
+
+    def first_step(self, job_id: str, step: int) -> None:
+        self.store.record(job_id, "first step", step=step)
 
     def stop(self) -> None:
         """Stop dispatching (tests); the running tasks go on until the actor is killed."""

@@ -83,6 +83,9 @@ class Reporter:
                  preview: Optional[Path]) -> bool:
         raise NotImplementedError
 
+    def first_step(self, step: int) -> None:
+        """The job's first optimisation step of this attempt is done (its start-up cost ends here)."""
+
 
 class LocalReporter(Reporter):
     """A job process of the local backend: progress straight to the job table, the preview to the
@@ -96,6 +99,9 @@ class LocalReporter(Reporter):
         if preview is not None:
             copy_atomic(preview, self.public_dir / PUBLIC_NAMES["preview"])
         return self.cancelled or os.getppid() != self.parent_pid
+
+    def first_step(self, step: int) -> None:
+        self.store.record(self.job_id, "first step", step=step)
 
 
 def _progress_callback(reporter: Reporter, every_s: float = 0.5):
@@ -117,6 +123,8 @@ def _progress_callback(reporter: Reporter, every_s: float = 0.5):
             if self.last_step is not None and step > self.last_step:
                 rate = (now - self.last_time) / (step - self.last_step)
                 self.step_time = rate if self.step_time is None else 0.8 * self.step_time + 0.2 * rate
+            if self.last_step is None:
+                reporter.first_step(step)
             self.last_step, self.last_time = step, now
             if now - self.last_write < every_s and step != trainer.max_steps:
                 return
