@@ -131,3 +131,20 @@ def test_an_unreachable_ray_address_fails_fast_and_queues_nothing(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"threedgen: error: cannot reach the Ray cluster at 127.0.0.1:{port}")
     assert JobStore(tmp_path / "state" / "jobs.sqlite").list() == []
+
+
+def test_no_running_cluster_for_ray_address_auto_is_one_line(tmp_path):
+    pytest.importorskip("ray", reason='needs Ray: pip install "threedgen[cluster]"')
+    import os
+
+    f = tmp_path / "p.txt"
+    f.write_text("a red cube\n")
+    (tmp_path / "raytmp" / "ray").mkdir(parents=True)  # no cluster recorded there
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp_path / "raytmp"), RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "threedgen", "batch", str(f), "--backend", "ray",
+                           "--state", str(tmp_path / "state")], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("threedgen: error: no running Ray cluster found on this machine (--ray-address "
+                                   "auto); start one with `ray start --head`, or give --ray-address HOST:PORT")
+    assert JobStore(tmp_path / "state" / "jobs.sqlite").list() == []

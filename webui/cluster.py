@@ -81,9 +81,11 @@ def connect(address: str = "auto"):
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="warning")
     except ConnectionError as exc:
+        if address == "auto":
+            raise UserError("no running Ray cluster found on this machine (--ray-address auto); start one with "
+                            "`ray start --head`, or give --ray-address HOST:PORT") from None
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"no Ray cluster to join at {address} ({first}); start one with `ray start --head` "
-                        "or give --ray-address HOST:PORT") from None
+        raise UserError(f"cannot join the Ray cluster at {address} ({first}); check --ray-address") from None
     return ray
 
 
