@@ -45,7 +45,8 @@ How it works and caveats:
 - Step counts in the table are written by each job every 0.5 s, so a phase's step count is
   uncertain by about 0.5 s of steps per job (under 1 % for a 60 s phase). The steps done per second
   may also drift as training goes on (a NeRF's occupancy grid); the per-phase timelines are in the
-  JSON. The jobs get ``--steps`` (default 20000) so they run through every phase.
+  JSON. The jobs get ``--steps`` (default 100000; about 50 steps a second each on one core) so they
+  run through every phase.
 """
 
 from __future__ import annotations
@@ -457,6 +458,21 @@ def flood(ui, port: int, args) -> dict:
             "accepted_latency": percentiles([s for s in latencies if s is not None])}
 
 
+def handler_cost(ui, ids: list[str], calls: int = 100) -> dict:
+    """CPU milliseconds per call of the two polled endpoints' own functions, called directly (no
+    HTTP, no Gradio): the rest of a request's server CPU is the web stack's."""
+
+    def per_call(fn, n):
+        start = time.thread_time()
+        for i in range(n):
+            fn(i)
+        return 1e3 * (time.thread_time() - start) / n
+
+    return {"status_ms": per_call(lambda i: ui.status(ids[i % len(ids)]), calls),
+            "jobs_ms": per_call(lambda i: {"jobs": [ui.status(r[0]) for r in ui.table()]}, max(calls // 4, 1)),
+            "jobs_in_table": len(ui.table())}
+
+
 def run_phase_b(ui, port: int, ids: list[str], args) -> dict:
     out = Path(tempfile.mkstemp(prefix="tgload-clients-", suffix=".json")[1])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--client-mode", "--url", f"127.0.0.1:{port}",
@@ -517,6 +533,7 @@ def bench(backend: str, args) -> dict:
         a = a.stop()
         print(f"[{backend}] phase B: {args.clients} clients, {args.duration} s", file=sys.stderr, flush=True)
         b = run_phase_b(ui, port, ids, args)
+        handlers = handler_cost(ui, ids)
         print(f"[{backend}] phase C: flood of {args.flood} submissions", file=sys.stderr, flush=True)
         c = flood(ui, port, args)
         warnings = []
@@ -524,7 +541,8 @@ def bench(backend: str, args) -> dict:
             warnings.append("a job started or ended during a phase: its steps are not counted")
         if a["cpu_pct"]["outside"] > 10 or b["cpu_pct"]["outside"] > 10:
             warnings.append("other work used the machine's CPU during a phase")
-        return {"backend": backend, "first_step_s": first_step_s, "no_clients": a, "clients": b, "flood": c,
+        return {"backend": backend, "first_step_s": first_step_s, "no_clients": a, "clients": b, "handlers": handlers,
+                "flood": c,
                 "ratio": b["step_rate"] / a["step_rate"] if a["step_rate"] else None, "warnings": warnings}
     finally:
         if ui is not None:
@@ -548,7 +566,7 @@ def row(r: dict) -> str:
     return (f"| {r['backend']} | {b['clients']['clients']} | {b['wall_s']:.0f} | {st.get('p50_ms', float('nan')):.1f} "
             f"| {st.get('p99_ms', float('nan')):.1f} | {b['clients']['errors']} | {b['server_cpu_pct']:.1f} "
             f"| {b['server_rss_max_mb']:.0f} | {r['no_clients']['step_rate']:.2f} | {b['step_rate']:.2f} "
-            f"| {r['ratio']:.3f} |")
+            f"| {r['ratio'] or float('nan'):.3f} |")
 
 
 def details(r: dict) -> list[str]:
@@ -558,15 +576,22 @@ def details(r: dict) -> list[str]:
     def split(p):
         return ", ".join(f"{k} {v:.0f}" for k, v in p["cpu_pct"].items())
 
+    h, nan = r["handlers"], float("nan")
+    # The server's CPU above its own rate without clients, per request served.
+    extra = b["server_cpu_s"] - a["server_cpu_s"] / a["wall_s"] * b["wall_s"]
     return [f"- {r['backend']}: CPU % of one core without clients: {split(a)}; with clients: {split(b)}",
             f"- {r['backend']}: {cl['requests']} requests ({cl['requests'] / cl['wall_s']:.0f}/s); /status max "
-            f"{cl['status'].get('max_ms', float('nan')):.0f} ms; /jobs p50 {cl['jobs'].get('p50_ms', float('nan')):.1f} ms, "
-            f"p99 {cl['jobs'].get('p99_ms', float('nan')):.1f} ms; late ticks {cl['late_ticks']}; server CPU "
-            f"{1e3 * b['server_cpu_s'] / max(cl['requests'], 1):.2f} ms per request",
+            f"{cl['status'].get('max_ms', nan):.0f} ms; /jobs p50 {cl['jobs'].get('p50_ms', nan):.1f} ms, "
+            f"p99 {cl['jobs'].get('p99_ms', nan):.1f} ms, max {cl['jobs'].get('max_ms', nan):.0f} ms; late ticks "
+            f"{cl['late_ticks']}; server CPU above idle {1e3 * extra / max(cl['requests'], 1):.2f} ms per request; "
+            f"the handlers alone: status {h['status_ms']:.2f} ms, jobs {h['jobs_ms']:.2f} ms "
+            f"({h['jobs_in_table']} jobs)",
             f"- {r['backend']}: flood: {c['requests']} submissions ({c['jobs_asked']} jobs) with {c['queued_before']} "
             f"of {c['max_queue']} queued: {c['accepted_requests']} accepted ({c['accepted_jobs']} jobs), "
             f"{c['queue_full']} 'queue is full', {c['other_errors']} other errors; table "
             f"{'holds exactly the accepted jobs' if c['ok'] else 'WRONG: ' + '; '.join(c['problems'])}",
+            f"- {r['backend']}: step rate with clients {100 * ((r['ratio'] or nan) - 1):+.1f} % "
+            f"(goal: a drop of at most 10 %: {'met' if (r['ratio'] or 0) >= 0.9 else 'NOT met'})",
             *(f"- {r['backend']}: warning: {w}" for w in r["warnings"])]
 
 
@@ -578,7 +603,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=15.0, help="seconds after both jobs' first step")
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--queued", type=int, default=20, help="jobs queued (two run, the rest wait)")
-    ap.add_argument("--steps", type=int, default=20000, help="steps of each job (long enough to outlast the run)")
+    ap.add_argument("--steps", type=int, default=100000, help="steps of each job (long enough to outlast the run)")
     ap.add_argument("--max-queue", type=int, default=None, help="the server's queue limit (default: --queued + 4)")
     ap.add_argument("--flood", type=int, default=30, help="concurrent submissions in phase C")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")

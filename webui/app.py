@@ -167,7 +167,13 @@ class WebUI:
         return self.store.submit_many([(params, params["steps"]) for params in jobs])
 
     def status(self, job_id) -> dict:
-        job = self.store.get(check_job_id(job_id))
+        return self._status(self.store.get(check_job_id(job_id)))
+
+    def jobs(self) -> list[dict]:
+        """Every listed job's status, from one read of the table."""
+        return [self._status(job) for job in self.store.list()]
+
+    def _status(self, job: Job) -> dict:
         public = self.settings.outputs / job.id
         return {"id": job.id, "status": job.status, "step": job.step, "max_steps": job.max_steps,
                 "progress": round(job.progress, 4), "eta_seconds": job.eta_seconds, "error": job.error,
@@ -245,8 +251,7 @@ class WebUI:
         gr.Button(visible=False).click(guard(self.status), [job_in], api_out, api_name="status")
         gr.Button(visible=False).click(guard(lambda j: {"status": self.cancel(j)}), [job_in], api_out, api_name="cancel")
         gr.Button(visible=False).click(guard(lambda j: {"status": self.resume(j)}), [job_in], api_out, api_name="resume")
-        gr.Button(visible=False).click(guard(lambda: {"jobs": [self.status(r[0]) for r in self.table()]}), None,
-                                       api_out, api_name="jobs")
+        gr.Button(visible=False).click(guard(lambda: {"jobs": self.jobs()}), None, api_out, api_name="jobs")
         gr.Button(visible=False).click(guard(self.file), [job_in, kind_in], file_out, api_name="download")
 
     def blocks(self):
