@@ -272,3 +272,34 @@ def test_a_restarted_dispatcher_resumes_the_jobs_it_lost(cluster, tmp_path):
     events = [e["event"] for e in job.history]
     assert events.count("started") == 2 and "interrupted" in events
     again.shutdown_dispatcher()
+
+
+def test_ctrl_c_on_a_cluster_batch_leaves_the_jobs_running(cluster, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red cube --steps 60\na blue torus --steps 60\n")
+    state = tmp_path / "state"
+    args = [sys.executable, "-m", "threedgen", "batch", str(f), "--backend", "ray", "--ray-address", cluster.address,
+            "--state", str(state), "--outputs", str(tmp_path / "outputs"), "--runs", str(tmp_path / "runs"),
+            "--report", str(tmp_path / "batch.json"), *[x for item in FAST for x in ("--set", item)]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        wait_for(lambda: (state / "jobs.sqlite").exists() and any(
+            j.step >= 3 for j in JobStore(state / "jobs.sqlite").list()), 180)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "the jobs stay queued and running on the cluster" in err and "threedgen batch --status" in err
+    assert "Traceback" not in err
+    store = JobStore(state / "jobs.sqlite")
+    jobs = store.list()
+    assert len(jobs) == 2 and all(j.status in ("queued", "running") for j in jobs)
+    assert [finished(store, j.id, 300).status for j in jobs] == ["succeeded", "succeeded"]  # they ran on
+    report = json.loads((tmp_path / "batch.json").read_text())  # written at Ctrl-C with the state then
+    assert len(report["jobs"]) == 2 and all(j["status"] in ("queued", "running") for j in report["jobs"])
+    RayBackend(store, tmp_path / "runs", tmp_path / "outputs").shutdown_dispatcher()

@@ -110,7 +110,7 @@ FORM = ("a red cube", "", "sds", "nerf", "shapes", 30, "0", "")
 
 
 def test_submit_progress_and_glb_download(server):
-    ui, client, _ = server
+    ui, client, port = server
     started = time.time()
     (job_id,) = client.predict(*FORM, api_name="/submit")["jobs"]
     seen = []
@@ -124,6 +124,16 @@ def test_submit_progress_and_glb_download(server):
     assert st["status"] == "succeeded", st
     assert any(s == "running" and 0 < step < 30 for s, step in seen) or st["step"] == 30
     assert {"glb", "obj", "mtl", "texture", "ply", "video", "preview"} <= set(st["files"])
+    # The polling API: the same answers as plain JSON, outside Gradio's queue.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status/{job_id}", timeout=30) as r:
+        assert json.loads(r.read()) == client.predict(job_id, api_name="/status")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/jobs", timeout=30) as r:
+        listed = json.loads(r.read())["jobs"]
+    assert any(j["id"] == job_id and j["status"] == "succeeded" and j["step"] == 30 for j in listed)
+    for bad, code in (("not-an-id", 400), ("0123456789ab", 404)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status/{bad}", timeout=30)
+        assert err.value.code == code and "\n" not in json.loads(err.value.read())["error"]
     path = client.predict(job_id, "glb", api_name="/download")
     data = Path(path).read_bytes()
     assert data[:4] == b"glTF" and len(data) > 1000

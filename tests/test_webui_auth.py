@@ -250,3 +250,34 @@ def test_failed_logins_from_one_address_are_rate_limited(auth_server):
     # Another address is not blocked (127.0.0.2 is loopback too on Linux).
     status, body, _ = login(port, "alice", "right horse", source="127.0.0.2")
     assert status == 200 and body == {"success": True} and len(checked) == 21
+
+
+def get(port: int, path: str, user: str | None = None, password: str | None = None, source: str = "127.0.0.1"):
+    import base64
+
+    headers = {}
+    if user is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_the_polling_api_asks_for_the_same_users_and_the_same_limit(auth_server):
+    port, checked = auth_server
+    assert get(port, "/api/v1/jobs")[0] == 401  # no credentials
+    assert get(port, "/api/v1/jobs", "alice", "right horse") == (200, {"jobs": []})
+    assert get(port, "/api/v1/jobs", "alice", "right horse") == (200, {"jobs": []})
+    assert checked == ["right horse"]  # the verified header is remembered: one hash for many polls
+    status, body = get(port, "/api/v1/status/0123456789ab", "alice", "right horse")
+    assert status == 404 and body == {"error": "no job 0123456789ab"}
+    for i in range(19):
+        assert get(port, "/api/v1/jobs", "alice", f"guess {i}", source="127.0.0.3")[0] == 401
+    status, body = get(port, "/api/v1/jobs", "alice", "guess 19", source="127.0.0.3")
+    assert status == 429 and "too many failed logins" in body["error"]
+    assert get(port, "/api/v1/jobs", "alice", "right horse", source="127.0.0.3")[0] == 200  # remembered header
+    assert len(checked) == 20  # the 429 checked no password

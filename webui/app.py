@@ -25,6 +25,7 @@ from threedgen.representations.config import REPRESENTATIONS
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, read_auth  # read_auth: re-exported
 from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id
+from threedgen.webui.rest import rest_routes
 from threedgen.webui.worker import PUBLIC_NAMES, job_config
 
 # A local app does not phone home (Gradio's usage analytics and version check), and only the
@@ -170,15 +171,20 @@ class WebUI:
         return self._status(self.store.get(check_job_id(job_id)))
 
     def jobs(self) -> list[dict]:
-        """Every listed job's status, from one read of the table."""
-        return [self._status(job) for job in self.store.list()]
+        """The listed jobs (the newest 50), from one read of the table: each job's status without its
+        files and history (``status`` has those), so a poll of the list stays cheap."""
+        return [self._summary(job) for job in self.store.list()]
 
-    def _status(self, job: Job) -> dict:
-        public = self.settings.outputs / job.id
+    @staticmethod
+    def _summary(job: Job) -> dict:
         return {"id": job.id, "status": job.status, "step": job.step, "max_steps": job.max_steps,
                 "progress": round(job.progress, 4), "eta_seconds": job.eta_seconds, "error": job.error,
                 "prompt": job.params.get("prompt"), "seed": job.params.get("seed"), "node": job.node,
-                "restarts": job.restarts, "history": job.history,
+                "restarts": job.restarts}
+
+    def _status(self, job: Job) -> dict:
+        public = self.settings.outputs / job.id
+        return {**self._summary(job), "history": job.history,
                 "files": sorted(k for k, name in PUBLIC_NAMES.items() if (public / name).is_file())}
 
     def file(self, job_id, kind) -> str:
@@ -323,8 +329,10 @@ class WebUI:
 
         if auth is not None and login_limiter is None:
             login_limiter = LoginLimiter()
-        app_kwargs = {}
-        if login_limiter is not None:  # FastAPI(middleware=[...]), through Blocks.launch(app_kwargs=...)
+        # The polling API (GET /api/v1/status/ID, /api/v1/jobs) is plain routes before Gradio's own:
+        # FastAPI(routes=[...], middleware=[...]), through Blocks.launch(app_kwargs=...).
+        app_kwargs = {"routes": rest_routes(self, auth, login_limiter or LoginLimiter())}
+        if login_limiter is not None:
             app_kwargs["middleware"] = [Middleware(LoginRateLimit, limiter=login_limiter)]
         self.pool.start()
         demo = self.blocks()
