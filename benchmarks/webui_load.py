@@ -165,10 +165,19 @@ def sse_events(body: bytes) -> list[tuple[str, str]]:
     return events
 
 
+API = {"mode": "rest"}  # rest: the plain JSON polling routes; gradio: Gradio's API (event queue)
+
+
 async def call(conn: Http, api: str, data: list):
-    """One Gradio API call: ``(seconds from the POST to the complete event, the output)``; raises
-    CallError on any other answer."""
+    """One API call: ``(seconds from the request to the whole answer, the output as Gradio gives it:
+    a list of one value)``; raises CallError on any other answer. ``--api rest`` asks
+    ``GET /api/v1/status/<id>`` and ``GET /api/v1/jobs``; ``--api gradio`` Gradio's event queue."""
     start = time.perf_counter()
+    if API["mode"] == "rest" and api in ("status", "jobs"):
+        status, body = await conn.request("GET", f"/api/v1/status/{data[0]}" if api == "status" else "/api/v1/jobs")
+        if status != 200:
+            raise CallError(f"GET {status} {body[:200]!r}")
+        return time.perf_counter() - start, [json.loads(body)]
     status, body = await conn.request("POST", f"/gradio_api/call/{api}", json.dumps({"data": data}).encode())
     if status != 200:
         raise CallError(f"POST {status} {body[:200]!r}")
@@ -255,6 +264,7 @@ async def run_clients(host: str, port: int, clients: int, duration: float, ids: 
 
 
 def client_main(args) -> None:
+    API["mode"] = args.api
     host, _, port = args.url.rpartition(":")
     result = asyncio.run(run_clients(host, int(port), args.clients, args.duration, args.ids.split(","),
                                      args.timeout))
@@ -477,7 +487,7 @@ def run_phase_b(ui, port: int, ids: list[str], args) -> dict:
     out = Path(tempfile.mkstemp(prefix="tgload-clients-", suffix=".json")[1])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--client-mode", "--url", f"127.0.0.1:{port}",
            "--clients", str(args.clients), "--duration", str(args.duration), "--ids", ",".join(ids),
-           "--timeout", str(args.timeout), "--client-out", str(out)]
+           "--timeout", str(args.timeout), "--client-out", str(out), "--api", args.api]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -607,6 +617,9 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=None, help="the server's queue limit (default: --queued + 4)")
     ap.add_argument("--flood", type=int, default=30, help="concurrent submissions in phase C")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as failed")
+    ap.add_argument("--api", choices=["rest", "gradio"], default="rest",
+                    help="rest: the polling routes /api/v1/status/ID and /api/v1/jobs (default); gradio: "
+                         "Gradio's API /status and /jobs through its event queue")
     ap.add_argument("--out", default="webui_load.json")
     ap.add_argument("--client-mode", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
@@ -630,6 +643,7 @@ def main() -> int:
         results.append(bench(backend, args))
         report["results"][backend] = results[-1]
         Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"API: {args.api}")
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
     for r in results:
