@@ -479,7 +479,7 @@ def handler_cost(ui, ids: list[str], calls: int = 100) -> dict:
         return 1e3 * (time.thread_time() - start) / n
 
     return {"status_ms": per_call(lambda i: ui.status(ids[i % len(ids)]), calls),
-            "jobs_ms": per_call(lambda i: {"jobs": [ui.status(r[0]) for r in ui.table()]}, max(calls // 4, 1)),
+            "jobs_ms": per_call(lambda i: {"jobs": ui.jobs()}, max(calls // 4, 1)),
             "jobs_in_table": len(ui.table())}
 
 
