@@ -25,14 +25,12 @@ from __future__ import annotations
 import os
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported anywhere (the local job processes inherit it)
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -112,46 +110,28 @@ def local_run(root: Path, n: int, steps: int) -> dict:
 def ray_run(root: Path, n: int, steps: int, nodes: int) -> dict:
     import psutil
     import ray
-    from ray.cluster_utils import Cluster
 
-    from threedgen.webui.cluster import RayBackend
+    from threedgen.webui.cluster import LocalCluster, RayBackend
     from threedgen.webui.jobs import JobStore
 
-    temp = tempfile.mkdtemp(prefix="tgbench-", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = temp
-    os.makedirs(os.path.join(temp, "ray"))
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False,
-        "temp_dir": os.path.join(temp, "ray")})
-    try:
-        for _ in range(nodes):
-            cluster.add_node(num_cpus=1, object_store_memory=100 * MB)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, namespace="threedgen", log_to_driver=False, logging_level="warning")
+    with LocalCluster(workers=nodes, cpus=1, object_store_mb=100) as cluster:
         store = JobStore(root / "state" / "jobs.sqlite", max_queued=1000)
         backend = RayBackend(store, root / "runs", root / "outputs").start()
-        head_pids = [info.process.pid for infos in cluster.head_node.all_processes.values() for info in infos]
-        head_pids += [ray.get(backend.actor.info.remote())["pid"], os.getpid()]
-        lock = threading.Lock()
+        head_pids = [*cluster.head_pids(), ray.get(backend.actor.info.remote())["pid"], os.getpid()]
 
         def head_rss() -> float:
-            with lock:
-                total = 0
-                for pid in head_pids:
-                    try:
-                        total += psutil.Process(pid).memory_info().rss
-                    except psutil.Error:
-                        pass
-                return total
+            total = 0
+            for pid in head_pids:
+                try:
+                    total += psutil.Process(pid).memory_info().rss
+                except psutil.Error:
+                    pass
+            return total
 
         try:
             return run_jobs(store, n, steps, sample=head_rss)
         finally:
             backend.shutdown_dispatcher()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def main() -> None:

@@ -279,50 +279,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RayCluster:
-    """A local cluster as tests/test_cluster.py's ``cluster`` fixture: a head without CPUs, two 1-CPU
-    worker nodes, every session file under one short temporary folder, removed on ``close``."""
-
-    def __init__(self):
-        import ray
-        from ray.cluster_utils import Cluster
-
-        self.saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_TMPDIR")}
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        os.environ.pop("RAY_ADDRESS", None)
-        self.temp = tempfile.mkdtemp(prefix="tgray-", dir="/tmp")
-        os.environ["RAY_TMPDIR"] = self.temp
-        os.makedirs(os.path.join(self.temp, "ray"))
-        self.cluster = None
-        try:
-            self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False,
-                "temp_dir": os.path.join(self.temp, "ray")})
-            for _ in range(2):
-                self.cluster.add_node(num_cpus=1, object_store_memory=100 * MB)
-            self.cluster.wait_for_nodes()
-            ray.init(address=self.cluster.address, namespace="threedgen", log_to_driver=False,
-                     logging_level="warning")
-        except BaseException:
-            self.close()
-            raise
-        self.address = self.cluster.address
-
-    def close(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        if self.cluster is not None:
-            self.cluster.shutdown()
-        shutil.rmtree(self.temp, ignore_errors=True)
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def cpu_seconds(proc) -> float:
     t = proc.cpu_times()
     return t.user + t.system
@@ -391,16 +347,6 @@ class Phase:
                 "cpu_pct": {"server": 100 * cpu / wall, **{k: 100 * v / wall for k, v in split.items()},
                             "machine": 100 * busy / wall, "outside": 100 * max(busy - ours, 0.0) / wall},
                 "timeline": self.timeline}
-
-
-def wait_for(fn, timeout: float, every: float = 0.5):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout} s")
 
 
 async def submit_all(host: str, port: int, forms: list[list], timeout: float) -> list:
@@ -520,7 +466,9 @@ def bench(backend: str, args) -> dict:
         if backend == "local":
             settings.devices = ["cpu", "cpu"]  # two jobs at once, as on the two Ray nodes
         else:
-            cluster = RayCluster()
+            from threedgen.webui.cluster import LocalCluster
+
+            cluster = LocalCluster(workers=2, cpus=1, object_store_mb=100)
             settings.backend, settings.ray_address, settings.runs = "ray", cluster.address, root / "runs"
         ui = WebUI(settings)
         port = free_port()
@@ -534,6 +482,8 @@ def bench(backend: str, args) -> dict:
         slots = min(2, args.queued)
         print(f"[{backend}] {len(ids)} jobs queued; waiting for {slots} to run", file=sys.stderr, flush=True)
         t = time.monotonic()
+        from threedgen.webui.jobs import wait_for
+
         wait_for(lambda: len(r := ui.store.running()) >= slots and all(j.step >= 1 for j in r), 600)
         first_step_s = time.monotonic() - t
         time.sleep(args.warmup)

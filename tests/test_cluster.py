@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,23 +17,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason='the cluster tests need Ray: pip install "threedgen[cluster]"')
 
-from threedgen.webui.cluster import RayBackend  # noqa: E402
-from threedgen.webui.jobs import JobStore  # noqa: E402
+from threedgen.webui.cluster import LocalCluster, RayBackend  # noqa: E402
+from threedgen.webui.jobs import JobStore, wait_for  # noqa: E402
 
 FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
         "export.formats=[glb,obj,ply]", "export.evaluate=false", "checkpoint_every=5", "preview_every=5"]
-MB = 1024 ** 2
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
-
-
-def wait_for(fn, timeout: float, every: float = 0.25):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 def job_params(prompt="a red cube", steps=30, seed=0, overrides=FAST):
@@ -45,31 +32,8 @@ def job_params(prompt="a red cube", steps=30, seed=0, overrides=FAST):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_TMPDIR")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token written to the home folder
-    os.environ.pop("RAY_ADDRESS", None)
-    # Every session file (logs, sockets, the "current cluster" address file) under one folder of
-    # this test run, removed afterwards; short, as Ray's socket paths must fit 107 bytes.
-    temp = tempfile.mkdtemp(prefix="tgray-", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = temp
-    os.makedirs(os.path.join(temp, "ray"))
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False,
-        "temp_dir": os.path.join(temp, "ray")})
-    c.workers = [c.add_node(num_cpus=1, object_store_memory=100 * MB) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="threedgen", log_to_driver=False, logging_level="warning")
-    yield c
-    ray.shutdown()
-    c.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with LocalCluster(workers=2, cpus=1, object_store_mb=100) as c:
+        yield c
 
 
 def backend(tmp_path, **kwargs) -> RayBackend:
@@ -129,13 +93,12 @@ def test_a_dead_node_s_job_resumes_on_the_other_node_and_scores_like_an_uninterr
     straight = b.store.submit({**job_params(steps=60, overrides=scored), "batch": {"line": 2}}, 60)
     job = wait_for(lambda: (j := b.store.get(victim)).step >= 20 and j.node and j, 180, every=0.05)
     node = next(n for n in cluster.workers if n.node_id[:8] in job.node)
-    cluster.remove_node(node, allow_graceful=False)
-    cluster.workers.remove(node)
+    cluster.kill_worker(node)
     killed_at = job.step
     try:
         a, s = finished(b.store, victim, 400), finished(b.store, straight, 400)
     finally:
-        cluster.workers.append(cluster.add_node(num_cpus=1, object_store_memory=100 * MB))  # for the next tests
+        cluster.add_worker()  # for the next tests
     assert s.status == "succeeded" and s.restarts == 0, s
     assert a.status == "succeeded" and a.restarts == 1 and a.step == 60, a
     events = [e["event"] for e in a.history]
@@ -303,3 +266,24 @@ def test_ctrl_c_on_a_cluster_batch_leaves_the_jobs_running(cluster, tmp_path):
     report = json.loads((tmp_path / "batch.json").read_text())  # written at Ctrl-C with the state then
     assert len(report["jobs"]) == 2 and all(j["status"] in ("queued", "running") for j in report["jobs"])
     RayBackend(store, tmp_path / "runs", tmp_path / "outputs").shutdown_dispatcher()
+
+
+def test_a_node_without_threedgen_fails_the_job_in_one_line():
+    """The task's code travels by value (cluster_job imports no threedgen at the top), so on a node
+    where `import threedgen` fails it still runs and answers one line naming the node."""
+    import subprocess
+    import sys
+
+    import threedgen.webui.cluster_job as cluster_job
+
+    code = ("import importlib.util, json, sys\n"
+            "spec = importlib.util.spec_from_file_location('shipped', sys.argv[1])\n"
+            "job = importlib.util.module_from_spec(spec); spec.loader.exec_module(job)\n"
+            "sys.modules['threedgen'] = None  # as on a node without threedgen\n"
+            "print(json.dumps(job.run_cluster_job('0123456789ab', {}, None, '/tmp', '0.1.0', 'x', 'threedgen')))\n")
+    proc = subprocess.run([sys.executable, "-c", code, cluster_job.__file__], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcome["status"] == "failed" and outcome["error"].startswith("node ")
+    assert "has no threedgen installed (the head runs 0.1.0)" in outcome["error"]

@@ -19,7 +19,7 @@ import pytest
 
 from threedgen.errors import UserError
 from threedgen.webui.app import Settings, WebUI, _escape_md, parse_seeds
-from threedgen.webui.jobs import JobStore
+from threedgen.webui.jobs import JobStore, wait_for
 
 # Small, fast jobs: every job the tests run gets these server-side settings (`--set`).
 FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
@@ -30,16 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(fn, timeout: float, every: float = 0.5):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 # ---- the job table --------------------------------------------------------------------------

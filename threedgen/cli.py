@@ -410,15 +410,15 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
 def _default_state(state: Optional[str]) -> Path:
     if state is not None:
         return Path(state).expanduser().resolve()
-    import platformdirs
+    import platformdirs  # only where --state is not given
 
     return platformdirs.user_data_path("threedgen") / "webui"
 
 
 def _cmd_batch(args) -> int:
-    from threedgen.webui import batch as b
-    from threedgen.webui.backends import make_backend
-    from threedgen.webui.jobs import JobStore
+    from threedgen.webui import batch as b  # the job table and batches: only for this command
+    from threedgen.webui.backends import make_backend  # the job table and batches: only for this command
+    from threedgen.webui.jobs import JobStore  # the job table and batches: only for this command
 
     state = _default_state(args.state)
     if args.status or args.attach:

@@ -18,11 +18,11 @@ def make_backend(name: str, store: JobStore, runs_dir: Path, outputs_dir: Path, 
     """The backend ``name`` over ``store`` (not started). The Ray one fails here, in one line, when
     Ray is not installed; joining the cluster happens on ``start``."""
     if name == "local":
-        from threedgen.webui.worker import WorkerPool
+        from threedgen.webui.worker import WorkerPool  # heavy: only for this backend
 
         return WorkerPool(store, runs_dir, outputs_dir, devices or ["cpu"])
     if name == "ray":
-        from threedgen.webui.cluster import RayBackend, import_ray
+        from threedgen.webui.cluster import RayBackend, import_ray  # optional Ray: only here
 
         import_ray()
         return RayBackend(store, runs_dir, outputs_dir, address=ray_address, max_restarts=max_restarts)

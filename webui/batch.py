@@ -196,7 +196,7 @@ class Watcher:
     when stderr is not a terminal)."""
 
     def __init__(self, store: JobStore, ids: list[str], stream=None):
-        from tqdm import tqdm
+        from tqdm import tqdm  # only while watching
 
         self.tqdm, self.store, self.ids = tqdm, store, ids
         self.stream = stream or sys.stderr

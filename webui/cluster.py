@@ -35,7 +35,7 @@ from typing import Optional
 
 from threedgen.errors import UserError
 from threedgen.webui.jobs import JobStore
-from threedgen.webui.worker import PUBLIC_NAMES, Reporter, copy_atomic, publish
+from threedgen.webui.worker import PUBLIC_NAMES, copy_atomic, publish
 
 NAMESPACE = "threedgen"
 INSTALL_HINT = 'the ray backend needs Ray: pip install "threedgen[cluster]"'
@@ -44,7 +44,7 @@ CONNECT_TIMEOUT_S = 10.0
 
 def import_ray():
     try:
-        import ray
+        import ray  # optional (the cluster extra)
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     return ray
@@ -94,36 +94,14 @@ def dispatcher_name(state: Path) -> str:
     return "threedgen-dispatcher-" + hashlib.sha256(str(Path(state).resolve()).encode()).hexdigest()[:12]
 
 
-class ActorReporter(Reporter):
-    """A Ray task's progress, sent to the dispatcher; the head gone counts as a stop."""
-
-    def __init__(self, board, job_id: str, timeout_s: float = 30.0):
-        self.board, self.job_id, self.timeout_s = board, job_id, timeout_s
-
-    def progress(self, step, max_steps, step_time, run_dir, preview) -> bool:
-        import ray
-
-        try:
-            self.cancelled = ray.get(self.board.report.remote(
-                self.job_id, step, max_steps, step_time, run_dir, str(preview) if preview else None),
-                timeout=self.timeout_s)
-        except (ray.exceptions.RayError, TimeoutError):
-            self.cancelled = False
-            return True  # the dispatcher is gone: stop, keeping the checkpoints (a new one resumes it)
-        return bool(self.cancelled)
-
-    def first_step(self, step: int) -> None:
-        self.board.first_step.remote(self.job_id, step)  # no answer needed
-
-
 class Dispatcher:
     """The head's dispatcher (a Ray actor; see the module's docstring)."""
 
     def __init__(self, db_path: str, runs_dir: str, outputs_dir: str, head_version: str, max_restarts: int = 3,
                  job_cpus: float = 1.0, cancel_grace_s: float = 10.0, poll_s: float = 0.25):
-        import ray
+        import ray  # optional (the cluster extra); in the actor
 
-        from threedgen.webui import cluster_job
+        from threedgen.webui import cluster_job  # shipped to the nodes by value; in the actor only
 
         ray.cloudpickle.register_pickle_by_value(cluster_job)  # see cluster_job's docstring
         self.config = {"db_path": db_path, "runs_dir": runs_dir, "outputs_dir": outputs_dir,
@@ -192,7 +170,7 @@ class Dispatcher:
         return ids
 
     def _slots(self) -> int:
-        import ray
+        import ray  # optional (the cluster extra)
 
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) >= 1:
@@ -213,7 +191,7 @@ class Dispatcher:
             self.stopping.wait(self.poll_s)
 
     def _dispatch(self) -> None:
-        import ray
+        import ray  # optional (the cluster extra)
 
         if time.time() < self.hold_until:
             return
@@ -236,7 +214,7 @@ class Dispatcher:
             free -= 1
 
     def _backstop_cancels(self) -> None:
-        import ray
+        import ray  # optional (the cluster extra)
 
         with self.lock:
             ids = list(self.refs)
@@ -249,7 +227,7 @@ class Dispatcher:
                 self.cancel_seen[job.id] = float("inf")
 
     def _collect(self) -> None:
-        import ray
+        import ray  # optional (the cluster extra)
 
         with self.lock:
             refs = dict(self.refs)
@@ -308,13 +286,13 @@ class RayBackend:
         self.address, self.max_restarts, self.job_cpus = address, max_restarts, job_cpus
         self.cancel_grace_s = cancel_grace_s
         if head_version is None:
-            from threedgen import __version__ as head_version
+            from threedgen import __version__ as head_version  # the package's own version, read once
         self.head_version = head_version
         self.actor = None
 
     def start(self) -> "RayBackend":
         ray = connect(self.address)
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # optional (the cluster extra)
 
         here = ray.get_runtime_context().get_node_id()
         config = {"db_path": str(self.store.path.resolve()), "runs_dir": str(self.runs_dir.resolve()),
@@ -339,7 +317,7 @@ class RayBackend:
         """The front end leaves; the dispatcher and the jobs stay on the cluster."""
 
     def shutdown_dispatcher(self) -> None:
-        import ray
+        import ray  # optional (the cluster extra)
 
         if self.actor is None:
             connect(self.address)
@@ -349,3 +327,77 @@ class RayBackend:
                 return
         ray.kill(self.actor, no_restart=True)
         self.actor = None
+
+
+class LocalCluster:
+    """A Ray cluster on this machine, for trying the Ray backend and for the tests and benchmarks:
+    a head without CPUs (it holds the dispatcher) and ``workers`` worker nodes of ``cpus`` CPUs
+    each (``ray.cluster_utils.Cluster``), every session file (logs, sockets, the address file) in
+    one private temporary folder, Ray's token auth off for this process; this process joins it as
+    the driver. ``close`` (or leaving the ``with`` block) shuts it down and removes the folder."""
+
+    ENV = ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_TMPDIR")
+
+    def __init__(self, workers: int = 2, cpus: float = 1, object_store_mb: int = 100):
+        import tempfile  # only for a local cluster
+
+        ray = import_ray()
+        from ray.cluster_utils import Cluster  # optional (the cluster extra)
+
+        self.object_store = object_store_mb * 1024 ** 2
+        self.saved = {k: os.environ.get(k) for k in self.ENV}
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        os.environ.pop("RAY_ADDRESS", None)
+        # Short: Ray's socket paths must fit in 107 bytes.
+        self.temp = tempfile.mkdtemp(prefix="tgray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        os.environ["RAY_TMPDIR"] = self.temp
+        os.makedirs(os.path.join(self.temp, "ray"))
+        self.cluster, self.workers, self.cpus = None, [], cpus
+        try:
+            self.cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 0, "object_store_memory": self.object_store, "include_dashboard": False,
+                "temp_dir": os.path.join(self.temp, "ray")})
+            for _ in range(workers):
+                self.add_worker()
+            self.cluster.wait_for_nodes()
+            ray.init(address=self.cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="warning")
+        except BaseException:
+            self.close()
+            raise
+        self.address = self.cluster.address
+
+    def add_worker(self):
+        node = self.cluster.add_node(num_cpus=self.cpus, object_store_memory=self.object_store)
+        self.workers.append(node)
+        return node
+
+    def kill_worker(self, node) -> None:
+        """The node dies at once (its processes are killed), as a machine that loses power."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+
+    def head_pids(self) -> list[int]:
+        return [info.process.pid for infos in self.cluster.head_node.all_processes.values() for info in infos]
+
+    def close(self) -> None:
+        import shutil  # only for a local cluster
+
+        import ray  # optional (the cluster extra)
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+        shutil.rmtree(self.temp, ignore_errors=True)
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

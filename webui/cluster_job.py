@@ -13,7 +13,7 @@ import socket
 def node_label() -> str:
     """The node as a person reads it: its address, Ray's node id (shortened) and its host name."""
     try:
-        import ray
+        import ray  # on the node: this module travels by value
 
         address = ray.util.get_node_ip_address()
         node_id = ray.get_runtime_context().get_node_id()[:8]
@@ -26,14 +26,14 @@ def run_cluster_job(job_id: str, params: dict, resume_dir, runs_dir: str, head_v
                     namespace: str) -> dict:
     """Run one job on whatever node Ray chose; report progress to the head's dispatcher actor; the
     outcome as ``{"status", "error", "run_dir", "node"}`` (the dispatcher records it)."""
-    import os
-    from pathlib import Path
+    import os  # on the node: this module travels by value
+    from pathlib import Path  # on the node: this module travels by value
 
-    import ray
+    import ray  # on the node: this module travels by value
 
     node = node_label()
     try:
-        import threedgen
+        import threedgen  # may be missing on a node: the point of this check
     except ImportError:
         return {"status": "failed", "run_dir": None, "node": node,
                 "error": f"node {node} has no threedgen installed (the head runs {head_version}); install the same "
@@ -42,8 +42,7 @@ def run_cluster_job(job_id: str, params: dict, resume_dir, runs_dir: str, head_v
         return {"status": "failed", "run_dir": None, "node": node,
                 "error": f"node {node} runs threedgen {threedgen.__version__} and the head {head_version}; install "
                          "the same version on every node"}
-    from threedgen.webui.cluster import ActorReporter
-    from threedgen.webui.worker import execute_job
+    from threedgen.webui.worker import ActorReporter, execute_job  # after the version check: the node's own threedgen
 
     board = ray.get_actor(dispatcher, namespace=namespace)
     ray.get(board.started.remote(job_id, node, os.getpid()), timeout=60)

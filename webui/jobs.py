@@ -95,6 +95,18 @@ def _key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def wait_for(predicate, timeout: float, every: float = 0.25):
+    """Poll ``predicate`` until it returns something true (returned); TimeoutError after ``timeout``
+    seconds. For scripts, tests and benchmarks that wait on jobs."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout} s")
+
+
 def check_job_id(job_id) -> str:
     if not isinstance(job_id, str) or not JOB_ID.match(job_id):
         raise UserError("unknown job id (a job id is 12 hexadecimal characters)")

@@ -59,7 +59,7 @@ class BasicAuth:
 def rest_routes(ui, logins=None, limiter=None) -> list:
     """Starlette routes over ``ui`` (a ``WebUI``)."""
     from starlette.responses import JSONResponse  # ships with Gradio
-    from starlette.routing import Route
+    from starlette.routing import Route  # ships with Gradio; only when serving
 
     auth = BasicAuth(logins, limiter) if logins is not None else None
 

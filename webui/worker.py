@@ -104,6 +104,29 @@ class LocalReporter(Reporter):
         self.store.record(self.job_id, "first step", step=step)
 
 
+class ActorReporter(Reporter):
+    """A Ray task of the ray backend (``webui/cluster.py``): progress to the head's dispatcher actor;
+    the dispatcher gone counts as a stop."""
+
+    def __init__(self, board, job_id: str, timeout_s: float = 30.0):
+        self.board, self.job_id, self.timeout_s = board, job_id, timeout_s
+
+    def progress(self, step, max_steps, step_time, run_dir, preview) -> bool:
+        import ray  # optional (the cluster extra); runs on a node
+
+        try:
+            self.cancelled = ray.get(self.board.report.remote(
+                self.job_id, step, max_steps, step_time, run_dir, str(preview) if preview else None),
+                timeout=self.timeout_s)
+        except (ray.exceptions.RayError, TimeoutError):
+            self.cancelled = False
+            return True  # the dispatcher is gone: stop, keeping the checkpoints (a new one resumes it)
+        return bool(self.cancelled)
+
+    def first_step(self, step: int) -> None:
+        self.board.first_step.remote(self.job_id, step)  # no answer needed
+
+
 def _progress_callback(reporter: Reporter, every_s: float = 0.5):
     import pytorch_lightning as pl  # heavy: in the job process only
 
