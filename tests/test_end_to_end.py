@@ -40,6 +40,12 @@ def test_a_run_writes_every_output(short_run):
     assert (short_run / "checkpoints" / "last.ckpt").is_file()
     assert (short_run / "previews" / "final.png").is_file() and (short_run / "previews" / "latest.png").is_file()
     assert short_run.name.startswith("a-blue-torus-")
+    # Every file follows the umask (0644 under the usual 022), none is mkstemp's 0600.
+    from threedgen.rundir import current_umask
+
+    want = 0o666 & ~current_umask()
+    modes = {str(p.relative_to(short_run)): p.stat().st_mode & 0o777 for p in short_run.rglob("*") if p.is_file()}
+    assert modes and all(m == want for m in modes.values()), {k: oct(m) for k, m in modes.items() if m != want}
     status = json.loads((short_run / "status.json").read_text())
     assert status["status"] == "succeeded" and status["step"] == 30
     metrics = json.loads((short_run / "metrics.json").read_text())

@@ -53,3 +53,25 @@ def test_turntable_falls_back_to_gif(tmp_path, monkeypatch):
     from PIL import Image
 
     assert Image.open(path).info["duration"] == pytest.approx(1000 / 12, abs=5)  # GIF stores centiseconds
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    """Written through a temporary file (mkstemp makes 0600), an output still ends with the mode
+    any file the user creates gets, so teammates and web servers can read it."""
+    import os
+    import stat
+
+    from threedgen.rundir import atomic_write_text, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+        with atomic_path(tmp_path / "mesh.obj") as tmp:
+            tmp.write_text("v 0 0 0\n")
+        (tmp_path / "plain.txt").write_text("made by open()")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"metrics.json": mode, "mesh.obj": mode, "plain.txt": mode}

@@ -127,6 +127,10 @@ def test_submit_progress_and_glb_download(server):
     path = client.predict(job_id, "glb", api_name="/download")
     data = Path(path).read_bytes()
     assert data[:4] == b"glTF" and len(data) > 1000
+    from threedgen.rundir import current_umask
+
+    published = ui.settings.outputs / job_id / "mesh.glb"  # readable by the web server as the umask says
+    assert published.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     import trimesh
 
     mesh = trimesh.load(path, force="mesh")

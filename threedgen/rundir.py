@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 import unicodedata
 from contextlib import contextmanager
@@ -56,14 +57,41 @@ def new_run_dir(out: Path, prompt: str) -> Path:
     raise UserError(f"could not create a run folder in {out}")
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``);
+    elsewhere set and restored under a lock."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def follow_umask(path) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (always 0600) the mode a plain ``open`` would have
+    given it, ``0666 & ~umask``, so a teammate, a file server or a web server can read outputs as
+    they read any other file of the user's."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; rename it into place when the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it into place when the block succeeds. The
+    file ends with the mode the user's umask gives new files, not ``mkstemp``'s 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem + "-", suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +22,7 @@ import torch
 
 from threedgen.cameras import Cameras
 from threedgen.guidance.priors.shapes.sdf import TRACE_SDFS, marker_share
+from threedgen.rundir import atomic_path
 
 RENDER_VERSION = 3  # bump whenever a shape, the shading or the tracer changes
 LIGHT_DIR = (0.35, 0.85, 0.40)  # world space, normalised at use
@@ -116,14 +116,8 @@ def disk_cached(folder: str, name: str, params: dict, compute) -> dict[str, np.n
             pass
     arrays = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # whole or absent, and readable as the user's umask says
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return arrays
 
 
