@@ -374,8 +374,6 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
     warning = logins.check_exposure(args.host, args.auth_file is not None, args.no_auth)
     auth = logins.read_auth(args.auth_file)
 
-    import platformdirs  # only where --state is not given
-
     from threedgen.webui.app import Settings, WebUI, default_devices, wait_forever  # heavy (Gradio)
 
     devices = default_devices(args.workers)
@@ -388,9 +386,7 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
         if unknown or not priors:
             raise UserError(f"--priors: unknown prior(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(PRIORS)}")
     parse_overrides(list(args.set))  # a malformed --set fails here, before the server starts
-    if args.state is None:
-        args.state = str(platformdirs.user_data_path("threedgen") / "webui")
-    ui = WebUI(Settings(outputs=Path(args.outputs), state=Path(args.state), priors=priors, max_steps=args.max_steps,
+    ui = WebUI(Settings(outputs=Path(args.outputs), state=_default_state(args.state), priors=priors, max_steps=args.max_steps,
                         max_queued=args.max_queue, devices=devices, overrides=list(args.set), backend=args.backend,
                         ray_address=args.ray_address, runs=Path(args.runs) if args.runs else None,
                         max_restarts=args.max_restarts))

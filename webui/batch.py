@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -180,9 +181,7 @@ def job_entry(job: Job, line: int) -> dict:
 def write_report(store: JobStore, record: dict, path: Path) -> dict:
     jobs = {j.id: j for j in store.many(record["ids"])}
     entries = [job_entry(jobs[i], line) for i, line in zip(record["ids"], record["lines"]) if i in jobs]
-    counts: dict[str, int] = {}
-    for e in entries:
-        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    counts = dict(Counter(e["status"] for e in entries))
     report = {"batch": record["batch"], "file": record["file"], "backend": record["backend"],
               "state": record["state"], "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": counts, "jobs": entries}
     atomic_write_text(Path(path), json.dumps(report, indent=1))
@@ -269,7 +268,7 @@ def new_batch_id() -> str:
 def format_status(store: JobStore, record: dict) -> str:
     jobs = {j.id: j for j in store.many(record["ids"])}
     rows = [f"batch {record['batch']} ({record['file']}, backend {record['backend']}): "
-            + ", ".join(f"{n} {s}" for s, n in sorted(_count(jobs.values()).items()))]
+            + ", ".join(f"{n} {s}" for s, n in sorted(Counter(j.status for j in jobs.values()).items()))]
     for job_id, line in zip(record["ids"], record["lines"]):
         job = jobs.get(job_id)
         if job is None:
@@ -280,9 +279,3 @@ def format_status(store: JobStore, record: dict) -> str:
                     + (f"  ({job.error})" if job.error else ""))
     return "\n".join(rows)
 
-
-def _count(jobs) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for j in jobs:
-        counts[j.status] = counts.get(j.status, 0) + 1
-    return counts

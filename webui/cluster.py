@@ -117,7 +117,6 @@ class Dispatcher:
         self.cancel_seen: dict[str, float] = {}
         self.nodes: dict[str, str] = {}
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
         self.reconciled = self._reconcile()
         # Give Ray a moment to stop the tasks of the dead owner before their jobs run again.
         self.hold_until = time.time() + (5.0 if self.reconciled else 0.0)
@@ -128,7 +127,7 @@ class Dispatcher:
     def info(self) -> dict:
         with self.lock:
             running = len(self.refs)
-        return {**self.config, "running": running, "slots": self._slots(), "reconciled": self.reconciled,
+        return {**self.config, "running": running, "slots": self._capacity()[0], "reconciled": self.reconciled,
                 "pid": os.getpid()}
 
     def started(self, job_id: str, node: str, pid: int) -> None:
@@ -148,11 +147,6 @@ class Dispatcher:
     def first_step(self, job_id: str, step: int) -> None:
         self.store.record(job_id, "first step", step=step)
 
-    def stop(self) -> None:
-        """Stop dispatching (tests); the running tasks go on until the actor is killed."""
-        self.stopping.set()
-        self.thread.join(10)
-
     # ---- the loop ------------------------------------------------------------------------------
     def _public(self, job_id: str) -> Path:
         path = self.outputs_dir / job_id
@@ -169,39 +163,37 @@ class Dispatcher:
             ids.append(job.id)
         return ids
 
-    def _slots(self) -> int:
+    def _capacity(self) -> tuple[int, dict]:
+        """The free job slots and a task's resources: one GPU per job where the cluster has GPUs,
+        else ``job_cpus`` CPUs."""
         import ray  # optional (the cluster extra)
 
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) >= 1:
-            total = int(resources["GPU"])
+            total, options = int(resources["GPU"]), {"num_gpus": 1, "num_cpus": 0}
         else:
-            total = int(resources.get("CPU", 0) // self.job_cpus)
+            total, options = int(resources.get("CPU", 0) // self.job_cpus), {"num_cpus": self.job_cpus}
         with self.lock:
-            return max(total - len(self.refs), 0)
+            return max(total - len(self.refs), 0), options
 
     def _loop(self) -> None:
-        while not self.stopping.is_set():
+        while True:
             try:
                 self._collect()
                 self._backstop_cancels()
                 self._dispatch()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad round
                 print(f"threedgen dispatcher: {type(exc).__name__}: {exc}", flush=True)
-            self.stopping.wait(self.poll_s)
+            time.sleep(self.poll_s)
 
     def _dispatch(self) -> None:
-        import ray  # optional (the cluster extra)
-
         if time.time() < self.hold_until:
             return
-        free = self._slots()
+        free, options = self._capacity()
         while free > 0:
             job = self.store.claim(worker=-1)
             if job is None:
                 return
-            gpu = ray.cluster_resources().get("GPU", 0) >= 1
-            options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": self.job_cpus}
             try:
                 ref = self.task.options(name=f"threedgen-job-{job.id}", **options).remote(
                     job.id, job.params, job.run_dir if job.resume else None, str(self.runs_dir), self.head_version,

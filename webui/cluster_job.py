@@ -42,13 +42,18 @@ def run_cluster_job(job_id: str, params: dict, resume_dir, runs_dir: str, head_v
         return {"status": "failed", "run_dir": None, "node": node,
                 "error": f"node {node} runs threedgen {threedgen.__version__} and the head {head_version}; install "
                          "the same version on every node"}
+    from threedgen.errors import UserError  # after the version check: the node's own threedgen
+    from threedgen.rundir import check_writable  # after the version check: the node's own threedgen
     from threedgen.webui.worker import ActorReporter, execute_job  # after the version check: the node's own threedgen
 
+    try:
+        check_writable(Path(runs_dir))
+    except UserError as exc:
+        return {"status": "failed", "run_dir": None, "node": node,
+                "error": f"node {node}: {exc} (the run storage must be writable from every node)"}
     board = ray.get_actor(dispatcher, namespace=namespace)
     ray.get(board.started.remote(job_id, node, os.getpid()), timeout=60)
     device = "cuda:0" if ray.get_gpu_ids() else "cpu"  # Ray set CUDA_VISIBLE_DEVICES to this task's GPU
     log = Path(runs_dir) / f".{job_id}.log"
     outcome = execute_job(job_id, params, resume_dir, runs_dir, device, ActorReporter(board, job_id), log)
-    if outcome["status"] == "failed" and outcome["error"] and "not writable" in outcome["error"]:
-        outcome["error"] = f"node {node}: {outcome['error']} (the run storage must be writable from every node)"
     return {**outcome, "node": node}
