@@ -80,16 +80,20 @@ def measure(prompt: str, representation: str, out: Path, repeats: int, size: int
     return row
 
 
-def montage(images: list[str], labels: list[str], path: Path) -> None:
+def montage(images: list[str], labels: list[str], path: Path, columns: int | None = None) -> None:
+    """The images as a grid of ``columns`` (all in one row by default), each labelled above."""
     from PIL import Image, ImageDraw
 
     tiles = [Image.open(p).convert("RGB") for p in images]
     w, h = tiles[0].size
-    sheet = Image.new("RGB", (w * len(tiles), h + 22), "white")
+    columns = columns or len(tiles)
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (w * columns, (h + 22) * rows), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (tile, label) in enumerate(zip(tiles, labels)):
-        sheet.paste(tile, (i * w, 22))
-        draw.text((i * w + 6, 5), label, fill="black")
+        x, y = (i % columns) * w, (i // columns) * (h + 22)
+        sheet.paste(tile, (x, y + 22))
+        draw.text((x + 6, y + 5), label, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 

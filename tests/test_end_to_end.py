@@ -49,8 +49,11 @@ def test_a_run_writes_every_output(short_run):
     status = json.loads((short_run / "status.json").read_text())
     assert status["status"] == "succeeded" and status["step"] == 30
     metrics = json.loads((short_run / "metrics.json").read_text())
-    for key in ("mask_iou", "mask_iou_unaligned", "psnr", "chamfer", "views"):
+    for key in ("mask_iou", "mask_iou_unaligned", "psnr", "chamfer", "views", "normal_error_deg",
+                "texture_color_error", "watertight", "open_edges", "pinched_edges", "height", "height_error"):
         assert key in metrics
+    assert 0 <= metrics["normal_error_deg"] <= 180 and 0 <= metrics["texture_color_error"] <= 3 ** 0.5
+    assert metrics["height"] > 0 and isinstance(metrics["watertight"], bool)
     assert len(metrics["views"]) >= 8 and 0 <= metrics["mask_iou"] <= 1
     assert metrics["mask_iou"] >= metrics["mask_iou_unaligned"]
     import imageio.v2 as imageio

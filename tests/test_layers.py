@@ -30,7 +30,7 @@ LAYERS = {
     "threedgen.system": 2, "threedgen.callbacks": 2, "threedgen.checkpoints": 2,
     # 3, the app: config merging, run folders, the runner, export, eval, doctor, CLI, web UI.
     "threedgen.config": 3, "threedgen.runs": 3, "threedgen.runner": 3, "threedgen.export": 3,
-    "threedgen.evaluate": 3, "threedgen.janus": 3, "threedgen.doctor": 3, "threedgen.cli": 3, "threedgen.__main__": 3,
+    "threedgen.evaluate": 3, "threedgen.asset_metrics": 3, "threedgen.janus": 3, "threedgen.doctor": 3, "threedgen.cli": 3, "threedgen.__main__": 3,
     "threedgen.webui": 3, "threedgen": 3,
 }
 # Within layer 1: a prior never imports guidance methods or representations; a representation

@@ -9,6 +9,10 @@
   mean of the two directed mean nearest-neighbour distances over 20,000 surface samples each,
   divided by the truth's bounding-box diagonal. The exported mesh is scaled back by
   ``export.scale`` first (exports are in metres).
+- **What an artist sees** (``threedgen.asset_metrics``, for a truth that has surface normals and
+  colours): ``normal_error_deg``, ``texture_color_error``, ``watertight`` with ``open_edges`` and
+  ``pinched_edges``, and ``height_error`` (metres), all of the exported file an artist imports
+  (``mesh.glb`` first) at the best yaw.
 
 For a truth with a front (``has_front``: the shapes prior's house, mug and head, whose door, badge
 and nose are a marker in a reserved colour) it adds the Janus metrics of ``threedgen.janus``
@@ -19,7 +23,6 @@ module's docstring defines them), starting from the best yaw found here.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
+from threedgen.asset_metrics import rotation_y, surface_metrics
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance.priors.config import PRIORS
@@ -66,9 +70,7 @@ def psnr(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 def rotate_y(points: np.ndarray, degrees: float) -> np.ndarray:
     """Rotate points about +Y; +degrees turns +Z towards +X (the azimuth direction)."""
-    a = math.radians(degrees)
-    rot = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
-    return points @ rot.T
+    return points @ rotation_y(degrees).T
 
 
 def chamfer(pred_mesh, true_mesh, yaw: float = 0.0, n: int = 20000, seed: int = 0) -> float:
@@ -84,9 +86,11 @@ def chamfer(pred_mesh, true_mesh, yaw: float = 0.0, n: int = 20000, seed: int = 
 
 
 def evaluate_representation(representation, truth, distance: float, fovy: float, mesh=None,
-                            size: int = EVAL_RESOLUTION, search_size: int = SEARCH_RESOLUTION) -> dict:
+                            size: int = EVAL_RESOLUTION, search_size: int = SEARCH_RESOLUTION,
+                            scale: float = 1.0) -> dict:
     """Metrics of a representation against a truth (see the module docstring). The yaw search
-    renders at ``search_size`` (a quarter of the pixels); the reported numbers are at ``size``."""
+    renders at ``search_size`` (a quarter of the pixels); the reported numbers are at ``size``.
+    ``mesh`` is the exported mesh in world units, ``scale`` the export's metres per unit."""
     def truth_at(res: int):
         rgb, alpha = truth.render(held_out_cameras(distance, fovy), res, res)
         return rgb.numpy().astype(np.float64), alpha.numpy()
@@ -122,6 +126,8 @@ def evaluate_representation(representation, truth, distance: float, fovy: float,
                    "psnr": float(ps[i]), "psnr_unaligned": float(psnr0[i])}
                   for i, (e, a) in enumerate(HELD_OUT_VIEWS)],
     }
+    if mesh is not None and hasattr(truth, "nearest_surface"):
+        result.update(surface_metrics(mesh, truth, yaw, scale))
     if getattr(truth, "has_front", False):
         result.update(janus_metrics(representation, truth, distance, fovy, yaw))
     return result
@@ -144,7 +150,7 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
         raise UserError(f"prior {cfg.prior.name!r} has no ground truth; `threedgen eval` scores runs of the "
                         "embedded shapes prior only")
     mesh = None
-    for name in ("mesh.ply", "mesh.glb", "mesh.obj"):
+    for name in ("mesh.glb", "mesh.obj", "mesh.ply"):  # the textured file an artist imports, first
         if (run_dir / name).is_file():
             mesh = trimesh.load(run_dir / name, force="mesh")
             mesh.apply_scale(1.0 / cfg.export.scale)
@@ -153,7 +159,7 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
         raise UserError(f"run {str(run_dir)!r} has no exported mesh; run `threedgen export {run_dir}` first")
     distance = float(np.mean(cfg.camera.distance_range))
     fovy = float(np.mean(cfg.camera.fovy_range))
-    metrics = evaluate_representation(representation, truth, distance, fovy, mesh)
+    metrics = evaluate_representation(representation, truth, distance, fovy, mesh, scale=cfg.export.scale)
     metrics = {"prompt": cfg.prompt, **metrics}
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
@@ -168,6 +174,13 @@ def format_table(metrics: dict) -> str:
     lines.append(f"mask_iou {metrics['mask_iou']:.3f} (best yaw {metrics['best_yaw_degrees']:+.0f} deg)  "
                  f"mask_iou_unaligned {metrics['mask_iou_unaligned']:.3f}  psnr {metrics['psnr']:.2f} dB  "
                  + (f"chamfer {ch:.4f}" if ch is not None else "chamfer n/a"))
+    if metrics.get("normal_error_deg") is not None:
+        color = metrics["texture_color_error"]
+        lines.append(f"normal_error {metrics['normal_error_deg']:.1f} deg  texture_color_error "
+                     + (f"{color:.3f}" if color is not None else "n/a")
+                     + f"  watertight {'yes' if metrics['watertight'] else 'no'} (open edges {metrics['open_edges']}, "
+                     f"pinched edges {metrics['pinched_edges']})  height {metrics['height']:.3f} m "
+                     f"({metrics['height_error']:+.3f} m against the truth)")
     if "janus_view_rate" in metrics:
         markers = metrics["front_markers"]
         sizes = "+".join(str(v) for v in metrics.get("front_marker_voxels") or []) or "none"

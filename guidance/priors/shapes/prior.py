@@ -128,6 +128,30 @@ class ShapeTruth:
         body, marker = points.new_tensor(self.albedo), points.new_tensor(MARKER_COLOUR)
         return body * (1 - share) + marker * share
 
+    def nearest_surface(self, points: torch.Tensor, iterations: int = 3, eps: float = 1e-5):
+        """``(surface points, outward unit normals)`` at the truth's surface point nearest each point
+        ``[N,3]`` (float64): steps ``p <- p - sdf(p) grad(p)`` along the SDF's central-difference
+        gradient, exact for a point whose nearest surface point is on a smooth part."""
+        p = points.double()
+        offsets = torch.eye(3, dtype=torch.float64) * eps
+
+        def gradient(q):
+            g = torch.stack([self.sdf(q + o) - self.sdf(q - o) for o in offsets], -1) / (2 * eps)
+            return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+        for _ in range(iterations):
+            p = p - self.sdf(p)[..., None] * gradient(p)
+        return p, gradient(p)
+
+    def shaded_color(self, points: torch.Tensor) -> torch.Tensor:
+        """The colour the teacher's renders show at the surface point nearest each point ``[N,3]``:
+        albedo (the marker's or the body's) x ``ambient + diffuse * max(0, n . light)``, the
+        view-independent shading of ``shapes_render``, which a representation learns as its colour."""
+        surface, normal = self.nearest_surface(points)
+        light = torch.tensor(shapes_render.LIGHT_DIR, dtype=torch.float64)
+        shade = shapes_render.AMBIENT + shapes_render.DIFFUSE * (normal @ (light / light.norm())).clamp(min=0)
+        return self.albedo_at(surface) * shade[:, None]
+
     def mesh(self):
         if self._mesh is None:
             self._mesh = truth_mesh(self.shape)

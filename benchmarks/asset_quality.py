@@ -1,0 +1,164 @@
+"""Asset quality, before -> after: what an artist sees in the exported mesh, against the truth.
+
+For each prompt x representation: one default `threedgen run` (the whole CLI command, shapes
+prior) with this checkout, and with ``--baseline DIR`` (a checkout of an earlier commit, e.g.
+``git worktree add /tmp/before <commit>``) one with that code, the two interleaved so both see the
+same machine. Every run folder is then scored by this checkout's `threedgen eval`: mask IoU,
+PSNR, Chamfer, and the asset metrics (normal error, texture colour error, watertight / open and
+pinched edges, height error; see ``threedgen.asset_metrics``). Blender (headless) renders the GLB
+of ``--render`` prompts, and ``--montage`` puts them side by side, baseline above.
+
+    python benchmarks/asset_quality.py [--baseline /tmp/before] [--prompts ...] [--representations nerf gaussians]
+        [--json results.json] [--write BENCHMARKS.md] [--montage docs/asset-quality.png] [-- key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from mesh_export import blender, montage  # noqa: E402
+from quality import report, run_once  # noqa: E402
+
+PROMPTS = ["a red cube", "a blue torus", "a green sphere", "an orange cone", "a yellow cylinder", "a pink pyramid"]
+FRONT_PROMPTS = ["a green house", "a blue mug", "a yellow head"]
+METRICS = ["mask_iou", "chamfer", "normal_error_deg", "texture_color_error", "height_error", "open_edges",
+           "pinched_edges"]
+GOALS = {"chamfer": 0.012, "normal_error_deg": 12.0, "texture_color_error": 0.05}
+HEIGHT_GOAL = 0.05
+
+
+def source_env(source: Path) -> dict:
+    """An environment whose `python -m threedgen` imports the package from the checkout ``source``:
+    a folder on PYTHONPATH holding ``threedgen`` with its subpackages linked in (the installed,
+    editable package maps them the same way; PYTHONPATH is searched before it)."""
+    shim = Path(tempfile.mkdtemp(prefix="threedgen-baseline-"))
+    pkg = shim / "threedgen"
+    pkg.mkdir()
+    for item in (source / "threedgen").iterdir():
+        (pkg / item.name).symlink_to(item)
+    for sub in ("guidance", "representations", "webui", "configs"):
+        (pkg / sub).symlink_to(source / sub)
+    return {**os.environ, "PYTHONPATH": str(shim)}
+
+
+def score(run_dir: Path) -> dict:
+    from threedgen.evaluate import evaluate_run
+
+    return evaluate_run(run_dir)
+
+
+def measure(prompt: str, rep: str, out: Path, extra: list[str], env: dict | None, render: bool, size: int) -> dict:
+    row = run_once(prompt, out, ["--representation", rep, *extra], env=env)
+    run_dir = Path(row["run_dir"])
+    metrics = score(run_dir)  # this checkout's eval, whichever code made the run
+    row.update({k: metrics.get(k) for k in METRICS + ["watertight", "psnr", "height"]}, representation=rep)
+    row["blender"] = blender(run_dir / "mesh.glb", run_dir, size) if render else None
+    return row
+
+
+def fmt(value, digits: int) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def goal_met(row: dict) -> bool:
+    return (all(row[k] is not None and row[k] <= v for k, v in GOALS.items()) and row["watertight"]
+            and row["height_error"] is not None and abs(row["height_error"]) <= HEIGHT_GOAL)
+
+
+def table(rows: list[dict], baseline: list[dict] | None) -> list[str]:
+    head = ["representation", "prompt", "IoU", "Chamfer", "normal err (deg)", "colour err", "watertight",
+            "open / pinched edges", "height err (m)", "run s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows):
+        b = baseline[i] if baseline else None
+
+        def cell(key, digits):
+            now = fmt(r[key], digits)
+            return f"{fmt(b[key], digits)} → {now}" if b else now
+
+        edges = f"{r['open_edges']} / {r['pinched_edges']}"
+        if b:
+            edges = f"{b['open_edges']} / {b['pinched_edges']} → {edges}"
+        lines.append(f"| {r['representation']} | {r['prompt']} | {cell('mask_iou', 3)} | {cell('chamfer', 4)} "
+                     f"| {cell('normal_error_deg', 1)} | {cell('texture_color_error', 3)} | {cell('watertight', 0)} "
+                     f"| {edges} | {cell('height_error', 3)} | {cell('wall', 1)} |")
+    return lines
+
+
+def summary(rows: list[dict], baseline: list[dict] | None) -> list[str]:
+    lines = []
+    for rep in sorted({r["representation"] for r in rows}):
+        mine = [r for r in rows if r["representation"] == rep]
+        parts = [f"**{rep}**: goals met on {sum(goal_met(r) for r in mine)} of {len(mine)} prompts"]
+        for key in ("mask_iou", "chamfer", "normal_error_deg", "texture_color_error"):
+            vals = [r[key] for r in mine if r[key] is not None]
+            parts.append(f"mean {key} {statistics.mean(vals):.4g}")
+        if baseline:
+            theirs = [b for b in baseline if b["representation"] == rep]
+            ratio = statistics.median(r["wall"] / b["wall"] for r, b in zip(mine, theirs))
+            parts.append(f"median run time after / before {ratio:.3f}")
+        lines.append("; ".join(parts) + ".")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", nargs="+", default=PROMPTS + FRONT_PROMPTS)
+    ap.add_argument("--representations", nargs="+", default=["nerf", "gaussians"])
+    ap.add_argument("--baseline", default=None, help="a checkout of the code to compare against")
+    ap.add_argument("--render", nargs="*", default=["a red cube", "a blue torus"],
+                    help="prompts whose GLB Blender renders (for --montage)")
+    ap.add_argument("--size", type=int, default=320, help="Blender render size in pixels")
+    ap.add_argument("--out", default=None, help="keep the run folders here")
+    ap.add_argument("--json", default=None, help="write every row to this file")
+    ap.add_argument("--montage", default=None, help="write the Blender renders, baseline above, to this PNG")
+    ap.add_argument("--write", default=None, help="append the table to this markdown file")
+    ap.add_argument("overrides", nargs="*", help="extra `threedgen run` arguments (after --)")
+    args = ap.parse_args()
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="threedgen-assets-"))
+    env = source_env(Path(args.baseline).resolve()) if args.baseline else None
+    rows, baseline = [], [] if env else None
+    for rep in args.representations:
+        for prompt in args.prompts:
+            render = prompt in args.render
+            if env:
+                baseline.append(measure(prompt, rep, out / "before", args.overrides, env, render, args.size))
+            rows.append(measure(prompt, rep, out / "after", args.overrides, None, render, args.size))
+            print(f"{rep} {prompt}: " + ", ".join(f"{k} {fmt(rows[-1][k], 4)}" for k in METRICS), file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"after": rows, "before": baseline}, indent=1))
+    if args.montage:
+        shown = [r for r in rows if r["blender"]]
+        tiles = ([(b, "before") for b in baseline if b["blender"]] if baseline else []) + [(r, "after") for r in shown]
+        if tiles:
+            montage([t["blender"]["image"] for t, _ in tiles],
+                    [f"{t['prompt']} ({t['representation']}), {when}" for t, when in tiles], Path(args.montage),
+                    columns=len(shown))
+
+    lines = [f"\n## Asset quality (issue 22), {datetime.date.today()}\n",
+             f"`python benchmarks/asset_quality.py{' --baseline BEFORE' if baseline else ''}` on "
+             f"{platform.machine()} ({platform.processor() or 'cpu'}), 2 CPU cores, torch CPU, nothing else running; "
+             "one default `threedgen run` per cell (shapes prior), every run scored by this checkout's `threedgen "
+             "eval` on its `mesh.glb`." + (" Cells read before → after; the two runs of a row ran back to back." if
+                                            baseline else "") + "\n",
+             *table(rows, baseline), "", *summary(rows, baseline), ""]
+    report("\n".join(lines), args.write)
+
+
+if __name__ == "__main__":
+    main()
