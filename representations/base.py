@@ -59,6 +59,11 @@ class Representation(torch.nn.Module):
         self.optimizers = {self.name: torch.optim.Adam(self.parameter_groups(), betas=betas, eps=eps)}
         return self.optimizers
 
+    def smoothness(self) -> torch.Tensor | None:
+        """The representation's own regulariser towards clean surfaces (``loss.lambda_smooth``
+        weighs it), or None where it has none."""
+        return None
+
     def on_step(self, step: int, max_steps: int = 0) -> None:
         """Maintenance after an optimizer step (occupancy grid update, densify/prune through
         ``optimizers``)."""

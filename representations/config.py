@@ -76,6 +76,10 @@ class NeRFConfig(RepresentationConfig):
     """Learning rate of the hash field's MLP."""
     mesh_threshold: Optional[float] = None
     """Isosurface level for export; None = automatic (see threedgen.meshing)."""
+    mesh_color_shell: float = 0.1
+    """Export: a surface point's colour is what a ray along its inward normal sees, from this far (world units) outside the surface to this far inside; 0 = the colour field at the point."""
+    mesh_smooth: float = 0.01
+    """Export: blur the density grid by a Gaussian of this standard deviation (world units) before marching cubes (flattens a noisy field's pits); 0 = off."""
 
     def memory_hint(self, cuda: bool) -> str:
         occgrid = self.sampler == "occgrid" or (self.sampler == "auto" and cuda)
@@ -106,6 +110,8 @@ class NeRFConfig(RepresentationConfig):
         check_range("representation.lr_mlp", self.lr_mlp, 0, 100)
         if self.mesh_threshold is not None:
             check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
+        check_range("representation.mesh_color_shell", self.mesh_color_shell, 0, self.bound)
+        check_range("representation.mesh_smooth", self.mesh_smooth, 0, self.bound)
 
 
 @REPRESENTATIONS.register("gaussians", "threedgen.representations.gaussians:Gaussians",
@@ -159,6 +165,10 @@ class GaussiansConfig(RepresentationConfig):
     """Densification stops adding Gaussians at this count."""
     mesh_threshold: Optional[float] = None
     """Isosurface level of the Gaussians' density for export; None = automatic."""
+    mesh_color_shell: float = 0.1
+    """Export: a surface point's colour is what a ray along its inward normal sees through the Gaussians' density, from this far (world units) outside the surface to this far inside; 0 = the colour grid at the point."""
+    mesh_smooth: float = 0.0
+    """Export: blur the density grid by a Gaussian of this standard deviation (world units) before marching cubes; 0 = off (measured: no gain for Gaussians)."""
 
     def memory_hint(self, cuda: bool) -> str:
         return "lower representation.max_gaussians"
@@ -185,6 +195,8 @@ class GaussiansConfig(RepresentationConfig):
         check_range("representation.densify_scale_threshold", self.densify_scale_threshold, 0, 100)
         check_range("representation.prune_opacity", self.prune_opacity, 0, 1)
         check_range("representation.max_gaussians", self.max_gaussians, 1, 100_000_000, integer=True)
+        check_range("representation.mesh_color_shell", self.mesh_color_shell, 0, self.bound)
+        check_range("representation.mesh_smooth", self.mesh_smooth, 0, self.bound)
         if self.max_gaussians < self.num_points:
             raise UserError(f"representation.max_gaussians ({self.max_gaussians}) is below "
                             f"representation.num_points ({self.num_points})")

@@ -39,6 +39,12 @@ class DenseGridField(torch.nn.Module):
         unit = points / self.bound
         return _sample_grid(self.density, unit)[:, 0], torch.sigmoid(_sample_grid(self.color, unit))
 
+    def total_variation(self) -> torch.Tensor:
+        """Mean squared difference of the raw density between neighbouring voxels, over the three
+        axes (the smoothness prior of voxel-grid radiance fields: Plenoxels, DVGO)."""
+        d = self.density[0]
+        return sum(((d.narrow(a, 1, d.shape[a] - 1) - d.narrow(a, 0, d.shape[a] - 1)) ** 2).mean() for a in range(3))
+
     def parameter_groups(self, lr_density: float, lr_color: float) -> list[dict]:
         return [{"params": [self.density], "lr": lr_density, "name": "density"},
                 {"params": [self.color], "lr": lr_color, "name": "color"}]

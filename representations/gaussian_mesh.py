@@ -6,12 +6,14 @@
   voxels of its box, out to where its term falls below ``1/255`` (the rasteriser's cut-off);
 - colour: the density-weighted mean of the Gaussians' colours on the same grid, read trilinearly
   at the vertices or the texels' surface points;
-- level: ``threedgen.meshing.silhouette_level`` with the opacity of every axis-aligned grid line
-  computed the way a splat renderer sees it (orthographic: each Gaussian's 2D marginal, alphas
-  composited), so the mesh's silhouettes match the Gaussians' renders with no hand-set threshold.
+- level: ``threedgen.meshing.view_level`` with the opacity of the Gaussians' own renders of the
+  level views, so the mesh's silhouettes match the Gaussians' renders with no hand-set threshold.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from threedgen.boxes import box_points, chunk_ranges
 from threedgen.meshing import Surface, check_mesh_resolution, surface_from_grid
 from threedgen.representations.gsplat_reference import quat_scale_to_covar_preci
-from threedgen.representations.splatting import ALPHA_THRESHOLD, MAX_ALPHA, opacity_extent
+from threedgen.representations.splatting import ALPHA_THRESHOLD, opacity_extent
 
 MAX_PAIRS = 1 << 22  # (voxel, Gaussian) pairs evaluated at once
 
@@ -64,45 +66,32 @@ def density_grids(means, quats, scales, opacities, colors, bound: float, resolut
 
 
 @torch.no_grad()
-def axis_opacity(means, quats, scales, opacities, bound: float, resolution: int) -> np.ndarray:
-    """Whether each axis-aligned grid line renders opaque (alpha >= 0.5) under orthographic
-    splatting: for axis a, the Gaussians' 2D marginals over the other two axes, alphas composited
-    (order does not change the total). Concatenated as ``silhouette_level`` expects."""
-    h = 2 * bound / (resolution - 1)
-    covars, _ = quat_scale_to_covar_preci(quats, scales, compute_preci=False)
-    centers3 = (means + bound) / h
-    extent = opacity_extent(opacities)
-    flags = []
-    for axis in range(3):
-        keep = [a for a in range(3) if a != axis]
-        cov2 = covars[:, keep][:, :, keep] / (h * h)
-        prec2 = torch.linalg.inv(cov2)
-        radius = extent[:, None] * cov2.diagonal(dim1=-2, dim2=-1).sqrt()
-
-        def log_transmittance(owner, offset, prec2=prec2):
-            q = torch.einsum("pi,pij,pj->p", offset, prec2[owner], offset)
-            alpha = torch.clamp_max(opacities[owner] * torch.exp(-0.5 * q), MAX_ALPHA)
-            alpha = torch.where(alpha >= ALPHA_THRESHOLD, alpha, torch.zeros_like(alpha))
-            return torch.log1p(-alpha)[:, None]
-
-        log_t = _splat(centers3[:, keep], radius, resolution, log_transmittance, 1, 2)
-        flags.append((1 - torch.exp(log_t[:, 0]) >= 0.5).cpu().numpy())
-    return np.concatenate(flags)
-
-
-@torch.no_grad()
 def gaussians_surface(means, quats, scales, opacities, colors, bound: float, resolution: int = 128,
-                      threshold: float | None = None) -> Surface:
-    """The Gaussians' surface (+Y up, world units) with the colour grid as its colour function."""
+                      threshold: float | None = None, shell: float = 0.0,
+                      view_alpha: np.ndarray | None = None, smooth: float = 0.0) -> Surface:
+    """The Gaussians' surface (+Y up, world units) with the colour grid as its colour function, at
+    ``threshold`` or (None) ``meshing.view_level`` with ``view_alpha``, the Gaussians' renders of
+    ``meshing.level_cameras``. With
+    ``shell > 0`` a surface point's colour is seen through the shell (``meshing.Surface``) with the
+    density grid as an extinction: ``sum_i o_i exp(-q_i / 2)`` over ``sqrt(2 pi)`` times the
+    Gaussians' median scale, what a ray through one Gaussian of that size integrates to its
+    opacity (for small opacities)."""
     check_mesh_resolution(resolution)
     means, quats, scales = means.float(), quats.float(), scales.float()
     opacities, colors = opacities.float(), colors.float()
     density, color = density_grids(means, quats, scales, opacities, colors, bound, resolution)
-    opaque = axis_opacity(means, quats, scales, opacities, bound, resolution) if threshold is None else None
     grid = color.permute(3, 2, 1, 0)[None]  # [1,3,z,y,x] for grid_sample's (x, y, z) order
+    extinction = (density / (math.sqrt(2 * math.pi) * scales.median())).permute(2, 1, 0)[None, None]
+
+    def lookup(volume, points):
+        unit = (points / bound).view(1, 1, 1, -1, 3).to(volume)
+        return F.grid_sample(volume, unit, mode="bilinear", align_corners=True).view(volume.shape[1], -1).T
 
     def color_fn(points):
-        unit = (points / bound).view(1, 1, 1, -1, 3).to(grid)
-        return F.grid_sample(grid, unit, mode="bilinear", align_corners=True).view(3, -1).T
+        return lookup(grid, points)
 
-    return surface_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device, opaque=opaque)
+    surface = surface_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device,
+                                view_alpha=view_alpha, smooth=smooth)
+    if shell > 0:
+        surface = dataclasses.replace(surface, density_fn=lambda points: lookup(extinction, points)[:, 0], shell=shell)
+    return surface

@@ -34,11 +34,11 @@ from gsplat.strategy.ops import remove
 from threedgen import kernels
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.meshing import silhouette_level
+from threedgen.meshing import LEVEL_RESOLUTION, level_cameras, smoothed, view_level
 from threedgen.representations import splatting
 from threedgen.representations.base import RenderOutput, Representation, opacity_at_level
 from threedgen.representations.config import GaussiansConfig
-from threedgen.representations.gaussian_mesh import axis_opacity, density_grids, gaussians_surface
+from threedgen.representations.gaussian_mesh import density_grids, gaussians_surface
 from threedgen.rundir import atomic_path
 
 SH_C0 = 0.28209479177387814
@@ -226,27 +226,40 @@ class Gaussians(Representation):
     def opacity_grid(self, bound: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
         """From ``gaussian_mesh.density_grids`` (the mesh's extraction field): ``alpha =
         opacity_at_level(density, level)`` of the density ``sum_i o_i exp(-q_i(x) / 2)``, 0.5 at the
-        level ``extract_surface`` meshes (``mesh_threshold``, or ``meshing.silhouette_level`` of this
-        grid with the splats' own line opacities, as the export finds it); the colour is the
+        level ``extract_surface`` meshes (``mesh_threshold``, or ``meshing.view_level`` of this
+        grid with the splats' own renders, as the export finds it); the colour is the
         density-weighted mean of the Gaussians' degree-0 colours (see the base class)."""
         a = self.activated()
         means, quats, scales = a["means"].float(), a["quats"].float(), a["scales"].float()
         opacities = a["opacities"].float()
         rgb = torch.clamp(SH_C0 * self.params["sh0"][:, 0] + 0.5, 0, 1).float()
         density, colour = density_grids(means, quats, scales, opacities, rgb, bound, resolution)
-        density = density.cpu()
+        density = torch.from_numpy(smoothed(density.cpu().numpy(), bound, self.cfg.mesh_smooth))
         level = self.cfg.mesh_threshold
         if level is None:
-            opaque = axis_opacity(means, quats, scales, opacities, bound, resolution)
-            level = silhouette_level(density.numpy(), 2 * bound / (resolution - 1), opaque=opaque)
+            level = view_level(density.numpy(), bound, self.level_alpha(bound))
         return opacity_at_level(density, level), colour.cpu()
+
+    @torch.no_grad()
+    def level_alpha(self, bound: float) -> np.ndarray:
+        """The opacity of this representation's renders of ``meshing.level_cameras`` (for its level)."""
+        cams = level_cameras(bound).to(self.params["means"].device)
+        return self.render(cams, LEVEL_RESOLUTION, LEVEL_RESOLUTION).alpha.float().cpu().numpy().reshape(-1)
 
     @torch.no_grad()
     def extract_surface(self, resolution: int = 128):
         a = self.activated()
         rgb = torch.clamp(SH_C0 * self.params["sh0"][:, 0] + 0.5, 0, 1)
+        alpha = self.level_alpha(self.cfg.bound) if self.cfg.mesh_threshold is None else None
         return gaussians_surface(a["means"], a["quats"], a["scales"], a["opacities"], rgb, self.cfg.bound,
-                              resolution, self.cfg.mesh_threshold)
+                                 resolution, self.cfg.mesh_threshold, self.cfg.mesh_color_shell, alpha,
+                                 self.cfg.mesh_smooth)
+
+    def smoothness(self) -> torch.Tensor:
+        """Flatness: the mean of each Gaussian's smallest standard deviation over the scene scale
+        (``init_radius``), which flattens the Gaussians into discs that lie along the surface (the
+        scale term of the surface-aligned splatting methods)."""
+        return torch.exp(self.params["scales"]).amin(-1).mean() / self.cfg.init_radius
 
 
 def read_splat_ply(path: str | Path) -> dict[str, np.ndarray]:

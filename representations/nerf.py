@@ -24,24 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from threedgen import kernels
-from threedgen.cameras import Cameras
-from threedgen.meshing import silhouette_level, surface_from_field
+from threedgen.cameras import Cameras, ray_aabb  # ray_aabb: re-exported
+from threedgen.meshing import smoothed, surface_from_field, view_level
 from threedgen.representations.base import RenderOutput, Representation, opacity_at_level
 from threedgen.representations.config import NeRFConfig
 from threedgen.representations.fields import DenseGridField, HashGridField
-
-
-def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound, upper=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entry and exit distances of rays ``[R,3]`` through the box ``[-bound, bound]^3`` (or
-    ``[bound, upper]`` given both corners) by the slab test; rays that miss get ``near == far``."""
-    lower = -bound if upper is None else bound
-    upper = bound if upper is None else upper
-    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
-    t0, t1 = (lower - origins) * inv, (upper - origins) * inv
-    near = torch.minimum(t0, t1).amax(-1).clamp(min=0.0)
-    far = torch.minimum(torch.maximum(t0, t1).amin(-1), torch.full_like(near, 1e30))
-    far = torch.maximum(far, near)
-    return near, far
 
 
 class EmptySpaceGrid(torch.nn.Module):
@@ -154,6 +141,10 @@ class NeRF(Representation):
     def color(self, points: torch.Tensor) -> torch.Tensor:
         return self.field(points)[1]
 
+    def smoothness(self) -> torch.Tensor | None:
+        """The density grid's total variation (the dense field); None for the hash field."""
+        return self.field.total_variation() if self.field_kind == "grid" else None
+
     # ---- rendering -----------------------------------------------------------------------
     def render(self, cameras: Cameras, height: int, width: int) -> RenderOutput:
         origins, dirs = cameras.rays(height, width)
@@ -249,7 +240,7 @@ class NeRF(Representation):
     def opacity_grid(self, bound: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The field's colour at the voxel centres and ``alpha = opacity_at_level(sigma, level)``, 0.5
         at the density ``level`` that ``extract_surface`` meshes: ``mesh_threshold``, or
-        ``meshing.silhouette_level`` of this grid (the level whose silhouettes match the renders).
+        ``meshing.view_level`` of this grid (the level whose silhouettes match the renders).
         Zero density outside the scene box, where renders take no samples.
 
         Not the opacity across one voxel edge ``h``, ``1 - exp(-sigma h)``: a trained field's density
@@ -265,13 +256,15 @@ class NeRF(Representation):
             sigmas.append(torch.where((points.abs() <= self.cfg.bound).all(-1), sigma, torch.zeros_like(sigma))
                           .float().cpu())
             colours.append(rgb.float().cpu())
-        sigma = torch.cat(sigmas).view(resolution, resolution, resolution)
+        sigma = torch.from_numpy(smoothed(torch.cat(sigmas).view(resolution, resolution, resolution).numpy(), bound,
+                                          self.cfg.mesh_smooth))
         level = self.cfg.mesh_threshold
         if level is None:
-            level = silhouette_level(sigma.numpy(), 2 * bound / (resolution - 1))
+            level = view_level(sigma.numpy(), bound)
         return opacity_at_level(sigma, level), torch.cat(colours).view(resolution, resolution, resolution, 3)
 
     @torch.no_grad()
     def extract_surface(self, resolution: int = 128):
         return surface_from_field(self.density, self.color, self.cfg.bound, resolution, self.cfg.mesh_threshold,
-                               device=next(self.parameters()).device)
+                                  device=next(self.parameters()).device, shell=self.cfg.mesh_color_shell,
+                                  smooth=self.cfg.mesh_smooth)

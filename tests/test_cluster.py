@@ -54,7 +54,7 @@ def test_submit_runs_on_the_cluster_and_publishes_a_glb(cluster, tmp_path):
     assert job.step == 30 and job.node and [e["event"] for e in job.history][-1] == "succeeded"
     glb = tmp_path / "outputs" / job_id / "mesh.glb"
     assert glb.read_bytes()[:4] == b"glTF"
-    assert (tmp_path / "outputs" / job_id / "preview.png").is_file()
+    assert [p.name for p in (tmp_path / "outputs" / job_id).glob("preview-*.png")] == ["preview-000030-final.png"]
     assert Path(job.run_dir).parent == (tmp_path / "runs" / job_id).resolve()
     b.shutdown_dispatcher()
 

@@ -105,7 +105,10 @@ def test_presets_state_only_what_differs():
 def test_preset_files_follow_the_layers():
     assert preset_files("sds", "gaussians", "shapes") == ["guidance/sds-gaussians.yaml", "priors/shapes.yaml",
                                                           "priors/shapes-sds.yaml"]
-    assert preset_files("vsd", "nerf", "stable-diffusion") == ["priors/stable-diffusion.yaml"]
+    assert preset_files("vsd", "nerf", "stable-diffusion") == ["representations/nerf.yaml",
+                                                               "priors/stable-diffusion.yaml"]
+    assert preset_files("sds", "nerf", "shapes") == ["representations/nerf.yaml", "priors/shapes.yaml",
+                                                     "priors/shapes-sds.yaml"]
 
 
 def _readme_rows():

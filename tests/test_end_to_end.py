@@ -39,6 +39,10 @@ def test_a_run_writes_every_output(short_run):
         assert name in names, name
     assert (short_run / "checkpoints" / "last.ckpt").is_file()
     assert (short_run / "previews" / "final.png").is_file() and (short_run / "previews" / "latest.png").is_file()
+    from PIL import Image
+
+    with Image.open(short_run / "previews" / "final.png") as final:  # four views in a 2 x 2 grid
+        assert final.size == (64, 64)
     assert short_run.name.startswith("a-blue-torus-")
     # Every file follows the umask (0644 under the usual 022), none is mkstemp's 0600.
     from threedgen.rundir import current_umask

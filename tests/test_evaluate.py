@@ -9,7 +9,7 @@ import torch
 from threedgen.cameras import Cameras
 from threedgen.evaluate import chamfer, evaluate_representation, mask_iou, psnr, rotate_y
 from threedgen.guidance.priors.shapes.prior import ShapeTruth
-from threedgen.meshing import silhouette_level
+from threedgen.meshing import LEVEL_RESOLUTION, LEVEL_VIEWS, view_level
 from threedgen.representations.base import RenderOutput, Representation
 
 
@@ -62,19 +62,25 @@ def test_metric_helpers():
     np.testing.assert_allclose(rotate_y(np.array([[0.0, 0.0, 1.0]]), 90.0), [[1.0, 0.0, 0.0]], atol=1e-12)
 
 
-def test_silhouette_level_soft_and_sharp():
-    lin = np.linspace(-1, 1, 64)
+def test_view_level_soft_and_sharp():
+    """The automatic level makes the mesh's silhouettes those of the renders: for a sharp ball a
+    level between its inside and outside, for a soft one the radius where a ray through it gathers
+    alpha 0.5 (optical depth ln 2), found here in closed form."""
+    bound, n = 1.0, 64
+    lin = np.linspace(-bound, bound, n)
     x, y, z = np.meshgrid(lin, lin, lin, indexing="ij")
     r = np.sqrt(x * x + y * y + z * z)
-    voxel = 2 / 63
+    voxel = 2 * bound / (n - 1)
     sharp = np.where(r < 0.5, 50.0, 0.0).astype(np.float32)
-    level = silhouette_level(sharp, voxel)
+    level = view_level(sharp, bound)
     assert 0 < level < 50
-    soft = (20 * np.exp(-(r / 0.3) ** 2)).astype(np.float32)
-    lv = silhouette_level(soft, voxel)
-    # The rendered silhouette of the soft ball: lines whose optical depth reaches ln 2.
-    depth = soft.sum(axis=2) * voxel
-    rad_render = np.sqrt((x[..., 0] ** 2 + y[..., 0] ** 2)[depth >= math.log(2)].max())
-    rad_mesh = np.sqrt((r[soft > lv]) ** 2).max()
-    assert abs(rad_render - rad_mesh) < 2 * voxel
-    assert silhouette_level(np.zeros((8, 8, 8), np.float32), voxel) == float("inf")
+    # Soft: sigma = A exp(-(r/s)^2); a ray at distance b from the centre gathers A s sqrt(pi) exp(-(b/s)^2).
+    a, s = 20.0, 0.3
+    soft = (a * np.exp(-(r / s) ** 2)).astype(np.float32)
+    lv = view_level(soft, bound)
+    rad_render = s * math.sqrt(math.log(a * s * math.sqrt(math.pi) / math.log(2)))
+    rad_mesh = s * math.sqrt(math.log(a / lv))  # where the density falls to the level
+    assert abs(rad_render - rad_mesh) < voxel
+    assert view_level(np.zeros((8, 8, 8), np.float32), bound) == float("inf")
+    # Given the renders' opacity instead (every pixel opaque): a lower level, which covers more.
+    assert view_level(soft, bound, alpha=np.ones(len(LEVEL_VIEWS) * LEVEL_RESOLUTION ** 2)) < lv

@@ -114,6 +114,9 @@ def test_submit_progress_and_glb_download(server):
     assert st["status"] == "succeeded", st
     assert any(s == "running" and 0 < step < 30 for s, step in seen) or st["step"] == 30
     assert {"glb", "obj", "mtl", "texture", "ply", "video", "preview"} <= set(st["files"])
+    line, preview, glb, splats, video, downloads, curve = ui.job_view(job_id)
+    assert Path(preview).name == "preview-000030-final.png" and glb.endswith("mesh.glb") and splats is None
+    assert {r["series"] for r in curve} == {"loss", "grad_norm"} and max(r["step"] for r in curve) >= 19
     # The polling API: the same answers as plain JSON, outside Gradio's queue.
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/status/{job_id}", timeout=30) as r:
         assert json.loads(r.read()) == client.predict(job_id, api_name="/status")
@@ -347,3 +350,47 @@ def test_the_job_view_shows_the_score_and_the_janus_metrics(tmp_path):
 
     for (prompt,) in EXAMPLE_PROMPTS:
         parse_prompt(prompt)  # every example is inside the vocabulary
+
+
+def test_previews_are_named_by_step_and_older_ones_removed(tmp_path):
+    """Each published preview is a new file name (a browser never shows a cached, stale one under
+    the current name); the one before it is removed; the finished run's is the last."""
+    from PIL import Image
+
+    from threedgen.webui.worker import latest_preview, publish, publish_preview
+
+    src = tmp_path / "latest.png"
+    Image.new("RGB", (8, 8), "red").save(src)
+    public = tmp_path / "public"
+    first = publish_preview(src, public, 100)
+    (public / "preview.png").write_bytes(src.read_bytes())  # a folder from an older version
+    second = publish_preview(src, public, 200)
+    assert second.name == "preview-000200.png" and not first.exists() and not (public / "preview.png").exists()
+    assert latest_preview(public) == second
+    run = tmp_path / "run"
+    (run / "previews").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(run / "previews" / "final.png")
+    (run / "status.json").write_text(json.dumps({"status": "succeeded", "step": 250}))
+    assert publish(run, public, ("preview",)) == ["preview"]
+    assert [p.name for p in public.glob("preview-*.png")] == ["preview-000250-final.png"]
+    assert latest_preview(public).name == "preview-000250-final.png"
+    assert latest_preview(tmp_path / "nothing") is None
+    from threedgen.webui.app import WebUI
+
+    (public / "splats.ply").write_bytes(b"ply")  # a Gaussians job's splats go to their own viewer
+    assert WebUI._public_file(public, "splats") == public / "splats.ply"
+    assert WebUI._public_file(public, "preview") == public / "preview-000250-final.png"
+    assert WebUI._public_file(public, "glb") is None
+
+
+def test_the_training_curve_comes_from_the_run_s_log(tmp_path):
+    from threedgen.webui.app import read_curve
+
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,grad_norm,loss,step,t,vsd_lora_loss\n0,1.5,0.25,9,500,\n0,,,9,,0.1\n0,1.25,0.125,19,400,\n")
+    assert read_curve(log) == [
+        {"step": 9, "value": 0.25, "series": "loss"}, {"step": 9, "value": 1.5, "series": "grad_norm"},
+        {"step": 19, "value": 0.125, "series": "loss"}, {"step": 19, "value": 1.25, "series": "grad_norm"}]
+    assert read_curve(tmp_path / "missing.csv") == []
+    (tmp_path / "bad.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert read_curve(tmp_path / "bad.csv") == []

@@ -181,3 +181,16 @@ def orbit(n: int, elevation: float, distance: float, fovy: float, background=(1.
     """``n`` cameras evenly spaced in azimuth at one elevation (turntables, previews, eval)."""
     az = start_azimuth + torch.arange(n, dtype=torch.float32) * (360.0 / n)
     return Cameras.from_angles(torch.full((n,), float(elevation)), az, distance, fovy, background)
+
+
+def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, bound, upper=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry and exit distances of rays ``[R,3]`` through the box ``[-bound, bound]^3`` (or
+    ``[bound, upper]`` given both corners) by the slab test; rays that miss get ``near == far``."""
+    lower = -bound if upper is None else bound
+    upper = bound if upper is None else upper
+    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
+    t0, t1 = (lower - origins) * inv, (upper - origins) * inv
+    near = torch.minimum(t0, t1).amax(-1).clamp(min=0.0)
+    far = torch.minimum(torch.maximum(t0, t1).amin(-1), torch.full_like(near, 1e30))
+    far = torch.maximum(far, near)
+    return near, far

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import fast_simplification
 import imageio.v2 as imageio
 import numpy as np
 import trimesh
@@ -39,19 +40,70 @@ class Asset:
     scale: float
 
 
-def decimate(mesh, faces: int):
-    """Quadric decimation (fast-simplification through trimesh) down to about ``faces`` faces;
-    a mesh already that small is returned as is. Pairs of faces on the same three vertices (a
-    zero-volume fold that the decimation leaves behind now and then) are removed."""
+def manifold_collapses(faces: np.ndarray, collapses: np.ndarray, n_vertices: int) -> np.ndarray:
+    """Which of a decimation's edge collapses keep a closed manifold one: replayed in order, a
+    collapse of ``v`` into ``u`` is kept when ``u`` and ``v`` are neighbours, share exactly two
+    neighbours (the two corners opposite their edge: the link condition of Dey et al., whose edge
+    part fails on a closed manifold only for a lone tetrahedron, which is left alone). Skipping a collapse leaves ``v`` in place, so later collapses are
+    checked against the mesh as it now is."""
+    nbrs = [set() for _ in range(n_vertices)]
+    for a, b in np.unique(np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), 1),
+                          axis=0).tolist():
+        nbrs[a].add(b)
+        nbrs[b].add(a)
+    keep = np.zeros(len(collapses), bool)
+    for k, (u, v) in enumerate(np.asarray(collapses).tolist()):
+        nu, nv = nbrs[u], nbrs[v]
+        if v not in nu:
+            continue
+        common = nu & nv
+        if len(common) != 2:
+            continue
+        if len(nu) == 3 and len(nv) == 3:  # a tetrahedron: the collapse would flatten it
+            continue
+        for w in nv:
+            if w != u:
+                nbrs[w].discard(v)
+                nbrs[w].add(u)
+        nu |= nv
+        nu.discard(u)
+        nu.discard(v)
+        nbrs[v] = set()
+        keep[k] = True
+    return keep
+
+
+def decimate(mesh, faces: int, rounds: int = 4):
+    """Quadric decimation (fast-simplification) down to about ``faces`` faces, keeping a closed
+    mesh closed: the library's collapses, in its order, are replayed without those that would pinch
+    the surface (``manifold_collapses``), so no edge ends up on more than two faces; what the skipped
+    collapses leave over the budget is decimated again, up to ``rounds`` passes in all. A mesh
+    already that small is returned as is."""
 
     if not faces or len(mesh.faces) <= faces:
         return mesh
-    out = mesh.simplify_quadric_decimation(face_count=int(faces))
-    out = trimesh.Trimesh(out.vertices, out.faces, process=True)
-    tri = np.asarray(out.faces)
-    _, inverse, counts = np.unique(np.sort(tri, 1), axis=0, return_inverse=True, return_counts=True)
-    out.update_faces(counts[inverse.reshape(-1)] == 1)
-    out.update_faces(out.nondegenerate_faces())
+    points = np.asarray(mesh.vertices, np.float64)
+    tri = np.asarray(mesh.faces, np.int64)
+    for k in range(rounds):  # skipped collapses leave faces over: decimate what came out again
+        if len(tri) <= faces:
+            break
+        target = max(4, int(faces) - 8 * k)  # a little under the budget once a pass fell short
+        _, _, collapses = fast_simplification.simplify(points, tri, target_count=target, return_collapses=True)
+        keep = manifold_collapses(tri, collapses, len(points))
+        if not keep.any():
+            break
+        before = points
+        points, tri, mapping = fast_simplification.replay_simplification(points, tri, collapses[keep])
+        bad = ~np.isfinite(points).all(1)
+        if bad.any():  # a singular quadric now and then: the centroid of the vertices merged there
+            ok = mapping >= 0
+            sums = np.zeros_like(points)
+            np.add.at(sums, mapping[ok], before[ok])
+            counts = np.bincount(mapping[ok], minlength=len(points))[:, None]
+            points[bad] = sums[bad] / np.maximum(counts[bad], 1)
+    # No merging by position and no removal of zero-area faces: either would reopen the surface.
+    tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 2] != tri[:, 0])]
+    out = trimesh.Trimesh(points, tri, process=False)
     out.remove_unreferenced_vertices()
     trimesh.repair.fix_normals(out)
     return out
@@ -77,7 +129,7 @@ def build_asset(surface, texture: str = "uv", texture_size: int = 1024, faces: i
     if texture == "uv":
         vmapping, tfaces, uv = unwrap(mesh.vertices, mesh.faces, texture_size)
         positions = np.asarray(mesh.vertices)[vmapping]
-        image = bake_texture(positions, tfaces, uv, texture_size, surface.colors)
+        image = bake_texture(positions, tfaces, uv, texture_size, surface.colors, normals[vmapping])
         material = trimesh.visual.material.PBRMaterial(
             name=MATERIAL_NAME, baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
             metallicFactor=0.0, roughnessFactor=0.8)
@@ -151,7 +203,7 @@ def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
 
 def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolution=None, texture=None,
                        faces=None) -> dict:
-    """Meshes, a turntable and a 4-view preview for a trained representation (arguments left None
+    """Meshes, a turntable and a 4-view preview (2 x 2) for a trained representation (arguments left None
     come from ``cfg.export``)."""
     ec = cfg.export
     surface = representation.extract_surface(resolution or ec.resolution)
@@ -170,6 +222,8 @@ def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolut
         views, _ = render_views(representation, orbit(4, ec.video_elevation, distance, fovy), ec.video_resolution)
     (Path(run_dir) / "previews").mkdir(exist_ok=True)
     preview = Path(run_dir) / "previews" / "final.png"
-    write_image(preview, np.concatenate(list(views), axis=1))
+    # a 2 x 2 grid (front, right / back, left), square, so a viewer shows it large
+    write_image(preview, np.concatenate([np.concatenate(list(views[:2]), axis=1),
+                                         np.concatenate(list(views[2:]), axis=1)], axis=0))
     files.append(preview)
     return {"files": [str(f) for f in files], "faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices))}

@@ -68,7 +68,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
         callbacks = [*callbacks, StepProgressBar(cfg.prompt)]
     return pl.Trainer(
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=trainer_devices(device),
-        logger=CSVLogger(run_dir, name="logs", version=""), log_every_n_steps=10,
+        logger=CSVLogger(run_dir, name="logs", version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
         callbacks=[SafeCheckpoint(run_dir, cfg.checkpoint_every), PreviewCallback(run_dir, cfg), *callbacks],
         plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)

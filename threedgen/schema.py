@@ -120,10 +120,13 @@ class LossConfig:
     """Weight of the mean opacity of the render (fewer floaters)."""
     lambda_opaque: float = 0.0
     """Weight of the binary entropy of the render's opacity (pushes alpha to 0 or 1)."""
+    lambda_smooth: float = 0.0
+    """Weight of the representation's smoothness term: a dense NeRF's density total variation (none for the hash field), the Gaussians' flatness (mean smallest scale over init_radius)."""
 
     def check(self) -> None:
         check_range("loss.lambda_sparsity", self.lambda_sparsity, 0, 1e6)
         check_range("loss.lambda_opaque", self.lambda_opaque, 0, 1e6)
+        check_range("loss.lambda_smooth", self.lambda_smooth, 0, 1e6)
 
 
 @dataclass

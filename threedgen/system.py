@@ -154,6 +154,10 @@ class System(pl.LightningModule):
         if lc.lambda_opaque:
             entropy = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log())
             total = total + lc.lambda_opaque * entropy.mean()
+        if lc.lambda_smooth:
+            smooth = self.representation.smoothness()
+            if smooth is not None:
+                total = total + lc.lambda_smooth * smooth
         return total
 
     def _finite(self, loss: torch.Tensor) -> bool:

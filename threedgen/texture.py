@@ -49,7 +49,9 @@ def texel_coordinates(uv: np.ndarray, size: int) -> np.ndarray:
 
 def rasterize_uv(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size: int):
     """The 3D surface point under every texel centre covered by a triangle in UV space:
-    ``(rows [K], cols [K], points [K,3])``; a texel on a shared edge is taken once."""
+    ``(rows [K], cols [K], points [K,C])``; a texel on a shared edge is taken once. ``positions``
+    ``[V,C]`` may carry more per-vertex values than a position (e.g. normals): all are
+    interpolated alike."""
     tex = torch.as_tensor(texel_coordinates(uv, size), dtype=torch.float64)[torch.as_tensor(faces)]  # [F,3,2]
     pos = torch.as_tensor(positions, dtype=torch.float64)[torch.as_tensor(faces)]  # [F,3,3]
     a, b, c = tex[:, 0], tex[:, 1], tex[:, 2]
@@ -60,7 +62,7 @@ def rasterize_uv(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size:
     hi = torch.where(keep[:, None], hi, lo - 1)  # degenerate triangles cover nothing
     count = (hi - lo + 1).clamp_min(0).prod(-1)
     covered = torch.zeros(size * size, dtype=torch.bool)
-    points = torch.zeros(size * size, 3, dtype=torch.float64)
+    points = torch.zeros(size * size, pos.shape[-1], dtype=torch.float64)
     eps = 1e-9
     for s, e in chunk_ranges(count, MAX_PAIRS):
         owner, pts = box_points(lo[s:e], hi[s:e])
@@ -83,16 +85,18 @@ def rasterize_uv(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size:
 
 
 def bake_texture(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, size: int,
-                 colors: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                 colors: Callable[..., np.ndarray], normals: np.ndarray | None = None) -> np.ndarray:
     """A ``[size,size,3]`` uint8 base-colour image of ``colors`` (points ``[N,3]`` -> uint8 RGB(A),
-    e.g. ``threedgen.meshing.Surface.colors``) over the surface, empty texels filled from their
-    nearest baked texel (see the module docstring)."""
+    e.g. ``threedgen.meshing.Surface.colors``; given per-vertex ``normals``, called as
+    ``colors(points, normals)`` with them interpolated too) over the surface, empty texels filled
+    from their nearest baked texel (see the module docstring)."""
 
-    rows, cols, points = rasterize_uv(positions, faces, uv, size)
+    attributes = positions if normals is None else np.concatenate([positions, normals], 1)
+    rows, cols, values = rasterize_uv(attributes, faces, uv, size)
     if not len(rows):
         raise UserError("the texture atlas covers no texel; raise export.texture_size")
     image = np.zeros((size, size, 3), np.uint8)
-    image[rows, cols] = colors(points)[:, :3]
+    image[rows, cols] = (colors(values) if normals is None else colors(values[:, :3], values[:, 3:]))[:, :3]
     empty = np.ones((size, size), bool)
     empty[rows, cols] = False
     if empty.any():

@@ -8,6 +8,7 @@ run folders with their checkpoints live in the state folder, outside it.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import os
@@ -26,7 +27,7 @@ from threedgen.webui.auth import LoginLimiter, LoginRateLimit, read_auth  # read
 from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.rest import rest_routes
-from threedgen.webui.worker import PUBLIC_NAMES, job_config
+from threedgen.webui.worker import PUBLIC_NAMES, job_config, latest_preview
 
 # A local app does not phone home (Gradio's usage analytics and version check), and only the
 # outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
@@ -132,12 +133,37 @@ def score_line(metrics_path) -> str:
     try:
         m = json.loads(Path(metrics_path).read_text())
         line = f"\n\nmask IoU {float(m['mask_iou']):.3f} · PSNR {float(m['psnr']):.1f} dB"
+        if m.get("normal_error_deg") is not None:
+            line += (f" · normal error {float(m['normal_error_deg']):.1f}° · height {float(m['height_error']):+.3f} m"
+                     f" · {'watertight' if m.get('watertight') else 'not watertight'}")
         if m.get("front_markers") is not None:
             line += (f" · front markers {int(m['front_markers'])} ({'Janus' if m.get('janus') else 'one face'}) · "
                      f"Janus view rate {float(m['janus_view_rate']):.2f} · view MI {float(m['view_mi']):.2f}")
         return line
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+CURVE_SERIES = ("loss", "grad_norm")
+MAX_CURVE_POINTS = 2000
+
+
+def read_curve(path: Path) -> list[dict]:
+    """``{"step", "value", "series"}`` rows of the loss and gradient norm in a Lightning CSV log
+    (the last ``MAX_CURVE_POINTS`` steps); empty when the file is missing or has no such column."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))[-MAX_CURVE_POINTS:]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    out = []
+    for row in rows:
+        for series in CURVE_SERIES:
+            try:
+                out.append({"step": int(float(row["step"])), "value": float(row[series]), "series": series})
+            except (KeyError, TypeError, ValueError):
+                continue  # a row of other numbers (t, the method's extras) or an empty cell
+    return out
 
 
 def _escape_md(text: str) -> str:
@@ -185,7 +211,27 @@ class WebUI:
     def _status(self, job: Job) -> dict:
         public = self.settings.outputs / job.id
         return {**self._summary(job), "history": job.history,
-                "files": sorted(k for k, name in PUBLIC_NAMES.items() if (public / name).is_file())}
+                "files": sorted(k for k in PUBLIC_NAMES if self._public_file(public, k) is not None)}
+
+    @staticmethod
+    def _public_file(public: Path, kind: str) -> Optional[Path]:
+        """A job's public file of a kind: its fixed name (a GIF for a video without an mp4), the
+        newest step-named preview for ``preview``; None when there is none."""
+        if kind == "preview":
+            return latest_preview(public)
+        path = public / PUBLIC_NAMES[kind]
+        if kind == "video" and not path.is_file():
+            path = path.with_suffix(".gif")
+        return path if path.is_file() else None
+
+    def curve(self, job_id) -> list[dict]:
+        """The selected job's training curve: ``{"step", "value", "series"}`` rows of its loss and
+        gradient norm, read from the run's own log (``logs/metrics.csv``, written by Lightning every
+        ``log_every_n_steps``); empty before the first rows are flushed."""
+        job = self.store.get(check_job_id(job_id))
+        if not job.run_dir:
+            return []
+        return read_curve(Path(job.run_dir) / "logs" / "metrics.csv")
 
     def file(self, job_id, kind) -> str:
         """The public file of a job by kind (``glb``, ``obj``, ``mtl``, ``texture``, ``ply``, ``splats``, ``video``,
@@ -193,10 +239,8 @@ class WebUI:
         job = self.store.get(check_job_id(job_id))
         if kind not in PUBLIC_NAMES:
             raise UserError(f"unknown file kind {str(kind)[:40]!r}; valid: {', '.join(PUBLIC_NAMES)}")
-        path = self.settings.outputs / job.id / PUBLIC_NAMES[kind]
-        if kind == "video" and not path.is_file():
-            path = path.with_suffix(".gif")
-        if not path.is_file():
+        path = self._public_file(self.settings.outputs / job.id, kind)
+        if path is None:
             raise UserError(f"job {job.id} has no {kind} file (status: {job.status})")
         return str(path)
 
@@ -212,9 +256,9 @@ class WebUI:
 
     # ---- the page ----------------------------------------------------------------------------
     def job_view(self, job_id):
-        """The selected job's line of text, preview, GLB, video and downloads."""
+        """The selected job's line of text, preview, GLB, splats, video, downloads and curve rows."""
         if not job_id:
-            return "Select a job.", None, None, None, []
+            return "Select a job.", None, None, None, None, [], []
         st = guard(self.status)(job_id)
         files = {k: self.file(job_id, k) for k in st["files"]}
         line = (f"**{st['status']}** · step {st['step']}/{st['max_steps']} · "
@@ -233,19 +277,22 @@ class WebUI:
         if "metrics" in files:
             line += score_line(files["metrics"])
         downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "splats", "video") if k in files]
-        return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
+        return (line, files.get("preview"), files.get("glb"), files.get("splats"), files.get("video"), downloads,
+                self.curve(job_id))
 
     def refresh(self, job_id, shown=None):
-        """The job list and the selected job's view; the 3D viewer, video and downloads are sent
-        only when the job or its status changed (so the viewer does not reload every tick)."""
+        """The job list and the selected job's view; the 3D viewers, video and downloads are sent
+        only when the job or its status changed (so the viewers do not reload every tick)."""
         import gradio as gr  # heavy: only once the page exists
+        import pandas as pd  # heavy: ships with Gradio
 
         rows = self.table()
-        line, image, glb, mp4, files = self.job_view(job_id)
+        line, image, glb, splats, mp4, files, curve = self.job_view(job_id)
         key = [job_id, next((r[5] for r in rows if r[0] == job_id), None)]
         if key == shown:
-            glb, mp4, files = gr.update(), gr.update(), gr.update()
-        return rows, gr.update(choices=[r[0] for r in rows]), line, image, glb, mp4, files, key
+            glb, splats, mp4, files = gr.update(), gr.update(), gr.update(), gr.update()
+        plot = pd.DataFrame(curve, columns=["step", "value", "series"])
+        return rows, gr.update(choices=[r[0] for r in rows]), line, image, glb, splats, mp4, files, plot, key
 
     def _api(self, gr) -> None:
         """The API: plain values in and out, for gradio_client and scripts (inside the Blocks)."""
@@ -302,13 +349,18 @@ class WebUI:
                     with gr.Row():
                         cancel = gr.Button("Cancel")
                         resume = gr.Button("Resume")
+                    preview = gr.Image(label="Preview (latest step)", type="filepath", interactive=False, height=300)
                     with gr.Row():
-                        preview = gr.Image(label="Preview", type="filepath", interactive=False, height=160)
-                        video = gr.Video(label="Turntable", interactive=False)
-                    model = gr.Model3D(label="Mesh (GLB)", interactive=False)
+                        video = gr.Video(label="Turntable", interactive=False, height=300)
+                        curve = gr.LinePlot(x="step", y="value", color="series", label="Loss and gradient norm",
+                                            height=300)
+                    with gr.Row():
+                        model = gr.Model3D(label="Mesh (GLB)", interactive=False, height=360)
+                        splats = gr.Model3D(label="Gaussian splats (PLY; Gaussian jobs)", interactive=False,
+                                            height=360)
                     downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
             form = [prompt, negative, guidance, representation, prior, steps, seeds, resolution]
-            view = [info, preview, model, video, downloads]
+            view = [info, preview, model, splats, video, downloads, curve]
             shown = gr.State(None)
             submit.click(on_submit, form, [submitted, jobs, selected], api_name="submit_form", api_visibility="private")
             selected.change(self.refresh, [selected], [jobs, selected, *view, shown], api_visibility="private")

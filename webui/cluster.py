@@ -35,7 +35,7 @@ from typing import Optional
 
 from threedgen.errors import UserError
 from threedgen.webui.jobs import JobStore
-from threedgen.webui.worker import PUBLIC_NAMES, copy_atomic, publish
+from threedgen.webui.worker import publish, publish_preview
 
 NAMESPACE = "threedgen"
 INSTALL_HINT = 'the ray backend needs Ray: pip install "threedgen[cluster]"'
@@ -139,7 +139,7 @@ class Dispatcher:
         cancel = self.store.progress(job_id, step, max_steps, step_time, run_dir=run_dir)
         if preview:
             try:
-                copy_atomic(Path(preview), self._public(job_id) / PUBLIC_NAMES["preview"])
+                publish_preview(Path(preview), self._public(job_id), step)
             except OSError:
                 pass  # a preview is a nicety; the next one comes soon
         return cancel

@@ -12,6 +12,7 @@ the only folder the web server may serve.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -36,13 +37,37 @@ PUBLIC_FILES = {
     "splats": "splats.ply",
     "video": "turntable.mp4", "preview": "previews/final.png", "metrics": "metrics.json",
 }
-# kind -> name in the job's public folder: the file's own name, except the preview
+# kind -> name in the job's public folder: the file's own name, except the preview, which is
+# named by its step (``publish_preview``); "preview.png" is the name a folder of an older version has
 PUBLIC_NAMES = {**{kind: Path(path).name for kind, path in PUBLIC_FILES.items()}, "preview": "preview.png"}
+PREVIEW_GLOB = "preview-*.png"
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def publish_preview(src: Path, public_dir: Path, step: int, final: bool = False) -> Path:
+    """Copy a preview to the job's public folder as ``preview-<step>.png`` (``-final`` for the
+    finished run's), then remove the older ones: a new preview is a new URL, so no browser or proxy
+    cache ever shows a stale image under the current name."""
+    public_dir.mkdir(parents=True, exist_ok=True)
+    dst = public_dir / f"preview-{int(step):06d}{'-final' if final else ''}.png"
+    copy_atomic(src, dst)
+    for old in [*public_dir.glob(PREVIEW_GLOB), public_dir / PUBLIC_NAMES["preview"]]:
+        if old != dst:
+            old.unlink(missing_ok=True)
+    return dst
+
+
+def latest_preview(public_dir: Path) -> Optional[Path]:
+    """The job's current preview (the newest step; the final one last), if any."""
+    found = sorted(public_dir.glob(PREVIEW_GLOB))
+    if found:
+        return found[-1]
+    legacy = public_dir / PUBLIC_NAMES["preview"]
+    return legacy if legacy.is_file() else None
 
 
 def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[str]:
@@ -53,10 +78,22 @@ def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[
         src = Path(run_dir) / PUBLIC_FILES[kind]
         if kind == "video" and not src.is_file():
             src = Path(run_dir) / "turntable.gif"
-        if src.is_file():
+        if not src.is_file():
+            continue
+        if kind == "preview":
+            publish_preview(src, public_dir, _run_step(run_dir), final=True)
+        else:
             copy_atomic(src, public_dir / (PUBLIC_NAMES[kind] if src.suffix != ".gif" else src.name))
-            done.append(kind)
+        done.append(kind)
     return done
+
+
+def _run_step(run_dir: Path) -> int:
+    """The step a run folder's status records (0 when it cannot be read)."""
+    try:
+        return int(json.loads((Path(run_dir) / "status.json").read_text()).get("step") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def job_config(params: dict, device: str = "auto"):
@@ -97,7 +134,7 @@ class LocalReporter(Reporter):
     def progress(self, step, max_steps, step_time, run_dir, preview) -> bool:
         self.cancelled = self.store.progress(self.job_id, step, max_steps, step_time, run_dir=run_dir)
         if preview is not None:
-            copy_atomic(preview, self.public_dir / PUBLIC_NAMES["preview"])
+            publish_preview(preview, self.public_dir, step)
         return self.cancelled or os.getppid() != self.parent_pid
 
     def first_step(self, step: int) -> None:
