@@ -43,6 +43,11 @@ def describe():
             continue
         corners = [obj.matrix_world @ Vector(c) for c in obj.bound_box]
         verts = numpy.array([list(obj.matrix_world @ v.co) for v in obj.data.vertices])
+        normals = numpy.array([list((obj.matrix_world.to_3x3() @ p.normal).normalized()) for p in obj.data.polygons])
+        areas = numpy.array([p.area for p in obj.data.polygons])
+        # area-weighted mean angle between each face's normal and the nearest world axis: ~0 for
+        # a box whose faces are flat (and axis-aligned), larger the more its faces are dented
+        axis_error = numpy.degrees(numpy.arccos(numpy.clip(numpy.abs(normals).max(1), 0, 1)))
         z_lo, z_hi = verts[:, 2].min(), verts[:, 2].max()
         top = verts[verts[:, 2] > z_hi - 0.1 * (z_hi - z_lo)]
         bottom = verts[verts[:, 2] < z_lo + 0.1 * (z_hi - z_lo)]
@@ -55,6 +60,7 @@ def describe():
             # horizontal spread of the top and bottom tenths of the height (a cone's apex is narrow)
             "top_width": float(numpy.ptp(top[:, :2], axis=0).max()),
             "bottom_width": float(numpy.ptp(bottom[:, :2], axis=0).max()),
+            "axis_normal_error_deg": float((axis_error * areas).sum() / max(areas.sum(), 1e-12)),
             "materials": [{"name": m.name if m else None, "base_color_image": base_color_image(m),
                            "metallic": m.node_tree.nodes["Principled BSDF"].inputs["Metallic"].default_value
                            if m and m.use_nodes and "Principled BSDF" in m.node_tree.nodes else None}

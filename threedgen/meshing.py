@@ -19,7 +19,7 @@ from scipy.ndimage import binary_fill_holes, gaussian_filter
 from threedgen.cameras import Cameras, ray_aabb
 from threedgen.errors import UserError
 
-SHELL_SAMPLES = 24  # samples along the inward normal when a surface's colour is seen through its shell
+SHELL_SAMPLES = 8  # samples along the inward normal when a surface's colour is seen through its shell
 
 
 @torch.no_grad()
