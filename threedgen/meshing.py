@@ -95,7 +95,8 @@ def view_level(values: np.ndarray, bound: float, alpha: np.ndarray | None = None
     peak = peak.numpy()
     if not opaque.any() or not (peak > 0).any():
         return float("inf")
-    q = np.unique(np.quantile(peak[peak > 0], np.linspace(0, 1, candidates)))
+    q = np.quantile(peak[peak > 0], np.linspace(0, 1, candidates))
+    q = np.unique(np.round(q / q[-1], 5)) * q[-1]  # peaks within 1e-5 of each other are one value
     # Midpoints between ray peaks: a level equal to a sample makes marching cubes degenerate.
     cands = np.concatenate([q[:1] * 0.5, (q[1:] + q[:-1]) / 2]) if len(q) > 1 else q * 0.5
     covered = peak[None, :] > cands[:, None]
