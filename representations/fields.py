@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from threedgen.errors import UserError
 
 
-def _sample_grid(grid: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+def sample_grid(grid: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """Trilinear lookup: ``grid [C,D,H,W]``, points ``[P,3]`` in [-1,1] (x->W, y->H, z->D) -> ``[P,C]``."""
     out = F.grid_sample(grid[None], unit.view(1, 1, 1, -1, 3), mode="bilinear", align_corners=True)
     return out.view(grid.shape[0], -1).T
@@ -37,7 +37,7 @@ class DenseGridField(torch.nn.Module):
 
     def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         unit = points / self.bound
-        return _sample_grid(self.density, unit)[:, 0], torch.sigmoid(_sample_grid(self.color, unit))
+        return sample_grid(self.density, unit)[:, 0], torch.sigmoid(sample_grid(self.color, unit))
 
     def total_variation(self) -> torch.Tensor:
         """Mean squared difference of the raw density between neighbouring voxels, over the three

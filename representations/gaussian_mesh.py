@@ -17,10 +17,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from threedgen.boxes import box_points, chunk_ranges
 from threedgen.meshing import Surface, check_mesh_resolution, surface_from_grid
+from threedgen.representations.fields import sample_grid
 from threedgen.representations.gsplat_reference import quat_scale_to_covar_preci
 from threedgen.representations.splatting import ALPHA_THRESHOLD, opacity_extent
 
@@ -80,18 +80,15 @@ def gaussians_surface(means, quats, scales, opacities, colors, bound: float, res
     means, quats, scales = means.float(), quats.float(), scales.float()
     opacities, colors = opacities.float(), colors.float()
     density, color = density_grids(means, quats, scales, opacities, colors, bound, resolution)
-    grid = color.permute(3, 2, 1, 0)[None]  # [1,3,z,y,x] for grid_sample's (x, y, z) order
-    extinction = (density / (math.sqrt(2 * math.pi) * scales.median())).permute(2, 1, 0)[None, None]
-
-    def lookup(volume, points):
-        unit = (points / bound).view(1, 1, 1, -1, 3).to(volume)
-        return F.grid_sample(volume, unit, mode="bilinear", align_corners=True).view(volume.shape[1], -1).T
+    grid = color.permute(3, 2, 1, 0)  # [3,z,y,x] for grid_sample's (x, y, z) order
+    extinction = (density / (math.sqrt(2 * math.pi) * scales.median())).permute(2, 1, 0)[None]
 
     def color_fn(points):
-        return lookup(grid, points)
+        return sample_grid(grid, points.to(grid) / bound)
 
     surface = surface_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device,
                                 view_alpha=view_alpha, smooth=smooth)
     if shell > 0:
-        surface = dataclasses.replace(surface, density_fn=lambda points: lookup(extinction, points)[:, 0], shell=shell)
+        surface = dataclasses.replace(surface, density_fn=lambda points: sample_grid(extinction, points.to(grid) / bound)[:, 0],
+                                      shell=shell)
     return surface

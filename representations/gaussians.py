@@ -34,7 +34,7 @@ from gsplat.strategy.ops import remove
 from threedgen import kernels
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
-from threedgen.meshing import LEVEL_RESOLUTION, level_cameras, smoothed, view_level
+from threedgen.meshing import LEVEL_RESOLUTION, level_cameras, mesh_level
 from threedgen.representations import splatting
 from threedgen.representations.base import RenderOutput, Representation, opacity_at_level
 from threedgen.representations.config import GaussiansConfig
@@ -226,7 +226,7 @@ class Gaussians(Representation):
     def opacity_grid(self, bound: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
         """From ``gaussian_mesh.density_grids`` (the mesh's extraction field): ``alpha =
         opacity_at_level(density, level)`` of the density ``sum_i o_i exp(-q_i(x) / 2)``, 0.5 at the
-        level ``extract_surface`` meshes (``mesh_threshold``, or ``meshing.view_level`` of this
+        level ``extract_surface`` meshes (``mesh_threshold``, or ``meshing.mesh_level`` of this
         grid with the splats' own renders, as the export finds it); the colour is the
         density-weighted mean of the Gaussians' degree-0 colours (see the base class)."""
         a = self.activated()
@@ -234,11 +234,9 @@ class Gaussians(Representation):
         opacities = a["opacities"].float()
         rgb = torch.clamp(SH_C0 * self.params["sh0"][:, 0] + 0.5, 0, 1).float()
         density, colour = density_grids(means, quats, scales, opacities, rgb, bound, resolution)
-        density = torch.from_numpy(smoothed(density.cpu().numpy(), bound, self.cfg.mesh_smooth))
-        level = self.cfg.mesh_threshold
-        if level is None:
-            level = view_level(density.numpy(), bound, self.level_alpha(bound))
-        return opacity_at_level(density, level), colour.cpu()
+        alpha = self.level_alpha(bound) if self.cfg.mesh_threshold is None else None
+        density, level = mesh_level(density.cpu().numpy(), bound, self.cfg.mesh_threshold, self.cfg.mesh_smooth, alpha)
+        return opacity_at_level(torch.from_numpy(density), level), colour.cpu()
 
     @torch.no_grad()
     def level_alpha(self, bound: float) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from threedgen import kernels
 from threedgen.cameras import Cameras, ray_aabb  # ray_aabb: re-exported
-from threedgen.meshing import smoothed, surface_from_field, view_level
+from threedgen.meshing import mesh_level, surface_from_field
 from threedgen.representations.base import RenderOutput, Representation, opacity_at_level
 from threedgen.representations.config import NeRFConfig
 from threedgen.representations.fields import DenseGridField, HashGridField
@@ -240,7 +240,7 @@ class NeRF(Representation):
     def opacity_grid(self, bound: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The field's colour at the voxel centres and ``alpha = opacity_at_level(sigma, level)``, 0.5
         at the density ``level`` that ``extract_surface`` meshes: ``mesh_threshold``, or
-        ``meshing.view_level`` of this grid (the level whose silhouettes match the renders).
+        ``meshing.mesh_level`` of this grid (the level whose silhouettes match the renders).
         Zero density outside the scene box, where renders take no samples.
 
         Not the opacity across one voxel edge ``h``, ``1 - exp(-sigma h)``: a trained field's density
@@ -256,12 +256,10 @@ class NeRF(Representation):
             sigmas.append(torch.where((points.abs() <= self.cfg.bound).all(-1), sigma, torch.zeros_like(sigma))
                           .float().cpu())
             colours.append(rgb.float().cpu())
-        sigma = torch.from_numpy(smoothed(torch.cat(sigmas).view(resolution, resolution, resolution).numpy(), bound,
-                                          self.cfg.mesh_smooth))
-        level = self.cfg.mesh_threshold
-        if level is None:
-            level = view_level(sigma.numpy(), bound)
-        return opacity_at_level(sigma, level), torch.cat(colours).view(resolution, resolution, resolution, 3)
+        sigma, level = mesh_level(torch.cat(sigmas).view(resolution, resolution, resolution).numpy(), bound,
+                                  self.cfg.mesh_threshold, self.cfg.mesh_smooth)
+        return (opacity_at_level(torch.from_numpy(sigma), level),
+                torch.cat(colours).view(resolution, resolution, resolution, 3))
 
     @torch.no_grad()
     def extract_surface(self, resolution: int = 128):

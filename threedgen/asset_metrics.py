@@ -39,8 +39,7 @@ def welded(mesh) -> trimesh.Trimesh:
 def topology(mesh) -> dict:
     """``watertight``, ``open_edges`` and ``pinched_edges`` (see the module docstring)."""
     solid = welded(mesh)
-    edges = np.sort(solid.edges, axis=1)
-    _, counts = np.unique(edges, axis=0, return_counts=True)
+    _, counts = np.unique(solid.edges_sorted, axis=0, return_counts=True)
     return {"watertight": bool(solid.is_watertight), "open_edges": int((counts == 1).sum()),
             "pinched_edges": int((counts > 2).sum())}
 
@@ -54,17 +53,12 @@ def rotation_y(degrees: float) -> np.ndarray:
 def sample_texture(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
     """Bilinear samples ``[N,C]`` in [0, 1] of a uint8 image ``[H,W,C]`` at glTF/OpenGL UVs (``v`` up
     from the bottom row, as trimesh loads them), clamped at the border, texel centres at half
-    integers."""
-    h, w = image.shape[:2]
-    x = np.clip(uv[:, 0] * w - 0.5, 0, w - 1)
-    y = np.clip((1.0 - uv[:, 1]) * h - 0.5, 0, h - 1)
-    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    img = image.astype(np.float64) / 255.0
-    top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
-    bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
+    integers: ``grid_sample`` without ``align_corners``."""
+    img = torch.from_numpy(np.array(image, np.float64)).permute(2, 0, 1)[None] / 255.0
+    grid = torch.as_tensor(np.stack([2 * uv[:, 0] - 1, 1 - 2 * uv[:, 1]], 1), dtype=torch.float64)
+    out = torch.nn.functional.grid_sample(img, grid.view(1, 1, -1, 2), mode="bilinear", padding_mode="border",
+                                          align_corners=False)
+    return out.view(img.shape[1], -1).T.numpy()
 
 
 def surface_colors(mesh, points: np.ndarray, faces: np.ndarray) -> np.ndarray | None:

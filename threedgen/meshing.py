@@ -189,6 +189,15 @@ def smoothed(values: np.ndarray, bound: float, smooth: float) -> np.ndarray:
     return gaussian_filter(values, smooth * (values.shape[0] - 1) / (2 * bound))
 
 
+def mesh_level(values: np.ndarray, bound: float, threshold: float | None = None, smooth: float = 0.0,
+               view_alpha: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """The grid the export meshes and its isosurface level: ``values`` blurred by ``smooth``
+    (``smoothed``), at ``threshold`` or (None) that grid's own ``view_level`` with ``view_alpha``.
+    ``surface_from_grid`` meshes it; the representations' opacity grids put their 0.5 there."""
+    values = smoothed(values, bound, smooth)
+    return values, (view_level(values, bound, view_alpha) if threshold is None else threshold)
+
+
 def check_mesh_resolution(resolution: int) -> None:
     if resolution < 8 or resolution > 1024:
         raise UserError(f"mesh resolution must be between 8 and 1024; got {resolution}")
@@ -202,14 +211,12 @@ def surface_from_grid(values: np.ndarray, color_fn, bound: float, threshold: flo
     ``threshold`` (None: ``view_level``, with the renders' ``view_alpha`` if given), enclosed cavities filled;
     components with fewer than ``min_component_fraction`` of the largest one's faces (floaters)
     are dropped. The grid is padded with empty space, so every component is closed (watertight).
-    ``smooth > 0`` first blurs the grid (``smoothed``)."""
+    ``smooth > 0`` first blurs the grid (``mesh_level``)."""
 
     resolution = values.shape[0]
     if not np.isfinite(values).all():
         raise UserError("the density field holds non-finite values; the run diverged and cannot be exported")
-    values = smoothed(values, bound, smooth)  # before the level, so the level is the smoothed field's own
-    if threshold is None:
-        threshold = view_level(values, bound, view_alpha)
+    values, threshold = mesh_level(values, bound, threshold, smooth, view_alpha)
     if not values.max() > threshold:
         raise UserError(f"the density field is empty at the isosurface level {threshold:.3g} "
                         f"(max density {values.max():.3g}); nothing to export")
