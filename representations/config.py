@@ -202,3 +202,31 @@ class GaussiansConfig(RepresentationConfig):
                             f"representation.num_points ({self.num_points})")
         if self.mesh_threshold is not None:
             check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
+
+
+@dataclass
+class PromptGridsConfig:
+    """The amortised generator (``threedgen train-amortised``): one network for many prompts. A
+    prompt's vector (the prior's own text embedding, ``Prior.prompt_vector``) goes through a
+    mapping MLP to two codes; each code mixes a learned basis of voxel grids into the density and
+    colour grids of a NeRF (``representation.density_resolution``, ``color_resolution``)."""
+
+    latent: int = 32
+    """Basis grids per code (density and colour each): the number of directions prompts can differ in."""
+    hidden: int = 256
+    """Width of the mapping MLP's two hidden layers."""
+    prompts_per_step: int = 4
+    """Prompts rendered and guided per optimizer step (per process under DDP); each gets camera.batch_size views."""
+    lr_mapping: float = 0.001
+    """Learning rate of the mapping MLP."""
+    lr_basis: float = 0.05
+    """Learning rate of the basis grids (codes have unit length, so a step moves a grid by about this much)."""
+    lr_mean: float = 0.3
+    """Learning rate of the mean grids every prompt shares (the per-prompt NeRF's grid learning rate)."""
+
+    def check(self) -> None:
+        check_range("amortised.latent", self.latent, 1, 1024, integer=True)
+        check_range("amortised.hidden", self.hidden, 1, 8192, integer=True)
+        check_range("amortised.prompts_per_step", self.prompts_per_step, 1, 1024, integer=True)
+        for key in ("lr_mapping", "lr_basis", "lr_mean"):
+            check_range(f"amortised.{key}", getattr(self, key), 0, 100)

@@ -27,6 +27,14 @@ def sample_grid(grid: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     return out.view(grid.shape[0], -1).T
 
 
+def total_variation(grid: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between neighbouring voxels of ``grid [..., D, H, W]`` (the last
+    three axes), summed over those axes: the smoothness prior of voxel-grid radiance fields
+    (Plenoxels, DVGO), on the raw density."""
+    return sum(((grid.narrow(a, 1, grid.shape[a] - 1) - grid.narrow(a, 0, grid.shape[a] - 1)) ** 2).mean()
+               for a in (-3, -2, -1))
+
+
 class DenseGridField(torch.nn.Module):
     def __init__(self, bound: float, density_resolution: int = 64, color_resolution: int = 32):
         super().__init__()
@@ -40,10 +48,7 @@ class DenseGridField(torch.nn.Module):
         return sample_grid(self.density, unit)[:, 0], torch.sigmoid(sample_grid(self.color, unit))
 
     def total_variation(self) -> torch.Tensor:
-        """Mean squared difference of the raw density between neighbouring voxels, over the three
-        axes (the smoothness prior of voxel-grid radiance fields: Plenoxels, DVGO)."""
-        d = self.density[0]
-        return sum(((d.narrow(a, 1, d.shape[a] - 1) - d.narrow(a, 0, d.shape[a] - 1)) ** 2).mean() for a in range(3))
+        return total_variation(self.density[0])
 
     def parameter_groups(self, lr_density: float, lr_color: float) -> list[dict]:
         return [{"params": [self.density], "lr": lr_density, "name": "density"},

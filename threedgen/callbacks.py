@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from threedgen.cameras import Cameras
 from threedgen.checkpoints import save_checkpoint
 from threedgen.rundir import write_status
-from threedgen.views import render_views, write_image
+from threedgen.views import write_image
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -53,11 +51,9 @@ class PreviewCallback(pl.Callback):
         if step % self.cfg.preview_every or step == self._last:
             return
         self._last = step
-        c = self.cfg.camera
-        cams = Cameras.from_angles([20.0, 20.0], [0.0, 90.0], float(np.mean(c.distance_range)),
-                                   float(np.mean(c.fovy_range))).to(module.device)
-        rgb, _ = render_views(module.representation, cams, 128)
-        image = np.concatenate(list(rgb), axis=1)
+        if not trainer.is_global_zero:  # one process writes the run folder
+            return
+        image = module.preview_image()
         folder = self.run_dir / "previews"
         folder.mkdir(exist_ok=True)
         write_image(folder / f"step-{step:06d}.png", image)

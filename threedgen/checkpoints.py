@@ -114,6 +114,11 @@ def save_checkpoint(trainer, run_dir: Path) -> Path:
     """Save the trainer's state as ``last.ckpt`` (the old one becomes ``prev.ckpt``), verified
     before it replaces anything. OSError (disk full, folder gone) leaves the old files intact."""
     last, prev = checkpoint_paths(run_dir)
+    if not trainer.is_global_zero:
+        # Under DDP every process takes part in a save (Lightning gathers the state and waits for
+        # all of them) and the first one writes; the others have nothing to verify or rotate.
+        trainer.save_checkpoint(last.parent / ".unwritten.ckpt", weights_only=False)
+        return last
     last.parent.mkdir(exist_ok=True)
     with atomic_path(last) as tmp:
         try:

@@ -24,6 +24,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from threedgen.amortised_folder import (
+    AMORTISED_STEPS,
+    generator_settings,
+    launched_rank,
+    read_meta,
+    read_prompt_file,
+)
 from threedgen.config import DEFAULT_LAYER, flat, parse_overrides, resolve_request
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import RunFailed, UserError
@@ -57,11 +64,12 @@ def _int_arg(name: str, lo: int, hi: int):
     return parse
 
 
-def _component_args(parser: argparse.ArgumentParser, prior_default: str) -> None:
+def _component_args(parser: argparse.ArgumentParser, prior_default: str, representation: bool = True) -> None:
     parser.add_argument("--guidance", default=PARSER_DEFAULTS["guidance"],
                         help=f"guidance method: {', '.join(GUIDANCE)} (`threedgen guidance list`)")
-    parser.add_argument("--representation", default=PARSER_DEFAULTS["representation"],
-                        help=f"3D representation: {', '.join(REPRESENTATIONS)}")
+    if representation:
+        parser.add_argument("--representation", default=PARSER_DEFAULTS["representation"],
+                            help=f"3D representation: {', '.join(REPRESENTATIONS)}")
     parser.add_argument("--prior", default=prior_default,
                         help=f"auto (Stable Diffusion 2.1 base on CUDA, shapes on CPU), {', '.join(PRIORS)}, "
                              "a Hugging Face id or a local diffusers folder")
@@ -197,7 +205,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_webui(sub)
     _add_batch(sub)
     _add_train_prior(sub)
+    _add_amortised(sub)
     return parser
+
+
+def _add_amortised(sub) -> None:
+    t = sub.add_parser("train-amortised", help="train one generator over a prompt set (instant generation)",
+                       description="Trains an amortised generator (docs/amortised.md) by score distillation over every "
+                                   "prompt of PROMPTS (a text file, one prompt per line, # for comments) at once; "
+                                   "`threedgen generate` then answers any prompt made of the words it was trained on "
+                                   "in well under a second. Writes a model folder (--out) and prints its path.")
+    t.add_argument("prompts", nargs="?", metavar="PROMPTS", help="text file of prompts, one per line")
+    t.add_argument("--out", default=None, help="the model folder (default: models/<PROMPTS file name>)")
+    t.add_argument("--resume", metavar="MODEL", help="continue training a model folder from its last checkpoint")
+    _component_args(t, PARSER_DEFAULTS["prior"], representation=False)
+    t.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS),
+                   help=f"optimisation steps (default {AMORTISED_STEPS})")
+    t.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), help="random seed")
+    t.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
+    t.add_argument("--devices", type=_int_arg("--devices", 1, 1024), default=1,
+                   help="processes per node under DDP (CPU processes or GPUs; default 1)")
+    t.add_argument("--nodes", type=_int_arg("--nodes", 1, 100_000), default=1,
+                   help="nodes under DDP (start the same command on each, e.g. with torchrun; default 1)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (as for `threedgen run`) and the generator's amortised.* keys: "
+                        "amortised.latent, amortised.hidden, amortised.prompts_per_step, amortised.lr_mapping, "
+                        "amortised.lr_basis, amortised.lr_mean")
+
+    g = sub.add_parser("generate", help="a prompt's 3D asset from a trained amortised model, at once",
+                       description="Generates the prompt's NeRF with an amortised model (train-amortised) and writes "
+                                   "the run folder a per-prompt run writes (meshes, turntable, previews, metrics); "
+                                   "prints its path.")
+    g.add_argument("model", metavar="MODEL", help="the model folder")
+    g.add_argument("--prompt", required=True, help='what to make, e.g. "a red torus"')
+    g.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
+    g.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the model's)")
+    g.add_argument("--no-eval", action="store_true", help="skip scoring against the truth")
 
 
 def _add_train_prior(sub) -> None:
@@ -288,6 +332,63 @@ def _cmd_train_prior(args) -> int:
     folder = train(Path(args.out), cfg, resume=args.resume, export_to=Path(args.export) if args.export else None,
                    threads=args.threads, quiet=args.no_progress)
     print(folder)
+    return 0
+
+
+def _cmd_train_amortised(args) -> int:
+    flags = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("device", args.device)) if v is not None}
+    if args.resume:
+        given = [flag for flag, value in (("PROMPTS", args.prompts), ("--seed", args.seed), ("--device", args.device),
+                                          ("key=value overrides", args.overrides or None), ("--out", args.out))
+                 if value is not None]
+        given += [f"--{k}" for k in ("guidance", "prior") if getattr(args, k) != PARSER_DEFAULTS[k]]
+        if given:
+            raise UserError(f"--resume continues a model with its own config and prompts (only --steps, --devices and "
+                            f"--nodes may change); drop {', '.join(given)}")
+        read_meta(args.resume)
+        cfg = gen_cfg = prompts = None
+        folder = args.resume
+    else:
+        if args.prompts is None:
+            raise UserError("give the prompt file: threedgen train-amortised PROMPTS.txt (one prompt per line)")
+        prompts = read_prompt_file(args.prompts)
+        gen_cfg, overrides = generator_settings(parse_overrides(args.overrides))
+        flags.setdefault("steps", AMORTISED_STEPS)
+        merged, _ = resolve_request(args.guidance, "nerf", args.prior, overrides, {**flags, "prompt": prompts[0]})
+        cfg = merged.cfg
+        for i, prompt in enumerate(prompts):  # every prompt by the prior's rules, before anything starts
+            cfg.prompt = prompt
+            try:
+                cfg.check()
+            except UserError as exc:
+                raise UserError(f"{args.prompts}, prompt {i + 1}: {exc}") from None
+            prompts[i] = cfg.prompt
+        cfg.prompt = prompts[0]
+        folder = args.out or str(Path("models") / Path(args.prompts).stem)
+    from threedgen.amortised import train_amortised  # heavy (torch, Lightning): only once the input is good
+
+    folder = train_amortised(cfg, gen_cfg, prompts, folder, resume=bool(args.resume), steps=args.steps,
+                             devices=args.devices, nodes=args.nodes, progress_bar=not args.no_progress)
+    if launched_rank() == 0:
+        print(folder)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    read_meta(args.model)
+    from threedgen.amortised import AmortisedModel  # heavy (torch): only once the input is good
+
+    model = AmortisedModel(args.model, device=args.device)
+    run_dir = model.generate(args.prompt, out=args.out, evaluate=not args.no_eval)
+    status = json.loads((run_dir / "status.json").read_text())
+    metrics_file = run_dir / "metrics.json"
+    score = ""
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        score = f"mask_iou {m['mask_iou']:.3f}  psnr {m['psnr']:.2f} dB  chamfer {m['chamfer']:.4f}  "
+    print(f"{score}generated in {status['generate_seconds'] * 1000:.0f} ms (model loaded in {model.load_seconds:.1f} s, "
+          f"export {status['export_seconds']:.1f} s)", file=sys.stderr)
+    print(run_dir)
     return 0
 
 
@@ -490,7 +591,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         # key=value overrides may come anywhere after `run`, between the flags too
         args, extra = parser.parse_known_args(argv)
-        if args.command in ("run", "config"):
+        if args.command in ("run", "config", "train-amortised"):
             args.overrides = list(args.overrides or []) + [e for e in extra if "=" in e and not e.startswith("-")]
             extra = [e for e in extra if "=" not in e or e.startswith("-")]
         if extra:
@@ -500,7 +601,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return EXIT_USAGE
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
                     "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui, "batch": _cmd_batch,
-                    "train-prior": _cmd_train_prior}
+                    "train-prior": _cmd_train_prior, "train-amortised": _cmd_train_amortised,
+                    "generate": _cmd_generate}
         return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import copy
 import sys
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
 from threedgen.cameras import Cameras, CameraSampler, CameraStream
 from threedgen.errors import RunFailed, UserError
 from threedgen.modules import hold
+from threedgen.views import render_views
 
 
 class CameraDataModule(pl.LightningDataModule):
@@ -98,12 +100,23 @@ class System(pl.LightningModule):
         return named
 
     def training_step(self, cameras: Cameras, batch_idx: int):
-        step, max_steps = self.global_step, self.cfg.steps
+        loss, guided, n = self.step_loss(cameras, self.global_step, self.cfg.steps)
+        self.optimise(loss)
+        if self._log_now():
+            self.log_step(guided, n)
+        return loss.detach()
+
+    def step_loss(self, cameras: Cameras, step: int, max_steps: int):
+        """(loss, the guidance's output, views) of one step: render -> guidance -> regularisers."""
         size = self.cfg.render.size_at(step, max_steps)
         out = self.representation.render(cameras, size, size)
         guided = self.guidance(out.rgb, self.embeds, cameras, step, max_steps)
-        loss = guided.loss + self.regularizers(out)
+        return guided.loss + self.regularizers(out), guided, len(cameras)
 
+    def optimise(self, loss: torch.Tensor) -> None:
+        """Backward, then every optimizer steps when the loss and every gradient are finite; else
+        the step is skipped (and after ``optimizer.rollback_after`` in a row, rolled back)."""
+        step = self.global_step
         optimizers = self.optimizers()  # Lightning's wrappers, in the order of named_optimizers
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         for opt in optimizers:
@@ -123,17 +136,26 @@ class System(pl.LightningModule):
             self._bad_in_a_row += 1
             if self._bad_in_a_row >= self.cfg.optimizer.rollback_after:
                 self.roll_back(f"{self._bad_in_a_row} non-finite steps in a row at step {step}")
-        if not self._log_now():
-            return loss.detach()
+
+    def log_step(self, guided, n: int) -> None:
+        """The step's numbers to the logger and the progress bar."""
         self.log_dict({"loss": guided.loss.detach(), "grad_norm": guided.grad_norm,
                        "t": guided.t.float().mean(), "skipped": float(self.skipped_steps),
                        "rollbacks": float(self.rollbacks)},
-                      prog_bar=True, on_step=True, batch_size=len(cameras))
+                      prog_bar=True, on_step=True, batch_size=n)
         extras = {k: float(v) for k, v in guided.extras.items() if isinstance(v, (int, float)) or
                   (isinstance(v, torch.Tensor) and v.numel() == 1)}
         if extras:  # method-specific numbers (VSD's fake-score loss, TSM's inversion calls, ...)
-            self.log_dict(extras, on_step=True, batch_size=len(cameras))
-        return loss.detach()
+            self.log_dict(extras, on_step=True, batch_size=n)
+
+    @torch.no_grad()
+    def preview_image(self, size: int = 128) -> np.ndarray:
+        """The training preview: two views (front, right) side by side, ``[size, 2 size, 3]`` uint8."""
+        c = self.cfg.camera
+        cams = Cameras.from_angles([20.0, 20.0], [0.0, 90.0], float(np.mean(c.distance_range)),
+                                   float(np.mean(c.fovy_range))).to(self.device)
+        rgb, _ = render_views(self.representation, cams, size)
+        return np.concatenate(list(rgb), axis=1)
 
     def _log_now(self) -> bool:
         """Whether this step's numbers reach the logger: on the batches Lightning writes its logs

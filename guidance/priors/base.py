@@ -133,6 +133,14 @@ class Prior(torch.nn.Module):
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         raise NotImplementedError
 
+    def prompt_vector(self, embeds: PromptEmbeds) -> torch.Tensor:
+        """One vector ``[D]`` per prompt, what an amortised generator is conditioned on: here the
+        text encoder's hidden states of ``embeds.cond`` averaged over the tokens."""
+        cond = embeds.cond
+        if not torch.is_tensor(cond):
+            raise NotImplementedError(f"{type(self).__name__} has no prompt vector")
+        return cond.detach().float().reshape(-1, cond.shape[-1]).mean(0)
+
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
         """Differentiable: rgb ``[B,3,H,W]`` in [0,1] -> model space."""
         raise NotImplementedError

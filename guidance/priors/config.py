@@ -6,6 +6,7 @@ Each prior config checks, cheaply and before anything is built, what it can of a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -27,6 +28,8 @@ class PriorConfig:
     # The kind of model folder (model_index.json's pipeline) this prior loads, where it differs
     # from its name (both learned shapes priors load a "shapes-unet" folder).
     model_kind: ClassVar[Optional[str]] = None
+    # What each position of ``prompt_words`` names, for messages (None: plain words).
+    word_kinds: ClassVar[Optional[tuple[str, ...]]] = None
     name: str = "prior"
     """The prior (`--prior`)."""
 
@@ -36,12 +39,18 @@ class PriorConfig:
     def check_run(self, run_cfg) -> None:
         """What this prior can check of a whole run before it is built (prompt, cameras, model)."""
 
+    def prompt_words(self, prompt: str) -> tuple[str, ...]:
+        """The words of a prompt an amortised model must have been trained on for it to answer
+        (``threedgen generate``): here every lower-case word but articles."""
+        return tuple(dict.fromkeys(w for w in re.findall(r"[a-z]+", prompt.lower()) if w not in ("a", "an", "the")))
+
 
 @PRIORS.register("shapes", "threedgen.guidance.priors.shapes.prior:ShapesPrior",
                  "the embedded prior: ten shapes (three with a front) in twelve colours, rendered exactly (CPU, no weights)")
 @dataclass
 class ShapesPriorConfig(PriorConfig):
     has_truth: ClassVar[bool] = True
+    word_kinds: ClassVar[Optional[tuple[str, ...]]] = ("colours", "shapes")
     name: str = "shapes"
     resolution: int = 64
     """Teacher image size in pixels."""
@@ -94,6 +103,10 @@ class ShapesPriorConfig(PriorConfig):
         if self.perp_neg and (self.camera_kappa != 0 or not self.view_dependent_prompting):
             raise UserError(f"prior.perp_neg {text_only} with prior.view_dependent_prompting=true "
                             "(it mixes the view prompts)")
+
+    def prompt_words(self, prompt: str) -> tuple[str, ...]:
+        """The prompt's colour and shape, synonyms resolved ("a crimson donut" -> red, torus)."""
+        return parse_prompt(prompt)
 
     def check_run(self, run_cfg) -> None:
         _, shape = parse_prompt(run_cfg.prompt)
@@ -190,6 +203,7 @@ class ShapesUNetPriorConfig(DiffusionPriorConfig):
     tags (``shapes-unet``) or conditioned on the render's camera (``shapes-unet-camera``)."""
 
     has_truth: ClassVar[bool] = True
+    word_kinds: ClassVar[Optional[tuple[str, ...]]] = ("colours", "shapes")
     model_kind: ClassVar[Optional[str]] = "shapes-unet"
     name: str = "shapes-unet"
     model: str = str(SHIPPED)
@@ -200,6 +214,10 @@ class ShapesUNetPriorConfig(DiffusionPriorConfig):
     """The camera distance the model was trained at; training cameras must match it."""
     fovy: float = 40.0
     """The vertical field of view (degrees) the model was trained at; training cameras must match it."""
+
+    def prompt_words(self, prompt: str) -> tuple[str, ...]:
+        """The prompt's colour and shape, synonyms resolved (the shapes world's vocabulary)."""
+        return parse_prompt(prompt)
 
     def check_run(self, run_cfg) -> None:
         parse_prompt(run_cfg.prompt)

@@ -238,6 +238,14 @@ class ShapesPrior(Prior):
         return PromptEmbeds(prompt, negative_prompt, cond, uncond, everything, by_view,
                             perp_neg=bool(self.cfg.perp_neg and by_view))
 
+    def prompt_vector(self, embeds: PromptEmbeds) -> torch.Tensor:
+        """The exact prior's text embedding: one-hot colour (12) then one-hot shape (its world's)."""
+        colour, shape = parse_prompt(embeds.prompt)
+        vector = torch.zeros(len(self.colours) + len(self.shapes))
+        vector[self.colours.index(colour)] = 1.0
+        vector[len(self.colours) + self.shapes.index(shape)] = 1.0
+        return vector
+
     @classmethod
     def truth(cls, prompt: str) -> ShapeTruth:
         colour, shape = parse_prompt(prompt)
