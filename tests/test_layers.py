@@ -27,10 +27,10 @@ LAYERS = {
     # 1, components: priors, guidance methods, representations (and their config modules).
     "threedgen.guidance": 1, "threedgen.representations": 1,
     # 2, training: the LightningModule, callbacks, checkpoints.
-    "threedgen.system": 2, "threedgen.callbacks": 2, "threedgen.checkpoints": 2,
+    "threedgen.system": 2, "threedgen.callbacks": 2, "threedgen.checkpoints": 2, "threedgen.amortised_system": 2,
     # 3, the app: config merging, run folders, the runner, export, eval, doctor, CLI, web UI.
     "threedgen.config": 3, "threedgen.runs": 3, "threedgen.runner": 3, "threedgen.export": 3,
-    "threedgen.evaluate": 3, "threedgen.asset_metrics": 3, "threedgen.janus": 3, "threedgen.doctor": 3, "threedgen.cli": 3, "threedgen.__main__": 3,
+    "threedgen.amortised": 3, "threedgen.amortised_folder": 3, "threedgen.evaluate": 3, "threedgen.asset_metrics": 3, "threedgen.janus": 3, "threedgen.doctor": 3, "threedgen.cli": 3, "threedgen.__main__": 3,
     "threedgen.webui": 3, "threedgen": 3,
 }
 # Within layer 1: a prior never imports guidance methods or representations; a representation

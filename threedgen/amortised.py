@@ -49,18 +49,26 @@ from threedgen.representations.config import PromptGridsConfig
 from threedgen.representations.prompt_grids import PromptGrids, grid_nerf_config
 from threedgen.rundir import atomic_path, atomic_write_text, check_writable, new_run_dir, write_status
 from threedgen.runs import CONFIG_NAME, print_err, quiet_libraries, warn_checkpoint
+from threedgen.schema import clean_prompt
 from threedgen.views import write_image
 
 PREVIEW_PROMPTS = 8  # prompts in a preview grid
 
 
+def preview_indices(n: int) -> list[int]:
+    """``PREVIEW_PROMPTS`` prompts spread evenly over the file (all of them when fewer)."""
+    if n <= PREVIEW_PROMPTS:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (PREVIEW_PROMPTS - 1)) for i in range(PREVIEW_PROMPTS)})
+
+
 class GridPreviewSystem(AmortisedSystem):
-    """The amortised system with previews over prompts: the first ``PREVIEW_PROMPTS`` prompts,
-    one front view each, in a row (``previews/step-NNNNNN.png``)."""
+    """The amortised system with previews over prompts: ``preview_indices`` of them, one view
+    each, in a row (``previews/step-NNNNNN.png``)."""
 
     @torch.no_grad()
     def preview_image(self, size: int = 96) -> np.ndarray:
-        return prompt_grid_image(self.representation, self.vectors[:PREVIEW_PROMPTS], self.cfg, size)
+        return prompt_grid_image(self.representation, self.vectors[preview_indices(len(self.prompts))], self.cfg, size)
 
 
 def prompt_grid_image(generator: PromptGrids, vectors: torch.Tensor, cfg: RunConfig, size: int = 96) -> np.ndarray:
@@ -155,7 +163,7 @@ def train_amortised(cfg: RunConfig, gen_cfg: PromptGridsConfig, prompts: list[st
     if trainer.is_global_zero:
         generator.eval()
         (folder / "previews").mkdir(exist_ok=True)
-        write_image(folder / "previews" / "final.png", prompt_grid_image(generator, system.vectors[:PREVIEW_PROMPTS], cfg))
+        write_image(folder / "previews" / "final.png", system.preview_image())
         write_status(folder, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps, prompts=len(prompts),
                      processes=trainer.world_size, skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
                      train_seconds=round(time.time() - started, 2))
@@ -197,9 +205,9 @@ class AmortisedModel:
         """The run config for ``prompt`` (checked by the prior's rules), or a UserError: invalid, or
         using a word no training prompt used."""
         cfg = copy.deepcopy(self.cfg)
-        cfg.prompt = prompt
+        cfg.prompt = clean_prompt(prompt)
+        check_prompt_known(cfg.prompt, self.meta, cfg.prior.prompt_words(cfg.prompt))  # an unknown word first
         cfg.check()
-        check_prompt_known(cfg.prompt, self.meta, cfg.prior.prompt_words(cfg.prompt))
         cfg.representation = grid_nerf_config(cfg.representation, skip_empty=cfg.representation.skip_empty)
         cfg.steps = max(self.step, 1)
         return cfg

@@ -110,6 +110,8 @@ def _add_webui(sub) -> None:
     w.add_argument("--user", default=None, help="with hash-password: print user:HASH, a line for --auth-file")
     w.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="a config setting applied to every job, e.g. export.video_frames=12 (repeatable)")
+    w.add_argument("--amortised", default=None, metavar="MODEL",
+                   help="offer instant generation from this amortised model folder (threedgen train-amortised)")
     _backend_args(w)
 
 
@@ -487,10 +489,11 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
         if unknown or not priors:
             raise UserError(f"--priors: unknown prior(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(PRIORS)}")
     parse_overrides(list(args.set))  # a malformed --set fails here, before the server starts
+    amortised = read_meta(args.amortised)[0] if args.amortised else None  # a bad model folder fails here too
     ui = WebUI(Settings(outputs=Path(args.outputs), state=_default_state(args.state), priors=priors, max_steps=args.max_steps,
                         max_queued=args.max_queue, devices=devices, overrides=list(args.set), backend=args.backend,
                         ray_address=args.ray_address, runs=Path(args.runs) if args.runs else None,
-                        max_restarts=args.max_restarts))
+                        max_restarts=args.max_restarts, amortised=amortised))
     if ui.recovered:
         print(f"threedgen: {len(ui.recovered)} job(s) left running by a stopped server are now interrupted; "
               "resume them from the page", file=sys.stderr)

@@ -4,6 +4,10 @@ Every endpoint validates on the server (the API bypasses the form's limits) and 
 with ``gr.Error`` (one line). Files are looked up by job id and a fixed kind, never by a path from
 the client. Gradio may serve only the outputs folder (``allowed_paths``); the job database and the
 run folders with their checkpoints live in the state folder, outside it.
+
+With ``--amortised MODEL`` the "Instant" tab generates from an amortised model in the server
+process (loaded on first use): run folders in ``<state>/instant/``, deliverables copied to
+``<outputs>/instant/<run>/``.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import html
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from threedgen.amortised_folder import read_meta
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import UserError
 from threedgen.guidance.config import GUIDANCE
@@ -27,7 +33,7 @@ from threedgen.webui.auth import LoginLimiter, LoginRateLimit, read_auth  # read
 from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.rest import rest_routes
-from threedgen.webui.worker import PUBLIC_NAMES, job_config, latest_preview
+from threedgen.webui.worker import PUBLIC_NAMES, job_config, latest_preview, publish
 
 # A local app does not phone home (Gradio's usage analytics and version check), and only the
 # outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
@@ -53,6 +59,7 @@ class Settings:
     ray_address: str = "auto"
     runs: Optional[Path] = None  # run folders (default <state>/runs); on a cluster, storage every node mounts
     max_restarts: int = 3  # automatic resumes of a job whose node died (ray backend)
+    amortised: Optional[Path] = None  # an amortised model folder: the "Instant" tab generates from it
 
 
 def parse_seeds(text) -> list[int]:
@@ -170,6 +177,39 @@ def _escape_md(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", html.escape(text, quote=True))
 
 
+INSTANT_OFF = ("Instant generation is off on this server: start it with `threedgen webui --amortised MODEL`, "
+               "a model folder trained by `threedgen train-amortised PROMPTS.txt`.")
+INSTANT_FOLDER = "instant"  # <state>/instant: the run folders; <outputs>/instant: their public copies
+MAX_PROMPT_CHARS = 1000
+
+
+def model_summary(meta: dict, step: Optional[int] = None) -> str:
+    """What an amortised model knows, as Markdown: its word groups and its training prompts."""
+    groups = meta.get("word_groups") or [{"kind": "words", "words": meta.get("words", [])}]
+    knows = "; ".join(f"{_escape_md(str(g['kind']))}: {_escape_md(', '.join(map(str, g['words'])))}"
+                      for g in groups)
+    trained = f"{len(meta['prompts'])} training prompts" + (f", {step} steps" if step else "")
+    return (f"Instant generation from an amortised model ({_escape_md(str(meta['prior']))} prior, {trained}): one "
+            f"pass of its generator, no optimisation. It knows {knows}, and any combination of them, including "
+            "ones it never trained on.")
+
+
+def instant_examples(meta: dict, held_out: int = 3, trained: int = 2) -> list[list[str]]:
+    """Example prompts for the instant tab: combinations of known words that no training prompt
+    used (for a model of colours and shapes), then a few training prompts."""
+    prompts = [str(p) for p in meta["prompts"]]
+    groups = meta.get("word_groups") or []
+    new: list[str] = []
+    if [g.get("kind") for g in groups] == ["colours", "shapes"]:
+        seen = {p.strip().lower() for p in prompts}
+        for colour in groups[0]["words"]:
+            for shape in groups[1]["words"]:
+                prompt = f"{'an' if colour[:1] in 'aeiou' else 'a'} {colour} {shape}"
+                if prompt not in seen and len(new) < held_out:
+                    new.append(prompt)
+    return [[p] for p in new + prompts[:trained]]
+
+
 class WebUI:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -186,6 +226,17 @@ class WebUI:
                                  settings.ray_address, settings.max_restarts)
         # Local jobs died with the server that ran them; on a cluster the dispatcher reconciles.
         self.recovered = self.store.recover() if settings.backend == "local" else []
+        # The instant tab's model: its record now (cheap, torch-free), its weights on first use.
+        self.instant_meta: Optional[dict] = None
+        self.instant_step: Optional[int] = None
+        if settings.amortised is not None:
+            settings.amortised, self.instant_meta = read_meta(settings.amortised)
+            try:
+                self.instant_step = int(json.loads((settings.amortised / "status.json").read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self.instant_step = None
+        self._instant_model = None
+        self._instant_lock = threading.Lock()
 
     # ---- endpoints (each a plain function of strings; UserError -> gr.Error) -----------------
     def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
@@ -254,6 +305,45 @@ class WebUI:
     def table(self) -> list[list]:
         return [job_row(j) for j in self.store.list()]
 
+    def instant(self, prompt) -> dict:
+        """Generate ``prompt`` with the amortised model (``--amortised``) at once: the run folder in
+        ``<state>/instant/``, its deliverables copied to ``<outputs>/instant/<run>/``. Bad input (empty,
+        outside the prior's vocabulary, a word the model never saw) is a UserError before anything
+        is written."""
+        s = self.settings
+        if s.amortised is None:
+            raise UserError(INSTANT_OFF.replace("`", ""))
+        if not isinstance(prompt, str):
+            raise UserError("prompt must be text")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise UserError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+        with self._instant_lock:  # one load, one generation at a time (the model is shared)
+            if self._instant_model is None:
+                from threedgen.amortised import AmortisedModel  # heavy (torch): only once instant generation is used
+
+                self._instant_model = AmortisedModel(s.amortised)
+            model = self._instant_model
+            cfg = model.check_prompt(prompt)  # the one-line errors, before any folder exists
+            run_dir = model.generate(prompt, s.state / INSTANT_FOLDER)
+        status = json.loads((run_dir / "status.json").read_text())
+        public = s.outputs / INSTANT_FOLDER / run_dir.name
+        kinds = publish(run_dir, public)
+        files = {kind: str(path) for kind in kinds if (path := self._public_file(public, kind)) is not None}
+        return {"run": run_dir.name, "prompt": cfg.prompt, "words": list(cfg.prior.prompt_words(cfg.prompt)),
+                "generate_ms": round(float(status["generate_seconds"]) * 1000, 2),
+                "export_s": status.get("export_seconds"), "mask_iou": status.get("mask_iou"), "files": files}
+
+    def instant_view(self, prompt):
+        """The instant tab after a click: its line of text, preview, GLB, turntable and downloads."""
+        r = guard(self.instant)(prompt)
+        files = r["files"]
+        line = (f"**{_escape_md(r['prompt'])}** · generated in {r['generate_ms']:.1f} ms "
+                f"(export {float(r['export_s'] or 0):.1f} s)")
+        if "metrics" in files:
+            line += score_line(files["metrics"])
+        downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "video") if k in files]
+        return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
+
     # ---- the page ----------------------------------------------------------------------------
     def job_view(self, job_id):
         """The selected job's line of text, preview, GLB, splats, video, downloads and curve rows."""
@@ -306,6 +396,33 @@ class WebUI:
         gr.Button(visible=False).click(guard(lambda j: {"status": self.resume(j)}), [job_in], api_out, api_name="resume")
         gr.Button(visible=False).click(guard(lambda: {"jobs": self.jobs()}), None, api_out, api_name="jobs")
         gr.Button(visible=False).click(guard(self.file), [job_in, kind_in], file_out, api_name="download")
+        prompt_in = gr.Textbox(visible=False)
+        gr.Button(visible=False).click(guard(self.instant), [prompt_in], api_out, api_name="instant")
+
+    def _instant_tab(self, gr) -> None:
+        """The instant tab's contents (inside its ``gr.Tab``): one line without a model."""
+        meta = self.instant_meta
+        if meta is None:
+            gr.Markdown(INSTANT_OFF)
+            return
+        examples = instant_examples(meta)
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown(model_summary(meta, self.instant_step))
+                prompt = gr.Textbox(label="Prompt", value=examples[0][0] if examples else "",
+                                    max_length=MAX_PROMPT_CHARS, info="a combination of the words above")
+                if examples:
+                    gr.Examples(examples, [prompt], label="Examples (held-out combinations first)")
+                make = gr.Button("Create instantly", variant="primary")
+                line = gr.Markdown("")
+            with gr.Column(scale=2):
+                preview = gr.Image(label="Preview", type="filepath", interactive=False, height=300)
+                with gr.Row():
+                    model = gr.Model3D(label="Mesh (GLB)", interactive=False, height=360)
+                    video = gr.Video(label="Turntable", interactive=False, height=300)
+                downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+        make.click(self.instant_view, [prompt], [line, preview, model, video, downloads], api_visibility="private")
+        prompt.submit(self.instant_view, [prompt], [line, preview, model, video, downloads], api_visibility="private")
 
     def blocks(self):
         import gradio as gr  # heavy: only when the page is built
@@ -325,40 +442,48 @@ class WebUI:
         with gr.Blocks(title="threedgen") as demo:
             gr.Markdown("# threedgen\nText to 3D by score distillation. Jobs run on the server and survive "
                         "closed tabs and restarts.")
-            with gr.Row():
-                with gr.Column(scale=1):
-                    prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=1000,
-                                        info=SHAPES_PROMPT_INFO)
-                    gr.Examples(EXAMPLE_PROMPTS, [prompt], label="Shapes prior examples")
-                    negative = gr.Textbox(label="Negative prompt", value="", max_length=1000)
-                    guidance = gr.Dropdown([(f"{e.name} ({e.summary})", e.name) for e in GUIDANCE.entries()], value="sds",
-                                           label="Guidance")
-                    representation = gr.Dropdown(REPRESENTATIONS.names(), value="nerf", label="Representation")
-                    prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
-                    steps = gr.Number(value=600, label="Steps", precision=0, minimum=1, maximum=s.max_steps)
-                    seeds = gr.Textbox(value="0", label="Seeds", info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
-                    resolution = gr.Dropdown([str(r) for r in RESOLUTIONS], value=None, label="Render resolution",
-                                             info="empty: the prior's default")
-                    submit = gr.Button("Generate", variant="primary")
-                    submitted = gr.JSON(label="Submitted", visible=True)
-                with gr.Column(scale=2):
-                    jobs = gr.Dataframe(headers=TABLE_HEADERS, value=self.table(), interactive=False, label="Jobs",
-                                        datatype=["str"] * len(TABLE_HEADERS))
-                    selected = gr.Dropdown(choices=[r[0] for r in self.table()], label="Job", allow_custom_value=False)
-                    info = gr.Markdown("Select a job.")
+            with gr.Tabs():
+                with gr.Tab("Per-prompt job", id="jobs"):
                     with gr.Row():
-                        cancel = gr.Button("Cancel")
-                        resume = gr.Button("Resume")
-                    preview = gr.Image(label="Preview (latest step)", type="filepath", interactive=False, height=300)
-                    with gr.Row():
-                        video = gr.Video(label="Turntable", interactive=False, height=300)
-                        curve = gr.LinePlot(x="step", y="value", color="series", label="Loss and gradient norm",
-                                            height=300)
-                    with gr.Row():
-                        model = gr.Model3D(label="Mesh (GLB)", interactive=False, height=360)
-                        splats = gr.Model3D(label="Gaussian splats (PLY; Gaussian jobs)", interactive=False,
-                                            height=360)
-                    downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                        with gr.Column(scale=1):
+                            prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=1000,
+                                                info=SHAPES_PROMPT_INFO)
+                            gr.Examples(EXAMPLE_PROMPTS, [prompt], label="Shapes prior examples")
+                            negative = gr.Textbox(label="Negative prompt", value="", max_length=1000)
+                            guidance = gr.Dropdown([(f"{e.name} ({e.summary})", e.name) for e in GUIDANCE.entries()],
+                                                   value="sds", label="Guidance")
+                            representation = gr.Dropdown(REPRESENTATIONS.names(), value="nerf",
+                                                         label="Representation")
+                            prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
+                            steps = gr.Number(value=600, label="Steps", precision=0, minimum=1, maximum=s.max_steps)
+                            seeds = gr.Textbox(value="0", label="Seeds",
+                                               info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
+                            resolution = gr.Dropdown([str(r) for r in RESOLUTIONS], value=None,
+                                                     label="Render resolution", info="empty: the prior's default")
+                            submit = gr.Button("Generate", variant="primary")
+                            submitted = gr.JSON(label="Submitted", visible=True)
+                        with gr.Column(scale=2):
+                            jobs = gr.Dataframe(headers=TABLE_HEADERS, value=self.table(), interactive=False,
+                                                label="Jobs", datatype=["str"] * len(TABLE_HEADERS))
+                            selected = gr.Dropdown(choices=[r[0] for r in self.table()], label="Job",
+                                                   allow_custom_value=False)
+                            info = gr.Markdown("Select a job.")
+                            with gr.Row():
+                                cancel = gr.Button("Cancel")
+                                resume = gr.Button("Resume")
+                            preview = gr.Image(label="Preview (latest step)", type="filepath", interactive=False,
+                                               height=300)
+                            with gr.Row():
+                                video = gr.Video(label="Turntable", interactive=False, height=300)
+                                curve = gr.LinePlot(x="step", y="value", color="series",
+                                                    label="Loss and gradient norm", height=300)
+                            with gr.Row():
+                                model = gr.Model3D(label="Mesh (GLB)", interactive=False, height=360)
+                                splats = gr.Model3D(label="Gaussian splats (PLY; Gaussian jobs)", interactive=False,
+                                                    height=360)
+                            downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                with gr.Tab("Instant (amortised model)", id="instant"):
+                    self._instant_tab(gr)
             form = [prompt, negative, guidance, representation, prior, steps, seeds, resolution]
             view = [info, preview, model, splats, video, downloads, curve]
             shown = gr.State(None)
