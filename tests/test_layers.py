@@ -38,7 +38,7 @@ LAYERS = {
 SIBLINGS_APART = [("threedgen.guidance.priors", "threedgen.guidance"), ("threedgen.guidance.priors", "threedgen.representations"),
                   ("threedgen.representations", "threedgen.guidance"), ("threedgen.guidance", "threedgen.representations")]
 # The torch-free modules: the CLI's quick paths import only these of the project.
-TORCH_FREE = ["threedgen.cli", "threedgen.config", "threedgen.schema", "threedgen.registry",
+TORCH_FREE = ["threedgen.cli", "threedgen.amortised_folder", "threedgen.config", "threedgen.schema", "threedgen.registry",
               "threedgen.guidance.config", "threedgen.representations.config", "threedgen.guidance.priors.config"]
 
 
