@@ -22,7 +22,6 @@ from typing import Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
 
 from threedgen import __version__
 from threedgen.amortised_folder import (
@@ -34,7 +33,7 @@ from threedgen.amortised_folder import (
     write_meta,
 )
 from threedgen.amortised_system import AmortisedSystem, PromptDataModule
-from threedgen.callbacks import PreviewCallback, RunFolderCheckpointIO, SafeCheckpoint, StepProgressBar
+from threedgen.callbacks import SafeCheckpoint
 from threedgen.cameras import Cameras, CameraSampler
 from threedgen.checkpoints import choose_checkpoint, read_checkpoint, save_checkpoint
 from threedgen.config import RunConfig, load_run_config, to_yaml
@@ -48,6 +47,7 @@ from threedgen.guidance.priors.config import PRIORS
 from threedgen.representations.config import PromptGridsConfig
 from threedgen.representations.prompt_grids import PromptGrids, grid_nerf_config
 from threedgen.rundir import atomic_path, atomic_write_text, check_writable, new_run_dir, write_status
+from threedgen.runner import make_trainer
 from threedgen.runs import CONFIG_NAME, print_err, quiet_libraries, warn_checkpoint
 from threedgen.schema import clean_prompt
 from threedgen.views import write_image
@@ -96,10 +96,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _strategy(devices: int, nodes: int):
-    return "ddp" if devices * nodes > 1 else "auto"
-
-
 def train_amortised(cfg: RunConfig, gen_cfg: PromptGridsConfig, prompts: list[str], folder: str | Path,
                     resume: bool = False, steps: Optional[int] = None, devices: int = 1, nodes: int = 1,
                     progress_bar: bool = True) -> Path:
@@ -143,20 +139,12 @@ def train_amortised(cfg: RunConfig, gen_cfg: PromptGridsConfig, prompts: list[st
             atomic_write_text(folder / CONFIG_NAME, to_yaml(cfg))
         write_status(folder, "running", step=None if resume else 0, max_steps=cfg.steps, prompts=len(prompts),
                      backends=generator.backends())
-    callbacks = [SafeCheckpoint(folder, cfg.checkpoint_every), PreviewCallback(folder, cfg)]
-    if progress_bar:
-        callbacks.append(StepProgressBar(f"{len(prompts)} prompts"))
-    trainer = pl.Trainer(
-        max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu", devices=devices,
-        num_nodes=nodes, strategy=_strategy(devices, nodes),
-        logger=CSVLogger(folder, name="logs", version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
-        callbacks=callbacks, plugins=[RunFolderCheckpointIO()], enable_checkpointing=False,
-        enable_progress_bar=progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=folder, max_epochs=-1)
+    trainer = make_trainer(cfg, folder, device, progress_bar, label=f"{len(prompts)} prompts", devices=devices,
+                           nodes=nodes)
     data = PromptDataModule(len(prompts), gen_cfg.prompts_per_step, CameraSampler(cfg.camera, cfg.seed), cfg.seed)
     trainer.fit(system, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     system.to(device)
-    if next(c for c in callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
+    if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
         save_checkpoint(trainer, folder)  # every process takes part; the first writes
     print_err(f"threedgen: process {trainer.global_rank} of {trainer.world_size}: generator weights "
               f"{weights_digest(generator)} after step {trainer.global_step}")
