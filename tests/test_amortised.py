@@ -125,6 +125,37 @@ def test_prompt_vectors():
     assert Prior.prompt_vector(prior, embeds).tolist() == [4.0, 5.0, 6.0, 7.0]
 
 
+def test_step_loss_weighs_the_grids_total_variation():
+    from threedgen.amortised_folder import generator_settings
+    from threedgen.amortised_system import AmortisedSystem
+    from threedgen.config import build_config, parse_overrides
+    from threedgen.guidance import priors
+    from threedgen.guidance.config import GUIDANCE
+    from threedgen.representations.prompt_grids import PromptGrids
+
+    gen_cfg, overrides = generator_settings(parse_overrides(SMALL))
+    cfg = build_config(overrides=overrides, flags={"prompt": "a red cube"})
+    prior = priors.build_prior(cfg.prior, torch.device("cpu"))
+    prompts = ["a red cube", "a blue torus"]
+    embeds = [prior.encode_prompt(p) for p in prompts]
+    vectors = torch.stack([prior.prompt_vector(e) for e in embeds])
+    torch.manual_seed(0)
+    generator = PromptGrids(cfg.representation, gen_cfg, vectors.shape[1])
+    with torch.no_grad():  # rough grids, so that both total variations are far from 0
+        for p in (generator.basis_density, generator.basis_color):
+            p.normal_(0, 1)
+    system = AmortisedSystem(cfg, prior, generator, GUIDANCE["sds"].cls(cfg.guidance, prior), prompts, vectors, embeds)
+    batch = PromptStream(2, 2, CameraSampler(cfg.camera, 0), seed=0).batch(0)
+    density, color = generator.grids(vectors[batch[0]])
+    losses = {}
+    for lambda_smooth, color_smooth in ((0.0, 0.0), (2.0, 0.0), (0.0, 3.0)):
+        cfg.loss.lambda_smooth, gen_cfg.color_smooth = lambda_smooth, color_smooth
+        losses[lambda_smooth, color_smooth] = float(system.step_loss(batch, 0, 10)[0])
+    base = losses[0.0, 0.0]  # each slot's draws are seeded by the slot: the same guidance loss each time
+    assert losses[2.0, 0.0] - base == pytest.approx(2.0 * float(generator.total_variation(density)), rel=1e-4)
+    assert losses[0.0, 3.0] - base == pytest.approx(3.0 * float(generator.total_variation(color)), rel=1e-4)
+
+
 # ---- train-amortised and generate -----------------------------------------------------------
 
 def test_trained_model_folder(trained):
@@ -274,11 +305,11 @@ def test_ddp_two_processes_match_one(tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     for key in sa:
         diff = (sa[key] - sb[key]).abs()
-        if key.endswith("density"):
+        if key.endswith(("density", "color")):
             # A voxel whose gradient is rounding noise (~1e-9, summed in another order) moves by
-            # Adam's full step either way; measured: 0.06% of the density voxels, everything else
-            # equal to 1e-6.
-            assert (diff > 1e-4).float().mean() < 0.005, key
+            # Adam's full step either way; measured: 0.06% of the density voxels and 1.2% of the
+            # colour voxels (the colour total variation's nearly flat regions); the MLP equal to 1e-7.
+            assert (diff > 1e-4).float().mean() < (0.005 if key.endswith("density") else 0.03), key
         else:
             assert diff.max() < 1e-4, key
     from threedgen.cameras import orbit

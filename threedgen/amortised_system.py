@@ -106,6 +106,8 @@ class AmortisedSystem(System):
         loss = total / len(indices)
         if self.cfg.loss.lambda_smooth:
             loss = loss + self.cfg.loss.lambda_smooth * gen.total_variation(density)
+        if gen.cfg.color_smooth:
+            loss = loss + gen.cfg.color_smooth * gen.total_variation(color)
         guided = SimpleNamespace(loss=torch.stack(losses).mean(), grad_norm=torch.stack(grad_norms).mean(),
                                  t=torch.cat(ts),
                                  extras={k: sum(float(x) for x in v) / len(v) for k, v in extras.items()
