@@ -33,10 +33,10 @@ from threedgen.representations.fields import total_variation
 from threedgen.representations.nerf import NeRF
 
 
-def grid_nerf_config(cfg: NeRFConfig, skip_empty: bool) -> NeRFConfig:
+def grid_nerf_config(cfg: NeRFConfig) -> NeRFConfig:
     """``cfg`` for a dense-grid NeRF on the dense sampler (what the generator's grids fill)."""
     out = copy.deepcopy(cfg)
-    out.field, out.sampler, out.skip_empty = "grid", "dense", skip_empty
+    out.field, out.sampler = "grid", "dense"
     return out
 
 
@@ -58,7 +58,7 @@ class PromptGrids(Representation):
                  device: torch.device | str = "cpu"):
         super().__init__()
         self.cfg, self.embed_dim = cfg, int(embed_dim)
-        self.nerf_cfg = grid_nerf_config(nerf_cfg, skip_empty=nerf_cfg.skip_empty)
+        self.nerf_cfg = grid_nerf_config(nerf_cfg)
         r, c, k, h = nerf_cfg.density_resolution, nerf_cfg.color_resolution, cfg.latent, cfg.hidden
         self.density_shape, self.color_shape = (1, r, r, r), (3, c, c, c)
         self.mapping = torch.nn.Sequential(

@@ -5,7 +5,7 @@ instant tab).
 Training is a Lightning run of ``AmortisedSystem`` with the per-prompt run's guidance methods,
 config layers, checkpoints, rollbacks, progress bar and CSV log; it runs on one process or, with
 ``devices``/``nodes`` above 1, under Lightning's DDP (gloo on CPUs, NCCL on GPUs), launched by
-Lightning itself, by ``torchrun`` or by Ray Train (docs/amortised.md). Generation writes the same
+Lightning itself or by ``torchrun`` (docs/amortised.md). Generation writes the same
 run folder a per-prompt run writes (``config.yaml``, ``checkpoints/last.ckpt`` holding the
 generated NeRF, meshes, turntable, previews, ``metrics.json``), so ``threedgen export`` and
 ``threedgen eval`` work on it.
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -34,7 +33,7 @@ from threedgen.amortised_folder import (
 )
 from threedgen.amortised_system import AmortisedSystem, PromptDataModule
 from threedgen.callbacks import SafeCheckpoint
-from threedgen.cameras import Cameras, CameraSampler
+from threedgen.cameras import CameraSampler
 from threedgen.checkpoints import choose_checkpoint, read_checkpoint, save_checkpoint
 from threedgen.config import RunConfig, load_run_config, to_yaml
 from threedgen.devices import resolve_device
@@ -51,40 +50,6 @@ from threedgen.runner import make_trainer
 from threedgen.runs import CONFIG_NAME, print_err, quiet_libraries, warn_checkpoint
 from threedgen.schema import clean_prompt
 from threedgen.views import write_image
-
-PREVIEW_PROMPTS = 8  # prompts in a preview grid
-
-
-def preview_indices(n: int) -> list[int]:
-    """``PREVIEW_PROMPTS`` prompts spread evenly over the file (all of them when fewer)."""
-    if n <= PREVIEW_PROMPTS:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (PREVIEW_PROMPTS - 1)) for i in range(PREVIEW_PROMPTS)})
-
-
-class GridPreviewSystem(AmortisedSystem):
-    """The amortised system with previews over prompts: ``preview_indices`` of them, one view
-    each, in a row (``previews/step-NNNNNN.png``)."""
-
-    @torch.no_grad()
-    def preview_image(self, size: int = 96) -> np.ndarray:
-        return prompt_grid_image(self.representation, self.vectors[preview_indices(len(self.prompts))], self.cfg, size)
-
-
-def prompt_grid_image(generator: PromptGrids, vectors: torch.Tensor, cfg: RunConfig, size: int = 96) -> np.ndarray:
-    """Front views (elevation 20) of the prompts' generated NeRFs side by side, uint8."""
-    c = cfg.camera
-    cams = Cameras.from_angles([20.0], [30.0], float(np.mean(c.distance_range)),
-                               float(np.mean(c.fovy_range))).to(vectors.device)
-    was = generator.training
-    generator.eval()
-    density, color = generator.grids(vectors)
-    tiles = []
-    for d, col in zip(density, color):
-        out = generator.render_grids(d, col, cams, size, size)
-        tiles.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
-    generator.train(was)
-    return np.concatenate(tiles, axis=1)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -127,7 +92,7 @@ def train_amortised(cfg: RunConfig, gen_cfg: PromptGridsConfig, prompts: list[st
     vectors = torch.stack([prior.prompt_vector(e) for e in embeds])
     generator = PromptGrids(cfg.representation, gen_cfg, vectors.shape[1], device)
     guidance = GUIDANCE[cfg.guidance.name].cls(cfg.guidance, prior)
-    system = GridPreviewSystem(cfg, prior, generator, guidance, prompts, vectors, embeds).to(device)
+    system = AmortisedSystem(cfg, prior, generator, guidance, prompts, vectors, embeds).to(device)
     meta = {"format": FORMAT, "threedgen": __version__, "prior": cfg.prior.name,
             "prior_model": getattr(cfg.prior, "model", None), "guidance": cfg.guidance.name,
             "generator": vars(gen_cfg).copy(), "embed_dim": int(vectors.shape[1]), "prompts": prompts,
@@ -167,7 +132,7 @@ class AmortisedModel:
         started = time.time()
         self.folder, self.meta = read_meta(folder)
         self.cfg = load_run_config(self.folder / CONFIG_NAME)
-        if self.cfg.prior.name != self.meta["prior"] or self.cfg.prior.name not in PRIORS.names():
+        if self.cfg.prior.name != self.meta["prior"]:
             raise UserError(f"model {str(self.folder)!r}: its config and record name different priors "
                             f"({self.cfg.prior.name!r}, {self.meta['prior']!r}); train it again")
         ckpt = choose_checkpoint(self.folder, warn=warn_checkpoint)
@@ -196,7 +161,7 @@ class AmortisedModel:
         cfg.prompt = clean_prompt(prompt)
         check_prompt_known(cfg.prompt, self.meta, cfg.prior.prompt_words(cfg.prompt))  # an unknown word first
         cfg.check()
-        cfg.representation = grid_nerf_config(cfg.representation, skip_empty=cfg.representation.skip_empty)
+        cfg.representation = grid_nerf_config(cfg.representation)
         cfg.steps = max(self.step, 1)
         return cfg
 

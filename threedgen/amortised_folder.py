@@ -54,7 +54,7 @@ def generator_settings(overrides: dict) -> tuple[PromptGridsConfig, dict]:
     section = rest.pop("amortised", None) or {}
     if not isinstance(section, dict):
         raise UserError("amortised takes keys: " + ", ".join(f.name for f in dataclasses.fields(cfg)))
-    names = {f.name: f.type for f in dataclasses.fields(cfg)}
+    names = [f.name for f in dataclasses.fields(cfg)]
     for key, value in section.items():
         if key not in names:
             raise UserError(f"unknown key amortised.{key}; valid: " + ", ".join(f"amortised.{n}" for n in names))
@@ -71,7 +71,7 @@ def generator_settings(overrides: dict) -> tuple[PromptGridsConfig, dict]:
 
 
 def launched_rank() -> int:
-    """This process's rank when a launcher (torchrun, Lightning's DDP, Ray Train) started it; 0 alone."""
+    """This process's rank when a launcher (torchrun, Lightning's DDP) started it; 0 alone."""
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
         value = os.environ.get(key, "0")
         if value.isdigit() and int(value) > 0:

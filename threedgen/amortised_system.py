@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
 from threedgen.cameras import Cameras, CameraSampler
 from threedgen.system import System
+
+PREVIEW_PROMPTS = 8  # prompts in a preview row
 
 
 class PromptStream(torch.utils.data.IterableDataset):
@@ -35,11 +38,13 @@ class PromptStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.n, self.per_step, self.sampler, self.seed = n_prompts, per_step, sampler, seed
         self.start, self.rank, self.world = start, rank, world
+        self._order = (-1, None)  # (pass, its permutation of the prompts)
 
     def prompt_at(self, slot: int) -> int:
         epoch, i = divmod(slot, self.n)
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        return int(order[i])
+        if self._order[0] != epoch:  # one permutation per pass, drawn when the pass starts
+            self._order = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)))
+        return int(self._order[1][i])
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, Cameras]:
         first = (step * self.world + self.rank) * self.per_step
@@ -99,7 +104,7 @@ class AmortisedSystem(System):
             guided = self.guidance(out.rgb, self.embeds[prompt], views, step, max_steps)
             total = total + guided.loss + self.regularizers(out)
             losses.append(guided.loss.detach())
-            grad_norms.append(torch.as_tensor(guided.grad_norm, dtype=torch.float32))
+            grad_norms.append(guided.grad_norm)
             ts.append(guided.t)
             for k, v in guided.extras.items():
                 extras.setdefault(k, []).append(v)
@@ -108,9 +113,35 @@ class AmortisedSystem(System):
             loss = loss + self.cfg.loss.lambda_smooth * gen.total_variation(density)
         if gen.cfg.color_smooth:
             loss = loss + gen.cfg.color_smooth * gen.total_variation(color)
+        # Averages over the prompts, left on the device: ``log_step`` reads them on logging steps only.
         guided = SimpleNamespace(loss=torch.stack(losses).mean(), grad_norm=torch.stack(grad_norms).mean(),
-                                 t=torch.cat(ts),
-                                 extras={k: sum(float(x) for x in v) / len(v) for k, v in extras.items()
-                                         if all(isinstance(x, (int, float)) or
-                                                (torch.is_tensor(x) and x.numel() == 1) for x in v)})
+                                 t=torch.cat(ts), extras={k: sum(v) / len(v) for k, v in extras.items()})
         return loss, guided, len(cameras)
+
+    @torch.no_grad()
+    def preview_image(self, size: int = 96) -> np.ndarray:
+        """The training preview: ``preview_indices`` of the prompts, one view each, in a row."""
+        return prompt_grid_image(self.representation, self.vectors[preview_indices(len(self.prompts))], self.cfg, size)
+
+
+def preview_indices(n: int) -> list[int]:
+    """``PREVIEW_PROMPTS`` prompts spread evenly over the file (all of them when fewer)."""
+    if n <= PREVIEW_PROMPTS:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (PREVIEW_PROMPTS - 1)) for i in range(PREVIEW_PROMPTS)})
+
+
+def prompt_grid_image(generator, vectors: torch.Tensor, cfg, size: int = 96) -> np.ndarray:
+    """Views (elevation 20, azimuth 30) of the prompts' generated NeRFs side by side, uint8."""
+    c = cfg.camera
+    cams = Cameras.from_angles([20.0], [30.0], float(np.mean(c.distance_range)),
+                               float(np.mean(c.fovy_range))).to(vectors.device)
+    was = generator.training
+    generator.eval()
+    density, color = generator.grids(vectors)
+    tiles = []
+    for d, col in zip(density, color):
+        out = generator.render_grids(d, col, cams, size, size)
+        tiles.append((out.rgb[0].clamp(0, 1) * 255).round().byte().cpu().numpy())
+    generator.train(was)
+    return np.concatenate(tiles, axis=1)

@@ -29,11 +29,12 @@ from threedgen.errors import UserError
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.representations.config import REPRESENTATIONS
+from threedgen.schema import MAX_PROMPT_CHARS, clean_prompt
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, read_auth  # read_auth: re-exported
 from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.rest import rest_routes
-from threedgen.webui.worker import PUBLIC_NAMES, job_config, latest_preview, publish
+from threedgen.webui.worker import PUBLIC_NAMES, _run_step, job_config, latest_preview, publish
 
 # A local app does not phone home (Gradio's usage analytics and version check), and only the
 # outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
@@ -180,7 +181,6 @@ def _escape_md(text: str) -> str:
 INSTANT_OFF = ("Instant generation is off on this server: start it with `threedgen webui --amortised MODEL`, "
                "a model folder trained by `threedgen train-amortised PROMPTS.txt`.")
 INSTANT_FOLDER = "instant"  # <state>/instant: the run folders; <outputs>/instant: their public copies
-MAX_PROMPT_CHARS = 1000
 
 
 def model_summary(meta: dict, step: Optional[int] = None) -> str:
@@ -231,10 +231,7 @@ class WebUI:
         self.instant_step: Optional[int] = None
         if settings.amortised is not None:
             settings.amortised, self.instant_meta = read_meta(settings.amortised)
-            try:
-                self.instant_step = int(json.loads((settings.amortised / "status.json").read_text())["step"])
-            except (OSError, ValueError, KeyError, TypeError):
-                self.instant_step = None
+            self.instant_step = _run_step(settings.amortised) or None
         self._instant_model = None
         self._instant_lock = threading.Lock()
 
@@ -313,10 +310,7 @@ class WebUI:
         s = self.settings
         if s.amortised is None:
             raise UserError(INSTANT_OFF.replace("`", ""))
-        if not isinstance(prompt, str):
-            raise UserError("prompt must be text")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise UserError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+        clean_prompt(prompt)  # text, at most MAX_PROMPT_CHARS: before the model is loaded
         with self._instant_lock:  # one load, one generation at a time (the model is shared)
             if self._instant_model is None:
                 from threedgen.amortised import AmortisedModel  # heavy (torch): only once instant generation is used
