@@ -5,6 +5,8 @@ Imported only when a trainer is made, so the CLI answers bad input without impor
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -88,6 +90,9 @@ class SafeCheckpoint(pl.Callback):
         module.remember_good_state()
 
 
+LOW_SPACE = 4 * 2 ** 20  # free bytes below which a failed checkpoint write is taken for a full disk
+
+
 class RunFolderCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint straight to the path it is given (``save_checkpoint``'s temporary file
     beside ``last.ckpt``). Lightning's own writer stages it in the system temp folder first, where
@@ -97,4 +102,19 @@ class RunFolderCheckpointIO(TorchCheckpointIO):
         # A path, not a Python file object: torch's C++ writer then owns the file, and a Ctrl-C
         # arriving mid-write is raised after it (through a Python file object it breaks the zip
         # writer with a RuntimeError instead of stopping the run as an interrupt).
-        torch.save(checkpoint, str(path))
+        failed = None
+        try:
+            torch.save(checkpoint, str(path))
+        except RuntimeError as exc:
+            failed = str(exc).strip().splitlines()[0] if str(exc).strip() else "RuntimeError"
+        if failed is not None:
+            # The C++ writer reports a failed write as a RuntimeError ("unexpected pos ...",
+            # "iostream error"): make it the OSError it is, so a full disk fails the run with its
+            # one-line "disk full" message instead of a traceback. Raised outside the except block:
+            # the writer's open file, held by that exception's frames, is closed first, so the
+            # space the partial file took comes back when it is removed (and status.json fits).
+            folder = Path(path).parent
+            full = folder.is_dir() and shutil.disk_usage(folder).free < LOW_SPACE
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          "No space left on device" if full else f"the checkpoint writer failed: {failed}",
+                          str(path))

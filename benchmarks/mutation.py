@@ -1,0 +1,551 @@
+"""Mutation testing of the code that keeps runs and users safe (cosmic-ray), resumable.
+
+A mutant is one small change to the source (``<`` for ``<=``, ``and`` for ``or``, a number off by
+one, an ``except OSError`` that no longer catches, a loop that never runs, ...). The campaign
+applies each mutant in turn to a copy of the working tree and runs the tests that can see it; a
+mutant the tests do not notice *survived*. The score is killed / (all - equivalent).
+
+    python benchmarks/mutation.py run [--only NAME ...] [--minutes M]   # resumes where it stopped
+    python benchmarks/mutation.py run --retest-survivors               # after adding tests
+    python benchmarks/mutation.py report [--markdown]
+    python benchmarks/mutation.py survivors [--only NAME ...]          # the diffs still alive
+    python benchmarks/mutation.py count                                # mutants per target, no tests
+
+Everything the campaign needs is named once, in ``TARGETS`` below: which module, which functions
+of it (the parts that keep runs and users safe, not the whole file), and which test files can see
+them, so a mutant runs only those tests (``pytest -x``: a killed mutant stops at its first failing
+test). A refactor that moves code changes only this list.
+
+State lives in ``--workdir`` (default ``.mutation/`` in the checkout, ignored by git): ``tree/``, a
+copy of the checkout's files (tracked and untracked, not ignored) on which mutants are applied, so
+the working tree is never touched, and ``session.sqlite``, cosmic-ray's work database with every
+result. ``run`` does only what has no result yet, so a campaign can be stopped (Ctrl-C, or
+``--minutes``) and continued. When a target module's source changes, its mutants are made anew
+and its results dropped; when only tests change, ``--retest-survivors`` runs the survivors again
+(killed mutants stay killed: tests only get added).
+
+Equivalent mutants (the program behaves the same, so no test can kill them) are listed in
+``EQUIVALENT`` with the reason, matched by module, operator and the source line's text, so line
+numbers may move.
+
+Needs ``pip install cosmic-ray`` (not a dependency of threedgen; this is not part of CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # the row of the report
+    module: str  # path from the repository root
+    scope: tuple[str, ...]  # qualified names of the functions/classes mutated; ("*",) = the whole module
+    tests: tuple[str, ...]  # pytest arguments (files, node ids) that can see them
+    group: str = ""  # the report's group (the issue's goals: checkpoints, skip/rollback, ...)
+    sample: float = 1.0  # the share of the mutants tested (a fixed, seedless choice by each mutant's text)
+
+
+# Test files by the code they guard.
+T_CKPT = ("tests/test_checkpoints.py", "tests/test_system.py", "tests/test_bad_inputs.py::test_fault")
+T_OUT = ("tests/test_outputs.py", "tests/test_cli.py", "tests/test_checkpoints.py", "tests/test_bad_inputs.py::test_fault")
+T_CONFIG = ("tests/test_config.py", "tests/test_cli.py", "tests/test_limits.py", "tests/test_bad_inputs.py::test_input",
+            "tests/test_config_keys.py")
+T_AUTH = ("tests/test_webui_auth.py",)
+T_JOBS = ("tests/test_jobs.py", "tests/test_webui.py::test_job_store_lifecycle",
+          "tests/test_webui.py::test_state_and_outputs_must_be_separate",
+          "tests/test_bad_inputs.py::test_fault", "tests/test_batch.py")
+
+TARGETS: tuple[Target, ...] = (
+    Target("checkpoints", "threedgen/checkpoints.py", ("*",), T_CKPT, "checkpoints"),
+    Target("checkpoint callbacks", "threedgen/callbacks.py", ("SafeCheckpoint", "RunFolderCheckpointIO"),
+           T_CKPT, "checkpoints"),
+    Target("skip and rollback", "threedgen/system.py",
+           ("_cpu_copy", "System.optimise", "System._finite", "System.state_finite", "System.remember_good_state",
+            "System.roll_back", "System.on_save_checkpoint", "System.on_load_checkpoint",
+            "System.on_train_batch_start"), T_CKPT, "skip/rollback"),
+    Target("run folder, atomic writes", "threedgen/rundir.py", ("*",), T_OUT, "run folder"),
+    Target("run failures", "threedgen/runner.py",
+           ("run", "_fit", "_finish", "_try_status", "out_of_memory", "as_run_failure"), T_OUT, "run folder", 0.4),
+    Target("schema checks", "threedgen/schema.py",
+           ("check_int", "check_pair", "check_faces", "check_device", "clean_prompt", "CameraSamplerConfig.check",
+            "RenderConfig.check", "LossConfig.check", "OptimizerConfig.check", "ExportConfig.check",
+            "RunConfig.check"), T_CONFIG, "config", 0.3),
+    Target("range and name errors", "threedgen/errors.py", ("check_range", "nearest", "unknown_name"), T_CONFIG,
+           "config"),
+    Target("config validation", "threedgen/config.py",
+           ("escape_interpolation", "_escape_all", "_resolve_raw", "parse_overrides", "_check_keys", "_lookup",
+            "_explain", "merge", "resolve_request", "load_run_config"), T_CONFIG, "config", 0.35),
+    Target("CLI errors and exit codes", "threedgen/cli.py",
+           ("_Parser", "_int_arg", "_cmd_run", "_cmd_export", "_cmd_eval", "_run_flags", "main"),
+           T_CONFIG + ("tests/test_checkpoints.py",), "CLI"),
+    Target("auth", "webui/auth.py", ("*",), T_AUTH, "web", 0.25),
+    Target("REST routes", "webui/rest.py", ("*",), T_AUTH, "web"),
+    Target("job table", "webui/jobs.py", ("*",), T_JOBS, "jobs", 0.5),
+)
+
+# Operators: one realistic slip per site (a boundary off by one, a negated test, a swapped
+# arithmetic operator, an exception type that no longer matches), not every operator pair.
+OPERATORS = frozenset({
+    "core/ReplaceBinaryOperator_Add_Sub", "core/ReplaceBinaryOperator_Sub_Add",
+    "core/ReplaceBinaryOperator_Mul_Div", "core/ReplaceBinaryOperator_Div_Mul",
+    "core/ReplaceBinaryOperator_FloorDiv_Div", "core/ReplaceBinaryOperator_Mod_FloorDiv",
+    "core/ReplaceBinaryOperator_Pow_Mul", "core/ReplaceBinaryOperator_BitOr_BitAnd",
+    "core/ReplaceBinaryOperator_BitAnd_BitOr", "core/ReplaceBinaryOperator_BitXor_BitOr",
+    "core/ReplaceBinaryOperator_LShift_RShift", "core/ReplaceBinaryOperator_RShift_LShift",
+    "core/ReplaceComparisonOperator_Eq_NotEq", "core/ReplaceComparisonOperator_NotEq_Eq",
+    "core/ReplaceComparisonOperator_Lt_LtE", "core/ReplaceComparisonOperator_LtE_Lt",
+    "core/ReplaceComparisonOperator_Gt_GtE", "core/ReplaceComparisonOperator_GtE_Gt",
+    "core/ReplaceComparisonOperator_Is_IsNot", "core/ReplaceComparisonOperator_IsNot_Is",
+    "core/ReplaceComparisonOperator_In_NotIn", "core/ReplaceComparisonOperator_NotIn_In",
+    "core/ReplaceUnaryOperator_Not_Nothing", "core/ReplaceUnaryOperator_USub_Nothing",
+    "core/AddNot", "core/ReplaceTrueWithFalse", "core/ReplaceFalseWithTrue",
+    "core/ReplaceAndWithOr", "core/ReplaceOrWithAnd",
+    "core/ReplaceBreakWithContinue", "core/ReplaceContinueWithBreak",
+    "core/ExceptionReplacer", "core/NumberReplacer", "core/RemoveDecorator", "core/ZeroIterationForLoop",
+})
+
+
+@dataclass(frozen=True)
+class Equivalent:
+    module: str
+    operator: str
+    line: str  # the source line, stripped, as it reads before the mutation
+    reason: str
+    occurrence: int = field(default=-1)  # which match on that line; -1: every match
+
+
+# Mutants that cannot change behaviour, with the reason (reviewed by hand; see BENCHMARKS.md).
+EQUIVALENT: tuple[Equivalent, ...] = ()
+
+PYTEST = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")
+
+
+# ---- scope -------------------------------------------------------------------------------------
+def _definitions(source: str) -> list[tuple[str, int, int]]:
+    """(qualified name, first line, last line) of every function and class, decorators included."""
+    out = []
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                out.append((name, first, child.end_lineno))
+                walk(child, name + ".")
+            else:
+                walk(child, prefix)
+
+    walk(ast.parse(source), "")
+    return out
+
+
+def in_scope(target: Target, definitions, line: int) -> bool:
+    if target.scope == ("*",):
+        return True
+    inside = [(name, a, b) for name, a, b in definitions if a <= line <= b]
+    if not inside:
+        return False
+    name = max(inside, key=lambda d: d[1])[0]  # the innermost definition
+    return any(name == s or name.startswith(s + ".") for s in target.scope)
+
+
+def sampled(target: Target, mutation) -> bool:
+    """Whether the mutant is in the target's sample: a hash of the module, operator and occurrence
+    below ``sample``, the same choice on every machine and every run."""
+    key = f"{target.module}:{mutation.operator_name}:{mutation.occurrence}".encode()
+    return int(hashlib.sha256(key).hexdigest()[:8], 16) < target.sample * 16 ** 8
+
+
+def equivalent_reason(target: Target, lines: list[str], mutation) -> str | None:
+    text = lines[mutation.start_pos[0] - 1].strip()
+    for eq in EQUIVALENT:
+        if eq.module == target.module and eq.operator == mutation.operator_name and eq.line == text:
+            return eq.reason
+    return None
+
+
+def _source_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ---- the tree the mutants are applied to --------------------------------------------------------
+PACKAGE_DIRS = ("guidance", "representations", "webui", "configs")  # pyproject's package-dir mapping
+
+
+def sync_tree(tree: Path) -> None:
+    """Copy the checkout's files (tracked and untracked, not ignored) into ``tree``; make
+    ``threedgen.webui`` etc. importable from it (``PYTHONPATH=tree``) as the package-dir mapping
+    makes them in an install."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    files = [f for f in files if f and (ROOT / f).is_file()]
+    tree.mkdir(parents=True, exist_ok=True)
+    keep = set(files)
+    for path in sorted(tree.rglob("*"), reverse=True):  # files that left the checkout, then empty folders
+        rel = path.relative_to(tree).as_posix()
+        if path.is_symlink() or path.is_file():
+            if rel not in keep and not (path.is_symlink() and path.parent == tree / "threedgen"):
+                path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    for rel in files:
+        src, dst = ROOT / rel, tree / rel
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    for name in PACKAGE_DIRS:
+        link = tree / "threedgen" / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..") / name)
+
+
+def test_env(tree: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.setdefault("THREEDGEN_DEVICE", "cpu")
+    return env
+
+
+def test_command(target: Target, tree: Path) -> list[str]:  # noqa: D401
+    """pytest over the target's tests that exist in ``tree`` (a list may name a file added later)."""
+    tests = [t for t in target.tests if (tree / t.split("::")[0]).is_file()]
+    return [sys.executable, "-m", "pytest", *PYTEST, *tests]
+
+
+# ---- the session ---------------------------------------------------------------------------------
+def _db(workdir: Path):
+    from cosmic_ray.work_db import WorkDB, use_db  # noqa: F401  (cosmic-ray: not a threedgen dependency)
+
+    return use_db(str(workdir / "session.sqlite"), WorkDB.Mode.create)
+
+
+def _meta_path(workdir: Path) -> Path:
+    return workdir / "session.json"
+
+
+def _load_meta(workdir: Path) -> dict:
+    try:
+        return json.loads(_meta_path(workdir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_meta(workdir: Path, meta: dict) -> None:
+    _meta_path(workdir).write_text(json.dumps(meta, indent=1))
+
+
+def make_mutants(target: Target, tree: Path):
+    """Every in-scope mutant of ``target`` with a kept operator, as cosmic-ray work items."""
+    from cosmic_ray.commands.init import _all_work_items
+
+    source = (tree / target.module).read_text()
+    definitions = _definitions(source)
+    cwd = os.getcwd()
+    os.chdir(tree)
+    try:
+        for item in _all_work_items([Path(target.module)], {}):
+            mutation = item.mutations[0]
+            if mutation.operator_name in OPERATORS and in_scope(target, definitions, mutation.start_pos[0]) \
+                    and sampled(target, mutation):
+                yield item
+    finally:
+        os.chdir(cwd)
+
+
+def prepare(workdir: Path, targets: list[Target]) -> None:
+    """Make the mutants of every target whose source changed since its mutants were made."""
+    from cosmic_ray.work_item import WorkItem
+
+    tree = workdir / "tree"
+    meta = _load_meta(workdir)
+    modules = meta.setdefault("modules", {})
+    with _db(workdir) as db:
+        for target in targets:
+            digest = _source_hash(tree / target.module) + ":" + hashlib.sha256(
+                repr((target.scope, target.sample, sorted(OPERATORS))).encode()).hexdigest()[:8]
+            if modules.get(target.name, {}).get("digest") == digest:
+                continue
+            stale = [w.job_id for w in db.work_items if _owner(w, meta) == target.name]
+            _delete_items(db, stale)
+            items = [WorkItem.single(job_id=f"{uuid.uuid4().hex}", mutation=w.mutations[0])
+                     for w in make_mutants(target, tree)]
+            db.add_work_items(items)
+            modules[target.name] = {"digest": digest, "jobs": [w.job_id for w in items]}
+            print(f"{target.name}: {len(items)} mutants", flush=True)
+    _save_meta(workdir, meta)
+
+
+def _owner(item, meta) -> str | None:
+    for name, info in meta.get("modules", {}).items():
+        if item.job_id in set(info.get("jobs", ())):
+            return name
+    return None
+
+
+def _delete_items(db, job_ids) -> None:
+    if not job_ids:
+        return
+    from cosmic_ray.work_db import MutationSpecStorage, WorkItemStorage, WorkResultStorage
+
+    with db._session.begin():  # cosmic-ray keeps items, their mutations and results in three tables
+        for model in (WorkResultStorage, MutationSpecStorage, WorkItemStorage):
+            db._session.query(model).filter(model.job_id.in_(list(job_ids))).delete(synchronize_session=False)
+
+
+# ---- running the tests: forked from a process that imported the heavy libraries once --------------
+PRELOAD = ("numpy", "scipy", "torch", "pytorch_lightning", "omegaconf", "trimesh", "PIL.Image", "imageio",
+           "pytest", "_pytest.python")  # never a threedgen module: each mutant imports the mutated source
+
+
+def preload() -> None:
+    """Import the libraries every test process would import (about 6 s of each pytest start), so
+    a forked child starts warm. Nothing of threedgen is imported here."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+
+def start_tests(target: Target, tree: Path, log: Path) -> int:
+    """Fork a child that runs the target's tests in ``tree`` (its own session and process group,
+    output to ``log``); returns its pid. Exit status 0: every test passed."""
+    args = test_command(target, tree)[3:]  # pytest's own arguments
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child: never returns
+        os.setsid()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.chdir(tree)
+        os.environ.update(test_env(tree))
+        sys.path.insert(0, str(tree))
+        sys.dont_write_bytecode = True
+        import pytest
+
+        code = pytest.main(list(args))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(99)
+
+
+def wait_tests(pid: int, timeout: float) -> tuple[str, float]:
+    """('survived' | 'killed' | 'timeout', seconds) of a child from :func:`start_tests`."""
+    started = time.monotonic()
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return ("survived" if code == 0 else "killed"), time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            try:
+                os.killpg(pid, 9)
+            except OSError:
+                pass
+            os.waitpid(pid, 0)
+            return "timeout", time.monotonic() - started
+        time.sleep(0.05)
+
+
+def baseline(target: Target, tree: Path, log: Path) -> float:
+    """Seconds the target's tests take unmutated; SystemExit if they fail (nothing to measure)."""
+    outcome, seconds = wait_tests(start_tests(target, tree, log), 1800)
+    if outcome != "survived":
+        sys.exit(f"{target.name}: its tests fail without any mutant (see {log}):\n{log.read_text()[-3000:]}")
+    return seconds
+
+
+def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_survivors: bool) -> None:
+    from cosmic_ray.mutating import use_mutation
+    from cosmic_ray.plugins import get_operator
+    from cosmic_ray.work_db import WorkResultStorage
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+    tree = workdir / "tree"
+    log = workdir / "last-test.log"
+    meta = _load_meta(workdir)
+    deadline = None if minutes is None else time.monotonic() + 60 * minutes
+    preload()
+    with _db(workdir) as db:
+        results = dict(db.results)
+        for target in targets:
+            info = meta["modules"][target.name]
+            jobs = info["jobs"]
+            if retest_survivors:
+                again = [j for j in jobs if j in results and results[j].worker_outcome == WorkerOutcome.NORMAL
+                         and results[j].test_outcome == TestOutcome.SURVIVED]
+                with db._session.begin():
+                    db._session.query(WorkResultStorage).filter(
+                        WorkResultStorage.job_id.in_(again)).delete(synchronize_session=False)
+                for j in again:
+                    results.pop(j)
+            pending = [j for j in jobs if j not in results]
+            if not pending:
+                continue
+            items = {w.job_id: w for w in db.work_items if w.job_id in set(pending)}
+            info["baseline_s"] = round(baseline(target, tree, log), 1)
+            _save_meta(workdir, meta)
+            timeout = max(60.0, 3 * info["baseline_s"] + 30)
+            lines = (tree / target.module).read_text().splitlines()
+            print(f"{target.name}: {len(pending)} mutants to test (its tests: {info['baseline_s']} s unmutated)",
+                  flush=True)
+            for n, job in enumerate(pending, 1):
+                if deadline is not None and time.monotonic() > deadline:
+                    print("stopped at the time limit; run again to continue", flush=True)
+                    return
+                mutation = items[job].mutations[0]
+                reason = equivalent_reason(target, lines, mutation)
+                if reason is not None:
+                    db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="equivalent: " + reason))
+                    continue
+                operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
+                with use_mutation(tree / target.module, operator, mutation.occurrence) as (before, after):
+                    if after is None:
+                        db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NO_TEST))
+                        continue
+                    outcome, seconds = wait_tests(start_tests(target, tree, log), timeout)
+                output = "timeout" if outcome == "timeout" else log.read_text(errors="replace")[-4000:]
+                test_outcome = TestOutcome.SURVIVED if outcome == "survived" else TestOutcome.KILLED
+                db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NORMAL, test_outcome=test_outcome,
+                                              output=output, diff=_diff(before, after, target.module)))
+                print(f"  [{n}/{len(pending)}] {outcome:8s} {seconds:5.1f}s {mutation.operator_name} "
+                      f"{target.module}:{mutation.start_pos[0]}", flush=True)
+
+
+def _diff(before: str, after: str, name: str) -> str:
+    import difflib
+
+    return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), name, name, n=1))
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+def tally(workdir: Path, targets: list[Target]) -> list[dict]:
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    meta = _load_meta(workdir)
+    with _db(workdir) as db:
+        results = dict(db.results)
+    rows = []
+    for target in targets:
+        jobs = meta.get("modules", {}).get(target.name, {}).get("jobs", [])
+        row = {"name": target.name, "module": target.module, "group": target.group, "mutants": len(jobs),
+               "killed": 0, "survived": 0, "equivalent": 0, "timeout": 0, "not run": 0}
+        for job in jobs:
+            r = results.get(job)
+            if r is None:
+                row["not run"] += 1
+            elif r.worker_outcome == WorkerOutcome.SKIPPED:
+                row["equivalent"] += 1
+            elif r.worker_outcome == WorkerOutcome.NO_TEST:
+                row["equivalent"] += 1
+            elif r.test_outcome == TestOutcome.SURVIVED:
+                row["survived"] += 1
+            elif r.output == "timeout":
+                row["timeout"] += 1
+            else:
+                row["killed"] += 1
+        rows.append(row)
+    return rows
+
+
+def _score(rows) -> str:
+    killed = sum(r["killed"] + r["timeout"] for r in rows)  # a mutant that hangs the tests is caught
+    judged = killed + sum(r["survived"] for r in rows)
+    return f"{100 * killed / judged:.0f} %" if judged else "-"
+
+
+def report(workdir: Path, targets: list[Target], markdown: bool) -> str:
+    rows = tally(workdir, targets)
+    head = ["target", "module", "mutants", "killed", "survived", "equivalent", "timeout", "not run", "score"]
+    body = [[r["name"], r["module"], r["mutants"], r["killed"], r["survived"], r["equivalent"], r["timeout"],
+             r["not run"], _score([r])] for r in rows]
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    for g, rs in groups.items():
+        body.append([f"**{g}**" if markdown else f"[{g}]", "", *[sum(r[k] for r in rs) for k in
+                     ("mutants", "killed", "survived", "equivalent", "timeout", "not run")], _score(rs)])
+    body.append(["**all**" if markdown else "[all]", "", *[sum(r[k] for r in rows) for k in
+                 ("mutants", "killed", "survived", "equivalent", "timeout", "not run")], _score(rows)])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(f"`{c}`" if i == 1 and c else str(c) for i, c in enumerate(b)) + " |"
+                  for b in body]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [head, *body])
+
+
+def survivors(workdir: Path, targets: list[Target]) -> str:
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    meta = _load_meta(workdir)
+    out = []
+    with _db(workdir) as db:
+        results = dict(db.results)
+        specs = {w.job_id: w.mutations[0] for w in db.work_items}
+    for target in targets:
+        for job in meta.get("modules", {}).get(target.name, {}).get("jobs", []):
+            r = results.get(job)
+            if r and r.worker_outcome == WorkerOutcome.NORMAL and r.test_outcome == TestOutcome.SURVIVED:
+                m = specs[job]
+                out.append(f"### {target.name} {m.operator_name} line {m.start_pos[0]} (job {job})\n{r.diff}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["run", "report", "survivors", "count"])
+    parser.add_argument("--only", nargs="*", default=None, help="target names (see TARGETS), default all")
+    parser.add_argument("--workdir", default=str(ROOT / ".mutation"))
+    parser.add_argument("--minutes", type=float, default=None, help="stop after this long (run again to go on)")
+    parser.add_argument("--retest-survivors", action="store_true")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    names = {t.name for t in TARGETS}
+    unknown = set(args.only or ()) - names
+    if unknown:
+        parser.error(f"unknown target(s) {sorted(unknown)}; targets: {sorted(names)}")
+    targets = [t for t in TARGETS if args.only is None or t.name in args.only]
+    workdir = Path(args.workdir).resolve()
+    if args.command in ("run", "count"):
+        try:
+            import cosmic_ray  # noqa: F401
+        except ImportError:
+            parser.error("needs cosmic-ray: pip install cosmic-ray")
+        sync_tree(workdir / "tree")
+        prepare(workdir, targets)
+        if args.command == "run":
+            started = time.monotonic()
+            execute(workdir, targets, args.minutes, args.retest_survivors)
+            print(f"campaign: {time.monotonic() - started:.0f} s this time", flush=True)
+    if args.command == "survivors":
+        print(survivors(workdir, targets))
+    else:
+        print(report(workdir, targets, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
