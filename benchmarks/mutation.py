@@ -406,7 +406,7 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
             items = {w.job_id: w for w in db.work_items if w.job_id in set(pending)}
             info["baseline_s"] = round(baseline(target, tree, log), 1)
             _save_meta(workdir, meta)
-            timeout = max(60.0, 3 * info["baseline_s"] + 30)
+            timeout = max(45.0, 2 * info["baseline_s"] + 20)
             lines = (tree / target.module).read_text().splitlines()
             print(f"{target.name}: {len(pending)} mutants to test (its tests: {info['baseline_s']} s unmutated)",
                   flush=True)
@@ -534,6 +534,14 @@ def main(argv=None) -> int:
             import cosmic_ray  # noqa: F401
         except ImportError:
             parser.error("needs cosmic-ray: pip install cosmic-ray")
+        import fcntl
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = open(workdir / "lock", "w")
+        try:  # one campaign at a time: a second would copy the checkout over a mutant under test
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            parser.error(f"another campaign is running in {workdir}")
         sync_tree(workdir / "tree")
         prepare(workdir, targets)
         if args.command == "run":

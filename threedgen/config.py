@@ -207,6 +207,23 @@ def _lookup(data: dict, key: str):
     return node
 
 
+def _failing_key(schema, data: dict) -> str:
+    """The key OmegaConf refused when its error names none (a list of the wrong length for a
+    pair): each value merged alone; "" when none fails alone."""
+    for key in _leaves(data):
+        single: dict = {}
+        node = single
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = _lookup(data, key)
+        try:
+            OmegaConf.to_object(OmegaConf.merge(schema, _escape_all(single)))
+        except OmegaConfBaseException:
+            return key
+    return ""
+
+
 def _explain(key: str, value, sections: dict) -> UserError:
     """A value OmegaConf could not take (a text where a number goes, ...): the owning section's
     own check says what is allowed; OmegaConf's first line otherwise."""
@@ -271,7 +288,7 @@ def merge(guidance: str = "sds", representation: str = "nerf", prior: str = "sha
             schema[section] = OmegaConf.structured(cls)
         cfg = OmegaConf.to_object(OmegaConf.merge(schema, _escape_all(data)))
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or ""
+        key = getattr(exc, "full_key", None) or _failing_key(schema, data)
         if key:
             raise _explain(key, _lookup(data, key), sections) from None
         raise UserError(f"bad config value: {str(exc).splitlines()[0]}") from None

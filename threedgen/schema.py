@@ -48,10 +48,12 @@ def check_device(value) -> None:
 
 
 def clean_prompt(prompt: str, what: str = "prompt") -> str:
-    """Strip control characters (NUL included) and surrounding space; enforce the length cap."""
+    """Strip control characters (NUL included; tabs and line breaks become spaces) and surrounding
+    space; enforce the length cap."""
     if not isinstance(prompt, str):
         raise UserError(f"{what} must be text")
-    text = "".join(ch for ch in prompt if unicodedata.category(ch)[0] != "C" or ch in " ")
+    # a tab or line break separates words as a space does; other controls (NUL, bidi marks) go
+    text = "".join(" " if ch.isspace() else ch for ch in prompt if ch.isspace() or unicodedata.category(ch)[0] != "C")
     text = " ".join(text.split()) if what == "prompt" else text.strip()
     if len(text) > MAX_PROMPT_CHARS:
         raise UserError(f"{what} is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
