@@ -186,13 +186,22 @@ def _source_hash(path: Path) -> str:
 PACKAGE_DIRS = ("guidance", "representations", "webui", "configs")  # pyproject's package-dir mapping
 
 
-def sync_tree(tree: Path) -> None:
-    """Copy the checkout's files (tracked and untracked, not ignored) into ``tree``; make
-    ``threedgen.webui`` etc. importable from it (``PYTHONPATH=tree``) as the package-dir mapping
-    makes them in an install."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    files = [f for f in files if f and (ROOT / f).is_file()]
+def sync_tree(tree: Path, rev: str | None = None) -> None:
+    """Copy the checkout's files (tracked and untracked, not ignored; or those of commit ``rev``)
+    into ``tree``; make ``threedgen.webui`` etc. importable from it (``PYTHONPATH=tree``) as the
+    package-dir mapping makes them in an install."""
+    source = ROOT
+    if rev is not None:  # the files of an earlier commit, e.g. the campaign before new tests
+        source = tree.parent / "rev"
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        files = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
+    else:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+        files = [f for f in files if f and (ROOT / f).is_file()]
     tree.mkdir(parents=True, exist_ok=True)
     keep = set(files)
     for path in sorted(tree.rglob("*"), reverse=True):  # files that left the checkout, then empty folders
@@ -203,7 +212,7 @@ def sync_tree(tree: Path) -> None:
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
     for rel in files:
-        src, dst = ROOT / rel, tree / rel
+        src, dst = source / rel, tree / rel
         if not dst.is_file() or dst.read_bytes() != src.read_bytes():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
@@ -302,9 +311,9 @@ def _delete_items(db, job_ids) -> None:
         return
     from cosmic_ray.work_db import MutationSpecStorage, WorkItemStorage, WorkResultStorage
 
-    with db._session.begin():  # cosmic-ray keeps items, their mutations and results in three tables
+    with db._session_maker.begin() as session:  # cosmic-ray keeps items, their mutations and results apart
         for model in (WorkResultStorage, MutationSpecStorage, WorkItemStorage):
-            db._session.query(model).filter(model.job_id.in_(list(job_ids))).delete(synchronize_session=False)
+            session.query(model).filter(model.job_id.in_(list(job_ids))).delete(synchronize_session=False)
 
 
 # ---- running the tests: forked from a process that imported the heavy libraries once --------------
@@ -321,10 +330,10 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def start_tests(target: Target, tree: Path, log: Path) -> int:
+def start_tests(target: Target, tree: Path, log: Path, threads: int = 0) -> int:
     """Fork a child that runs the target's tests in ``tree`` (its own session and process group,
     output to ``log``); returns its pid. Exit status 0: every test passed."""
-    args = test_command(target, tree)[3:]  # pytest's own arguments
+    args = [*test_command(target, tree)[3:], f"--basetemp={log.with_suffix('.tmp')}"]  # pytest's own arguments
     pid = os.fork()
     if pid:
         return pid
@@ -335,6 +344,11 @@ def start_tests(target: Target, tree: Path, log: Path) -> int:
         os.dup2(fd, 2)
         os.chdir(tree)
         os.environ.update(test_env(tree))
+        if threads:  # several children share the cores
+            import torch
+
+            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         sys.path.insert(0, str(tree))
         sys.dont_write_bytecode = True
         import pytest
@@ -376,61 +390,120 @@ def baseline(target: Target, tree: Path, log: Path) -> float:
     return seconds
 
 
-def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_survivors: bool) -> None:
-    from cosmic_ray.mutating import use_mutation
+def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_survivors: bool,
+            jobs: int = 1, rev: str | None = None) -> None:
+    """Test every mutant without a result, ``jobs`` at a time (each in its own copy of the tree)."""
+    from cosmic_ray.mutating import apply_mutation
     from cosmic_ray.plugins import get_operator
     from cosmic_ray.work_db import WorkResultStorage
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
-    tree = workdir / "tree"
-    log = workdir / "last-test.log"
+    trees = [workdir / "tree"] + [workdir / f"tree-{k}" for k in range(2, jobs + 1)]
+    for tree in trees[1:]:
+        sync_tree(tree, rev)
     meta = _load_meta(workdir)
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     preload()
     with _db(workdir) as db:
         results = dict(db.results)
+        work = []  # (target, job id) in TARGETS order
         for target in targets:
             info = meta["modules"][target.name]
-            jobs = info["jobs"]
             if retest_survivors:
-                again = [j for j in jobs if j in results and results[j].worker_outcome == WorkerOutcome.NORMAL
+                again = [j for j in info["jobs"] if j in results and results[j].worker_outcome == WorkerOutcome.NORMAL
                          and results[j].test_outcome == TestOutcome.SURVIVED]
-                with db._session.begin():
-                    db._session.query(WorkResultStorage).filter(
+                with db._session_maker.begin() as session:
+                    session.query(WorkResultStorage).filter(
                         WorkResultStorage.job_id.in_(again)).delete(synchronize_session=False)
                 for j in again:
                     results.pop(j)
-            pending = [j for j in jobs if j not in results]
-            if not pending:
-                continue
-            items = {w.job_id: w for w in db.work_items if w.job_id in set(pending)}
-            info["baseline_s"] = round(baseline(target, tree, log), 1)
-            _save_meta(workdir, meta)
-            timeout = max(45.0, 2 * info["baseline_s"] + 20)
-            lines = (tree / target.module).read_text().splitlines()
-            print(f"{target.name}: {len(pending)} mutants to test (its tests: {info['baseline_s']} s unmutated)",
-                  flush=True)
-            for n, job in enumerate(pending, 1):
+            work += [(target, j) for j in info["jobs"] if j not in results]
+        specs = {w.job_id: w.mutations[0] for w in db.work_items if w.job_id in {j for _, j in work}}
+        timeouts = {}
+        running = {}  # pid -> (slot, target, job, file, original text, diff)
+        free = list(range(len(trees)))
+        done = 0
+
+        def finish(pid, outcome, seconds):
+            nonlocal done
+            slot, target, job, path, original, diff = running.pop(pid)
+            path.write_text(original)
+            free.append(slot)
+            log = workdir / f"test-{slot}.log"
+            output = "timeout" if outcome == "timeout" else log.read_text(errors="replace")[-4000:]
+            db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NORMAL, output=output, diff=diff,
+                                          test_outcome=TestOutcome.SURVIVED if outcome == "survived"
+                                          else TestOutcome.KILLED))
+            done += 1
+            m = specs[job]
+            print(f"  [{done}/{len(work)}] {outcome:8s} {seconds:5.1f}s {m.operator_name} {target.module}:"
+                  f"{m.start_pos[0]}", flush=True)
+
+        def reap(block: bool):
+            while running and (block or not free):
+                for pid, (slot, target, job, *_rest) in list(running.items()):
+                    started, limit = timeouts[pid]
+                    got, status = os.waitpid(pid, os.WNOHANG)
+                    if got:
+                        code = os.waitstatus_to_exitcode(status)
+                        finish(pid, "survived" if code == 0 else "killed", time.monotonic() - started)
+                    elif time.monotonic() - started > limit:
+                        try:
+                            os.killpg(pid, 9)
+                        except OSError:
+                            pass
+                        os.waitpid(pid, 0)
+                        finish(pid, "timeout", time.monotonic() - started)
+                if running and (block or not free):
+                    time.sleep(0.05)
+                if not block and free:
+                    return
+
+        seen = set()
+        try:
+            for target, job in work:
                 if deadline is not None and time.monotonic() > deadline:
                     print("stopped at the time limit; run again to continue", flush=True)
-                    return
-                mutation = items[job].mutations[0]
+                    break
+                info = meta["modules"][target.name]
+                if target.name not in seen:
+                    seen.add(target.name)
+                    reap(block=True)  # the baseline runs alone, on unmutated trees
+                    info["baseline_s"] = round(baseline(target, trees[0], workdir / "test-0.log"), 1)
+                    _save_meta(workdir, meta)
+                    pending = sum(1 for t, _ in work if t is target)
+                    print(f"{target.name}: {pending} mutants to test (its tests: {info['baseline_s']} s unmutated)",
+                          flush=True)
+                mutation = specs[job]
+                lines = (trees[0] / target.module).read_text().splitlines()
                 reason = equivalent_reason(target, lines, mutation)
                 if reason is not None:
                     db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="equivalent: " + reason))
                     continue
+                reap(block=False)
+                slot = free.pop(0)
+                tree = trees[slot]
+                path = tree / target.module
+                original = path.read_text()
                 operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
-                with use_mutation(tree / target.module, operator, mutation.occurrence) as (before, after):
-                    if after is None:
-                        db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NO_TEST))
-                        continue
-                    outcome, seconds = wait_tests(start_tests(target, tree, log), timeout)
-                output = "timeout" if outcome == "timeout" else log.read_text(errors="replace")[-4000:]
-                test_outcome = TestOutcome.SURVIVED if outcome == "survived" else TestOutcome.KILLED
-                db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NORMAL, test_outcome=test_outcome,
-                                              output=output, diff=_diff(before, after, target.module)))
-                print(f"  [{n}/{len(pending)}] {outcome:8s} {seconds:5.1f}s {mutation.operator_name} "
-                      f"{target.module}:{mutation.start_pos[0]}", flush=True)
+                _, mutated = apply_mutation(path, operator, mutation.occurrence)
+                if mutated is None:
+                    path.write_text(original)
+                    free.append(slot)
+                    db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NO_TEST))
+                    continue
+                pid = start_tests(target, tree, workdir / f"test-{slot}.log", threads=1 if jobs > 1 else 0)
+                timeouts[pid] = (time.monotonic(), max(45.0, 2 * jobs * info["baseline_s"] + 20))
+                running[pid] = (slot, target, job, path, original, _diff(original, mutated, target.module))
+            reap(block=True)
+        finally:
+            for pid, (slot, target, job, path, original, diff) in list(running.items()):
+                try:
+                    os.killpg(pid, 9)
+                    os.waitpid(pid, 0)
+                except OSError:
+                    pass
+                path.write_text(original)
 
 
 def _diff(before: str, after: str, name: str) -> str:
@@ -521,6 +594,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=str(ROOT / ".mutation"))
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long (run again to go on)")
     parser.add_argument("--retest-survivors", action="store_true")
+    parser.add_argument("--rev", default=None, help="test the files of this commit instead of the checkout's "
+                        "(e.g. the campaign before new tests)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once, each in its own tree copy")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     names = {t.name for t in TARGETS}
@@ -542,11 +618,11 @@ def main(argv=None) -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             parser.error(f"another campaign is running in {workdir}")
-        sync_tree(workdir / "tree")
+        sync_tree(workdir / "tree", args.rev)
         prepare(workdir, targets)
         if args.command == "run":
             started = time.monotonic()
-            execute(workdir, targets, args.minutes, args.retest_survivors)
+            execute(workdir, targets, args.minutes, args.retest_survivors, args.jobs, args.rev)
             print(f"campaign: {time.monotonic() - started:.0f} s this time", flush=True)
     if args.command == "survivors":
         print(survivors(workdir, targets))

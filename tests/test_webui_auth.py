@@ -281,3 +281,183 @@ def test_the_polling_api_asks_for_the_same_users_and_the_same_limit(auth_server)
     assert status == 429 and "too many failed logins" in body["error"]
     assert get(port, "/api/v1/jobs", "alice", "right horse", source="127.0.0.3")[0] == 200  # remembered header
     assert len(checked) == 20  # the 429 checked no password
+
+
+# ---- edges of the limiter, the hashes and the polling API's HTTP Basic ----------------------
+
+def test_the_limit_blocks_at_exactly_max_failures_and_a_failure_leaves_at_exactly_the_window():
+    now = [0.0]
+    limiter = LoginLimiter(max_failures=2, window_s=10, clock=lambda: now[0])
+    assert limiter.begin("a") == 0.0 and not limiter.blocked("a")  # one failure of two
+    now[0] = 4.0
+    assert limiter.begin("a") == 4.0 and limiter.blocked("a")  # the second: blocked now
+    assert limiter.begin("a") is None and limiter.retry_after("a") == 6
+    now[0] = 9.999
+    assert limiter.blocked("a") and limiter.retry_after("a") == 1  # never 0 while blocked
+    now[0] = 10.0  # the first failure is exactly one window old: gone
+    assert not limiter.blocked("a") and limiter.retry_after("a") == 0
+    limiter.succeeded("a", 0.0)  # an attempt already out of the window: nothing to take back, no error
+    assert limiter.begin("a") == 10.0 and limiter.blocked("a")
+    with pytest.raises(ValueError):
+        LoginLimiter(max_failures=0)
+    with pytest.raises(ValueError):
+        LoginLimiter(window_s=0)
+
+
+def test_the_limiter_forgets_the_least_recent_addresses_beyond_its_memory():
+    now = [0.0]
+    limiter = LoginLimiter(max_failures=1, window_s=100, clock=lambda: now[0], max_clients=3)
+    for client in ("a", "b", "c"):
+        limiter.begin(client)
+        now[0] += 1
+    assert all(limiter.blocked(c) for c in ("a", "b", "c"))
+    limiter.begin("d")  # a fourth address: the least recent one ("a") is forgotten
+    assert not limiter.blocked("a") and limiter.blocked("b") and limiter.blocked("d")
+    now[0] = 150.0  # every failure but d's (at t=3) is out of the window
+    limiter.begin("e")
+    assert limiter.blocked("e") and not limiter.blocked("b")
+
+
+def test_login_requests_are_posts_to_the_login_route_only():
+    def scope(path, method="POST", kind="http"):
+        return {"type": kind, "method": method, "path": path}
+
+    for path in ("/login", "/login/", "/gradio/login", "/app/login/"):
+        assert webauth.is_login_request(scope(path))
+    for s in (scope("/login", "GET"), scope("/logins"), scope("/xlogin"), scope("/login/x"), scope("/login", kind="websocket")):
+        assert not webauth.is_login_request(s)
+
+
+def test_hashes_outside_the_accepted_parameters_never_verify():
+    good = hash_password("pw")
+    _, n, r, p, salt, key = good.split("$")
+    assert verify_password(f"scrypt$2$1$1${salt}${key}", "pw") is False  # smallest N: parsed, wrong key
+    for bad in (f"scrypt$1${r}${p}${salt}${key}", f"scrypt$3${r}${p}${salt}${key}",  # N below 2, not a power of 2
+                f"scrypt$2097152${r}${p}${salt}${key}",  # N above 2^20
+                f"scrypt${n}$0${p}${salt}${key}", f"scrypt${n}$65${p}${salt}${key}",
+                f"scrypt${n}${r}$0${salt}${key}", f"scrypt${n}${r}$17${salt}${key}",
+                f"scrypt${n}${r}${p}$YWJj${key}",  # a 3-byte salt
+                f"scrypt${n}${r}${p}${salt}$" + "QUFB" * 2,  # a 6-byte key
+                f"bcrypt${n}${r}${p}${salt}${key}", good + "$x", f"scrypt$x${r}${p}${salt}${key}"):
+        assert not verify_password(bad, "pw"), bad
+        with pytest.raises(ValueError):
+            webauth._parse(bad)
+    assert webauth._parse(f"scrypt$1048576$1$1${salt}${key}")[0] == 2 ** 20  # the largest N, 128 MiB at r=1
+    with pytest.raises(ValueError, match="more than 256 MiB"):
+        webauth._parse(f"scrypt$1048576$8$1${salt}${key}")
+    assert not verify_password(good, None)
+
+
+def test_user_names():
+    for name in ("alice", "bob smith", "ünïcode"):
+        assert webauth.check_username(name) == name
+    for name in ("", " alice", "alice ", "a:b", "a\nb", "a\rb"):
+        with pytest.raises(UserError, match="user name"):
+            webauth.check_username(name)
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _basic(user, password) -> str:
+    import base64
+
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _rest(monkeypatch, max_failures=3):
+    from threedgen.webui import rest
+
+    clock = _Clock()
+    monkeypatch.setattr(rest.time, "monotonic", clock)
+    calls = []
+
+    def logins(user, password):
+        calls.append(user)
+        return (user, password) in {("alice", "right"), ("bob", "also right")}
+
+    limiter = LoginLimiter(max_failures=max_failures, window_s=60, clock=clock)
+    return rest.BasicAuth(logins, limiter), clock, calls
+
+
+def test_successful_basic_logins_never_count_against_the_limit(monkeypatch):
+    from threedgen.webui.rest import REMEMBER_S
+
+    auth, clock, calls = _rest(monkeypatch, max_failures=2)
+    for _ in range(5):  # each after the remembered header expired: the password is checked every time
+        assert auth.check(_basic("alice", "right"), "10.0.0.1") is None
+        clock.now += REMEMBER_S + 1
+    assert calls == ["alice"] * 5
+    assert auth.check(_basic("alice", "wrong"), "10.0.0.1") == (401, "wrong user name or password")
+    assert auth.check(_basic("bob", "also right"), "10.0.0.1") is None  # one failure of two: not blocked
+    assert auth.check(_basic("alice", "wrong again"), "10.0.0.1") == (401, "wrong user name or password")
+    status, message = auth.check(_basic("alice", "right"), "10.0.0.1")  # no longer remembered; blocked address
+    assert status == 429 and message == "too many failed logins from this address; try again in 60 s"
+
+
+def test_a_verified_header_is_remembered_for_five_minutes_then_checked_again(monkeypatch):
+    from threedgen.webui.rest import REMEMBER_S
+
+    auth, clock, calls = _rest(monkeypatch)
+    header = _basic("alice", "right")
+    assert auth.check(header, "10.0.0.1") is None and calls == ["alice"]
+    clock.now += REMEMBER_S - 1
+    assert auth.check(header, "10.0.0.2") is None and calls == ["alice"]  # remembered, from any address
+    clock.now += 2
+    assert auth.check(header, "10.0.0.1") is None and calls == ["alice", "alice"]  # expired: checked again
+    assert auth.check(_basic("alice", "Right"), "10.0.0.1")[0] == 401  # another header is never taken for it
+
+
+def test_malformed_or_missing_credentials(monkeypatch):
+    auth, clock, calls = _rest(monkeypatch, max_failures=2)
+    for header in (None, "", "Bearer abc", "basic " + _basic("alice", "right")[6:]):
+        assert auth.check(header, "10.0.0.1") == (401, "this server needs a login: HTTP Basic credentials of a "
+                                                        "web UI user")
+    assert auth.check("Basic !!!", "10.0.0.1") == (401, "malformed HTTP Basic credentials")
+    assert auth.check("Basic " + "gA==", "10.0.0.1") == (401, "malformed HTTP Basic credentials")  # not UTF-8
+    assert auth.check(_basic("alice", "right"), "10.0.0.1")[0] == 429  # the two malformed ones counted
+    assert calls == []  # and no password was checked
+
+
+def test_the_polling_routes_answer_json_with_the_right_status(monkeypatch):
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from threedgen.webui.rest import rest_routes
+
+    class UI:
+        def status(self, job_id):
+            if job_id == "0123456789ab":
+                return {"id": job_id, "status": "queued"}
+            if job_id == "bad":
+                raise UserError("job ids are 12 hexadecimal characters")
+            raise UserError(f"no job {job_id}")
+
+        def jobs(self):
+            return [{"id": "0123456789ab"}]
+
+    open_client = TestClient(Starlette(routes=rest_routes(UI())))
+    assert open_client.get("/api/v1/jobs").json() == {"jobs": [{"id": "0123456789ab"}]}
+    response = open_client.get("/api/v1/status/0123456789ab")
+    assert response.status_code == 200 and response.json()["status"] == "queued"
+    response = open_client.get("/api/v1/status/ffffffffffff")
+    assert response.status_code == 404 and response.json() == {"error": "no job ffffffffffff"}
+    response = open_client.get("/api/v1/status/bad")
+    assert response.status_code == 400 and response.json() == {"error": "job ids are 12 hexadecimal characters"}
+    assert open_client.post("/api/v1/jobs").status_code == 405
+
+    auth, clock, calls = _rest(monkeypatch, max_failures=1)
+    client = TestClient(Starlette(routes=rest_routes(UI(), auth.logins, auth.limiter)))
+    response = client.get("/api/v1/jobs")
+    assert response.status_code == 401 and response.headers["www-authenticate"] == 'Basic realm="threedgen"'
+    response = client.get("/api/v1/jobs", headers={"Authorization": _basic("alice", "right")})
+    assert response.status_code == 200 and response.json() == {"jobs": [{"id": "0123456789ab"}]}
+    assert client.get("/api/v1/jobs", headers={"Authorization": _basic("alice", "no")}).status_code == 401
+    response = client.get("/api/v1/jobs", headers={"Authorization": _basic("bob", "also right")})
+    assert response.status_code == 429 and "www-authenticate" not in response.headers
+    assert "try again in" in response.json()["error"]
