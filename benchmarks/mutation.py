@@ -67,7 +67,9 @@ T_CONFIG = ("tests/test_config.py", "tests/test_cli.py", "tests/test_limits.py",
 T_AUTH = ("tests/test_webui_auth.py",)
 T_JOBS = ("tests/test_jobs.py", "tests/test_webui.py::test_job_store_lifecycle",
           "tests/test_webui.py::test_state_and_outputs_must_be_separate",
-          "tests/test_bad_inputs.py::test_fault", "tests/test_batch.py")
+          "tests/test_bad_inputs.py::test_fault[queue-full-or-double-submit]",
+          "tests/test_batch.py::test_read_batch_lines_and_defaults", "tests/test_batch.py::test_a_bad_batch_file_queues_nothing",
+          "tests/test_batch.py::test_ten_thousand_lines_check_quickly_and_too_many_queue_nothing")
 
 TARGETS: tuple[Target, ...] = (
     Target("checkpoints", "threedgen/checkpoints.py", ("*",), T_CKPT, "checkpoints"),
@@ -129,7 +131,14 @@ class Equivalent:
 
 
 # Mutants that cannot change behaviour, with the reason (reviewed by hand; see BENCHMARKS.md).
-EQUIVALENT: tuple[Equivalent, ...] = ()
+EQUIVALENT: tuple[Equivalent, ...] = (
+    Equivalent("threedgen/checkpoints.py", "core/ReplaceTrueWithFalse", "tmp.unlink(missing_ok=True)",
+               "the glob lists only files that exist, and only the resuming process, the folder's one writer "
+               "then, removes them"),
+    Equivalent("threedgen/callbacks.py", "core/NumberReplacer", "self._last = -1",
+               "on_train_start sets _last to the trainer's step before any batch ends, so the first value is "
+               "never read"),
+)
 
 PYTEST = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")
 
@@ -171,9 +180,20 @@ def sampled(target: Target, mutation) -> bool:
 
 
 def equivalent_reason(target: Target, lines: list[str], mutation) -> str | None:
-    text = lines[mutation.start_pos[0] - 1].strip()
+    return _equivalent(target, mutation.operator_name, lines[mutation.start_pos[0] - 1].strip())
+
+
+def _diff_line(diff: str) -> str:
+    """The original line of a one-line mutant's diff."""
+    for line in (diff or "").splitlines():
+        if line.startswith("-") and not line.startswith("---"):
+            return line[1:].strip()
+    return ""
+
+
+def _equivalent(target: Target, operator: str, text: str) -> str | None:
     for eq in EQUIVALENT:
-        if eq.module == target.module and eq.operator == mutation.operator_name and eq.line == text:
+        if eq.module == target.module and eq.operator == operator and eq.line == text:
             return eq.reason
     return None
 
@@ -330,10 +350,12 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def start_tests(target: Target, tree: Path, log: Path, threads: int = 0) -> int:
-    """Fork a child that runs the target's tests in ``tree`` (its own session and process group,
-    output to ``log``); returns its pid. Exit status 0: every test passed."""
-    args = [*test_command(target, tree)[3:], f"--basetemp={log.with_suffix('.tmp')}"]  # pytest's own arguments
+def start_tests(target: Target, tree: Path, log: Path, threads: int = 0, tests=None, extra=()) -> int:
+    """Fork a child that runs the target's tests (or ``tests``, node ids) in ``tree`` (its own
+    session and process group, output to ``log``); returns its pid. Exit status 0: every test
+    passed."""
+    args = test_command(target, tree)[3:] if tests is None else [*PYTEST, *tests]
+    args = [*args, *extra, f"--basetemp={log.with_suffix('.tmp')}"]  # pytest's own arguments
     pid = os.fork()
     if pid:
         return pid
@@ -382,17 +404,50 @@ def wait_tests(pid: int, timeout: float) -> tuple[str, float]:
         time.sleep(0.05)
 
 
-def baseline(target: Target, tree: Path, log: Path) -> float:
-    """Seconds the target's tests take unmutated; SystemExit if they fail (nothing to measure)."""
-    outcome, seconds = wait_tests(start_tests(target, tree, log), 1800)
+def baseline(target: Target, tree: Path, log: Path, workdir: Path) -> tuple[float, dict[str, list[str]]]:
+    """Run the target's tests unmutated under coverage: (seconds, which tests run each function of
+    the module, by qualified name). SystemExit if they fail (nothing to measure)."""
+    data = workdir / f".coverage-{hashlib.sha256(target.name.encode()).hexdigest()[:8]}"
+    data.unlink(missing_ok=True)
+    os.environ["COVERAGE_FILE"] = str(data)  # inherited by the child
+    try:
+        outcome, seconds = wait_tests(start_tests(target, tree, log, extra=(
+            f"--cov={tree}", "--cov-context=test", "--cov-report=")), 1800)
+    finally:
+        os.environ.pop("COVERAGE_FILE", None)
     if outcome != "survived":
         sys.exit(f"{target.name}: its tests fail without any mutant (see {log}):\n{log.read_text()[-3000:]}")
-    return seconds
+    import coverage
+
+    cov = coverage.CoverageData(basename=str(data))
+    cov.read()
+    wanted = os.path.realpath(tree / target.module)
+    by_line: dict[int, set] = {}
+    for name in cov.measured_files():
+        if os.path.realpath(name) == wanted:
+            for line, contexts in (cov.contexts_by_lineno(name) or {}).items():
+                by_line.setdefault(line, set()).update(c.split("|")[0] for c in contexts if c)
+    runs = {}
+    for qualname, first, last in _definitions((tree / target.module).read_text()):
+        runs[qualname] = sorted(set().union(*[by_line.get(n, set()) for n in range(first, last + 1)]))
+    return seconds, runs
+
+
+def tests_for(target: Target, runs: dict[str, list[str]], source: str, line: int):
+    """The node ids of the tests that run the function holding ``line`` (coverage of the unmutated
+    run: a test that never runs the mutated code cannot see the mutant); None (the target's whole
+    list) for code outside any function or run by no test in this process (a subprocess may)."""
+    inside = [(name, a, b) for name, a, b in _definitions(source) if a <= line <= b]
+    if not inside:
+        return None
+    name = max(inside, key=lambda d: d[1])[0]
+    return runs.get(name) or None
 
 
 def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_survivors: bool,
             jobs: int = 1, rev: str | None = None) -> None:
-    """Test every mutant without a result, ``jobs`` at a time (each in its own copy of the tree)."""
+    """Test every mutant without a result, ``jobs`` at a time (each in its own copy of the tree),
+    each against the target's tests that run the mutated function."""
     from cosmic_ray.mutating import apply_mutation
     from cosmic_ray.plugins import get_operator
     from cosmic_ray.work_db import WorkResultStorage
@@ -469,7 +524,9 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
                 if target.name not in seen:
                     seen.add(target.name)
                     reap(block=True)  # the baseline runs alone, on unmutated trees
-                    info["baseline_s"] = round(baseline(target, trees[0], workdir / "test-0.log"), 1)
+                    seconds, runs = baseline(target, trees[0], workdir / "test-0.log", workdir)
+                    info["baseline_s"] = round(seconds, 1)
+                    source = (trees[0] / target.module).read_text()
                     _save_meta(workdir, meta)
                     pending = sum(1 for t, _ in work if t is target)
                     print(f"{target.name}: {pending} mutants to test (its tests: {info['baseline_s']} s unmutated)",
@@ -492,7 +549,8 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
                     free.append(slot)
                     db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NO_TEST))
                     continue
-                pid = start_tests(target, tree, workdir / f"test-{slot}.log", threads=1 if jobs > 1 else 0)
+                pid = start_tests(target, tree, workdir / f"test-{slot}.log", threads=1 if jobs > 1 else 0,
+                                  tests=tests_for(target, runs, source, mutation.start_pos[0]))
                 timeouts[pid] = (time.monotonic(), max(45.0, 2 * jobs * info["baseline_s"] + 20))
                 running[pid] = (slot, target, job, path, original, _diff(original, mutated, target.module))
             reap(block=True)
@@ -519,6 +577,7 @@ def tally(workdir: Path, targets: list[Target]) -> list[dict]:
     meta = _load_meta(workdir)
     with _db(workdir) as db:
         results = dict(db.results)
+        operators = {w.job_id: w.mutations[0].operator_name for w in db.work_items}
     rows = []
     for target in targets:
         jobs = meta.get("modules", {}).get(target.name, {}).get("jobs", [])
@@ -531,6 +590,8 @@ def tally(workdir: Path, targets: list[Target]) -> list[dict]:
             elif r.worker_outcome == WorkerOutcome.SKIPPED:
                 row["equivalent"] += 1
             elif r.worker_outcome == WorkerOutcome.NO_TEST:
+                row["equivalent"] += 1
+            elif r.test_outcome == TestOutcome.SURVIVED and _equivalent(target, operators[job], _diff_line(r.diff)):
                 row["equivalent"] += 1
             elif r.test_outcome == TestOutcome.SURVIVED:
                 row["survived"] += 1
@@ -583,6 +644,8 @@ def survivors(workdir: Path, targets: list[Target]) -> str:
             r = results.get(job)
             if r and r.worker_outcome == WorkerOutcome.NORMAL and r.test_outcome == TestOutcome.SURVIVED:
                 m = specs[job]
+                if _equivalent(target, m.operator_name, _diff_line(r.diff)):
+                    continue
                 out.append(f"### {target.name} {m.operator_name} line {m.start_pos[0]} (job {job})\n{r.diff}")
     return "\n".join(out)
 

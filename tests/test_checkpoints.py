@@ -117,6 +117,7 @@ def test_a_failed_write_names_the_checkpoint_and_leaves_both(tmp_path):
     with pytest.raises(OSError) as info:
         save_checkpoint(FakeTrainer(6, write), run_dir)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(run_dir / "checkpoints" / "last.ckpt")
+    assert info.value.strerror == "No space left on device"  # the reason as the disk gave it
     assert _bytes(run_dir) == before
 
 
@@ -382,3 +383,103 @@ def test_a_read_only_filesystem_refuses_a_resume_and_an_export(tmp_path, capsys)
         assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     finally:
         _umount(ro)
+
+
+# ---- what a damaged or missing checkpoint is reported as ----------------------------------------
+def test_an_empty_or_unreadable_checkpoint_says_why_in_one_bounded_line(tmp_path):
+    """An empty file is "empty"; bytes the loader refuses are reported with the first line of the
+    loader's own reason, cut at 160 characters (torch's reasons run to several long lines)."""
+    run_dir = _run_folder(tmp_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    with pytest.raises(CorruptCheckpoint) as info:
+        read_checkpoint(last, run_dir)
+    assert str(info.value) == "last.ckpt is empty"
+    last.write_bytes(os.urandom(3000))
+    try:
+        torch.load(last, weights_only=True)
+    except Exception as exc:  # what the loader itself says
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+    with pytest.raises(CorruptCheckpoint) as info:
+        read_checkpoint(last, run_dir)
+    assert str(info.value) == f"last.ckpt cannot be read ({reason})" and "\n" not in str(info.value)
+    assert len(reason) > 150  # the cut mattered: torch's first line is longer than 160 characters
+
+
+def test_the_first_non_finite_tensor_is_named(tmp_path):
+    run_dir = _run_folder(tmp_path)
+    torch.save({"state_dict": {"a.ok": torch.ones(2), "b.inf": torch.tensor([float("inf")]),
+                               "c.nan": torch.tensor([float("nan")]), "d.int": torch.ones(2, dtype=torch.long)},
+                "global_step": 4}, run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(CorruptCheckpoint, match=r"^last.ckpt holds non-finite values in b.inf$"):
+        read_checkpoint(run_dir / "checkpoints" / "last.ckpt", run_dir)
+
+
+def test_a_missing_last_checkpoint_falls_back_to_prev(tmp_path):
+    """``last.ckpt`` gone (set aside by an earlier resume) but ``prev.ckpt`` good: prev is used."""
+    run_dir = _run_folder(tmp_path)
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    assert choose_checkpoint(run_dir, repair=True) == run_dir / "checkpoints" / "prev.ckpt"
+
+
+def test_a_corrupt_checkpoint_that_cannot_be_renamed_is_still_skipped(tmp_path, monkeypatch):
+    run_dir = _run_folder(tmp_path)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"junk")
+
+    def refuse(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    assert choose_checkpoint(run_dir, repair=True) == run_dir / "checkpoints" / "prev.ckpt"
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"junk"
+
+
+@pytest.mark.parametrize("quirk", ["no-hard-links", "no-directory-fsync", "no-directory-open"])
+def test_saves_work_on_filesystems_with_quirks(tmp_path, monkeypatch, quirk):
+    """Filesystems without hard links (some network and FAT mounts), or that refuse to fsync or open a
+    folder: a save still verifies, keeps the old checkpoint as ``prev`` and replaces ``last``."""
+    import stat
+
+    run_dir = _run_folder(tmp_path)
+    old_last = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    if quirk == "no-hard-links":
+        def link(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", link)
+    elif quirk == "no-directory-fsync":
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        real_open = os.open
+
+        def open_(path, flags, *args, **kwargs):
+            if Path(path).is_dir():
+                raise OSError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_)
+    save_checkpoint(FakeTrainer(6, lambda p: torch.save(_ckpt(6), p)), run_dir)
+    monkeypatch.undo()
+    after = _bytes(run_dir)
+    assert set(after) == {"last.ckpt", "prev.ckpt"} and after["prev.ckpt"] == old_last
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt", run_dir)["global_step"] == 6
+
+
+def test_other_processes_of_a_multi_process_run_never_touch_the_checkpoints(tmp_path):
+    """Under DDP every process takes part in a save, and only the first writes the run folder's
+    checkpoints."""
+    run_dir = _run_folder(tmp_path)
+    before = _bytes(run_dir)
+    written = []
+    trainer = FakeTrainer(6, written.append)
+    trainer.is_global_zero = False
+    assert save_checkpoint(trainer, run_dir) == run_dir / "checkpoints" / "last.ckpt"
+    assert _bytes(run_dir) == before and [p.parent for p in written] == [run_dir / "checkpoints"]
+    assert written[0].name.startswith(".")  # a hidden name no resume ever picks up
