@@ -138,6 +138,19 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent("threedgen/callbacks.py", "core/NumberReplacer", "self._last = -1",
                "on_train_start sets _last to the trainer's step before any batch ends, so the first value is "
                "never read"),
+    Equivalent("threedgen/system.py", "core/AddNot", "if isinstance(value, dict):",
+               "the state dicts it copies then fall through to copy.deepcopy, the same copy on the CPU (on a GPU "
+               "the copy would stay in GPU memory: memory, not behaviour)"),
+    Equivalent("threedgen/system.py", "core/AddNot", "if isinstance(value, (list, tuple)):",
+               "lists and tuples only occur inside the dicts above and are deep-copied either way"),
+    Equivalent("threedgen/system.py", "core/ReplaceTrueWithFalse", "opt.zero_grad(set_to_none=True)",
+               "every parameter of these systems gets a gradient in every step, so zeroed and dropped gradients "
+               "give the same updates"),
+    Equivalent("threedgen/system.py", "core/ReplaceTrueWithFalse", '"undone)", file=sys.stderr, flush=True)',
+               "sys.stderr is line-buffered and the message ends its line"),
+    Equivalent("threedgen/system.py", "core/ReplaceAndWithOr",
+               "values = [v for v in self.state_dict().values() if torch.is_tensor(v) and v.is_floating_point()]",
+               "a state dict holds tensors only, and an integer tensor is always finite"),
 )
 
 PYTEST = ("-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly")

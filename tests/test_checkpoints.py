@@ -335,6 +335,13 @@ def test_a_resumed_run_keeps_its_rollbacks_and_their_learning_rates(tmp_path, mo
     assert st["status"] == "succeeded" and st["step"] == 16 and st["rollbacks"] == 1
     ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt", run_dir)
     assert ckpt["threedgen"]["rollbacks"] == 1 and ckpt["threedgen"]["lr_scale"] == 0.5
+    from test_bad_inputs import tiny_cfg
+
+    from threedgen.representations.nerf import NeRF
+
+    start = {g["name"]: g["lr"] for g in NeRF(tiny_cfg().representation).parameter_groups()}
+    rates = {g["name"]: g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]}
+    assert rates == pytest.approx({name: lr * 0.5 for name, lr in start.items()})  # the resumed run kept them
 
 
 # ---- real filesystems: full and read-only (tmpfs, mounted as root) -----------------------------
@@ -483,3 +490,77 @@ def test_other_processes_of_a_multi_process_run_never_touch_the_checkpoints(tmp_
     assert save_checkpoint(trainer, run_dir) == run_dir / "checkpoints" / "last.ckpt"
     assert _bytes(run_dir) == before and [p.parent for p in written] == [run_dir / "checkpoints"]
     assert written[0].name.startswith(".")  # a hidden name no resume ever picks up
+
+
+def test_a_rollback_returns_exactly_to_the_last_verified_checkpoint(tmp_path):
+    """Good steps taken after the last checkpoint are undone too: the parameters after the
+    rollback equal, tensor for tensor, those the checkpoint file on disk holds."""
+    prior = FlakyPrior(bad_calls={6, 7})  # steps 5 and 6 would follow the step-4 checkpoint; 5 is good
+    cfg, system, trainer = _system(tmp_path, prior, steps=6, max_bad=2, rollbacks=1)
+    seen = {}
+    real = system.roll_back
+
+    def spy(reason):
+        seen["file"] = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt", tmp_path)
+        real(reason)
+        seen["after"] = {k: v.detach().clone() for k, v in system.state_dict().items()}
+
+    system.roll_back = spy
+    _fit(cfg, system, trainer)
+    assert system.rollbacks == 1 and seen["file"]["global_step"] == 4
+    saved = seen["file"]["state_dict"]
+    assert set(saved) == set(seen["after"])
+    for key, value in saved.items():
+        assert torch.equal(seen["after"][key], value), key
+
+
+def test_every_optimizer_steps_once_per_step_taken(tmp_path):
+    """VSD trains a fake score beside the representation: two optimizers (or more), each of which
+    takes exactly one step per training step and none on a skipped one."""
+    from threedgen.guidance.config import VSDConfig
+    from threedgen.guidance.vsd import VSD
+
+    prior = FlakyPrior(bad_calls={2})
+    cfg, system, trainer = _system(tmp_path, prior, steps=3)
+    system.guidance = VSD(VSDConfig(), prior)
+    _fit(cfg, system, trainer)
+    named = system.named_optimizers()
+    assert len(named) >= 2 and system.skipped_steps == 1 and trainer.global_step == 3
+    for name, opt in named.items():
+        steps = {int(s["step"]) for s in opt.state.values() if "step" in s}
+        assert steps == {3}, (name, steps)
+
+
+def test_a_resumed_run_puts_back_the_cuda_generator_only_on_a_gpu(tmp_path, monkeypatch):
+    """A checkpoint from a GPU run carries the CUDA generator's state beside the CPU one. Resumed
+    on a GPU both are put back at the first step; resumed on the CPU the CUDA one is left alone.
+    (CPU twin of the CUDA path: the device is set by hand, ``torch.cuda.set_rng_state`` recorded.)"""
+    prior = FlakyPrior(bad_calls=set())
+    cfg, system, trainer = _system(tmp_path, prior, steps=1)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: calls.append((state, device)))
+    cpu_state, cuda_state = torch.get_rng_state(), torch.arange(8, dtype=torch.uint8)
+    for device, expected in (("cpu", []), ("cuda:0", [cuda_state])):
+        calls.clear()
+        system._device = torch.device(device)
+        system._resume_rng = (cpu_state, cuda_state)
+        torch.manual_seed(123)
+        system.on_train_batch_start(None, 0)
+        assert torch.equal(torch.get_rng_state(), cpu_state)
+        assert len(calls) == len(expected) and all(torch.equal(a, b) for (a, _), b in zip(calls, expected))
+        assert system._resume_rng == (None, None)  # applied once
+        system._resume_rng = (cpu_state, None)  # a CPU run's checkpoint resumed on a GPU: nothing for CUDA
+        system.on_train_batch_start(None, 1)
+        assert len(calls) == len(expected)
+    system._device = torch.device("cpu")
+
+
+def test_a_checkpoint_without_the_run_counters_resumes_with_them_at_zero(tmp_path):
+    """A checkpoint of an earlier threedgen that did not record skipped steps, rollbacks or the
+    rate factor: a resume starts them at 0, 0 and x1 (the CPU generator state stays as it is)."""
+    prior = FlakyPrior(bad_calls=set())
+    cfg, system, trainer = _system(tmp_path, prior, steps=1)
+    system.skipped_steps, system.rollbacks, system.lr_scale, system.rolled_back_steps = 5, 2, 0.25, 7
+    system.on_load_checkpoint({"threedgen": {"optimizers": list(system.named_optimizers())}})
+    assert (system.skipped_steps, system.rollbacks, system.lr_scale, system.rolled_back_steps) == (0, 0, 1.0, 0)
+    assert system._resume_rng == (None, None)
