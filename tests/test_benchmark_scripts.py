@@ -5,6 +5,7 @@ code path a GPU session runs has no error and reports every column)."""
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -174,3 +176,32 @@ def test_prior_fidelity_scores_samples_against_the_truth(tmp_path, monkeypatch):
     assert camera["n"] == tags["n"] == 8 and 0.0 <= camera["mean_iou"] <= 1.0
     assert 0.0 <= tags["sector_accuracy"] <= 1.0 and 0.0 <= camera["sector_accuracy"] <= 1.0
     assert all("best_azimuth" in r for r in data["rows"]["tags"])
+
+
+def test_the_mutation_campaign_s_list_names_code_and_tests_that_exist():
+    """``benchmarks/mutation.py`` takes every module, function and test file from its one list
+    (``TARGETS``): after code moves, this fails until the list follows it, so the campaign reruns
+    unchanged. Each scoped name is a function or class of its module; each test file exists."""
+    mutation = _load("mutation")
+    root = BENCHMARKS.parent
+    assert len({t.name for t in mutation.TARGETS}) == len(mutation.TARGETS)
+    for target in mutation.TARGETS:
+        source = (root / target.module).read_text()
+        names = {name for name, _, _ in mutation._definitions(source)}
+        assert target.scope == ("*",) or set(target.scope) <= names, (target.name, set(target.scope) - names)
+        for test in target.tests:
+            path = root / test.split("::")[0]
+            assert path.is_file(), (target.name, test)
+            if "::" in test:
+                func = test.split("::")[1].split("[")[0]
+                assert re.search(rf"^def {re.escape(func)}\(", path.read_text(), re.M), (target.name, test)
+        assert 0 < target.sample <= 1
+    for eq in mutation.EQUIVALENT:  # each equivalent mutant names a line that is still there
+        assert eq.line in {line.strip() for line in (root / eq.module).read_text().splitlines()}, eq
+        assert eq.operator in mutation.OPERATORS and eq.reason
+    # the scope rule: a mutant belongs to the innermost definition around its line
+    target = mutation.Target("t", "m.py", ("Outer.inner",), ())
+    definitions = mutation._definitions("class Outer:\n    def inner(self):\n        return 1\n    def other(self):\n"
+                                        "        return 2\n")
+    assert [mutation.in_scope(target, definitions, line) for line in (1, 2, 3, 4, 5)] == [False, True, True, False,
+                                                                                          False]
