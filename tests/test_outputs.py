@@ -75,3 +75,45 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"metrics.json": mode, "mesh.obj": mode, "plain.txt": mode}
+
+
+def test_run_folders_are_named_slug_and_time_then_numbered(tmp_path, monkeypatch):
+    """The first run of a prompt in a second is ``<slug>-<time>``; others in the same second get
+    ``-1``, ``-2``; a nested ``--out`` that does not exist yet is made."""
+    from threedgen import rundir
+
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20260102-030405")
+    out = tmp_path / "a" / "b" / "outputs"
+    names = [new_run_dir(out, "a red cube").name for _ in range(3)]
+    assert names == ["a-red-cube-20260102-030405", "a-red-cube-20260102-030405-1", "a-red-cube-20260102-030405-2"]
+    assert new_run_dir(out, "a blue torus").name == "a-blue-torus-20260102-030405"
+
+
+@pytest.mark.parametrize("proc", ["missing", "garbled", "no-value"])
+def test_outputs_follow_the_umask_where_proc_does_not_tell_it(tmp_path, monkeypatch, proc):
+    """Where ``/proc/self/status`` is missing (macOS) or says something unexpected, the umask is
+    read the portable way and outputs still get ``0666 & ~umask``."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from threedgen.rundir import atomic_write_text, current_umask
+
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) == "/proc/self/status":
+            if proc == "missing":
+                raise FileNotFoundError(2, "No such file or directory", str(self))
+            return "Name:\tpython\nUmask:\tzz\n" if proc == "garbled" else "Name:\tpython\nUmask:\n"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        atomic_write_text(tmp_path / "status.json", "{}")
+        assert os.umask(0o027) == 0o027  # reading it left it as it was
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "status.json").stat().st_mode) == 0o640
