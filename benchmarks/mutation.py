@@ -151,6 +151,14 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent("threedgen/system.py", "core/ReplaceAndWithOr",
                "values = [v for v in self.state_dict().values() if torch.is_tensor(v) and v.is_floating_point()]",
                "a state dict holds tensors only, and an integer tensor is always finite"),
+    Equivalent("threedgen/runner.py", "core/ReplaceBinaryOperator_BitOr_BitAnd",
+               'def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,',
+               "an annotation: the module has `from __future__ import annotations`, so it is never evaluated"),
+    Equivalent("threedgen/runner.py", "core/ReplaceTrueWithFalse", "pl.seed_everything(cfg.seed, workers=True, verbose=False)",
+               "the camera loader runs in the main process (num_workers=0): there are no loader workers to seed"),
+    Equivalent("threedgen/runner.py", "core/ReplaceTrueWithFalse", "weights_only=True)",
+               "choose_checkpoint has just loaded the same file with weights_only=True (refusing code); Lightning's "
+               "second load of those bytes gives the same dict either way (kept as defence in depth)"),
     Equivalent("threedgen/rundir.py", "core/AddNot", 'if line.startswith("Umask:"):',
                "the first line that is not the umask fails to parse as octal, and the fallback then reads the "
                "same umask through os.umask"),

@@ -564,3 +564,54 @@ def test_a_checkpoint_without_the_run_counters_resumes_with_them_at_zero(tmp_pat
     system.on_load_checkpoint({"threedgen": {"optimizers": list(system.named_optimizers())}})
     assert (system.skipped_steps, system.rollbacks, system.lr_scale, system.rolled_back_steps) == (0, 0, 1.0, 0)
     assert system._resume_rng == (None, None)
+
+
+# ---- the run's status.json from start to end --------------------------------------------------
+def test_status_json_through_a_run_its_phases_and_its_evaluation(tmp_path):
+    """While training starts, the status says running at step 0; at the end each phase's seconds are
+    between 0 and the total and add up to it; evaluation runs (metrics.json, mask IoU) only when
+    ``export.evaluate`` is on."""
+    import pytorch_lightning as pl
+
+    seen = []
+
+    class Look(pl.Callback):
+        def on_train_start(self, trainer, module):
+            seen.append(status_of(trainer.default_root_dir))
+
+    run_dir = tiny_run(tmp_path / "a", steps=2, extra=["export.evaluate=true"], callbacks=[Look()])
+    assert seen and {k: seen[0][k] for k in ("status", "step", "max_steps")} == {"status": "running", "step": 0,
+                                                                                  "max_steps": 2}
+    st = status_of(run_dir)
+    phases = [st["train_seconds"], st["export_seconds"], st["eval_seconds"]]
+    assert all(0 <= p <= st["total_seconds"] for p in phases), st
+    assert sum(phases) == pytest.approx(st["total_seconds"], abs=0.05)
+    assert (run_dir / "metrics.json").is_file() and 0 <= st["mask_iou"] <= 1
+    run_dir = tiny_run(tmp_path / "b", steps=2)  # export.evaluate=false
+    assert not (run_dir / "metrics.json").exists() and status_of(run_dir)["mask_iou"] is None
+
+
+def test_a_failure_without_a_message_is_recorded_by_its_type(tmp_path, monkeypatch):
+    from threedgen.system import System
+
+    def broken(self, loss):
+        raise RuntimeError()
+
+    monkeypatch.setattr(System, "optimise", broken)
+    with pytest.raises(RuntimeError) as info:
+        tiny_run(tmp_path, steps=4)
+    assert str(info.value) == ""
+    (run_dir,) = list(tmp_path.iterdir())
+    st = status_of(run_dir)
+    assert st["status"] == "failed" and st["error"] == "RuntimeError" and st["step"] == 0
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, capsys):
+    run_dir = tiny_run(tmp_path, steps=2, extra=["checkpoint_every=2"])
+    for path in (run_dir / "checkpoints").iterdir():
+        path.unlink()
+    write_status(run_dir, "interrupted", step=1, max_steps=2)
+    code, out, err = cli(capsys, ["run", "--resume", run_dir, "--no-progress"])
+    assert code == 0, err
+    st = status_of(run_dir)
+    assert st["status"] == "succeeded" and st["step"] == 2
