@@ -150,3 +150,12 @@ def test_device_names(capsys):
         assert code == 0 or "CUDA is not available" in err, err
     for device in ("gpu", "cuda:", "cuda:x", "cuda:0 ", "CPU"):
         assert "device must be auto, cpu, cuda or cuda:N" in _refused(capsys, "--device", device)
+
+
+def test_an_unknown_name_lists_the_three_nearest_first_then_the_rest_in_order():
+    from threedgen.errors import unknown_name
+
+    valid = ["zzzz", "abcx", "abxx", "axxx", "abcd"]
+    assert str(unknown_name("guidance", "abcd", valid)) == (
+        "unknown guidance 'abcd'; valid: abcd, abcx, abxx, zzzz, axxx")
+    assert str(unknown_name("prior", "qq", [])) == "unknown prior 'qq'; valid: "
