@@ -75,3 +75,24 @@ def test_guidance_list(capsys):
     assert main(["guidance", "list"]) == 0
     out = capsys.readouterr().out
     assert "sds" in out and "DreamFusion" in out
+
+
+def test_export_and_eval_of_a_finished_run_exit_0_and_print_what_they_made(tmp_path, capsys):
+    """``threedgen export`` lists the files it wrote (each exists); ``threedgen eval`` prints its
+    table, or JSON with ``--json``; both exit 0."""
+    import json
+    from pathlib import Path
+
+    from test_bad_inputs import tiny_run
+
+    run_dir = tiny_run(tmp_path, steps=2)
+    assert main(["export", str(run_dir), "--faces", "0"]) == 0
+    files = [Path(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert files and all(f.is_file() and f.is_relative_to(run_dir) for f in files)
+    assert {"mesh.glb", "mesh.obj", "mesh.ply"} <= {f.name for f in files}
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["mask_iou"] <= 1 and metrics["psnr"] > 0
+    assert main(["eval", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "mask_iou" in table and not table.lstrip().startswith("{")
