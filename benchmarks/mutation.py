@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ class Equivalent:
     operator: str
     line: str  # the source line, stripped, as it reads before the mutation
     reason: str
-    occurrence: int = field(default=-1)  # which match on that line; -1: every match
+    mutant: str = ""  # the line after the mutation, spaces left out; "": every mutant of the operator there
 
 
 # Mutants that cannot change behaviour, with the reason (reviewed by hand; see BENCHMARKS.md).
@@ -159,6 +159,16 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent("threedgen/runner.py", "core/ReplaceTrueWithFalse", "weights_only=True)",
                "choose_checkpoint has just loaded the same file with weights_only=True (refusing code); Lightning's "
                "second load of those bytes gives the same dict either way (kept as defence in depth)"),
+    Equivalent("threedgen/rundir.py", "core/ZeroIterationForLoop",
+               'for line in Path("/proc/self/status").read_text().splitlines():',
+               "without the /proc line the fallback reads the same umask through os.umask"),
+    *(Equivalent("threedgen/rundir.py", "core/NumberReplacer", "return int(line.split()[1], 8)",
+                 "another field of the line fails to parse (IndexError, ValueError) and the fallback reads the same "
+                 "umask through os.umask", mutant) for mutant in ("returnint(line.split()[2],8)",
+                                                                  "returnint(line.split()[0],8)")),
+    Equivalent("threedgen/rundir.py", "core/NumberReplacer", "mask = os.umask(0o022)",
+               "the value set for a moment is the one replaced right after; the mask read and restored is the "
+               "process's own either way"),
     Equivalent("threedgen/rundir.py", "core/AddNot", 'if line.startswith("Umask:"):',
                "the first line that is not the umask fails to parse as octal, and the fallback then reads the "
                "same umask through os.umask"),
@@ -203,21 +213,19 @@ def sampled(target: Target, mutation) -> bool:
     return int(hashlib.sha256(key).hexdigest()[:8], 16) < target.sample * 16 ** 8
 
 
-def equivalent_reason(target: Target, lines: list[str], mutation) -> str | None:
-    return _equivalent(target, mutation.operator_name, lines[mutation.start_pos[0] - 1].strip())
+def _diff_lines(diff: str) -> tuple[str, str]:
+    """(the original line, the mutated line) of a one-line mutant's diff, each stripped."""
+    before = [line[1:].strip() for line in (diff or "").splitlines() if line.startswith("-") and not line.startswith("---")]
+    after = [line[1:].strip() for line in (diff or "").splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return (before[0] if before else ""), (after[0] if after else "")
 
 
-def _diff_line(diff: str) -> str:
-    """The original line of a one-line mutant's diff."""
-    for line in (diff or "").splitlines():
-        if line.startswith("-") and not line.startswith("---"):
-            return line[1:].strip()
-    return ""
-
-
-def _equivalent(target: Target, operator: str, text: str) -> str | None:
+def _equivalent(target: Target, operator: str, diff: str) -> str | None:
+    """The reason a mutant (by its diff) is equivalent, from ``EQUIVALENT``; None if it is not listed."""
+    before, after = _diff_lines(diff)
     for eq in EQUIVALENT:
-        if eq.module == target.module and eq.operator == operator and eq.line == text:
+        if (eq.module == target.module and eq.operator == operator and eq.line == before
+                and (not eq.mutant or eq.mutant == "".join(after.split()))):
             return eq.reason
     return None
 
@@ -556,11 +564,6 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
                     print(f"{target.name}: {pending} mutants to test (its tests: {info['baseline_s']} s unmutated)",
                           flush=True)
                 mutation = specs[job]
-                lines = (trees[0] / target.module).read_text().splitlines()
-                reason = equivalent_reason(target, lines, mutation)
-                if reason is not None:
-                    db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="equivalent: " + reason))
-                    continue
                 reap(block=False)
                 slot = free.pop(0)
                 tree = trees[slot]
@@ -568,15 +571,18 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
                 original = path.read_text()
                 operator = get_operator(mutation.operator_name)(**(mutation.operator_args or {}))
                 _, mutated = apply_mutation(path, operator, mutation.occurrence)
-                if mutated is None:
+                diff = _diff(original, mutated, target.module) if mutated is not None else ""
+                reason = _equivalent(target, mutation.operator_name, diff)
+                if mutated is None or reason is not None:
                     path.write_text(original)
                     free.append(slot)
-                    db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.NO_TEST))
+                    db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.SKIPPED if reason else
+                                                  WorkerOutcome.NO_TEST, output=f"equivalent: {reason}", diff=diff))
                     continue
                 pid = start_tests(target, tree, workdir / f"test-{slot}.log", threads=1 if jobs > 1 else 0,
                                   tests=tests_for(target, runs, source, mutation.start_pos[0]))
                 timeouts[pid] = (time.monotonic(), max(45.0, 2 * jobs * info["baseline_s"] + 20))
-                running[pid] = (slot, target, job, path, original, _diff(original, mutated, target.module))
+                running[pid] = (slot, target, job, path, original, diff)
             reap(block=True)
         finally:
             for pid, (slot, target, job, path, original, diff) in list(running.items()):
@@ -615,7 +621,7 @@ def tally(workdir: Path, targets: list[Target]) -> list[dict]:
                 row["equivalent"] += 1
             elif r.worker_outcome == WorkerOutcome.NO_TEST:
                 row["equivalent"] += 1
-            elif r.test_outcome == TestOutcome.SURVIVED and _equivalent(target, operators[job], _diff_line(r.diff)):
+            elif r.test_outcome == TestOutcome.SURVIVED and _equivalent(target, operators[job], r.diff):
                 row["equivalent"] += 1
             elif r.test_outcome == TestOutcome.SURVIVED:
                 row["survived"] += 1
@@ -668,7 +674,7 @@ def survivors(workdir: Path, targets: list[Target]) -> str:
             r = results.get(job)
             if r and r.worker_outcome == WorkerOutcome.NORMAL and r.test_outcome == TestOutcome.SURVIVED:
                 m = specs[job]
-                if _equivalent(target, m.operator_name, _diff_line(r.diff)):
+                if _equivalent(target, m.operator_name, r.diff):
                     continue
                 out.append(f"### {target.name} {m.operator_name} line {m.start_pos[0]} (job {job})\n{r.diff}")
     return "\n".join(out)

@@ -615,3 +615,36 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
     assert code == 0, err
     st = status_of(run_dir)
     assert st["status"] == "succeeded" and st["step"] == 2
+
+
+def test_after_a_rollback_the_bad_steps_in_a_row_count_from_zero(tmp_path):
+    """Three bad steps in a row roll back; the bad steps right after it count afresh: two more do
+    not roll back again (a), three more do (b)."""
+    prior = FlakyPrior(bad_calls={3, 4, 5, 6, 7})
+    cfg, system, trainer = _system(tmp_path / "a", prior, steps=6, max_bad=3, rollbacks=1)
+    _fit(cfg, system, trainer)
+    assert system.rollbacks == 1 and system.skipped_steps == 5
+    prior = FlakyPrior(bad_calls={3, 4, 5, 6, 7, 8})
+    cfg, system, trainer = _system(tmp_path / "b", prior, steps=6, max_bad=3, rollbacks=2)
+    _fit(cfg, system, trainer)
+    assert system.rollbacks == 2 and system.skipped_steps == 6
+
+
+@pytest.mark.parametrize("guidance", ["sds", "vsd"])
+def test_an_older_checkpoint_whose_optimizers_match_still_resumes(tmp_path, guidance):
+    """A checkpoint written before each part owned its optimizers (no optimizer names recorded)
+    loads when it holds as many optimizer states as the run has optimizers (VSD: one more, the
+    fake score's), and is refused in one line otherwise."""
+    prior = FlakyPrior(bad_calls=set())
+    cfg, system, trainer = _system(tmp_path, prior, steps=1)
+    if guidance == "vsd":
+        from threedgen.guidance.config import VSDConfig
+        from threedgen.guidance.vsd import VSD
+
+        system.guidance = VSD(VSDConfig(), prior)
+    count = len(system.representation.make_optimizers(tuple(cfg.optimizer.betas), cfg.optimizer.eps))
+    count += 1 if system.guidance.extra_parameters() else 0
+    system.on_load_checkpoint({"threedgen": {"skipped_steps": 2}, "optimizer_states": [{}] * count})
+    assert system.skipped_steps == 2
+    with pytest.raises(UserError, match="written by an earlier threedgen"):
+        system.on_load_checkpoint({"threedgen": {}, "optimizer_states": [{}] * (count + 1)})
