@@ -159,6 +159,18 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent("threedgen/runner.py", "core/ReplaceTrueWithFalse", "weights_only=True)",
                "choose_checkpoint has just loaded the same file with weights_only=True (refusing code); Lightning's "
                "second load of those bytes gives the same dict either way (kept as defence in depth)"),
+    Equivalent("webui/auth.py", "core/ReplaceComparisonOperator_Gt_GtE", "if 128 * r * (n + p + 2) > MAX_SCRYPT_MEMORY:",
+               "128·r·(N+p+2) never equals 2^28 exactly: N+p+2 would have to be a power of two, and with N a power "
+               "of two and 3 <= p+2 <= 18 < N it is not (N = 2 or 4 give far less memory)"),
+    Equivalent("webui/auth.py", "core/ReplaceBinaryOperator_Add_Sub", "memory = 128 * r * (n + p + 2)",
+               "maxmem is only a ceiling, 1 MiB above what scrypt needs; 256·r bytes less of it changes nothing"),
+    Equivalent("webui/auth.py", "core/NumberReplacer", "maxmem=memory + 2 ** 20)",
+               "maxmem is only a ceiling: scrypt needs 128·r·(N+p+2) bytes, which `memory` already is"),
+    Equivalent("webui/auth.py", "core/ExceptionReplacer", "except UserError as exc:",
+               "read_auth strips each name and splits lines first, so check_username cannot refuse a name there"),
+    Equivalent("webui/auth.py", "core/ReplaceComparisonOperator_LtE_Lt", "if len(self._failures) <= self.max_clients:",
+               "at exactly the limit the extra trim removes only addresses with no failure in the window, which "
+               "count as none anyway"),
     Equivalent("threedgen/rundir.py", "core/ZeroIterationForLoop",
                'for line in Path("/proc/self/status").read_text().splitlines():',
                "without the /proc line the fallback reads the same umask through os.umask"),

@@ -461,3 +461,46 @@ def test_the_polling_routes_answer_json_with_the_right_status(monkeypatch):
     response = client.get("/api/v1/jobs", headers={"Authorization": _basic("bob", "also right")})
     assert response.status_code == 429 and "www-authenticate" not in response.headers
     assert "try again in" in response.json()["error"]
+
+
+def test_hash_parameters_at_their_edges():
+    """N from 2 to 2^20 (a power of two), r from 1 to 64, p from 1 to 16, at most 256 MiB of
+    scrypt memory (128·r·(N+p+2) bytes), a salt of 8 bytes or more and a key of 16 to 64 bytes,
+    all in strict base64."""
+    import base64
+
+    def token(n=16384, r=8, p=1, salt=b"s" * 16, key=b"k" * 32, salt_text=None):
+        return f"scrypt${n}${r}${p}${salt_text or base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
+
+    for ok in (token(n=2), token(r=1), token(r=64, n=1024), token(p=16), token(salt=b"s" * 8), token(key=b"k" * 16),
+               token(key=b"k" * 64), token(n=2 ** 19, r=3, p=16)):
+        webauth._parse(ok)
+    for bad, reason in ((token(r=65), "r from 1 to 64"), (token(p=0), "p from 1 to 16"), (token(p=17), "p from 1"),
+                        (token(salt=b"s" * 7), "salt must be 8 bytes"), (token(key=b"k" * 15), "key 16 to 64"),
+                        (token(key=b"k" * 65), "key 16 to 64"), (token(n=2 ** 20, r=2, p=2), "more than 256 MiB"),
+                        (token(salt_text=base64.b64encode(b"s" * 16).decode() + "!"), "must be base64")):
+        with pytest.raises(ValueError, match=reason):
+            webauth._parse(bad)
+    salt = base64.b64encode(b"s" * 16).decode()
+    with pytest.raises(ValueError, match="N, r and p must be integers"):
+        webauth._parse(f"scrypt$x$8$1${salt}${salt}")
+
+
+def test_a_new_password_typed_at_a_terminal_is_asked_twice(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    answers = []
+    monkeypatch.setattr(webauth.getpass, "getpass", lambda prompt: answers.pop(0))
+    answers[:] = ["hunter22", "hunter22"]
+    assert webauth.read_new_password(Terminal()) == "hunter22"
+    answers[:] = ["hunter22", "hunter23"]
+    with pytest.raises(UserError, match="the two passwords differ; nothing printed"):
+        webauth.read_new_password(Terminal())
+    answers[:] = [""]  # an empty first answer is not asked again
+    with pytest.raises(UserError, match="empty password"):
+        webauth.read_new_password(Terminal())
+    assert answers == []
