@@ -504,3 +504,17 @@ def test_a_new_password_typed_at_a_terminal_is_asked_twice(monkeypatch):
     with pytest.raises(UserError, match="empty password"):
         webauth.read_new_password(Terminal())
     assert answers == []
+
+
+def test_the_limiter_forgets_idle_addresses_before_blocked_ones():
+    """Over its memory, addresses with no failure left in the window go first, even when they were
+    looked at more recently than a blocked one."""
+    now = [0.0]
+    limiter = LoginLimiter(max_failures=1, window_s=10, clock=lambda: now[0], max_clients=3)
+    for t, client in ((0.0, "idle"), (8.0, "b"), (9.0, "c")):
+        now[0] = t
+        limiter.begin(client)
+    now[0] = 12.0
+    assert not limiter.blocked("idle")  # its failure left the window; looking at it makes it the most recent
+    limiter.begin("d")
+    assert limiter.blocked("b") and limiter.blocked("c") and limiter.blocked("d")
