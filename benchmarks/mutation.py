@@ -171,6 +171,16 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent("webui/auth.py", "core/ReplaceComparisonOperator_LtE_Lt", "if len(self._failures) <= self.max_clients:",
                "at exactly the limit the extra trim removes only addresses with no failure in the window, which "
                "count as none anyway"),
+    *(Equivalent("webui/rest.py", op, line, "only decides when expired headers are dropped from memory; an "
+                 "expired header is checked again either way (memory, not behaviour)")
+      for op, line in (("core/ReplaceComparisonOperator_Gt_GtE", "if len(self._verified) > 10_000:"),
+                       ("core/AddNot", "if len(self._verified) > 10_000:"),
+                       ("core/NumberReplacer", "if len(self._verified) > 10_000:"),
+                       ("core/ReplaceComparisonOperator_Gt_GtE",
+                        "self._verified = {k: t for k, t in self._verified.items() if t > now}"))),
+    Equivalent("webui/rest.py", "core/NumberReplacer", "if self._verified.get(key, 0.0) > now:",
+               "the default stands for a header never verified; a running server's monotonic clock is far above "
+               "1 s, so 0, 1 and -1 all read as long expired"),
     Equivalent("threedgen/rundir.py", "core/ZeroIterationForLoop",
                'for line in Path("/proc/self/status").read_text().splitlines():',
                "without the /proc line the fallback reads the same umask through os.umask"),
