@@ -181,6 +181,13 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent("webui/rest.py", "core/NumberReplacer", "if self._verified.get(key, 0.0) > now:",
                "the default stands for a header never verified; a running server's monotonic clock is far above "
                "1 s, so 0, 1 and -1 all read as long expired"),
+    Equivalent("webui/jobs.py", "core/NumberReplacer", "db = sqlite3.connect(self.path, timeout=30, isolation_level=None)",
+               "the next statement sets busy_timeout=30000 on the connection, which replaces this timeout"),
+    Equivalent("webui/jobs.py", "core/NumberReplacer", "restarts: int = 0",
+               "a Job is only built from a table row, whose restarts column always has a value (default 0)"),
+    Equivalent("webui/jobs.py", "core/NumberReplacer",
+               """queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]""",
+               "the row has one column: [0] and [-1] are the same"),
     Equivalent("threedgen/rundir.py", "core/ZeroIterationForLoop",
                'for line in Path("/proc/self/status").read_text().splitlines():',
                "without the /proc line the fallback reads the same umask through os.umask"),

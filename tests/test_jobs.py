@@ -126,6 +126,8 @@ def test_an_interrupted_job_whose_cancel_was_asked_is_cancelled_not_requeued(tmp
 
 
 def test_a_double_submit_returns_the_same_job_only_while_it_is_waiting_or_running(tmp_path, clock):
+    """The same request within 5 s (docs/reliability.md) while its job waits or runs is that job."""
+    assert DOUBLE_SUBMIT_S == 5.0
     store = _store(tmp_path)
     params = {"prompt": "a red cube", "steps": 10}
     first = store.submit(params, 10)
