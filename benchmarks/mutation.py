@@ -473,7 +473,7 @@ def baseline(target: Target, tree: Path, log: Path, workdir: Path) -> tuple[floa
     os.environ["COVERAGE_FILE"] = str(data)  # inherited by the child
     try:
         outcome, seconds = wait_tests(start_tests(target, tree, log, extra=(
-            f"--cov={tree}", "--cov-context=test", "--cov-report=")), 1800)
+            f"--cov={tree}", "--cov-context=test", "--cov-report=", f"--junitxml={data}.xml")), 1800)
     finally:
         os.environ.pop("COVERAGE_FILE", None)
     if outcome != "survived":
@@ -488,9 +488,16 @@ def baseline(target: Target, tree: Path, log: Path, workdir: Path) -> tuple[floa
         if os.path.realpath(name) == wanted:
             for line, contexts in (cov.contexts_by_lineno(name) or {}).items():
                 by_line.setdefault(line, set()).update(c.split("|")[0] for c in contexts if c)
+    import xml.etree.ElementTree as ET
+
+    took = {}  # node id -> seconds, so that the quickest tests run first and a killed mutant stops soon
+    for case in ET.parse(f"{data}.xml").iter("testcase"):
+        path = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
+        took[f"{path}::{case.get('name')}"] = float(case.get("time") or 0)
     runs = {}
     for qualname, first, last in _definitions((tree / target.module).read_text()):
-        runs[qualname] = sorted(set().union(*[by_line.get(n, set()) for n in range(first, last + 1)]))
+        tests = set().union(*[by_line.get(n, set()) for n in range(first, last + 1)])
+        runs[qualname] = sorted(tests, key=lambda t: (took.get(t, 1e9), t))
     return seconds, runs
 
 

@@ -648,3 +648,29 @@ def test_an_older_checkpoint_whose_optimizers_match_still_resumes(tmp_path, guid
     assert system.skipped_steps == 2
     with pytest.raises(UserError, match="written by an earlier threedgen"):
         system.on_load_checkpoint({"threedgen": {}, "optimizer_states": [{}] * (count + 1)})
+
+
+@pytest.mark.parametrize("free, errno_, message", [
+    (4 * 2 ** 20 - 1, errno.ENOSPC, "No space left on device"),
+    (4 * 2 ** 20, errno.EIO, "the checkpoint writer failed: PytorchStreamWriter failed writing file data/0: file "
+                             "write failed"),
+])
+def test_torch_s_writer_failing_is_an_os_error_full_disk_below_4_mib(tmp_path, monkeypatch, free, errno_, message):
+    """torch's C++ writer reports a failed write as a RuntimeError; the run sees the OSError it
+    is: "no space" when the folder's disk has less than 4 MiB free, else the writer's first line."""
+    import shutil
+    from collections import namedtuple
+
+    from threedgen.callbacks import RunFolderCheckpointIO
+
+    def failing_save(obj, path):
+        Path(path).write_bytes(b"PK partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed\nat inline_container.cc")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(2 ** 30, 2 ** 30 - free, free))
+    with pytest.raises(OSError) as info:
+        RunFolderCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / ".last-x.ckpt")
+    assert (info.value.errno, info.value.strerror, info.value.filename) == (errno_, message,
+                                                                           str(tmp_path / ".last-x.ckpt"))
