@@ -317,31 +317,28 @@ def test_parameters_that_become_non_finite_are_rolled_back_never_saved(tmp_path)
 
 # ---- through the command line: a rollback survives a resume; a failed run exits 1 -------------
 def test_a_resumed_run_keeps_its_rollbacks_and_their_learning_rates(tmp_path, monkeypatch, capsys):
+    """A run rolls back once (rates x0.5) and is resumed through the CLI; three bad steps in the
+    resumed process roll back a second time: the count goes on (2, not 1) and the rates the
+    optimizers in use end with are x0.25."""
     NaNSteps(monkeypatch, calls={9, 10, 11})
-    extra = ["checkpoint_every=4", "optimizer.rollback_after=3", "optimizer.max_rollbacks=1"]
+    extra = ["checkpoint_every=4", "optimizer.rollback_after=3", "optimizer.max_rollbacks=2"]
     run_dir = tiny_run(tmp_path, steps=12, extra=extra)
     assert status_of(run_dir)["rollbacks"] == 1
     monkeypatch.undo()
-    NaNSteps(monkeypatch, calls={1, 2, 3})  # the resumed process's first three steps are bad again
-    code, out, err = cli(capsys, ["run", "--resume", run_dir, "--steps", "20", "--no-progress"])
-    assert code == 1, err  # that was the second rollback, and only one is allowed in all
-    assert err.strip().splitlines()[-1].startswith("threedgen: error: diverged: 3 non-finite steps in a row")
-    st = status_of(run_dir)
-    assert st["status"] == "failed" and st["step"] == 12
-    monkeypatch.undo()
+    NaNSteps(monkeypatch, calls={1, 2, 3})  # the resumed process's first three steps are bad
     code, out, err = cli(capsys, ["run", "--resume", run_dir, "--steps", "16", "--no-progress"])
     assert code == 0, err
     st = status_of(run_dir)
-    assert st["status"] == "succeeded" and st["step"] == 16 and st["rollbacks"] == 1
+    assert st["status"] == "succeeded" and st["step"] == 16 and st["rollbacks"] == 2 and st["skipped_steps"] == 6
     ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt", run_dir)
-    assert ckpt["threedgen"]["rollbacks"] == 1 and ckpt["threedgen"]["lr_scale"] == 0.5
+    assert ckpt["threedgen"]["rollbacks"] == 2 and ckpt["threedgen"]["lr_scale"] == 0.25
     from test_bad_inputs import tiny_cfg
 
     from threedgen.representations.nerf import NeRF
 
     start = {g["name"]: g["lr"] for g in NeRF(tiny_cfg().representation).parameter_groups()}
     rates = {g["name"]: g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]}
-    assert rates == pytest.approx({name: lr * 0.5 for name, lr in start.items()})  # the resumed run kept them
+    assert rates == pytest.approx({name: lr * 0.25 for name, lr in start.items()})
 
 
 # ---- real filesystems: full and read-only (tmpfs, mounted as root) -----------------------------

@@ -101,7 +101,10 @@ def test_automatic_restarts_run_out(tmp_path):
     assert got.error == "node died; no automatic restarts left (2); resume continues from the last checkpoint"
     assert store.interrupt(job, "again", max_restarts=2) == "interrupted"  # not running: nothing changes
     store.resume(job)  # a person may still resume it
-    assert store.get(job).status == "queued"
+    got = store.get(job)
+    assert got.status == "queued"
+    assert [e["event"] for e in got.history] == ["queued", "interrupted", "requeued", "interrupted", "requeued",
+                                                  "interrupted", "resumed"]  # the whole story, in order
 
 
 def test_a_fault_that_is_not_the_job_s_uses_no_restart(tmp_path):
@@ -230,8 +233,14 @@ def test_a_table_made_by_an_older_server_gains_the_new_columns(tmp_path):
 
 
 def test_wait_for_returns_the_first_true_value_or_times_out():
+    import time
+
     values = iter([None, 0, "done"])
     assert wait_for(lambda: next(values), timeout=5, every=0.01) == "done"
+    values = iter([None, "ready"])
+    started = time.monotonic()
+    assert wait_for(lambda: next(values), timeout=5) == "ready"
+    assert time.monotonic() - started < 1.0  # it looks again within a second by default
     with pytest.raises(TimeoutError, match="timed out after 0.05 s"):
         wait_for(lambda: False, timeout=0.05, every=0.01)
 

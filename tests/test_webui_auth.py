@@ -302,6 +302,9 @@ def test_the_limit_blocks_at_exactly_max_failures_and_a_failure_leaves_at_exactl
         LoginLimiter(max_failures=0)
     with pytest.raises(ValueError):
         LoginLimiter(window_s=0)
+    assert LoginLimiter(max_failures=1, window_s=0.5).window_s == 0.5  # any positive window
+    limited = LoginRateLimit(lambda *a: None)  # the documented policy: 19 failures within a minute
+    assert (limited.limiter.max_failures, limited.limiter.window_s) == (19, 60.0)
 
 
 def test_the_limiter_forgets_the_least_recent_addresses_beyond_its_memory():
@@ -401,12 +404,10 @@ def test_successful_basic_logins_never_count_against_the_limit(monkeypatch):
 
 
 def test_a_verified_header_is_remembered_for_five_minutes_then_checked_again(monkeypatch):
-    from threedgen.webui.rest import REMEMBER_S
-
     auth, clock, calls = _rest(monkeypatch)
     header = _basic("alice", "right")
     assert auth.check(header, "10.0.0.1") is None and calls == ["alice"]
-    clock.now += REMEMBER_S - 1
+    clock.now += 299
     assert auth.check(header, "10.0.0.2") is None and calls == ["alice"]  # remembered, from any address
     clock.now += 1  # exactly five minutes after: checked again
     assert auth.check(header, "10.0.0.1") is None and calls == ["alice", "alice"]
