@@ -91,7 +91,10 @@ def test_generator_renders_exactly_the_nerf_it_exports():
     assert not torch.allclose(density[0], density[1])  # two prompts, two objects
     cams = orbit(2, 20.0, 2.5, 40.0)
     nerf = gen.nerf_for(vectors[1], nerf_cfg)
-    assert torch.equal(nerf.field.density, density[1]) and torch.equal(nerf.field.color, color[1])
+    # The same grids to rounding: one prompt alone goes through the mapping MLP as a batch of one,
+    # and BLAS may sum a batch of one in another order than a batch of two (2e-7 of 5 seen here).
+    assert torch.allclose(nerf.field.density, density[1], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(nerf.field.color, color[1], rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         direct = gen.render_grids(density[1], color[1], cams, 16, 16)
         exported = nerf.render(cams, 16, 16)
