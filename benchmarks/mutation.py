@@ -236,14 +236,17 @@ def _definitions(source: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def innermost(definitions, line: int) -> str | None:
+    """The qualified name of the innermost function or class around ``line``; None at module level."""
+    inside = [(name, first) for name, first, last in definitions if first <= line <= last]
+    return max(inside, key=lambda d: d[1])[0] if inside else None
+
+
 def in_scope(target: Target, definitions, line: int) -> bool:
     if target.scope == ("*",):
         return True
-    inside = [(name, a, b) for name, a, b in definitions if a <= line <= b]
-    if not inside:
-        return False
-    name = max(inside, key=lambda d: d[1])[0]  # the innermost definition
-    return any(name == s or name.startswith(s + ".") for s in target.scope)
+    name = innermost(definitions, line)
+    return name is not None and any(name == s or name.startswith(s + ".") for s in target.scope)
 
 
 def sampled(target: Target, mutation) -> bool:
@@ -314,7 +317,7 @@ def sync_tree(tree: Path, rev: str | None = None) -> None:
             link.symlink_to(Path("..") / name)
 
 
-def test_env(tree: Path) -> dict:
+def child_env(tree: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -322,10 +325,10 @@ def test_env(tree: Path) -> dict:
     return env
 
 
-def test_command(target: Target, tree: Path) -> list[str]:  # noqa: D401
-    """pytest over the target's tests that exist in ``tree`` (a list may name a file added later)."""
-    tests = [t for t in target.tests if (tree / t.split("::")[0]).is_file()]
-    return [sys.executable, "-m", "pytest", *PYTEST, *tests]
+def pytest_args(target: Target, tree: Path) -> list[str]:
+    """pytest's arguments for the target's tests that exist in ``tree`` (a list may name a file
+    added later)."""
+    return [*PYTEST, *[t for t in target.tests if (tree / t.split("::")[0]).is_file()]]
 
 
 # ---- the session ---------------------------------------------------------------------------------
@@ -354,18 +357,12 @@ def make_mutants(target: Target, tree: Path):
     """Every in-scope mutant of ``target`` with a kept operator, as cosmic-ray work items."""
     from cosmic_ray.commands.init import _all_work_items
 
-    source = (tree / target.module).read_text()
-    definitions = _definitions(source)
-    cwd = os.getcwd()
-    os.chdir(tree)
-    try:
-        for item in _all_work_items([Path(target.module)], {}):
-            mutation = item.mutations[0]
-            if mutation.operator_name in OPERATORS and in_scope(target, definitions, mutation.start_pos[0]) \
-                    and sampled(target, mutation):
-                yield item
-    finally:
-        os.chdir(cwd)
+    definitions = _definitions((tree / target.module).read_text())
+    for item in _all_work_items([tree / target.module], {}):
+        mutation = item.mutations[0]
+        if mutation.operator_name in OPERATORS and in_scope(target, definitions, mutation.start_pos[0]) \
+                and sampled(target, mutation):
+            yield item
 
 
 def prepare(workdir: Path, targets: list[Target]) -> None:
@@ -381,8 +378,7 @@ def prepare(workdir: Path, targets: list[Target]) -> None:
                 repr((target.scope, target.sample, sorted(OPERATORS))).encode()).hexdigest()[:8]
             if modules.get(target.name, {}).get("digest") == digest:
                 continue
-            stale = [w.job_id for w in db.work_items if _owner(w, meta) == target.name]
-            _delete_items(db, stale)
+            _delete(db, modules.get(target.name, {}).get("jobs", []))
             items = [WorkItem.single(job_id=f"{uuid.uuid4().hex}", mutation=w.mutations[0])
                      for w in make_mutants(target, tree)]
             db.add_work_items(items)
@@ -391,20 +387,15 @@ def prepare(workdir: Path, targets: list[Target]) -> None:
     _save_meta(workdir, meta)
 
 
-def _owner(item, meta) -> str | None:
-    for name, info in meta.get("modules", {}).items():
-        if item.job_id in set(info.get("jobs", ())):
-            return name
-    return None
-
-
-def _delete_items(db, job_ids) -> None:
+def _delete(db, job_ids, results_only: bool = False) -> None:
+    """Drop the jobs' results (and, unless ``results_only``, the jobs themselves) from the session."""
     if not job_ids:
         return
     from cosmic_ray.work_db import MutationSpecStorage, WorkItemStorage, WorkResultStorage
 
+    models = (WorkResultStorage,) if results_only else (WorkResultStorage, MutationSpecStorage, WorkItemStorage)
     with db._session_maker.begin() as session:  # cosmic-ray keeps items, their mutations and results apart
-        for model in (WorkResultStorage, MutationSpecStorage, WorkItemStorage):
+        for model in models:
             session.query(model).filter(model.job_id.in_(list(job_ids))).delete(synchronize_session=False)
 
 
@@ -426,7 +417,7 @@ def start_tests(target: Target, tree: Path, log: Path, threads: int = 0, tests=N
     """Fork a child that runs the target's tests (or ``tests``, node ids) in ``tree`` (its own
     session and process group, output to ``log``); returns its pid. Exit status 0: every test
     passed."""
-    args = test_command(target, tree)[3:] if tests is None else [*PYTEST, *tests]
+    args = pytest_args(target, tree) if tests is None else [*PYTEST, *tests]
     args = [*args, *extra, f"--basetemp={log.with_suffix('.tmp')}"]  # pytest's own arguments
     pid = os.fork()
     if pid:
@@ -437,7 +428,7 @@ def start_tests(target: Target, tree: Path, log: Path, threads: int = 0, tests=N
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.chdir(tree)
-        os.environ.update(test_env(tree))
+        os.environ.update(child_env(tree))
         if threads:  # several children share the cores
             import torch
 
@@ -458,22 +449,28 @@ def start_tests(target: Target, tree: Path, log: Path, threads: int = 0, tests=N
         os._exit(99)
 
 
+def poll_tests(pid: int, started: float, timeout: float) -> str | None:
+    """'survived' | 'killed' for a child of :func:`start_tests` that ended, 'timeout' (its whole
+    process group killed) for one past ``timeout`` seconds, None while it runs."""
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        return "survived" if os.waitstatus_to_exitcode(status) == 0 else "killed"
+    if time.monotonic() - started <= timeout:
+        return None
+    try:
+        os.killpg(pid, 9)
+    except OSError:
+        pass
+    os.waitpid(pid, 0)
+    return "timeout"
+
+
 def wait_tests(pid: int, timeout: float) -> tuple[str, float]:
-    """('survived' | 'killed' | 'timeout', seconds) of a child from :func:`start_tests`."""
+    """(outcome, seconds) of a child from :func:`start_tests`, waiting for it."""
     started = time.monotonic()
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            code = os.waitstatus_to_exitcode(status)
-            return ("survived" if code == 0 else "killed"), time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            try:
-                os.killpg(pid, 9)
-            except OSError:
-                pass
-            os.waitpid(pid, 0)
-            return "timeout", time.monotonic() - started
+    while (outcome := poll_tests(pid, started, timeout)) is None:
         time.sleep(0.05)
+    return outcome, time.monotonic() - started
 
 
 def baseline(target: Target, tree: Path, log: Path, workdir: Path) -> tuple[float, dict[str, list[str]]]:
@@ -512,15 +509,12 @@ def baseline(target: Target, tree: Path, log: Path, workdir: Path) -> tuple[floa
     return seconds, runs
 
 
-def tests_for(target: Target, runs: dict[str, list[str]], source: str, line: int):
+def tests_for(runs: dict[str, list[str]], definitions, line: int):
     """The node ids of the tests that run the function holding ``line`` (coverage of the unmutated
     run: a test that never runs the mutated code cannot see the mutant); None (the target's whole
     list) for code outside any function or run by no test in this process (a subprocess may)."""
-    inside = [(name, a, b) for name, a, b in _definitions(source) if a <= line <= b]
-    if not inside:
-        return None
-    name = max(inside, key=lambda d: d[1])[0]
-    return runs.get(name) or None
+    name = innermost(definitions, line)
+    return (runs.get(name) or None) if name is not None else None
 
 
 def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_survivors: bool,
@@ -529,7 +523,6 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
     each against the target's tests that run the mutated function."""
     from cosmic_ray.mutating import apply_mutation
     from cosmic_ray.plugins import get_operator
-    from cosmic_ray.work_db import WorkResultStorage
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
 
     trees = [workdir / "tree"] + [workdir / f"tree-{k}" for k in range(2, jobs + 1)]
@@ -546,9 +539,7 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
             if retest_survivors:
                 again = [j for j in info["jobs"] if j in results and results[j].worker_outcome == WorkerOutcome.NORMAL
                          and results[j].test_outcome == TestOutcome.SURVIVED]
-                with db._session_maker.begin() as session:
-                    session.query(WorkResultStorage).filter(
-                        WorkResultStorage.job_id.in_(again)).delete(synchronize_session=False)
+                _delete(db, again, results_only=True)
                 for j in again:
                     results.pop(j)
             work += [(target, j) for j in info["jobs"] if j not in results]
@@ -575,19 +566,11 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
 
         def reap(block: bool):
             while running and (block or not free):
-                for pid, (slot, target, job, *_rest) in list(running.items()):
+                for pid in list(running):
                     started, limit = timeouts[pid]
-                    got, status = os.waitpid(pid, os.WNOHANG)
-                    if got:
-                        code = os.waitstatus_to_exitcode(status)
-                        finish(pid, "survived" if code == 0 else "killed", time.monotonic() - started)
-                    elif time.monotonic() - started > limit:
-                        try:
-                            os.killpg(pid, 9)
-                        except OSError:
-                            pass
-                        os.waitpid(pid, 0)
-                        finish(pid, "timeout", time.monotonic() - started)
+                    outcome = poll_tests(pid, started, limit)
+                    if outcome is not None:
+                        finish(pid, outcome, time.monotonic() - started)
                 if running and (block or not free):
                     time.sleep(0.05)
                 if not block and free:
@@ -605,7 +588,7 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
                     reap(block=True)  # the baseline runs alone, on unmutated trees
                     seconds, runs = baseline(target, trees[0], workdir / "test-0.log", workdir)
                     info["baseline_s"] = round(seconds, 1)
-                    source = (trees[0] / target.module).read_text()
+                    definitions = _definitions((trees[0] / target.module).read_text())  # once per target
                     _save_meta(workdir, meta)
                     pending = sum(1 for t, _ in work if t is target)
                     print(f"{target.name}: {pending} mutants to test (its tests: {info['baseline_s']} s unmutated)",
@@ -627,7 +610,7 @@ def execute(workdir: Path, targets: list[Target], minutes: float | None, retest_
                                                   WorkerOutcome.NO_TEST, output=f"equivalent: {reason}", diff=diff))
                     continue
                 pid = start_tests(target, tree, workdir / f"test-{slot}.log", threads=1 if jobs > 1 else 0,
-                                  tests=tests_for(target, runs, source, mutation.start_pos[0]))
+                                  tests=tests_for(runs, definitions, mutation.start_pos[0]))
                 timeouts[pid] = (time.monotonic(), max(45.0, 2 * jobs * info["baseline_s"] + 20))
                 running[pid] = (slot, target, job, path, original, diff)
             reap(block=True)
