@@ -8,8 +8,14 @@ PSNR, Chamfer, and the asset metrics (normal error, texture colour error, watert
 pinched edges, height error; see ``threedgen.asset_metrics``). Blender (headless) renders the GLB
 of ``--render`` prompts, and ``--montage`` puts them side by side, baseline above.
 
-    python benchmarks/asset_quality.py [--baseline /tmp/before] [--prompts ...] [--representations nerf gaussians]
+    python benchmarks/asset_quality.py [--baseline /tmp/before] [--prompts ...]
+        [--representations nerf nerf-sdf gaussians surfels] [--seeds 0 1]
         [--json results.json] [--write BENCHMARKS.md] [--montage docs/asset-quality.png] [-- key=value ...]
+
+With several seeds, each (prompt, representation) runs once per seed; the summary gives, per
+representation, the median over prompts and seeds with the range, the cube's flat faces (the share
+of its surface within 5 degrees of an axis, the Blender cube test's measure) and the median run
+time. ``--json`` is rewritten after every run, so an interrupted benchmark keeps what it measured.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ METRICS = ["mask_iou", "chamfer", "normal_error_deg", "texture_color_error", "he
            "pinched_edges"]
 GOALS = {"chamfer": 0.012, "normal_error_deg": 12.0, "texture_color_error": 0.05}
 HEIGHT_GOAL = 0.05
+FLAT_DEGREES = 5.0
 
 
 def source_env(source: Path) -> dict:
@@ -57,11 +64,23 @@ def score(run_dir: Path) -> dict:
     return evaluate_run(run_dir)
 
 
-def measure(prompt: str, rep: str, out: Path, extra: list[str], env: dict | None, render: bool, size: int) -> dict:
-    row = run_once(prompt, out, ["--representation", rep, *extra], env=env)
+def flat_area(mesh_path: Path, degrees: float = FLAT_DEGREES) -> float:
+    """The share of the mesh's area whose face normal lies within ``degrees`` of a world axis."""
+    import numpy as np
+    import trimesh
+
+    mesh = trimesh.load(mesh_path, force="mesh")
+    near_axis = np.abs(mesh.face_normals).max(1) >= np.cos(np.radians(degrees))
+    return float(mesh.area_faces[near_axis].sum() / max(mesh.area_faces.sum(), 1e-12))
+
+
+def measure(prompt: str, rep: str, out: Path, extra: list[str], env: dict | None, render: bool, size: int,
+            seed: int = 0) -> dict:
+    row = run_once(prompt, out, ["--representation", rep, "--seed", str(seed), *extra], env=env)
     run_dir = Path(row["run_dir"])
     metrics = score(run_dir)  # this checkout's eval, whichever code made the run
-    row.update({k: metrics.get(k) for k in METRICS + ["watertight", "psnr", "height"]}, representation=rep)
+    row.update({k: metrics.get(k) for k in METRICS + ["watertight", "psnr", "height"]}, representation=rep,
+               seed=seed, flat_area=flat_area(run_dir / "mesh.glb"))
     row["blender"] = blender(run_dir / "mesh.glb", run_dir, size) if render else None
     return row
 
@@ -80,7 +99,7 @@ def goal_met(row: dict) -> bool:
 
 
 def table(rows: list[dict], baseline: list[dict] | None) -> list[str]:
-    head = ["representation", "prompt", "IoU", "Chamfer", "normal err (deg)", "colour err", "watertight",
+    head = ["representation", "prompt", "seed", "IoU", "Chamfer", "normal err (deg)", "colour err", "watertight",
             "open / pinched edges", "height err (m)", "run s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows):
@@ -93,9 +112,35 @@ def table(rows: list[dict], baseline: list[dict] | None) -> list[str]:
         edges = f"{r['open_edges']} / {r['pinched_edges']}"
         if b:
             edges = f"{b['open_edges']} / {b['pinched_edges']} → {edges}"
-        lines.append(f"| {r['representation']} | {r['prompt']} | {cell('mask_iou', 3)} | {cell('chamfer', 4)} "
+        lines.append(f"| {r['representation']} | {r['prompt']} | {r.get('seed', 0)} | {cell('mask_iou', 3)} | {cell('chamfer', 4)} "
                      f"| {cell('normal_error_deg', 1)} | {cell('texture_color_error', 3)} | {cell('watertight', 0)} "
                      f"| {edges} | {cell('height_error', 3)} | {cell('wall', 1)} |")
+    return lines
+
+
+def spread(rows: list[dict]) -> list[str]:
+    """Per representation: the median over prompts and seeds with its range, watertight count, the
+    cube's flat area and the median run time."""
+    keys = [("mask_iou", 3), ("chamfer", 4), ("normal_error_deg", 1), ("texture_color_error", 3)]
+    head = ["representation", "runs", "IoU", "Chamfer", "normal err (deg)", "worst prompt's normal err (median of seeds)",
+            "colour err", "watertight", "cube: area within 5° of an axis", "run s (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rep in list(dict.fromkeys(r["representation"] for r in rows)):
+        mine = [r for r in rows if r["representation"] == rep]
+        cells = []
+        for key, digits in keys:
+            vals = [r[key] for r in mine if r[key] is not None]
+            cells.append(f"{statistics.median(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})")
+        by_prompt = {}
+        for r in mine:
+            by_prompt.setdefault(r["prompt"], []).append(r["normal_error_deg"])
+        worst = max(by_prompt.items(), key=lambda kv: statistics.median(kv[1]))
+        cubes = [r["flat_area"] for r in mine if "cube" in r["prompt"]]
+        cube = f"{statistics.median(cubes):.2f}" if cubes else "n/a"
+        lines.append(f"| {rep} | {len(mine)} | {cells[0]} | {cells[1]} | {cells[2]} | "
+                     f"{worst[0]}: {statistics.median(worst[1]):.1f} | {cells[3]} | "
+                     f"{sum(bool(r['watertight']) for r in mine)} of {len(mine)} | {cube} | "
+                     f"{statistics.median(r['wall'] for r in mine):.1f} |")
     return lines
 
 
@@ -118,7 +163,8 @@ def summary(rows: list[dict], baseline: list[dict] | None) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", nargs="+", default=PROMPTS + FRONT_PROMPTS)
-    ap.add_argument("--representations", nargs="+", default=["nerf", "gaussians"])
+    ap.add_argument("--representations", nargs="+", default=["nerf", "nerf-sdf", "gaussians", "surfels"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--baseline", default=None, help="a checkout of the code to compare against")
     ap.add_argument("--render", nargs="*", default=["a red cube", "a blue torus"],
                     help="prompts whose GLB Blender renders (for --montage)")
@@ -133,30 +179,32 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="threedgen-assets-"))
     env = source_env(Path(args.baseline).resolve()) if args.baseline else None
     rows, baseline = [], [] if env else None
-    for rep in args.representations:
-        for prompt in args.prompts:
-            render = prompt in args.render
-            if env:
-                baseline.append(measure(prompt, rep, out / "before", args.overrides, env, render, args.size))
-            rows.append(measure(prompt, rep, out / "after", args.overrides, None, render, args.size))
-            print(f"{rep} {prompt}: " + ", ".join(f"{k} {fmt(rows[-1][k], 4)}" for k in METRICS), file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"after": rows, "before": baseline}, indent=1))
+    for seed in args.seeds:
+        for rep in args.representations:
+            for prompt in args.prompts:
+                render = prompt in args.render and seed == args.seeds[0]
+                if env:
+                    baseline.append(measure(prompt, rep, out / "before", args.overrides, env, render, args.size, seed))
+                rows.append(measure(prompt, rep, out / "after", args.overrides, None, render, args.size, seed))
+                print(f"{rep} {prompt} seed {seed}: " + ", ".join(f"{k} {fmt(rows[-1][k], 4)}" for k in METRICS),
+                      file=sys.stderr)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"after": rows, "before": baseline}, indent=1))
     if args.montage:
         shown = [r for r in rows if r["blender"]]
         tiles = ([(b, "before") for b in baseline if b["blender"]] if baseline else []) + [(r, "after") for r in shown]
         if tiles:
             montage([t["blender"]["image"] for t, _ in tiles],
                     [f"{t['prompt']} ({t['representation']}), {when}" for t, when in tiles], Path(args.montage),
-                    columns=len(shown))
+                    columns=len({t["prompt"] for t in shown}))  # a row per representation
 
-    lines = [f"\n## Asset quality (issue 22), {datetime.date.today()}\n",
+    lines = [f"\n## Asset quality, {datetime.date.today()}\n",
              f"`python benchmarks/asset_quality.py{' --baseline BEFORE' if baseline else ''}` on "
              f"{platform.machine()} ({platform.processor() or 'cpu'}), 2 CPU cores, torch CPU, nothing else running; "
              "one default `threedgen run` per cell (shapes prior), every run scored by this checkout's `threedgen "
              "eval` on its `mesh.glb`." + (" Cells read before → after; the two runs of a row ran back to back." if
                                             baseline else "") + "\n",
-             *table(rows, baseline), "", *summary(rows, baseline), ""]
+             *spread(rows), "", *table(rows, baseline), "", *summary(rows, baseline), ""]
     report("\n".join(lines), args.write)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,11 +13,13 @@ from threedgen.cameras import Cameras
 @dataclass
 class RenderOutput:
     """Renders in ``[B,H,W,C]``: ``rgb`` (C=3, composited over each camera's background),
-    ``alpha`` (C=1, accumulated opacity), ``depth`` (C=1, expected ray distance)."""
+    ``alpha`` (C=1, accumulated opacity), ``depth`` (C=1, expected ray distance); ``aux``: what a
+    representation renders besides (the surfels' normals, median depth and distortion), by name."""
 
     rgb: torch.Tensor
     alpha: torch.Tensor
     depth: torch.Tensor
+    aux: dict = field(default_factory=dict)
 
 
 def opacity_at_level(values: torch.Tensor, level: float) -> torch.Tensor:
@@ -62,6 +64,11 @@ class Representation(torch.nn.Module):
     def smoothness(self) -> torch.Tensor | None:
         """The representation's own regulariser towards clean surfaces (``loss.lambda_smooth``
         weighs it), or None where it has none."""
+        return None
+
+    def regularizer(self, out: RenderOutput) -> torch.Tensor | None:
+        """The representation's own loss terms on this step's render ``out``, already weighted by its
+        settings (the SDF's eikonal, the surfels' depth-normal and distortion terms), or None."""
         return None
 
     def on_step(self, step: int, max_steps: int = 0) -> None:

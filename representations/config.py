@@ -114,6 +114,46 @@ class NeRFConfig(RepresentationConfig):
         check_range("representation.mesh_smooth", self.mesh_smooth, 0, self.bound)
 
 
+@REPRESENTATIONS.register("nerf-sdf", "threedgen.representations.sdf:SDFNeRF",
+                          "NeRF with a signed-distance geometry (VolSDF density, eikonal): flat faces, true normals")
+@dataclass
+class SDFNeRFConfig(NeRFConfig):
+    name: str = "nerf-sdf"
+    init_radius: float = 0.5
+    """The geometry starts as a sphere of this radius (the field's residual starts at 0)."""
+    beta_start: float = 0.1
+    """VolSDF sharpness at the start, world units: the density is Psi_beta(-sdf)/beta (Laplace CDF)."""
+    beta_end: float = 0.02
+    """VolSDF sharpness once annealed (geometric from beta_start over beta_anneal of the run)."""
+    beta_anneal: float = 0.5
+    """Fraction of the run over which beta goes from beta_start to beta_end."""
+    eikonal_weight: float = 0.1
+    """Weight of the eikonal term (|grad sdf| - 1)^2 that keeps the geometry a signed distance."""
+    curvature_weight: float = 0.01
+    """Weight of the curvature term (the squared Laplacian of the sdf near the surface): smoother normals; 0 = off. Measured on a tuning prompt (BENCHMARKS.md, "Surfaces"): normal error 32 -> 15 degrees at 0.01; 0.1 and more round the shape off."""
+    eikonal_points: int = 4096
+    """Hash field: random points per step for the eikonal and curvature terms (the dense grid uses every voxel)."""
+    lr_density: float = 0.01
+    """Learning rate of the dense grid of the signed distance's residual (world units per step)."""
+    mesh_threshold: Optional[float] = None
+    """Unused: the signed distance is meshed at its zero level (setting a level is an error)."""
+    mesh_smooth: float = 0.03
+    """Export: blur the signed distance by a Gaussian of this standard deviation (world units) before marching cubes; a plane stays a plane. 0 = off."""
+
+    def check(self) -> None:
+        super().check()
+        if self.mesh_threshold is not None:
+            raise UserError("representation.mesh_threshold does not apply to nerf-sdf: its mesh is the signed "
+                            "distance's zero level; leave it unset")
+        check_range("representation.init_radius", self.init_radius, 1e-3, self.bound)
+        check_range("representation.beta_start", self.beta_start, 1e-4, self.bound)
+        check_range("representation.beta_end", self.beta_end, 1e-4, self.beta_start)
+        check_range("representation.beta_anneal", self.beta_anneal, 0, 1)
+        check_range("representation.eikonal_weight", self.eikonal_weight, 0, 1e6)
+        check_range("representation.curvature_weight", self.curvature_weight, 0, 1e6)
+        check_range("representation.eikonal_points", self.eikonal_points, 1, 1 << 22, integer=True)
+
+
 @REPRESENTATIONS.register("gaussians", "threedgen.representations.gaussians:Gaussians",
                           "3D Gaussian splatting (gsplat on CUDA, a PyTorch rasteriser elsewhere)")
 @dataclass
@@ -202,6 +242,37 @@ class GaussiansConfig(RepresentationConfig):
                             f"representation.num_points ({self.num_points})")
         if self.mesh_threshold is not None:
             check_range("representation.mesh_threshold", self.mesh_threshold, 0, 1e9)
+
+
+@REPRESENTATIONS.register("surfels", "threedgen.representations.surfels:Surfels",
+                          "2D Gaussian surfels (2DGS): oriented discs, depth-normal consistency, TSDF-fused mesh")
+@dataclass
+class SurfelsConfig(GaussiansConfig):
+    name: str = "surfels"
+    normal_weight: float = 100.0
+    """Weight of the depth-normal consistency term (1 - rendered normal . normal of the median depth). The 2DGS paper's 0.05 is for a photometric loss; against SDS's gradient, measured on a tuning prompt (BENCHMARKS.md, "Surfaces"): normal error 70 degrees at 0.05, 26 at 100."""
+    distortion_weight: float = 10.0
+    """Weight of the depth distortion term (surfels along a ray drawn together; depth units)."""
+    regularize_from: float = 0.1
+    """The two terms start at this fraction of the run (first the shape, then the surface)."""
+    mesh_views_per_ring: int = 8
+    """Export: views per elevation ring whose median depth is fused into the mesh's TSDF (4 rings, plus top and bottom)."""
+    mesh_view_size: int = 128
+    """Export: size in pixels of the fused depth renders."""
+    tsdf_truncation: float = 4.0
+    """Export: TSDF truncation distance, in voxels of the mesh grid."""
+
+    def check(self) -> None:
+        super().check()
+        if self.densify == "mcmc":
+            raise UserError("representation.densify=mcmc is not offered for surfels (its relocation is 3D "
+                            "Gaussians'); use densify=default or none")
+        check_range("representation.normal_weight", self.normal_weight, 0, 1e6)
+        check_range("representation.distortion_weight", self.distortion_weight, 0, 1e6)
+        check_range("representation.regularize_from", self.regularize_from, 0, 1)
+        check_range("representation.mesh_views_per_ring", self.mesh_views_per_ring, 1, 64, integer=True)
+        check_range("representation.mesh_view_size", self.mesh_view_size, 16, 1024, integer=True)
+        check_range("representation.tsdf_truncation", self.tsdf_truncation, 0.5, 64)
 
 
 @dataclass

@@ -68,14 +68,16 @@ def density_grids(means, quats, scales, opacities, colors, bound: float, resolut
 @torch.no_grad()
 def gaussians_surface(means, quats, scales, opacities, colors, bound: float, resolution: int = 128,
                       threshold: float | None = None, shell: float = 0.0,
-                      view_alpha: np.ndarray | None = None, smooth: float = 0.0) -> Surface:
+                      view_alpha: np.ndarray | None = None, smooth: float = 0.0,
+                      values: np.ndarray | None = None) -> Surface:
     """The Gaussians' surface (+Y up, world units) with the colour grid as its colour function, at
     ``threshold`` or (None) ``meshing.view_level`` with ``view_alpha``, the Gaussians' renders of
     ``meshing.level_cameras``. With
     ``shell > 0`` a surface point's colour is seen through the shell (``meshing.Surface``) with the
     density grid as an extinction: ``sum_i o_i exp(-q_i / 2)`` over ``sqrt(2 pi)`` times the
     Gaussians' median scale, what a ray through one Gaussian of that size integrates to its
-    opacity (for small opacities)."""
+    opacity (for small opacities). ``values`` (a grid like the density's, positive inside), when
+    given, is meshed at its zero level instead of the density (the surfels' fused depth)."""
     check_mesh_resolution(resolution)
     means, quats, scales = means.float(), quats.float(), scales.float()
     opacities, colors = opacities.float(), colors.float()
@@ -86,8 +88,11 @@ def gaussians_surface(means, quats, scales, opacities, colors, bound: float, res
     def color_fn(points):
         return sample_grid(grid, points.to(grid) / bound)
 
-    surface = surface_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device,
-                                view_alpha=view_alpha, smooth=smooth)
+    if values is None:
+        surface = surface_from_grid(density.cpu().numpy(), color_fn, bound, threshold, device=means.device,
+                                    view_alpha=view_alpha, smooth=smooth)
+    else:
+        surface = surface_from_grid(values, color_fn, bound, 0.0, device=means.device, smooth=smooth)
     if shell > 0:
         surface = dataclasses.replace(surface, density_fn=lambda points: sample_grid(extinction, points.to(grid) / bound)[:, 0],
                                       shell=shell)

@@ -64,6 +64,7 @@ def mean_spacing(cfg: GaussiansConfig) -> float:
 
 class Gaussians(Representation):
     name = "gaussians"
+    grad_key = "means2d"  # the render's screen-space tensor whose gradient densification reads
 
     def __init__(self, cfg: GaussiansConfig, device: torch.device | str = "cpu",
                  seed: Optional[int] = None):
@@ -187,7 +188,7 @@ class Gaussians(Representation):
 
     def on_step(self, step: int, max_steps: int = 0) -> None:
         info, self._info = self._info, None
-        if self.strategy is None or not self.optimizers or info is None or info["means2d"].grad is None:
+        if self.strategy is None or not self.optimizers or info is None or info[self.grad_key].grad is None:
             return
         cfg = self.cfg
         start, stop = int(cfg.densify_start * max_steps), int(cfg.densify_stop * max_steps)

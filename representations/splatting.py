@@ -25,7 +25,9 @@ What the CPU rasteriser reproduces of gsplat 1.5's CUDA kernels (``ProjectionEWA
 Speed on CPU comes from bounding boxes: each Gaussian is evaluated only on the pixels inside its
 screen radius (outside it ``alpha < 1/255`` exactly, so nothing is lost), the (pixel, Gaussian)
 pairs are sorted by pixel then depth, and transmittance is a segmented cumulative sum of
-``log(1 - alpha)`` in float64. Autograd does the backward pass.
+``log(1 - alpha)`` in float64. Autograd does the backward pass. These steps (``box_pairs``,
+``composite_order``, ``accumulate``, ``exclusive_segment_sum``) are shared with the 2D-surfel twin
+(``splatting_2dgs``), which differs in the projection and the per-pair alpha.
 """
 
 from __future__ import annotations
@@ -96,30 +98,77 @@ def project(means, quats, scales, opacities, viewmats, Ks, width: int, height: i
     return means2d, depths, conics, radii
 
 
+def box_pairs(lo: torch.Tensor, hi: torch.Tensor, rows: torch.Tensor, width: int, height: int):
+    """Every (row ``rows[m]``, pixel) whose pixel centre lies in the screen box ``lo[m] <= (x, y) <=
+    hi[m]`` (``[M,2]``, finite): ``(rows [P], pixel ids [P])`` in row-major pixel order per box."""
+    # Pixel x has its centre at x + 0.5: the box [lo, hi] holds x in [ceil(lo-.5), floor(hi-.5)].
+    limit = torch.tensor([width - 1, height - 1], device=lo.device)
+    first = torch.ceil(lo - 0.5).clamp_min(0).long()
+    last = torch.minimum(torch.floor(hi - 0.5).long(), limit)
+    owner, xy = box_points(first, last)
+    return rows.index_select(0, owner), xy[:, 1] * width + xy[:, 0]
+
+
 def _pairs(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int):
     """Every (camera-Gaussian row ``camera * N + gaussian``, pixel) whose pixel centre lies in the
-    Gaussian's screen box."""
+    Gaussian's screen box ``means2d +- radii``."""
     flat = torch.nonzero((radii > 0).all(-1).reshape(-1)).flatten()  # camera * N + Gaussian
     m = means2d.detach().reshape(-1, 2).index_select(0, flat)
     r = radii.reshape(-1, 2).index_select(0, flat).to(m.dtype)
-    # Pixel x has its centre at x + 0.5: the box [m - r, m + r] holds x in [ceil(m-r-.5), floor(m+r-.5)].
-    limit = torch.tensor([width - 1, height - 1], device=m.device)
-    lo = torch.ceil(m - r - 0.5).clamp_min(0).long()
-    hi = torch.minimum(torch.floor(m + r - 0.5).long(), limit)
-    owner, xy = box_points(lo, hi)
-    flat = flat.index_select(0, owner)
-    return flat, xy[:, 1] * width + xy[:, 0]
+    return box_pairs(m - r, m + r, flat, width, height)
 
 
-def _transmittance(alpha: torch.Tensor, ray: torch.Tensor, n_rays: int):
-    """Exclusive transmittance of each pair (pairs sorted by ray, then depth): a segmented
-    cumulative sum of ``log(1 - alpha)`` in float64."""
-    log1m = torch.log1p(-alpha.double())
-    csum = torch.cumsum(log1m, 0)
+def exclusive_segment_sum(x: torch.Tensor, ray: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """Per pair, the sum of ``x`` over the earlier pairs of its ray (pairs sorted by ray), in float64:
+    one global cumulative sum less each ray's sum before its first pair."""
+    csum = torch.cumsum(x, 0)
     counts = torch.bincount(ray, minlength=n_rays)
     seg_end = torch.cumsum(counts, 0)
     seg_base = torch.cat([csum.new_zeros(1), csum])[seg_end - counts]  # sum before each ray's first pair
-    return torch.exp(csum - log1m - seg_base[ray]).to(alpha.dtype)
+    return csum - x - seg_base[ray]
+
+
+def transmittance(alpha: torch.Tensor, ray: torch.Tensor, n_rays: int):
+    """Exclusive transmittance of each pair (pairs sorted by ray, then depth): a segmented
+    cumulative sum of ``log(1 - alpha)`` in float64."""
+    log1m = torch.log1p(-alpha.double())
+    return torch.exp(exclusive_segment_sum(log1m, ray, n_rays)).to(alpha.dtype)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will differentiate through any of ``tensors`` here."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@torch.no_grad()
+def composite_order(flat, pix, alpha, keep, depths, width: int, height: int):
+    """The pairs that composite, in compositing order (no gradient): of the (camera-Gaussian row
+    ``flat``, pixel ``pix``) pairs, those ``keep`` marks, sorted by (camera, pixel) then by the
+    Gaussian's depth in that camera (``depths [C,N]``), ``alpha`` clamped at ``MAX_ALPHA``, and each
+    ray cut before the pair that would take its transmittance to ``<= MIN_TRANSMITTANCE`` (those
+    pairs are a suffix of the ray's and never contribute). Returns ``(flat, pix, ray, alpha,
+    trans)`` of the pairs left, ``ray = camera * H * W + pixel`` and ``trans`` the transmittance in
+    front of each pair."""
+    C, N = depths.shape
+    rank = torch.empty_like(depths, dtype=torch.long)  # each Gaussian's place in its camera's depth order
+    rank.scatter_(1, torch.argsort(depths, dim=1), torch.arange(N, device=depths.device).expand(C, N).contiguous())
+    cam = torch.div(flat, N, rounding_mode="floor")
+    kept = torch.nonzero(keep).flatten()
+    flat, pix, cam, alpha = (t.index_select(0, kept) for t in (flat, pix, cam, alpha))
+    key = (cam * (height * width) + pix) * N + rank.reshape(-1).index_select(0, flat)
+    order = torch.argsort(key)
+    flat, pix, cam = flat.index_select(0, order), pix.index_select(0, order), cam.index_select(0, order)
+    ray = cam * (height * width) + pix
+    alpha = torch.clamp_max(alpha.index_select(0, order), MAX_ALPHA)
+    trans = transmittance(alpha, ray, C * height * width)
+    alive = trans * (1 - alpha) > MIN_TRANSMITTANCE
+    return flat[alive], pix[alive], ray[alive], alpha[alive], trans[alive]
+
+
+def accumulate(ray: torch.Tensor, values: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """``[n_rays, D]`` sums of the pairs' ``values [P,D]`` per ray."""
+    out = torch.zeros(n_rays, values.shape[-1], dtype=values.dtype, device=values.device)
+    return out.index_add(0, ray, values)
 
 
 def _pair_alpha(means2d, conics, opacities, flat, pix, width: int, n: int):
@@ -147,37 +196,19 @@ def rasterize_pytorch(means, quats, scales, opacities, colors, viewmats, Ks, wid
     feats = torch.cat([rgb_n, depths[..., None]], -1)  # colour + z-depth, composited alike
     flat, pix = _pairs(means2d, radii, width, height)  # flat = camera * N + Gaussian
     with torch.no_grad():
-        # Which pairs count (q >= 0, alpha >= 1/255), and their order: by (image, pixel), then by
-        # depth (the Gaussians ranked by depth within each camera).
+        # Which pairs count (q >= 0, alpha >= 1/255), in compositing order, up to where each ray's
+        # transmittance runs out.
         q, alpha = _pair_alpha(means2d.detach(), conics.detach(), opacities.detach(), flat, pix, width, N)
         keep = (q >= 0) & (alpha >= ALPHA_THRESHOLD)
-        rank = torch.empty_like(depths, dtype=torch.long)
-        rank.scatter_(1, torch.argsort(depths.detach(), dim=1),
-                      torch.arange(N, device=means.device).expand(C, N).contiguous())
-        cam = torch.div(flat, N, rounding_mode="floor")
-        kept = torch.nonzero(keep).flatten()
-        flat, pix, cam, alpha = (t.index_select(0, kept) for t in (flat, pix, cam, alpha))
-        key = (cam * (height * width) + pix) * N + rank.reshape(-1).index_select(0, flat)
-        order = torch.argsort(key)
-        flat, pix, cam = flat.index_select(0, order), pix.index_select(0, order), cam.index_select(0, order)
-        # Pairs behind the point where a ray's transmittance runs out are a suffix of that ray's
-        # pairs and never contribute: drop them before the differentiable pass.
-        ray = cam * (height * width) + pix
-        alpha = torch.clamp_max(alpha.index_select(0, order), MAX_ALPHA)
-        trans = _transmittance(alpha, ray, C * height * width)
-        alive = trans * (1 - alpha) > MIN_TRANSMITTANCE
-        flat, pix, ray = flat[alive], pix[alive], ray[alive]
+    flat, pix, ray, alpha, trans = composite_order(flat, pix, alpha, keep, depths.detach(), width, height)
     n_rays = C * height * width
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (means, quats, scales, opacities, colors)):
+    if needs_grad(means, quats, scales, opacities, colors):
         # The differentiable part, on the kept pairs only, already in compositing order.
         _, alpha = _pair_alpha(means2d, conics, opacities, flat, pix, width, N)
         alpha = torch.clamp_max(alpha, MAX_ALPHA)
-        trans = _transmittance(alpha, ray, n_rays)
-    else:  # nothing to differentiate: the values from the pass above
-        alpha, trans = alpha[alive], trans[alive]
+        trans = transmittance(alpha, ray, n_rays)
     weight = alpha * trans
-    out = torch.zeros(n_rays, 4, dtype=means.dtype, device=means.device)
-    out = out.index_add(0, ray, weight[:, None] * feats.reshape(C * N, 4).index_select(0, flat))
+    out = accumulate(ray, weight[:, None] * feats.reshape(C * N, 4).index_select(0, flat), n_rays)
     acc = torch.zeros(n_rays, dtype=means.dtype, device=means.device).index_add(0, ray, weight)
     out, acc = out.view(C, height, width, 4), acc.view(C, height, width, 1)
     rgb = out[..., :3]

@@ -284,7 +284,7 @@ def input_scale_and_seed(tmp_path, capsys, **_):
 
 def input_unknown_names(tmp_path, capsys, **_):
     cases = [(["--guidance", "sdss"], "unknown guidance 'sdss'; valid: sds, "),
-             (["--representation", "nerff"], "unknown representation 'nerff'; valid: nerf, gaussians"),
+             (["--representation", "nerff"], "unknown representation 'nerff'; valid: nerf, nerf-sdf, "),
              (["--prior", "shape"], "unknown prior 'shape'; valid: shapes, "),
              (["render.resolutoin=64"], "unknown config key 'render.resolutoin'; nearest valid keys: render.resolution"),
              (["guidance.guidance_scal=5"], "nearest valid keys: guidance.guidance_scale")]

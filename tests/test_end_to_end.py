@@ -245,6 +245,10 @@ def test_ctrl_c_stops_cleanly_with_a_resume_hint(tmp_path):
     ("nerf", []),
     ("gaussians", ["representation.densify_every=3", "representation.densify_start=0.0",
                    "representation.densify_stop=0.9", "representation.num_points=300"]),
+    ("nerf-sdf", ["representation.beta_anneal=1"]),
+    ("surfels", ["representation.densify_every=3", "representation.densify_start=0.0",
+                 "representation.densify_stop=0.9", "representation.num_points=300", "representation.regularize_from=0",
+                 "representation.mesh_view_size=32", "representation.mesh_views_per_ring=4"]),
 ])
 def test_resume_from_a_checkpoint_replays_the_run_exactly(representation, extra, tmp_path):
     """A run resumed from its step-10 checkpoint ends with the very parameters of the run that was

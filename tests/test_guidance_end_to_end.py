@@ -45,6 +45,20 @@ def test_every_method_runs_on_gaussians(method, tmp_path):
     assert (run_dir / "splats.ply").is_file()
 
 
+# The surface representations (SDF NeRF, 2D surfels) with every method; the surfels' export fuses a
+# few small views.
+SURFACES = {"nerf-sdf": [], "surfels": ["representation.num_points=300", "representation.mesh_view_size=32",
+                                        "representation.mesh_views_per_ring=4", "representation.regularize_from=0"]}
+
+
+@pytest.mark.parametrize("representation", sorted(SURFACES))
+@pytest.mark.parametrize("method", sorted(GUIDANCE))
+def test_every_method_runs_on_the_surface_representations(method, representation, tmp_path):
+    run_dir = _run(method, "shapes", SHAPES + SURFACES[representation], tmp_path, representation=representation)
+    if representation == "surfels":
+        assert (run_dir / "splats.ply").is_file()
+
+
 def test_gaussians_run_on_a_tiny_stable_diffusion(tiny_sd_dir, tmp_path):
     _run("sds", "stable-diffusion", ["render.resolution=32", "representation.num_points=300"], tmp_path,
          model=tiny_sd_dir, representation="gaussians")

@@ -22,7 +22,7 @@ LAYERS = {
     # devices and kernels, run-folder writes, meshes and images.
     "threedgen.errors": 0, "threedgen.cameras": 0, "threedgen.schedule": 0, "threedgen.noise": 0,
     "threedgen.registry": 0, "threedgen.schema": 0, "threedgen.devices": 0, "threedgen.kernels": 0,
-    "threedgen.rundir": 0, "threedgen.meshing": 0, "threedgen.boxes": 0, "threedgen.modules": 0,
+    "threedgen.rundir": 0, "threedgen.meshing": 0, "threedgen.fusion": 0, "threedgen.boxes": 0, "threedgen.modules": 0,
     "threedgen.views": 0, "threedgen.texture": 0,
     # 1, components: priors, guidance methods, representations (and their config modules).
     "threedgen.guidance": 1, "threedgen.representations": 1,

@@ -47,7 +47,8 @@ def report(build: bool = False) -> dict:
         "tinycudann": {"installed": tcnn,
                        "detail": "importable" if tcnn else "not installed (the PyTorch hash grid is used on CUDA)"},
         "backends": {"nerf": {"field": field, "sampler": pick("nerfacc", "occgrid", "dense")},
-                     "gaussians": {"rasteriser": pick("gsplat", "gsplat", "pytorch"), "densify": "default"}},
+                     "gaussians": {"rasteriser": pick("gsplat", "gsplat", "pytorch"), "densify": "default"},
+                     "surfels": {"rasteriser": pick("gsplat", "gsplat (2DGS)", "pytorch (2DGS twin)")}},
     }
 
 
@@ -65,6 +66,7 @@ def format_report(info: dict) -> str:
         lines.append(f"{name:<14} {ext['status']}: {ext['detail']}{took}")
     lines.append(f"tiny-cuda-nn   {info['tinycudann']['detail']}")
     b = info["backends"]
-    lines.append(f"a NeRF run     field {b['nerf']['field']}, sampler {b['nerf']['sampler']}")
+    lines.append(f"a NeRF run     field {b['nerf']['field']}, sampler {b['nerf']['sampler']} (nerf and nerf-sdf)")
     lines.append(f"a Gaussian run rasteriser {b['gaussians']['rasteriser']}, densify {b['gaussians']['densify']}")
+    lines.append(f"a surfel run   rasteriser {b['surfels']['rasteriser']}")
     return "\n".join(lines)

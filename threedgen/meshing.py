@@ -228,8 +228,9 @@ def surface_from_grid(values: np.ndarray, color_fn, bound: float, threshold: flo
     cavities = binary_fill_holes(solid) & ~solid
     if cavities.any():
         values = np.where(cavities, values.max(), values)
-    # Pad so the surface closes at the box's faces.
-    padded = np.pad(values, 1, constant_values=0.0)
+    # Pad with empty space (0 for a density, the grid's lowest value for a negated signed distance)
+    # so the surface closes at the box's faces.
+    padded = np.pad(values, 1, constant_values=min(0.0, float(values.min())))
     verts, faces = mcubes.marching_cubes(padded, float(threshold))
     verts = (verts - 1) * (2 * bound / (resolution - 1)) - bound
     mesh = trimesh.Trimesh(verts, faces.astype(np.int64), process=True)

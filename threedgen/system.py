@@ -180,6 +180,9 @@ class System(pl.LightningModule):
             smooth = self.representation.smoothness()
             if smooth is not None:
                 total = total + lc.lambda_smooth * smooth
+        own = self.representation.regularizer(out)
+        if own is not None:
+            total = total + own
         return total
 
     def _finite(self, loss: torch.Tensor) -> bool:

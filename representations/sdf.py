@@ -1,0 +1,197 @@
+"""NeRF with a signed-distance geometry: a surface with a normal by construction.
+
+The field (the NeRF's own: dense voxel grids on CPU, the hash grid on CUDA) outputs a residual
+``r(x)``; the geometry is ``f(x) = |x| - init_radius + r(x)``, a sphere at the start (``r = 0``),
+negative inside. Volume rendering needs a density: VolSDF's rule (Yariv et al. 2021),
+
+    sigma(x) = Psi_beta(-f(x)) / beta,    Psi_beta the CDF of a zero-mean Laplace of scale beta,
+
+so the density is ``1/beta`` deep inside, ``1/(2 beta)`` on the surface and falls off outside within
+a few ``beta``. ``beta`` is scheduled, not learned (a score-distillation gradient is too noisy to
+learn it): geometric from ``beta_start`` to ``beta_end`` over the first ``beta_anneal`` of the run,
+kept in a buffer so resumes, rollbacks and exports see the value the run had. Everything after the
+density (the samplers, the empty-space grid, nerfacc's compositing, the colour field) is the NeRF's.
+
+Regularisers (``regularizer``): the eikonal term ``(|grad f| - 1)^2`` keeps ``f`` a distance
+(weight ``eikonal_weight``), and an optional curvature term (the squared Laplacian of ``f``,
+``curvature_weight``) smooths its normals. On the dense grid both come from finite differences over
+the grid's own lattice (every voxel, every step); on the hash field, from central differences at
+``eikonal_points`` random points of the box, as threestudio does for its hash-grid SDF.
+
+Export: marching cubes of ``f`` at its zero level (no level search: the surface is where the
+geometry says), the colours through the NeRF's export (``mesh_color_shell`` sees them through the
+Laplace density).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from threedgen.meshing import check_mesh_resolution, grid_values, mesh_level, surface_from_grid
+from threedgen.representations.nerf import NeRF
+
+# Finite-difference step of the hash field's eikonal term, in world units per unit of bound.
+HASH_EPS = 0.005
+# The curvature term counts only points this close to the surface (per unit of bound): a distance
+# field's Laplacian is large far from it by nature (2/r around a sphere's centre).
+CURVATURE_BAND = 0.1
+
+
+def laplace_density(sdf: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
+    """VolSDF's density ``Psi_beta(-sdf) / beta``: ``0.5 exp(-sdf/beta) / beta`` outside
+    (``sdf > 0``), ``(1 - 0.5 exp(sdf/beta)) / beta`` inside; 1/(2 beta) on the surface."""
+    half = 0.5 * torch.exp(-sdf.abs() / beta)
+    return torch.where(sdf > 0, half, 1 - half) / beta
+
+
+def lattice_gradient(values: torch.Tensor, spacing: float) -> torch.Tensor:
+    """Forward differences of ``values [D,H,W]`` at every voxel but the last along each axis:
+    ``[3, D-1, H-1, W-1]``. Not central differences, which are blind to a grid's checkerboard (a
+    field alternating voxel by voxel has zero central difference everywhere)."""
+    base = values[:-1, :-1, :-1]
+    d = (values[1:, :-1, :-1] - base) / spacing
+    h = (values[:-1, 1:, :-1] - base) / spacing
+    w = (values[:-1, :-1, 1:] - base) / spacing
+    return torch.stack([d, h, w])
+
+
+def lattice_laplacian(values: torch.Tensor, spacing: float) -> torch.Tensor:
+    """The 7-point Laplacian of ``values [D,H,W]`` over its interior voxels."""
+    c = values[1:-1, 1:-1, 1:-1]
+    total = (values[2:, 1:-1, 1:-1] + values[:-2, 1:-1, 1:-1] + values[1:-1, 2:, 1:-1] + values[1:-1, :-2, 1:-1]
+             + values[1:-1, 1:-1, 2:] + values[1:-1, 1:-1, :-2] - 6 * c)
+    return total / spacing ** 2
+
+
+class SDFNeRF(NeRF):
+    name = "nerf-sdf"
+
+    def __init__(self, cfg, device: torch.device | str = "cpu"):
+        super().__init__(cfg, device)
+        self.register_buffer("beta", torch.tensor(float(cfg.beta_start)))
+
+    # ---- geometry ------------------------------------------------------------------------
+    def sdf_from_raw(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        return raw + points.norm(dim=-1) - self.cfg.init_radius
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        """The signed distance ``f`` at world points ``[P,3]`` (negative inside)."""
+        return self.sdf_from_raw(self.field(points)[0], points)
+
+    def _activate(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        return laplace_density(self.sdf_from_raw(raw, points), self.beta)
+
+    def beta_at(self, step: int, max_steps: int) -> float:
+        """The scheduled sharpness after ``step`` of ``max_steps`` steps."""
+        cfg = self.cfg
+        span = cfg.beta_anneal * max_steps
+        frac = 1.0 if span <= 0 else min(1.0, step / span)
+        return cfg.beta_start * (cfg.beta_end / cfg.beta_start) ** frac
+
+    def on_step(self, step: int, max_steps: int = 0) -> None:
+        self.beta.fill_(self.beta_at(step, max_steps))
+        super().on_step(step, max_steps)
+
+    def smoothness(self):
+        """None: a signed distance is kept smooth by its own terms (``regularizer``), not by
+        ``loss.lambda_smooth``'s density total variation."""
+        return None
+
+    # ---- regularisers --------------------------------------------------------------------
+    def _lattice_sdf(self) -> tuple[torch.Tensor, float]:
+        """``f`` on the dense density grid's lattice ``[D,H,W]`` (z, y, x) and its spacing."""
+        grid = self.field.density[0]
+        r = grid.shape[-1]
+        lin = torch.linspace(-self.cfg.bound, self.cfg.bound, r, device=grid.device)
+        z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
+        return grid + torch.sqrt(x * x + y * y + z * z) - self.cfg.init_radius, 2 * self.cfg.bound / (r - 1)
+
+    def eikonal(self) -> torch.Tensor:
+        """The mean of ``(|grad f| - 1)^2``: over the grid's interior voxels (dense field), or at
+        ``eikonal_points`` uniform random points of the box (hash field)."""
+        if self.field_kind == "grid":
+            values, h = self._lattice_sdf()
+            norm = lattice_gradient(values, h).norm(dim=0)
+        else:
+            norm = self._hash_gradient().norm(dim=-1)
+        return ((norm - 1) ** 2).mean()
+
+    def _hash_gradient(self) -> torch.Tensor:
+        b = self.cfg.bound
+        device = self.beta.device
+        points = (torch.rand(self.cfg.eikonal_points, 3, device=device) * 2 - 1) * b
+        eps = HASH_EPS * b
+        offsets = torch.eye(3, device=device) * eps
+        probe = torch.cat([points[:, None] + offsets, points[:, None] - offsets], 1).reshape(-1, 3)
+        f = self.sdf(probe).view(-1, 2, 3)
+        return (f[:, 0] - f[:, 1]) / (2 * eps)
+
+    def curvature(self) -> torch.Tensor:
+        """The mean squared Laplacian of ``f`` (dense field: on the lattice; hash field: by central
+        second differences at random points)."""
+        if self.field_kind == "grid":
+            values, h = self._lattice_sdf()
+            near = (values[1:-1, 1:-1, 1:-1].detach().abs() < CURVATURE_BAND * self.cfg.bound).float()
+            return ((lattice_laplacian(values, h) ** 2) * near).sum() / near.sum().clamp_min(1)
+        b = self.cfg.bound
+        device = self.beta.device
+        points = (torch.rand(self.cfg.eikonal_points, 3, device=device) * 2 - 1) * b
+        eps = HASH_EPS * b * 4
+        offsets = torch.eye(3, device=device) * eps
+        probe = torch.cat([points, (points[:, None] + offsets).reshape(-1, 3), (points[:, None] - offsets).reshape(-1, 3)])
+        f = self.sdf(probe)
+        n = len(points)
+        centre, plus, minus = f[:n], f[n:4 * n].view(n, 3), f[4 * n:].view(n, 3)
+        near = (centre.detach().abs() < CURVATURE_BAND * b).float()
+        laplacian = (plus + minus - 2 * centre[:, None]).sum(-1) / eps ** 2
+        return (laplacian ** 2 * near).sum() / near.sum().clamp_min(1)
+
+    def regularizer(self, out) -> torch.Tensor | None:
+        cfg = self.cfg
+        total = None
+        if cfg.eikonal_weight:
+            total = cfg.eikonal_weight * self.eikonal()
+        if cfg.curvature_weight:
+            term = cfg.curvature_weight * self.curvature()
+            total = term if total is None else total + term
+        return total
+
+    def backends(self) -> dict:
+        return {**super().backends(), "geometry": f"sdf (VolSDF density, beta {float(self.beta):.3g})"}
+
+    # ---- export --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sdf_grid(self, bound: float, resolution: int):
+        """``-f`` on the grid ``linspace(-bound, bound, R)^3`` (``[x,y,z]``, numpy), positive inside,
+        ``-inf`` outside the scene box, blurred by ``mesh_smooth`` as the export meshes it."""
+        device = next(self.parameters()).device
+        inside_box = lambda p: (p.abs() <= self.cfg.bound).all(-1)  # noqa: E731
+        values = grid_values(lambda p: torch.where(inside_box(p), -self.sdf(p), torch.full_like(p[:, 0], -2 * bound)),
+                             bound, resolution, device)
+        values, _ = mesh_level(values, bound, 0.0, self.cfg.mesh_smooth)
+        return values
+
+    @torch.no_grad()
+    def opacity_grid(self, bound: float, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha = sigmoid(-f / voxel)``: above 0.5 exactly inside the zero level the export meshes;
+        the colour field at the voxel centres (see the base class)."""
+        values = torch.from_numpy(self.sdf_grid(bound, resolution))
+        voxel = 2 * bound / (resolution - 1)
+        device = next(self.parameters()).device
+        lin = torch.linspace(-bound, bound, resolution, device=device)
+        points = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3)
+        colours = torch.cat([self.color(chunk).float().cpu() for chunk in points.split(1 << 18)])
+        return torch.sigmoid(values / voxel), colours.view(resolution, resolution, resolution, 3)
+
+    @torch.no_grad()
+    def extract_surface(self, resolution: int = 128):
+        check_mesh_resolution(resolution)
+        values = self.sdf_grid(self.cfg.bound, resolution)
+        surface = surface_from_grid(values, self.color, self.cfg.bound, 0.0, device=next(self.parameters()).device)
+        if self.cfg.mesh_color_shell > 0:
+            surface = dataclasses.replace(surface, density_fn=self.density, shell=self.cfg.mesh_color_shell)
+        return surface
+
+
