@@ -243,7 +243,9 @@ def test_ctrl_c_on_a_cluster_batch_leaves_the_jobs_running(cluster, tmp_path):
     import sys
 
     f = tmp_path / "prompts.txt"
-    f.write_text("a red cube --steps 60\na blue torus --steps 60\n")
+    # Long enough (300 steps, tens of seconds) that both are still running when Ctrl-C comes: at 60
+    # steps a job could finish between two polls of its step, and the batch then exited 0.
+    f.write_text("a red cube --steps 300\na blue torus --steps 300\n")
     state = tmp_path / "state"
     args = [sys.executable, "-m", "threedgen", "batch", str(f), "--backend", "ray", "--ray-address", cluster.address,
             "--state", str(state), "--outputs", str(tmp_path / "outputs"), "--runs", str(tmp_path / "runs"),
