@@ -71,6 +71,7 @@ class SDFNeRF(NeRF):
     def __init__(self, cfg, device: torch.device | str = "cpu"):
         super().__init__(cfg, device)
         self.register_buffer("beta", torch.tensor(float(cfg.beta_start)))
+        self._sphere_lattice = None  # |x| - init_radius on the dense grid's lattice, made on first use
 
     # ---- geometry ------------------------------------------------------------------------
     def sdf_from_raw(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -104,9 +105,12 @@ class SDFNeRF(NeRF):
         """``f`` on the dense density grid's lattice ``[D,H,W]`` (z, y, x) and its spacing."""
         grid = self.field.density[0]
         r = grid.shape[-1]
-        lin = torch.linspace(-self.cfg.bound, self.cfg.bound, r, device=grid.device)
-        z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
-        return grid + torch.sqrt(x * x + y * y + z * z) - self.cfg.init_radius, 2 * self.cfg.bound / (r - 1)
+        sphere = self._sphere_lattice
+        if sphere is None or sphere.device != grid.device:  # a constant: made once, not every step
+            lin = torch.linspace(-self.cfg.bound, self.cfg.bound, r, device=grid.device)
+            z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
+            sphere = self._sphere_lattice = torch.sqrt(x * x + y * y + z * z) - self.cfg.init_radius
+        return grid + sphere, 2 * self.cfg.bound / (r - 1)
 
     def eikonal(self) -> torch.Tensor:
         """The mean of ``(|grad f| - 1)^2``: over the grid's interior voxels (dense field), or at
@@ -118,12 +122,15 @@ class SDFNeRF(NeRF):
             norm = self._hash_gradient().norm(dim=-1)
         return ((norm - 1) ** 2).mean()
 
-    def _hash_gradient(self) -> torch.Tensor:
-        b = self.cfg.bound
+    def _random_points(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eikonal_points`` uniform points of the box and the axis offsets ``eps * I`` around them."""
         device = self.beta.device
-        points = (torch.rand(self.cfg.eikonal_points, 3, device=device) * 2 - 1) * b
-        eps = HASH_EPS * b
-        offsets = torch.eye(3, device=device) * eps
+        points = (torch.rand(self.cfg.eikonal_points, 3, device=device) * 2 - 1) * self.cfg.bound
+        return points, torch.eye(3, device=device) * eps
+
+    def _hash_gradient(self) -> torch.Tensor:
+        eps = HASH_EPS * self.cfg.bound
+        points, offsets = self._random_points(eps)
         probe = torch.cat([points[:, None] + offsets, points[:, None] - offsets], 1).reshape(-1, 3)
         f = self.sdf(probe).view(-1, 2, 3)
         return (f[:, 0] - f[:, 1]) / (2 * eps)
@@ -136,10 +143,8 @@ class SDFNeRF(NeRF):
             near = (values[1:-1, 1:-1, 1:-1].detach().abs() < CURVATURE_BAND * self.cfg.bound).float()
             return ((lattice_laplacian(values, h) ** 2) * near).sum() / near.sum().clamp_min(1)
         b = self.cfg.bound
-        device = self.beta.device
-        points = (torch.rand(self.cfg.eikonal_points, 3, device=device) * 2 - 1) * b
         eps = HASH_EPS * b * 4
-        offsets = torch.eye(3, device=device) * eps
+        points, offsets = self._random_points(eps)
         probe = torch.cat([points, (points[:, None] + offsets).reshape(-1, 3), (points[:, None] - offsets).reshape(-1, 3)])
         f = self.sdf(probe)
         n = len(points)
