@@ -131,10 +131,16 @@ class SDFNeRFConfig(NeRFConfig):
     """Weight of the eikonal term (|grad sdf| - 1)^2 that keeps the geometry a signed distance."""
     curvature_weight: float = 0.01
     """Weight of the curvature term (the squared Laplacian of the sdf near the surface): smoother normals; 0 = off. Measured on a tuning prompt (BENCHMARKS.md, "Surfaces"): normal error 32 -> 15 degrees at 0.01; 0.1 and more round the shape off."""
-    eikonal_points: int = 4096
-    """Hash field: random points per step for the eikonal and curvature terms (the dense grid uses every voxel)."""
+    eikonal_points: int = 16384
+    """Random points per step for the eikonal term (dense grid: voxels of its lattice; hash field: points of the box, also used for its curvature term)."""
     lr_density: float = 0.01
     """Learning rate of the dense grid of the signed distance's residual (world units per step)."""
+    skip_threshold: float = 0.01
+    """Empty-space skipping: a cell is skipped below this opacity. Higher than the NeRF's 0.001: the Laplace density's faint halo outside the surface (within a few beta) would keep most of the box occupied; 0.01 skips it at no measured cost to the mesh and saves a fifth of the run time."""
+    coarse_resolution: int = 8
+    """Dense field: a coarse grid of this many voxels a side added to the fine residual, so large moves of the surface (carving the initial sphere into a torus) take few steps; 0 = off. Measured on tuning prompts (BENCHMARKS.md, "Surfaces"): a donut's IoU 0.67 -> 0.91 at 8."""
+    lr_coarse: float = 0.01
+    """Learning rate of the coarse residual grid (world units per step)."""
     mesh_threshold: Optional[float] = None
     """Unused: the signed distance is meshed at its zero level (setting a level is an error)."""
     mesh_smooth: float = 0.03
@@ -151,6 +157,9 @@ class SDFNeRFConfig(NeRFConfig):
         check_range("representation.beta_anneal", self.beta_anneal, 0, 1)
         check_range("representation.eikonal_weight", self.eikonal_weight, 0, 1e6)
         check_range("representation.curvature_weight", self.curvature_weight, 0, 1e6)
+        if self.coarse_resolution:
+            check_range("representation.coarse_resolution", self.coarse_resolution, 2, 256, integer=True)
+        check_range("representation.lr_coarse", self.lr_coarse, 0, 10)
         check_range("representation.eikonal_points", self.eikonal_points, 1, 1 << 22, integer=True)
 
 

@@ -43,9 +43,12 @@ class DenseGridField(torch.nn.Module):
         self.density = torch.nn.Parameter(torch.zeros(1, r, r, r))
         self.color = torch.nn.Parameter(torch.zeros(3, c, c, c))
 
-    def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, points: torch.Tensor, density: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw density and colour at ``points``; ``density`` replaces the density grid (a grid built
+        from it, e.g. the SDF's fine plus coarse residual)."""
         unit = points / self.bound
-        return sample_grid(self.density, unit)[:, 0], torch.sigmoid(sample_grid(self.color, unit))
+        grid = self.density if density is None else density
+        return sample_grid(grid, unit)[:, 0], torch.sigmoid(sample_grid(self.color, unit))
 
     def total_variation(self) -> torch.Tensor:
         return total_variation(self.density[0])

@@ -2,7 +2,10 @@
 
 The field (the NeRF's own: dense voxel grids on CPU, the hash grid on CUDA) outputs a residual
 ``r(x)``; the geometry is ``f(x) = |x| - init_radius + r(x)``, a sphere at the start (``r = 0``),
-negative inside. Volume rendering needs a density: VolSDF's rule (Yariv et al. 2021),
+negative inside. On the dense field a coarse grid (``coarse_resolution`` voxels a side) is added to
+the fine one's residual: a single fine voxel moves the surface by at most its learning rate per
+step, so carving the sphere into a torus or a pyramid's apex took more steps than a run has; a
+coarse voxel moves a whole region at once (the hash grid is multiresolution already). Volume rendering needs a density: VolSDF's rule (Yariv et al. 2021),
 
     sigma(x) = Psi_beta(-f(x)) / beta,    Psi_beta the CDF of a zero-mean Laplace of scale beta,
 
@@ -15,8 +18,10 @@ density (the samplers, the empty-space grid, nerfacc's compositing, the colour f
 Regularisers (``regularizer``): the eikonal term ``(|grad f| - 1)^2`` keeps ``f`` a distance
 (weight ``eikonal_weight``), and an optional curvature term (the squared Laplacian of ``f``,
 ``curvature_weight``) smooths its normals. On the dense grid both come from finite differences over
-the grid's own lattice (every voxel, every step); on the hash field, from central differences at
-``eikonal_points`` random points of the box, as threestudio does for its hash-grid SDF.
+the grid's own lattice: the eikonal term at ``eikonal_points`` random voxels each step (a new draw
+every step, so every voxel is seen many times over a run), the curvature term over the band around
+the surface; on the hash field, from central differences at ``eikonal_points`` random points of the
+box, as threestudio does for its hash-grid SDF.
 
 Export: marching cubes of ``f`` at its zero level (no level search: the surface is where the
 geometry says), the colours through the NeRF's export (``mesh_color_shell`` sees them through the
@@ -57,6 +62,33 @@ def lattice_gradient(values: torch.Tensor, spacing: float) -> torch.Tensor:
     return torch.stack([d, h, w])
 
 
+def lattice_gradient_at(values: torch.Tensor, spacing: float, count: int) -> torch.Tensor:
+    """``lattice_gradient`` at ``count`` voxels drawn uniformly (with replacement) from the voxels it
+    covers: ``[3, count]``; all of them, ``[3, N]``, when ``count`` is not smaller. Each step sees a
+    new draw, so over a run every voxel is seen many times at a fraction of the cost."""
+    d, h, w = values.shape
+    if count >= (d - 1) * (h - 1) * (w - 1):
+        return lattice_gradient(values, spacing).flatten(1)
+    flat = values.reshape(-1)
+    k = torch.randint(0, d - 1, (count,), device=values.device) * (h * w) \
+        + torch.randint(0, h - 1, (count,), device=values.device) * w + torch.randint(0, w - 1, (count,), device=values.device)
+    base = flat[k]
+    return torch.stack([flat[k + h * w] - base, flat[k + w] - base, flat[k + 1] - base]) / spacing
+
+
+def linear_upsampling(coarse: int, fine: int, device=None) -> torch.Tensor:
+    """The ``[fine, coarse]`` matrix of linear interpolation from ``coarse`` samples to ``fine``
+    ones spanning the same interval, end points on end points (``align_corners=True``)."""
+    pos = torch.linspace(0, coarse - 1, fine, dtype=torch.float64)
+    low = pos.floor().clamp(max=coarse - 2).long()
+    frac = pos - low
+    m = torch.zeros(fine, coarse, dtype=torch.float64)
+    rows = torch.arange(fine)
+    m[rows, low] = 1 - frac
+    m[rows, low + 1] += frac
+    return m.float().to(device)
+
+
 def lattice_laplacian(values: torch.Tensor, spacing: float) -> torch.Tensor:
     """The 7-point Laplacian of ``values [D,H,W]`` over its interior voxels."""
     c = values[1:-1, 1:-1, 1:-1]
@@ -72,14 +104,49 @@ class SDFNeRF(NeRF):
         super().__init__(cfg, device)
         self.register_buffer("beta", torch.tensor(float(cfg.beta_start)))
         self._sphere_lattice = None  # |x| - init_radius on the dense grid's lattice, made on first use
+        c = cfg.coarse_resolution if self.field_kind == "grid" else 0
+        # A coarse residual beside the fine grid (dense field only: the hash grid is multiresolution
+        # already): one coarse voxel moves a whole region of the surface in one step.
+        self.coarse = torch.nn.Parameter(torch.zeros(1, c, c, c)) if c else None
+        self._upsample = None  # the coarse grid's linear-interpolation matrix onto the fine lattice
 
     # ---- geometry ------------------------------------------------------------------------
     def sdf_from_raw(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return raw + points.norm(dim=-1) - self.cfg.init_radius
 
+    def residual_grid(self) -> torch.Tensor | None:
+        """The dense field's residual ``[1,R,R,R]``: the fine grid plus the coarse one, trilinearly
+        upsampled onto the fine lattice (exact when ``R - 1`` is a multiple of the coarse grid's
+        ``C - 1``, as 63 is of 7: a trilinear function is its own trilinear interpolant); None
+        without a coarse grid (the field's own density grid is the residual)."""
+        if self.coarse is None:
+            return None
+        r = self.field.density.shape[-1]
+        m = self._upsample
+        if m is None or m.shape[0] != r or m.device != self.coarse.device:
+            m = self._upsample = linear_upsampling(self.coarse.shape[-1], r, self.coarse.device)
+        # Separable: three small matrix products (what F.interpolate's trilinear, align_corners=True,
+        # computes, at a fraction of its cost with its backward).
+        c = self.coarse.shape[-1]
+        x = (m @ self.coarse[0].reshape(c, c * c)).reshape(r, c, c)  # along z
+        x = (m @ x.transpose(0, 1).reshape(c, r * c)).reshape(r, r, c).transpose(0, 1)  # along y
+        return self.field.density + (x @ m.T)[None]  # along x
+
+    def _field(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.coarse is None:
+            return self.field(points)
+        return self.field(points, density=self.residual_grid())
+
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         """The signed distance ``f`` at world points ``[P,3]`` (negative inside)."""
-        return self.sdf_from_raw(self.field(points)[0], points)
+        return self.sdf_from_raw(self._field(points)[0], points)
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        return laplace_density(self.sdf(points), self.beta)
+
+    def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw, rgb = self._field(points)
+        return self._activate(raw, points), rgb
 
     def _activate(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return laplace_density(self.sdf_from_raw(raw, points), self.beta)
@@ -103,7 +170,8 @@ class SDFNeRF(NeRF):
     # ---- regularisers --------------------------------------------------------------------
     def _lattice_sdf(self) -> tuple[torch.Tensor, float]:
         """``f`` on the dense density grid's lattice ``[D,H,W]`` (z, y, x) and its spacing."""
-        grid = self.field.density[0]
+        residual = self.residual_grid()
+        grid = (self.field.density if residual is None else residual)[0]
         r = grid.shape[-1]
         sphere = self._sphere_lattice
         if sphere is None or sphere.device != grid.device:  # a constant: made once, not every step
@@ -113,11 +181,12 @@ class SDFNeRF(NeRF):
         return grid + sphere, 2 * self.cfg.bound / (r - 1)
 
     def eikonal(self) -> torch.Tensor:
-        """The mean of ``(|grad f| - 1)^2``: over the grid's interior voxels (dense field), or at
-        ``eikonal_points`` uniform random points of the box (hash field)."""
+        """The mean of ``(|grad f| - 1)^2``: at ``eikonal_points`` random voxels of the grid, by
+        forward differences along its lattice (dense field; every voxel when there are fewer), or at
+        as many uniform random points of the box (hash field)."""
         if self.field_kind == "grid":
             values, h = self._lattice_sdf()
-            norm = lattice_gradient(values, h).norm(dim=0)
+            norm = lattice_gradient_at(values, h, self.cfg.eikonal_points).norm(dim=0)
         else:
             norm = self._hash_gradient().norm(dim=-1)
         return ((norm - 1) ** 2).mean()
@@ -152,6 +221,12 @@ class SDFNeRF(NeRF):
         near = (centre.detach().abs() < CURVATURE_BAND * b).float()
         laplacian = (plus + minus - 2 * centre[:, None]).sum(-1) / eps ** 2
         return (laplacian ** 2 * near).sum() / near.sum().clamp_min(1)
+
+    def parameter_groups(self) -> list[dict]:
+        groups = super().parameter_groups()
+        if self.coarse is not None:
+            groups.append({"params": [self.coarse], "lr": self.cfg.lr_coarse, "name": "coarse"})
+        return groups
 
     def regularizer(self, out) -> torch.Tensor | None:
         cfg = self.cfg
