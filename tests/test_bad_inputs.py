@@ -230,6 +230,7 @@ def input_markup(nasty_run, tmp_path, **_):
 
 
 STEP_VALUES = ["-1", "0", "1e12", "1.5", "nan", "abc"]
+NON_ASCII_DIGITS = ["\u00b2", "\u0663", "\u0666\u0664"]  # a superscript 2, an Arabic-Indic 3 and 64
 
 
 def input_steps(tmp_path, capsys, **_):
@@ -241,10 +242,24 @@ def input_steps(tmp_path, capsys, **_):
         assert "--steps must be an integer from 1 to 1000000" in line, line
         line = cli_error(capsys, ["run", "--prompt", "a red cube", f"steps={value}", "--out", tmp_path / "o"])
         assert "steps must be an integer from 1 to 1000000" in line, line
+    # int() reads other scripts' digits ("\u0663" as 3) and str.isdigit() superscripts: neither is a number here.
+    for value in NON_ASCII_DIGITS:
+        line = cli_error(capsys, ["run", "--prompt", "a red cube", "--steps", value, "--out", tmp_path / "o"])
+        assert f"--steps must be an integer from 1 to 1000000; got {value!r}" in line, line
+        line = cli_error(capsys, ["run", "--prompt", "a red cube", f"steps={value}", "--out", tmp_path / "o"])
+        assert f"override steps={value}: write numbers with the digits 0-9" in line, line
+    line = cli_error(capsys, ["run", "--prompt", "a red cube", "guidance.guidance_scale=\u0667.5", "--out", tmp_path / "o"])
+    assert "write numbers with the digits 0-9" in line, line
     settings = Settings(outputs=tmp_path / "w", state=tmp_path / "s", max_steps=20000)
-    for value in (-1, 0, 1e12, 1.5, float("nan"), "abc", "1.5", None, True):
+    # "\u00b2" (superscript 2) passed str.isdigit and then leaked int()'s own error; other scripts'
+    # digits ("\u0663", Arabic-Indic 3) were taken as numbers.
+    for value in (-1, 0, 1e12, 1.5, float("nan"), "abc", "1.5", None, True, "\u00b2", "\u0663"):
         with pytest.raises(UserError, match="steps must be an integer from 1 to 20000"):
             validate(settings, "a red cube", "", "sds", "nerf", "shapes", value, "0", "")
+    for value in ("\u00b2", "\u0666\u0664", "64.0", "0x40"):
+        with pytest.raises(UserError, match="resolution must be one of"):
+            validate(settings, "a red cube", "", "sds", "nerf", "shapes", 10, "0", value)
+    assert validate(settings, "a red cube", "", "sds", "nerf", "shapes", " 12 ", "0", "64")[0]["steps"] == 12
     assert not (tmp_path / "o").exists()
 
 

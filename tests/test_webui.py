@@ -57,7 +57,7 @@ def test_job_store_lifecycle(tmp_path):
     assert job.status == "interrupted" and "resume" in job.error
     store.resume(c)
     assert store.get(c).status == "queued"
-    for bad in ("../../etc/passwd", "ABCDEF123456", "", None, "1" * 13):
+    for bad in ("../../etc/passwd", "ABCDEF123456", "", None, "1" * 13, "0" * 12 + "\n"):  # "$" let the newline by
         with pytest.raises(UserError, match="unknown job id"):
             store.get(bad)
     with pytest.raises(UserError, match="no job"):
@@ -69,7 +69,8 @@ def test_job_store_lifecycle(tmp_path):
 def test_seeds_and_escaping():
     assert parse_seeds("0") == [0] and parse_seeds("3, 1, 3") == [3, 1] and parse_seeds("2-4") == [2, 3, 4]
     for bad, msg in (("0-20", "at most 8"), ("a", "integers"), ("1,2,3,4,5,6,7,8,9", "at most 8"),
-                     ("5-2", "must go up"), ("99999999999", "integers")):
+                     ("5-2", "must go up"), ("99999999999", "integers"),
+                     ("\u0663", "integers"), ("1-\u0663", "integers"), ("\u00b2", "integers")):  # only 0-9
         with pytest.raises(UserError, match=msg):
             parse_seeds(bad)
     shown = _escape_md('<img src=x onerror="alert(1)"> **bold** [link](javascript:x)')
@@ -394,3 +395,26 @@ def test_the_training_curve_comes_from_the_run_s_log(tmp_path):
     assert read_curve(tmp_path / "missing.csv") == []
     (tmp_path / "bad.csv").write_bytes(b"\xff\xfe\x00garbage")
     assert read_curve(tmp_path / "bad.csv") == []
+
+
+def test_numbers_from_outside_are_ascii_digits_only(monkeypatch):
+    """A port, a launcher's rank and a job id are read only when they are plain ASCII: a
+    superscript passed str.isdigit and then crashed int(); a trailing newline passed the job-id
+    pattern's "$"."""
+    from threedgen.amortised_folder import launched_rank
+    from threedgen.schema import is_ascii_integer
+    from threedgen.webui.cluster import _reachable
+    from threedgen.webui.jobs import check_job_id
+
+    assert is_ascii_integer("0123") and not any(map(is_ascii_integer, ["", " 1", "1\n", "\u00b2", "\u0663", "-1", "1e3", 5]))
+    assert _reachable("localhost:\u00b2", 0.1) == "'localhost:\u00b2' is not host:port"
+    assert _reachable("localhost:\u0666\u0666", 0.1) == "'localhost:\u0666\u0666' is not host:port"
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "\u00b2")
+    assert launched_rank() == 0
+    monkeypatch.setenv("RANK", "2")
+    assert launched_rank() == 2
+    assert check_job_id("0123456789ab") == "0123456789ab"
+    with pytest.raises(UserError, match="unknown job id"):
+        check_job_id("0123456789ab\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from threedgen import __version__
 from threedgen.errors import UserError
+from threedgen.schema import is_ascii_integer
 from threedgen.representations.config import PromptGridsConfig
 from threedgen.rundir import atomic_write_text
 
@@ -74,7 +75,7 @@ def launched_rank() -> int:
     """This process's rank when a launcher (torchrun, Lightning's DDP) started it; 0 alone."""
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
         value = os.environ.get(key, "0")
-        if value.isdigit() and int(value) > 0:
+        if is_ascii_integer(value) and int(value) > 0:
             return int(value)
     return 0
 

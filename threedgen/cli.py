@@ -34,6 +34,7 @@ from threedgen.amortised_folder import (
 from threedgen.config import DEFAULT_LAYER, flat, parse_overrides, resolve_request
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import RunFailed, UserError
+from threedgen.schema import is_ascii_integer
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior
 from threedgen.guidance.priors.config import PRIORS
@@ -53,10 +54,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _int_arg(name: str, lo: int, hi: int):
     def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise UserError(f"{name} must be an integer from {lo} to {hi}; got {text!r}") from None
+        stripped = text.strip()
+        digits = stripped[1:] if stripped[:1] in "+-" else stripped
+        if not is_ascii_integer(digits):
+            raise UserError(f"{name} must be an integer from {lo} to {hi}; got {text!r}")
+        value = int(stripped, 10)
         if not lo <= value <= hi:
             raise UserError(f"{name} must be an integer from {lo} to {hi}; got {value}")
         return value

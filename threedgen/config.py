@@ -138,6 +138,15 @@ def _resolve_raw(data: dict, schema) -> dict:
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
+def _numeric(text: str) -> bool:
+    """Whether Python's ``int``/``float`` (or ``str.isdigit``) would read ``text`` as a number."""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text.strip().isdigit()
+
+
 def parse_overrides(items: list[str]) -> dict:
     """``["a.b=1", "c=[1,2]"]`` -> nested dict. Values via ``yaml.safe_load``; keys must be dotted names."""
     out: dict = {}
@@ -156,6 +165,9 @@ def parse_overrides(items: list[str]) -> dict:
             value = raw
         if raw.strip() == "None":
             value = None
+        if isinstance(value, str) and not value.isascii() and _numeric(value):
+            # OmegaConf would take "\u0663" (an Arabic-Indic 3) as 3 and fail on "\u00b2" with its own words
+            raise UserError(f"override {key}={raw.strip()}: write numbers with the digits 0-9")
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

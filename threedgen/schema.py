@@ -18,6 +18,16 @@ from typing import Any
 from threedgen.errors import UserError, check_range
 
 MAX_PROMPT_CHARS = 1000
+ASCII_INTEGER = re.compile(r"[0-9]{1,18}")
+
+
+def is_ascii_integer(text) -> bool:
+    """``text`` is a plain decimal integer of ASCII digits, nothing around it: what ``int()`` may
+    then be given. (``str.isdigit`` accepts superscripts, on which ``int`` fails, and ``int``
+    accepts other scripts' digits, which a form or a flag should not.)"""
+    return isinstance(text, str) and ASCII_INTEGER.fullmatch(text) is not None
+
+
 MAX_STEPS = 1_000_000
 MESH_FORMATS = ("glb", "obj", "ply")
 TEXTURE_MODES = ("uv", "vertex")

@@ -26,6 +26,7 @@ from typing import Optional
 from threedgen.amortised_folder import read_meta
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import UserError
+from threedgen.schema import is_ascii_integer
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.representations.config import REPRESENTATIONS
@@ -71,13 +72,13 @@ def parse_seeds(text) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d{1,10})\s*-\s*(\d{1,10})", part)
+        m = re.fullmatch(r"([0-9]{1,10})\s*-\s*([0-9]{1,10})", part)  # \d would take other scripts' digits
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo or hi - lo >= MAX_SEEDS:
                 raise UserError(f"seed range {part!r} must go up and hold at most {MAX_SEEDS} seeds")
             seeds.extend(range(lo, hi + 1))
-        elif re.fullmatch(r"\d{1,10}", part):
+        elif re.fullmatch(r"[0-9]{1,10}", part):
             seeds.append(int(part))
         else:
             raise UserError(f"seeds must be integers like 0 or 0, 1, 2 or 0-3; got {part!r}")
@@ -96,13 +97,13 @@ def validate(settings: Settings, prompt, negative_prompt, guidance, representati
     GUIDANCE[guidance], REPRESENTATIONS[representation]  # unknown names: the registries' own errors
     if prior not in settings.priors:
         raise UserError(f"prior {prior!r} is not offered by this server; valid: {', '.join(settings.priors)}")
-    if isinstance(steps, str) and steps.strip().isdigit():
+    if isinstance(steps, str) and is_ascii_integer(steps.strip()):
         steps = int(steps)
     if isinstance(steps, float) and steps.is_integer():
         steps = int(steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= settings.max_steps:
         raise UserError(f"steps must be an integer from 1 to {settings.max_steps}")
-    if resolution not in (None, "") and (not str(resolution).isdigit() or int(resolution) not in RESOLUTIONS):
+    if resolution not in (None, "") and (not is_ascii_integer(str(resolution)) or int(resolution) not in RESOLUTIONS):
         raise UserError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}")
     jobs = []
     for seed in parse_seeds(seeds):

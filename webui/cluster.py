@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from threedgen.errors import UserError
+from threedgen.schema import is_ascii_integer
 from threedgen.webui.jobs import JobStore
 from threedgen.webui.worker import publish, publish_preview
 
@@ -53,7 +54,7 @@ def import_ray():
 def _reachable(address: str, timeout: float) -> Optional[str]:
     """None when something listens at ``host:port``; else why not."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not is_ascii_integer(port):
         return f"{address!r} is not host:port"
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 from threedgen.errors import UserError
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+JOB_ID = re.compile(r"[0-9a-f]{12}")  # fullmatch: "$" would let a trailing newline through
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -108,7 +108,7 @@ def wait_for(predicate, timeout: float, every: float = 0.25):
 
 
 def check_job_id(job_id) -> str:
-    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
         raise UserError("unknown job id (a job id is 12 hexadecimal characters)")
     return job_id
 
