@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -418,3 +419,51 @@ def test_numbers_from_outside_are_ascii_digits_only(monkeypatch):
     assert check_job_id("0123456789ab") == "0123456789ab"
     with pytest.raises(UserError, match="unknown job id"):
         check_job_id("0123456789ab\n")
+
+
+def test_a_resumed_job_counts_against_the_queue_limit(tmp_path):
+    """Resume put a job back in a full queue (--max-queue held for new jobs only)."""
+    store = JobStore(tmp_path / "jobs.sqlite", max_queued=1)
+    old = store.submit({"prompt": "a red cube"}, 10)
+    store.claim(worker=0)
+    assert store.recover() == [old]  # interrupted: the server stopped
+    waiting = store.submit({"prompt": "a blue torus"}, 10)  # the queue (1) is full again
+    with pytest.raises(UserError, match=r"the queue is full \(1 jobs waiting, at most 1; this request adds 1\)"):
+        store.resume(old)
+    assert store.get(old).status == "interrupted"
+    store.cancel(waiting)
+    store.resume(old)
+    assert store.get(old).status == "queued"
+
+
+def test_a_damaged_job_table_or_run_config_is_one_line_naming_the_file(tmp_path, capsys):
+    from test_bad_inputs import cli_error
+
+    from threedgen.config import load_run_config
+
+    table = tmp_path / "state" / "jobs.sqlite"
+    table.parent.mkdir()
+    table.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(UserError, match=rf"the job table {table} is damaged \(file is not a database\); move it aside"):
+        JobStore(table)
+    assert table.read_bytes() == b"this is not a database" * 100  # left as it was, for the user to look at
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, reason in ((b"guidance: {name: [sds\n", "while parsing a flow sequence"),
+                         (b"\xff\xfe", "'utf-8' codec can't decode"), (b"- a\n- b\n", "it must hold a mapping")):
+        (run / "config.yaml").write_bytes(text)
+        with pytest.raises(UserError, match=re.escape(f"{run / 'config.yaml'} is damaged ({reason}")):
+            load_run_config(run / "config.yaml")
+        line = cli_error(capsys, ["export", str(run)])
+        assert f"{run / 'config.yaml'} is damaged" in line and "restore it from a copy" in line, line
+
+
+def test_a_huge_prompt_is_refused_before_it_is_cleaned():
+    """The length cap held only after the character-by-character cleaning, which a megabyte of
+    control characters made cost CPU; such a prompt is now refused on its raw length."""
+    from threedgen.schema import MAX_PROMPT_CHARS, clean_prompt
+
+    assert clean_prompt("\x00" * (4 * MAX_PROMPT_CHARS - 10) + "a red cube") == "a red cube"
+    with pytest.raises(UserError, match=f"prompt is {4 * MAX_PROMPT_CHARS + 10} characters; the limit is "
+                                        f"{MAX_PROMPT_CHARS}"):
+        clean_prompt("\x00" * (4 * MAX_PROMPT_CHARS) + "a red cube")

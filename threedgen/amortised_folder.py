@@ -16,9 +16,9 @@ from pathlib import Path
 
 from threedgen import __version__
 from threedgen.errors import UserError
-from threedgen.schema import is_ascii_integer
 from threedgen.representations.config import PromptGridsConfig
 from threedgen.rundir import atomic_write_text
+from threedgen.schema import is_ascii_integer
 
 FORMAT = 1
 AMORTISED_STEPS = 2000  # train-amortised's default steps (a per-prompt run's are the prior's, e.g. 250)

@@ -34,13 +34,12 @@ from threedgen.amortised_folder import (
 from threedgen.config import DEFAULT_LAYER, flat, parse_overrides, resolve_request
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import RunFailed, UserError
-from threedgen.schema import is_ascii_integer
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior
 from threedgen.guidance.priors.config import PRIORS
 from threedgen.registry import field_docs
 from threedgen.representations.config import REPRESENTATIONS
-from threedgen.schema import MAX_STEPS, MESH_FORMATS, TEXTURE_MODES, RunConfig, check_faces
+from threedgen.schema import MAX_STEPS, MESH_FORMATS, TEXTURE_MODES, RunConfig, check_faces, is_ascii_integer
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1

@@ -372,7 +372,14 @@ def flat(cfg: RunConfig) -> dict[str, Any]:
 
 
 def load_run_config(path: Path, flags: Optional[dict] = None) -> RunConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is damaged ({reason}); restore it from a copy, or start a new run") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged (it must hold a mapping of keys to values); restore it from a copy, "
+                        "or start a new run")
     return build_config(data.get("guidance", {}).get("name", "sds"),
                         data.get("representation", {}).get("name", "nerf"),
                         data.get("prior", {}).get("name", "shapes"), flags=flags, base=data)

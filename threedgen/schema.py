@@ -62,6 +62,8 @@ def clean_prompt(prompt: str, what: str = "prompt") -> str:
     space; enforce the length cap."""
     if not isinstance(prompt, str):
         raise UserError(f"{what} must be text")
+    if len(prompt) > 4 * MAX_PROMPT_CHARS:  # before the character-by-character cleaning, whatever it would strip
+        raise UserError(f"{what} is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
     # a tab or line break separates words as a space does; other controls (NUL, bidi marks) go
     text = "".join(" " if ch.isspace() else ch for ch in prompt if ch.isspace() or unicodedata.category(ch)[0] != "C")
     text = " ".join(text.split()) if what == "prompt" else text.strip()

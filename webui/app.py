@@ -26,11 +26,10 @@ from typing import Optional
 from threedgen.amortised_folder import read_meta
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import UserError
-from threedgen.schema import is_ascii_integer
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.representations.config import REPRESENTATIONS
-from threedgen.schema import MAX_PROMPT_CHARS, clean_prompt
+from threedgen.schema import MAX_PROMPT_CHARS, clean_prompt, is_ascii_integer
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, read_auth  # read_auth: re-exported
 from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id

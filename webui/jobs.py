@@ -118,13 +118,17 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_queued = max_queued
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-            have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, decl in ADDED_COLUMNS.items():
-                if name not in have:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        try:
+            with self._connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(SCHEMA)
+                have = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+                for name, decl in ADDED_COLUMNS.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        except sqlite3.DatabaseError as exc:  # "file is not a database", a damaged page
+            raise UserError(f"the job table {self.path} is damaged ({exc}); move it aside to start with an empty "
+                            "queue (the runs in the outputs folder are kept)") from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -170,10 +174,8 @@ class JobStore:
                 "SELECT id, params FROM jobs WHERE created > ? AND status IN ('queued', 'running')",
                 (now - DOUBLE_SUBMIT_S,))}
             new = {_key(params) for params, _ in jobs} - set(recent)
-            queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
-            if new and queued + len(new) > self.max_queued:
-                raise UserError(f"the queue is full ({queued} jobs waiting, at most {self.max_queued}; this request "
-                                f"adds {len(new)}); try again when some have finished")
+            if new:
+                self._check_room(db, len(new))
             ids = []
             for params, steps in jobs:
                 key = _key(params)
@@ -307,12 +309,21 @@ class JobStore:
                 return "cancelling"
         raise UserError(f"job {job_id} has already {row['status']}; only queued or running jobs can be cancelled")
 
+    def _check_room(self, db: sqlite3.Connection, adding: int) -> None:
+        """A clear "queue full" unless ``adding`` more queued jobs stay within ``max_queued``."""
+        queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+        if queued + adding > self.max_queued:
+            raise UserError(f"the queue is full ({queued} jobs waiting, at most {self.max_queued}; this request "
+                            f"adds {adding}); try again when some have finished")
+
     def resume(self, job_id: str) -> None:
-        """Queue an interrupted (or failed) job again; it continues from its last checkpoint."""
+        """Queue an interrupted (or failed) job again; it continues from its last checkpoint. A
+        resumed job counts against ``max_queued`` as a new one does."""
         with self._transaction() as db:
             row = self._locked_row(db, job_id)
             if row["status"] not in ("interrupted", "failed"):
                 raise UserError(f"job {job_id} is {row['status']}; only interrupted or failed jobs can be resumed")
+            self._check_room(db, 1)
             db.execute("UPDATE jobs SET status = 'queued', resume = ?, cancel = 0, error = NULL, created = ? "
                        "WHERE id = ?", (1 if row["run_dir"] else 0, time.time(), job_id))
             self._event(db, job_id, "resumed")
