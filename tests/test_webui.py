@@ -188,6 +188,16 @@ def test_downloads_only_by_job_id_and_kind(server):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url, timeout=10)
         assert err.value.code in (403, 404), (target, err.value.code)
+    # Nor does it take files: the page has no file input, so the upload route answers 404.
+    boundary = "threedgenboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.txt\"\r\n"
+            f"Content-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n").encode()
+    for path in ("/gradio_api/upload", "/gradio_api/upload/", "/upload"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == 404, (path, err.value.code)
 
 
 def test_cancel_a_running_job_keeps_its_checkpoints(server):
@@ -467,3 +477,23 @@ def test_a_huge_prompt_is_refused_before_it_is_cleaned():
     with pytest.raises(UserError, match=f"prompt is {4 * MAX_PROMPT_CHARS + 10} characters; the limit is "
                                         f"{MAX_PROMPT_CHARS}"):
         clean_prompt("\x00" * (4 * MAX_PROMPT_CHARS) + "a red cube")
+
+
+def test_a_job_s_traceback_stays_out_of_the_served_outputs(tmp_path, monkeypatch):
+    """An unexpected failure's traceback went to ``<outputs>/.<id>.log``, served to every user; it
+    now sits beside the runs (under the state folder by default)."""
+    from threedgen.webui import worker
+
+    def boom(params, device):
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(worker, "job_config", boom)
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+    job = store.submit({"prompt": "a red cube"}, 10)
+    store.claim(worker=0)
+    outputs, runs = tmp_path / "outputs", tmp_path / "state" / "runs"
+    worker.run_job(str(store.path), job, str(runs), str(outputs), "cpu", os.getppid())
+    done = store.get(job)
+    assert done.status == "failed" and done.error == "RuntimeError: something unexpected"
+    assert "RuntimeError: something unexpected" in (runs / f".{job}.log").read_text()
+    assert not [p for p in outputs.rglob("*") if p.is_file()]  # nothing but the job's empty public folder

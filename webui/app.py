@@ -30,7 +30,7 @@ from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.schema import MAX_PROMPT_CHARS, clean_prompt, is_ascii_integer
-from threedgen.webui.auth import LoginLimiter, LoginRateLimit, read_auth  # read_auth: re-exported
+from threedgen.webui.auth import LoginLimiter, LoginRateLimit, NoUploads, read_auth  # read_auth: re-exported
 from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.rest import rest_routes
@@ -502,9 +502,10 @@ class WebUI:
             login_limiter = LoginLimiter()
         # The polling API (GET /api/v1/status/ID, /api/v1/jobs) is plain routes before Gradio's own:
         # FastAPI(routes=[...], middleware=[...]), through Blocks.launch(app_kwargs=...).
-        app_kwargs = {"routes": rest_routes(self, auth, login_limiter or LoginLimiter())}
+        app_kwargs = {"routes": rest_routes(self, auth, login_limiter or LoginLimiter()),
+                      "middleware": [Middleware(NoUploads)]}
         if login_limiter is not None:
-            app_kwargs["middleware"] = [Middleware(LoginRateLimit, limiter=login_limiter)]
+            app_kwargs["middleware"].append(Middleware(LoginRateLimit, limiter=login_limiter))
         self.pool.start()
         demo = self.blocks()
         demo.queue(default_concurrency_limit=8)

@@ -326,3 +326,22 @@ def check_exposure(host: str, has_auth: bool, no_auth: bool) -> Optional[str]:
 
 __all__ = ["hash_password", "verify_password", "read_auth", "read_new_password", "check_username", "Logins",
            "LoginLimiter", "LoginRateLimit", "check_exposure", "is_loopback"]
+
+
+class NoUploads:
+    """Pure ASGI middleware: 404 for Gradio's upload route (``/gradio_api/upload``, ``/upload``).
+    The page has no file input, so the route only let a logged-in user put files on the server."""
+
+    PATHS = ("/gradio_api/upload", "/upload")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").rstrip("/") in self.PATHS:
+            body = b'{"detail": "Not Found"}'
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

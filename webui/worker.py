@@ -236,6 +236,7 @@ def execute_job(job_id: str, params: dict, resume_dir: Optional[str], runs_dir: 
         return {"status": "failed", "error": str(exc).splitlines()[0], "run_dir": None}
     except BaseException as exc:  # anything else: fail this job, keep the details in its log
         try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
             log_path.write_text(traceback.format_exc())
         except OSError:
             pass
@@ -251,7 +252,8 @@ def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: 
     public_dir = Path(outputs_dir) / job_id
     public_dir.mkdir(parents=True, exist_ok=True)
     outcome = execute_job(job_id, job.params, job.run_dir if job.resume else None, runs_dir, device,
-                          LocalReporter(store, job_id, public_dir, parent_pid), public_dir.parent / f".{job_id}.log")
+                          LocalReporter(store, job_id, public_dir, parent_pid),
+                          Path(runs_dir) / f".{job_id}.log")  # beside the runs, never in the served outputs
     if outcome["status"] == "succeeded":
         publish(Path(outcome["run_dir"]), public_dir)
     store.finish(job_id, outcome["status"], error=outcome["error"], run_dir=outcome["run_dir"])
