@@ -124,12 +124,16 @@ class NeRF(Representation):
         return {"field": field, "sampler": self.sampler_kind, "fallbacks": list(self.fallbacks)}
 
     # ---- the field -----------------------------------------------------------------------
+    def _field(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw density and colour at ``points``: the field's own (a subclass may add to the density)."""
+        return self.field(points)
+
     def density(self, points: torch.Tensor) -> torch.Tensor:
-        raw, _ = self.field(points)
+        raw, _ = self._field(points)
         return self._activate(raw, points)
 
     def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw, rgb = self.field(points)
+        raw, rgb = self._field(points)
         return self._activate(raw, points), rgb
 
     def _activate(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 from threedgen.meshing import check_mesh_resolution, grid_values, mesh_level, surface_from_grid
 from threedgen.representations.nerf import NeRF
@@ -79,14 +80,8 @@ def lattice_gradient_at(values: torch.Tensor, spacing: float, count: int) -> tor
 def linear_upsampling(coarse: int, fine: int, device=None) -> torch.Tensor:
     """The ``[fine, coarse]`` matrix of linear interpolation from ``coarse`` samples to ``fine``
     ones spanning the same interval, end points on end points (``align_corners=True``)."""
-    pos = torch.linspace(0, coarse - 1, fine, dtype=torch.float64)
-    low = pos.floor().clamp(max=coarse - 2).long()
-    frac = pos - low
-    m = torch.zeros(fine, coarse, dtype=torch.float64)
-    rows = torch.arange(fine)
-    m[rows, low] = 1 - frac
-    m[rows, low + 1] += frac
-    return m.float().to(device)
+    eye = torch.eye(coarse, device=device)[None]  # torch's own interpolation of each unit sample
+    return F.interpolate(eye, size=fine, mode="linear", align_corners=True)[0].T.contiguous()
 
 
 def lattice_laplacian(values: torch.Tensor, spacing: float) -> torch.Tensor:
@@ -114,13 +109,13 @@ class SDFNeRF(NeRF):
     def sdf_from_raw(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return raw + points.norm(dim=-1) - self.cfg.init_radius
 
-    def residual_grid(self) -> torch.Tensor | None:
+    def residual_grid(self) -> torch.Tensor:
         """The dense field's residual ``[1,R,R,R]``: the fine grid plus the coarse one, trilinearly
         upsampled onto the fine lattice (exact when ``R - 1`` is a multiple of the coarse grid's
-        ``C - 1``, as 63 is of 7: a trilinear function is its own trilinear interpolant); None
-        without a coarse grid (the field's own density grid is the residual)."""
+        ``C - 1``, as 63 is of 7: a trilinear function is its own trilinear interpolant); the fine
+        grid alone without a coarse one."""
         if self.coarse is None:
-            return None
+            return self.field.density
         r = self.field.density.shape[-1]
         m = self._upsample
         if m is None or m.shape[0] != r or m.device != self.coarse.device:
@@ -140,13 +135,6 @@ class SDFNeRF(NeRF):
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         """The signed distance ``f`` at world points ``[P,3]`` (negative inside)."""
         return self.sdf_from_raw(self._field(points)[0], points)
-
-    def density(self, points: torch.Tensor) -> torch.Tensor:
-        return laplace_density(self.sdf(points), self.beta)
-
-    def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw, rgb = self._field(points)
-        return self._activate(raw, points), rgb
 
     def _activate(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return laplace_density(self.sdf_from_raw(raw, points), self.beta)
@@ -170,8 +158,7 @@ class SDFNeRF(NeRF):
     # ---- regularisers --------------------------------------------------------------------
     def _lattice_sdf(self) -> tuple[torch.Tensor, float]:
         """``f`` on the dense density grid's lattice ``[D,H,W]`` (z, y, x) and its spacing."""
-        residual = self.residual_grid()
-        grid = (self.field.density if residual is None else residual)[0]
+        grid = self.residual_grid()[0]
         r = grid.shape[-1]
         sphere = self._sphere_lattice
         if sphere is None or sphere.device != grid.device:  # a constant: made once, not every step
@@ -180,12 +167,12 @@ class SDFNeRF(NeRF):
             sphere = self._sphere_lattice = torch.sqrt(x * x + y * y + z * z) - self.cfg.init_radius
         return grid + sphere, 2 * self.cfg.bound / (r - 1)
 
-    def eikonal(self) -> torch.Tensor:
+    def eikonal(self, lattice: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """The mean of ``(|grad f| - 1)^2``: at ``eikonal_points`` random voxels of the grid, by
         forward differences along its lattice (dense field; every voxel when there are fewer), or at
         as many uniform random points of the box (hash field)."""
         if self.field_kind == "grid":
-            values, h = self._lattice_sdf()
+            values, h = lattice or self._lattice_sdf()
             norm = lattice_gradient_at(values, h, self.cfg.eikonal_points).norm(dim=0)
         else:
             norm = self._hash_gradient().norm(dim=-1)
@@ -204,11 +191,11 @@ class SDFNeRF(NeRF):
         f = self.sdf(probe).view(-1, 2, 3)
         return (f[:, 0] - f[:, 1]) / (2 * eps)
 
-    def curvature(self) -> torch.Tensor:
+    def curvature(self, lattice: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """The mean squared Laplacian of ``f`` (dense field: on the lattice; hash field: by central
         second differences at random points)."""
         if self.field_kind == "grid":
-            values, h = self._lattice_sdf()
+            values, h = lattice or self._lattice_sdf()
             near = (values[1:-1, 1:-1, 1:-1].detach().abs() < CURVATURE_BAND * self.cfg.bound).float()
             return ((lattice_laplacian(values, h) ** 2) * near).sum() / near.sum().clamp_min(1)
         b = self.cfg.bound
@@ -231,10 +218,12 @@ class SDFNeRF(NeRF):
     def regularizer(self, out) -> torch.Tensor | None:
         cfg = self.cfg
         total = None
+        # f on the dense grid's lattice, made once for both terms (None: the hash field samples its own)
+        lattice = self._lattice_sdf() if self.field_kind == "grid" and (cfg.eikonal_weight or cfg.curvature_weight) else None
         if cfg.eikonal_weight:
-            total = cfg.eikonal_weight * self.eikonal()
+            total = cfg.eikonal_weight * self.eikonal(lattice)
         if cfg.curvature_weight:
-            term = cfg.curvature_weight * self.curvature()
+            term = cfg.curvature_weight * self.curvature(lattice)
             total = term if total is None else total + term
         return total
 
