@@ -253,13 +253,13 @@ def input_steps(tmp_path, capsys, **_):
     settings = Settings(outputs=tmp_path / "w", state=tmp_path / "s", max_steps=20000)
     # "\u00b2" (superscript 2) passed str.isdigit and then leaked int()'s own error; other scripts'
     # digits ("\u0663", Arabic-Indic 3) were taken as numbers.
-    for value in (-1, 0, 1e12, 1.5, float("nan"), "abc", "1.5", None, True, "\u00b2", "\u0663"):
+    for value in (-1, 0, 1e12, 1.5, float("nan"), "abc", "1.5", True, "\u00b2", "\u0663"):
         with pytest.raises(UserError, match="steps must be an integer from 1 to 20000"):
             validate(settings, "a red cube", "", "sds", "nerf", "shapes", value, "0", "")
     for value in ("\u00b2", "\u0666\u0664", "64.0", "0x40"):
         with pytest.raises(UserError, match="resolution must be one of"):
             validate(settings, "a red cube", "", "sds", "nerf", "shapes", 10, "0", value)
-    assert validate(settings, "a red cube", "", "sds", "nerf", "shapes", " 12 ", "0", "64")[0]["steps"] == 12
+    assert validate(settings, "a red cube", "", "sds", "nerf", "shapes", " 12 ", "0", "64")[0][0].steps == 12
     assert not (tmp_path / "o").exists()
 
 

@@ -35,10 +35,10 @@ def test_read_batch_lines_and_defaults(tmp_path):
     jobs = read_batch(f, DEFAULTS, ["export.resolution=32"], 100)
     assert [n for n, _ in jobs] == [3, 4]
     (_, a), (_, b) = jobs
-    assert (a["prompt"], a["guidance"], a["seed"], a["server_overrides"]) == ("a red cube", "sds", 0, ["export.resolution=32"])
-    assert a["steps"] > 0  # the preset's default, resolved
-    assert (b["prompt"], b["guidance"], b["seed"], b["steps"]) == ("a blue torus", "vsd", 3, 7)
-    assert b["server_overrides"] == ["export.resolution=32", "guidance.guidance_scale=50"]
+    assert (a.prompt, a.guidance, a.seed, a.overrides) == ("a red cube", "sds", 0, ("export.resolution=32",))
+    assert a.steps > 0  # the preset's default, resolved
+    assert (b.prompt, b.guidance, b.seed, b.steps) == ("a blue torus", "vsd", 3, 7)
+    assert b.overrides == ("export.resolution=32", "guidance.guidance_scale=50")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -75,7 +75,7 @@ def test_ten_thousand_lines_check_quickly_and_too_many_queue_nothing(tmp_path, c
     started = time.perf_counter()
     jobs = read_batch(f, DEFAULTS, [], 10000)
     print(f"10,000 lines checked in {time.perf_counter() - started:.1f} s")
-    assert len(jobs) == 10000 and jobs[-1][1]["seed"] == 9999 and jobs[5][1]["prompt"] == "a green cube"
+    assert len(jobs) == 10000 and jobs[-1][1].seed == 9999 and jobs[5][1].prompt == "a green cube"
     bad = tmp_path / "q.txt"  # a bad last line after 10,000 good ones with the same settings: still caught
     bad.write_text(f.read_text() + "a red cube --seed 4294967296\n")
     with pytest.raises(UserError, match="line 10001: seed must be an integer from 0 to 4294967295"):

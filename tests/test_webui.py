@@ -482,12 +482,13 @@ def test_a_huge_prompt_is_refused_before_it_is_cleaned():
 def test_a_job_s_traceback_stays_out_of_the_served_outputs(tmp_path, monkeypatch):
     """An unexpected failure's traceback went to ``<outputs>/.<id>.log``, served to every user; it
     now sits beside the runs (under the state folder by default)."""
+    from threedgen.request import RunRequest
     from threedgen.webui import worker
 
-    def boom(params, device):
+    def boom(request, device=None):
         raise RuntimeError("something unexpected")
 
-    monkeypatch.setattr(worker, "job_config", boom)
+    monkeypatch.setattr(RunRequest, "to_config", boom)
     store = JobStore(tmp_path / "state" / "jobs.sqlite")
     job = store.submit({"prompt": "a red cube"}, 10)
     store.claim(worker=0)
@@ -497,3 +498,51 @@ def test_a_job_s_traceback_stays_out_of_the_served_outputs(tmp_path, monkeypatch
     assert done.status == "failed" and done.error == "RuntimeError: something unexpected"
     assert "RuntimeError: something unexpected" in (runs / f".{job}.log").read_text()
     assert not [p for p in outputs.rglob("*") if p.is_file()]  # nothing but the job's empty public folder
+
+
+def test_an_empty_steps_box_runs_the_preset_s_steps(tmp_path):
+    """The form's Steps box said 600 for every combination: a web job on the shapes prior with SDS
+    ran 600 steps where `threedgen run` runs the preset's 250. Empty now means the preset's, and
+    the box's hint says how many that is for the chosen components."""
+    from threedgen.config import resolve_request
+    from threedgen.webui.app import preset_steps, steps_info, validate
+
+    settings = Settings(outputs=tmp_path / "w", state=tmp_path / "s", priors=["shapes", "stable-diffusion"])
+    cli_steps = resolve_request("sds", "nerf", "shapes", flags={"prompt": "a red cube", "device": "cpu"})[0].cfg.steps
+    assert preset_steps("sds", "nerf", "shapes") == cli_steps == 250
+    assert preset_steps("sds", "nerf", "stable-diffusion") == 10000
+    assert steps_info("sds", "nerf", "shapes") == "empty: the preset's 250 steps"
+    for empty in (None, "", "  "):
+        [(request, max_steps)] = validate(settings, "a red cube", "", "sds", "nerf", "shapes", empty, "0", "")
+        assert request.steps is None and max_steps == 250
+        assert request.to_config("cpu").steps == 250
+    [(request, max_steps)] = validate(settings, "a red cube", "", "sds", "nerf", "shapes", 12, "0", "")
+    assert (request.steps, max_steps) == (12, 12)
+    small = Settings(outputs=tmp_path / "w", state=tmp_path / "s", max_steps=100)
+    with pytest.raises(UserError, match="the preset runs 250 steps, over this server's limit of 100"):
+        validate(small, "a red cube", "", "sds", "nerf", "shapes", None, "0", "")
+
+
+def test_the_curve_plot_gets_numbers_even_before_the_first_rows():
+    """An empty curve was a frame of Python objects, which the plot drew as categories (a pile of
+    overlapping labels that stayed after the numbers came): its columns are numbers from the start."""
+    from threedgen.webui.app import curve_frame
+
+    for rows in ([], [{"step": 9, "value": 0.25, "series": "loss"}]):
+        frame = curve_frame(rows)
+        assert list(frame.columns) == ["step", "value", "series"]
+        assert str(frame["step"].dtype) == "int64" and str(frame["value"].dtype) == "float64", frame.dtypes
+
+
+def test_old_job_rows_still_read_as_requests():
+    """A job table row of an earlier version (``server_overrides``) reads as a request."""
+    from threedgen.request import RunRequest
+
+    old = {"prompt": "a red cube", "negative_prompt": "", "guidance": "vsd", "representation": "nerf", "prior": "shapes",
+           "steps": 20, "seed": 3, "resolution": 64, "server_overrides": ["export.resolution=32"],
+           "batch": {"id": "0123abcd", "line": 2}}
+    request = RunRequest.from_dict(old)
+    assert (request.guidance, request.steps, request.seed, request.overrides) == ("vsd", 20, 3, ("export.resolution=32",))
+    cfg = request.to_config("cpu")
+    assert (cfg.steps, cfg.seed, cfg.render.resolution, cfg.export.resolution) == (20, 3, 64, 32)
+    assert RunRequest.from_dict(request.to_dict()) == request

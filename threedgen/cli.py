@@ -39,11 +39,12 @@ from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior
 from threedgen.guidance.priors.config import PRIORS
 from threedgen.registry import field_docs
 from threedgen.representations.config import REPRESENTATIONS
+from threedgen.request import DEFAULT_GUIDANCE, DEFAULT_PRIOR, DEFAULT_REPRESENTATION, RunRequest
 from threedgen.schema import MAX_STEPS, MESH_FORMATS, TEXTURE_MODES, RunConfig, check_faces, is_ascii_integer
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-PARSER_DEFAULTS = {"guidance": "sds", "representation": "nerf", "prior": "auto"}
+PARSER_DEFAULTS = {"guidance": DEFAULT_GUIDANCE, "representation": DEFAULT_REPRESENTATION, "prior": DEFAULT_PRIOR}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -279,8 +280,7 @@ def _cmd_run(args) -> int:
     else:
         if args.prompt is None:
             raise UserError('--prompt is required, e.g. threedgen run --prompt "a red cube"')
-        merged, note = resolve_request(args.guidance, args.representation, args.prior,
-                                       parse_overrides(args.overrides), _run_flags(args))
+        merged, note = _request(args).resolve()
         from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
 
         run_dir = run(merged.cfg, out=args.out, progress_bar=not args.no_progress, note=note)
@@ -402,12 +402,11 @@ def _cmd_guidance(args) -> int:
     return 0
 
 
-def _run_flags(args) -> dict:
-    flags = {"prompt": args.prompt} if getattr(args, "prompt", None) is not None else {}
-    for key in ("negative_prompt", "steps", "seed", "device"):
-        if getattr(args, key, None) is not None:
-            flags[key] = getattr(args, key)
-    return flags
+def _request(args) -> RunRequest:
+    """The run request of `threedgen run` / `config show`'s flags and ``key=value`` settings."""
+    return RunRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance=args.guidance,
+                      representation=args.representation, prior=args.prior, steps=args.steps, seed=args.seed,
+                      overrides=tuple(args.overrides or ()), device=args.device)
 
 
 def _cmd_config(args) -> int:
@@ -417,10 +416,8 @@ def _cmd_config(args) -> int:
         prior = resolve_prior(args.prior, cuda_for_auto()).name if args.prior in PRIOR_CHOICES else args.prior
         print(format_keys(args.guidance, args.representation, prior))
         return 0
-    overrides = parse_overrides(args.overrides)
-    has_prompt = args.prompt is not None or "prompt" in overrides
-    merged, note = resolve_request(args.guidance, args.representation, args.prior, overrides, _run_flags(args),
-                                   whole_run=has_prompt)
+    has_prompt = args.prompt is not None or "prompt" in parse_overrides(args.overrides)
+    merged, note = _request(args).resolve(whole_run=has_prompt)
     if note:
         print(f"# {note}")
     values = flat(merged.cfg)
@@ -542,8 +539,8 @@ def _cmd_batch(args) -> int:
         store = JobStore(state / "jobs.sqlite", max_queued=args.max_queue)
         record = {"batch": b.new_batch_id(), "file": str(Path(args.prompts).resolve()), "backend": args.backend,
                   "state": str(state), "report": str(Path(args.report or "batch.json").resolve()), "lines": [n for n, _ in jobs]}
-        for n, params in jobs:
-            params["batch"] = {"id": record["batch"], "line": n}
+        queued = [({**request.to_dict(), "batch": {"id": record["batch"], "line": n}}, request.steps)
+                  for n, request in jobs]
     devices = None
     if args.backend == "local":
         from threedgen.webui.app import default_devices  # the same devices as the web UI's
@@ -555,7 +552,7 @@ def _cmd_batch(args) -> int:
     if args.backend == "ray":
         backend.start()  # join the cluster before queuing: an unreachable address queues nothing
     if not args.attach:
-        record["ids"] = store.submit_many([(params, params["steps"]) for _, params in jobs])
+        record["ids"] = store.submit_many(queued)
         b.save_batch(state, record)
         print(f"threedgen batch: queued {len(record['ids'])} job(s) as batch {record['batch']} "
               f"(backend {args.backend}, state {state})", file=sys.stderr, flush=True)

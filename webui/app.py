@@ -29,12 +29,13 @@ from threedgen.errors import UserError
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.representations.config import REPRESENTATIONS
+from threedgen.request import RunRequest
 from threedgen.schema import MAX_PROMPT_CHARS, clean_prompt, is_ascii_integer
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, NoUploads, read_auth  # read_auth: re-exported
 from threedgen.webui.backends import make_backend
 from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.rest import rest_routes
-from threedgen.webui.worker import PUBLIC_NAMES, _run_step, job_config, latest_preview, publish
+from threedgen.webui.worker import PUBLIC_NAMES, _run_step, latest_preview, publish
 
 # A local app does not phone home (Gradio's usage analytics and version check), and only the
 # outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
@@ -89,8 +90,9 @@ def parse_seeds(text) -> list[int]:
 
 
 def validate(settings: Settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
-             resolution) -> list[dict]:
-    """One job's parameters per seed, each checked exactly as `threedgen run` checks its input."""
+             resolution) -> list[tuple[RunRequest, int]]:
+    """One job's request and its number of steps per seed, each checked exactly as `threedgen run`
+    checks its input. ``steps`` empty (None, "") means the preset's."""
     if not isinstance(prompt, str) or not isinstance(negative_prompt or "", str):
         raise UserError("prompt and negative prompt must be text")
     GUIDANCE[guidance], REPRESENTATIONS[representation]  # unknown names: the registries' own errors
@@ -100,20 +102,40 @@ def validate(settings: Settings, prompt, negative_prompt, guidance, representati
         steps = int(steps)
     if isinstance(steps, float) and steps.is_integer():
         steps = int(steps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= settings.max_steps:
-        raise UserError(f"steps must be an integer from 1 to {settings.max_steps}")
+    if steps == "" or (isinstance(steps, str) and not steps.strip()):
+        steps = None
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or not 1 <= steps <= settings.max_steps):
+        raise UserError(f"steps must be an integer from 1 to {settings.max_steps} (or empty: the preset's)")
     if resolution not in (None, "") and (not is_ascii_integer(str(resolution)) or int(resolution) not in RESOLUTIONS):
         raise UserError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}")
     jobs = []
     for seed in parse_seeds(seeds):
-        params = {"prompt": prompt, "negative_prompt": negative_prompt or "", "guidance": guidance,
-                  "representation": representation, "prior": prior, "steps": steps, "seed": seed,
-                  "resolution": int(resolution) if resolution not in (None, "") else None,
-                  "server_overrides": list(settings.overrides)}
-        cfg = job_config(params, "cpu")  # every check of `threedgen run`, once
-        params["prompt"], params["negative_prompt"] = cfg.prompt, cfg.negative_prompt  # cleaned
-        jobs.append(params)
+        request, cfg = RunRequest(
+            prompt=prompt, negative_prompt=negative_prompt or "", guidance=guidance, representation=representation,
+            prior=prior, steps=steps, seed=seed, resolution=int(resolution) if resolution not in (None, "") else None,
+            overrides=tuple(settings.overrides)).checked()  # every check of `threedgen run`, once
+        if cfg.steps > settings.max_steps:
+            raise UserError(f"the preset runs {cfg.steps} steps, over this server's limit of {settings.max_steps}; "
+                            f"give steps from 1 to {settings.max_steps}")
+        jobs.append((request, cfg.steps))
     return jobs
+
+
+def steps_info(guidance, representation, prior) -> str:
+    """The Steps box's hint: what an empty box runs for these components."""
+    steps = preset_steps(guidance, representation, prior)
+    return "empty: the preset's" + (f" {steps}" if steps is not None else "") + " steps"
+
+
+def preset_steps(guidance, representation, prior) -> Optional[int]:
+    """The steps a job of these components runs when the form's Steps box is empty (the presets'
+    value, as `threedgen run` would use); None for a combination that does not resolve."""
+    try:
+        return RunRequest(guidance=guidance, representation=representation, prior=prior,
+                          device="cpu").resolve(whole_run=False)[0].cfg.steps
+    except UserError:
+        return None
 
 
 def _fmt_eta(job: Job) -> str:
@@ -172,6 +194,16 @@ def read_curve(path: Path) -> list[dict]:
             except (KeyError, TypeError, ValueError):
                 continue  # a row of other numbers (t, the method's extras) or an empty cell
     return out
+
+
+def curve_frame(rows: list[dict]):
+    """The plot's data: ``step`` as integers and ``value`` as floats even with no rows yet (an empty
+    frame's columns are Python objects, which the plot drew as categories: piles of labels that
+    stayed once the numbers came)."""
+    import pandas as pd  # heavy: ships with Gradio
+
+    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
+    return frame.astype({"step": "int64", "value": "float64", "series": "str"})
 
 
 def _escape_md(text: str) -> str:
@@ -239,7 +271,7 @@ class WebUI:
     def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
         jobs = validate(self.settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
                         resolution)
-        return self.store.submit_many([(params, params["steps"]) for params in jobs])
+        return self.store.submit_many([(request.to_dict(), max_steps) for request, max_steps in jobs])
 
     def status(self, job_id) -> dict:
         return self._status(self.store.get(check_job_id(job_id)))
@@ -368,14 +400,13 @@ class WebUI:
         """The job list and the selected job's view; the 3D viewers, video and downloads are sent
         only when the job or its status changed (so the viewers do not reload every tick)."""
         import gradio as gr  # heavy: only once the page exists
-        import pandas as pd  # heavy: ships with Gradio
 
         rows = self.table()
         line, image, glb, splats, mp4, files, curve = self.job_view(job_id)
         key = [job_id, next((r[5] for r in rows if r[0] == job_id), None)]
         if key == shown:
             glb, splats, mp4, files = gr.update(), gr.update(), gr.update(), gr.update()
-        plot = pd.DataFrame(curve, columns=["step", "value", "series"])
+        plot = curve_frame(curve)
         return rows, gr.update(choices=[r[0] for r in rows]), line, image, glb, splats, mp4, files, plot, key
 
     def _api(self, gr) -> None:
@@ -449,7 +480,8 @@ class WebUI:
                             representation = gr.Dropdown(REPRESENTATIONS.names(), value="nerf",
                                                          label="Representation")
                             prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
-                            steps = gr.Number(value=600, label="Steps", precision=0, minimum=1, maximum=s.max_steps)
+                            steps = gr.Number(value=None, label="Steps", precision=0, minimum=1, maximum=s.max_steps,
+                                              info=steps_info("sds", "nerf", s.priors[0]))
                             seeds = gr.Textbox(value="0", label="Seeds",
                                                info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
                             resolution = gr.Dropdown([str(r) for r in RESOLUTIONS], value=None,
@@ -482,6 +514,9 @@ class WebUI:
             view = [info, preview, model, splats, video, downloads, curve]
             shown = gr.State(None)
             submit.click(on_submit, form, [submitted, jobs, selected], api_name="submit_form", api_visibility="private")
+            for menu in (guidance, representation, prior):  # the Steps box says what empty means for the choice
+                menu.change(lambda g, r, p: gr.update(info=steps_info(g, r, p)), [guidance, representation, prior],
+                            [steps], api_visibility="private")
             selected.change(self.refresh, [selected], [jobs, selected, *view, shown], api_visibility="private")
             outputs = [jobs, selected, *view, shown]
             cancel.click(act(self.cancel), [selected], outputs, api_visibility="private")

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 from threedgen.errors import UserError
+from threedgen.request import RunRequest
 from threedgen.rundir import atomic_write_text
 from threedgen.webui.jobs import Job, JobStore
-from threedgen.webui.worker import job_config
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_PROMPT_CHARS = 1000
@@ -66,8 +66,8 @@ def split_line(line: str) -> tuple[str, list[str]]:
     return line[:match.start()].strip(), shlex.split(line[match.start():])
 
 
-def read_batch(path: str | Path, defaults: dict, set_overrides: list[str], max_jobs: int) -> list[tuple[int, dict]]:
-    """Every job of a batch file as ``(line number, job parameters)``, each checked as `threedgen run`
+def read_batch(path: str | Path, defaults: dict, set_overrides: list[str], max_jobs: int) -> list[tuple[int, RunRequest]]:
+    """Every job of a batch file as ``(line number, run request)``, each checked as `threedgen run`
     checks it; the first bad line is a one-line UserError naming it."""
     path = Path(path)
     try:
@@ -102,40 +102,39 @@ def read_batch(path: str | Path, defaults: dict, set_overrides: list[str], max_j
             bad = [o for o in args.overrides if "=" not in o]
             if bad:
                 raise UserError(f"{bad[0]!r} is neither a flag nor a key=value setting")
-            params = {
-                "prompt": prompt,
-                "negative_prompt": args.negative_prompt if args.negative_prompt is not None
+            request = RunRequest(
+                prompt=prompt,
+                negative_prompt=args.negative_prompt if args.negative_prompt is not None
                 else defaults.get("negative_prompt") or "",
-                "guidance": args.guidance or defaults["guidance"],
-                "representation": args.representation or defaults["representation"],
-                "prior": args.prior or defaults["prior"],
-                "steps": args.steps if args.steps is not None else defaults.get("steps"),
-                "seed": args.seed if args.seed is not None else defaults.get("seed", 0),
-                "resolution": args.resolution,
-                "server_overrides": [*set_overrides, *args.overrides],
-            }
-            cfg = _checked_config(params, configs)  # every check of `threedgen run`
+                guidance=args.guidance or defaults["guidance"],
+                representation=args.representation or defaults["representation"],
+                prior=args.prior or defaults["prior"],
+                steps=args.steps if args.steps is not None else defaults.get("steps"),
+                seed=args.seed if args.seed is not None else defaults.get("seed", 0),
+                resolution=args.resolution,
+                overrides=(*set_overrides, *args.overrides),
+            )
+            cfg = _checked_config(request, configs)  # every check of `threedgen run`
         except UserError as exc:
             raise UserError(f"{path}, line {n}: {exc}") from None
         except ValueError as exc:
             raise UserError(f"{path}, line {n}: {exc}") from None
-        params.update(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps)
-        jobs.append((n, params))
+        jobs.append((n, request.replace(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, steps=cfg.steps)))
     return jobs
 
 
-def _checked_config(params: dict, cache: dict):
-    """``job_config(params)``: merged once per distinct set of settings (the slow part, ~18 ms);
+def _checked_config(request: RunRequest, cache: dict):
+    """``request.to_config()``: merged once per distinct set of settings (the slow part, ~18 ms);
     a line that differs only in its prompt, negative prompt or seed reruns the config's checks
     (``check``: the prompt and the prior's checks of the run) on a copy, so 10,000 lines check in
     seconds."""
-    key = json.dumps({k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "seed")},
+    key = json.dumps({k: v for k, v in request.to_dict().items() if k not in ("prompt", "negative_prompt", "seed")},
                      sort_keys=True)
     if key not in cache:
-        cache[key] = job_config(params, "cpu")
+        cache[key] = request.to_config("cpu")
         return copy.deepcopy(cache[key])
     cfg = copy.deepcopy(cache[key])
-    cfg.prompt, cfg.negative_prompt, cfg.seed = params["prompt"], params["negative_prompt"], int(params["seed"])
+    cfg.prompt, cfg.negative_prompt, cfg.seed = request.prompt, request.negative_prompt, int(request.seed)
     cfg.check(True)
     return cfg
 

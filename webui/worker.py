@@ -25,9 +25,9 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from threedgen.config import parse_overrides, resolve_request
 from threedgen.devices import is_out_of_memory
 from threedgen.errors import RunFailed, UserError
+from threedgen.request import RunRequest
 from threedgen.rundir import atomic_path
 from threedgen.webui.jobs import JobStore
 
@@ -94,21 +94,6 @@ def _run_step(run_dir: Path) -> int:
         return int(json.loads((Path(run_dir) / "status.json").read_text()).get("step") or 0)
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
-
-
-def job_config(params: dict, device: str = "auto"):
-    """The run config of a job's parameters (the same checks as the CLI and the submit form).
-    ``params["server_overrides"]`` holds the server's own ``key=value`` settings (``--set``);
-    ``steps`` may be None for the preset's default."""
-    items = list(params.get("server_overrides") or [])
-    if params.get("resolution"):
-        items.append(f"render.resolution={int(params['resolution'])}")
-    overrides = parse_overrides(items)
-    flags = {"prompt": params["prompt"], "negative_prompt": params.get("negative_prompt", ""),
-             "seed": int(params["seed"]), "device": device}
-    if params.get("steps") is not None:
-        flags["steps"] = int(params["steps"])
-    return resolve_request(params["guidance"], params["representation"], params["prior"], overrides, flags)[0].cfg
 
 
 class Reporter:
@@ -225,7 +210,7 @@ def execute_job(job_id: str, params: dict, resume_dir: Optional[str], runs_dir: 
         if resume_dir:
             run_dir = run(resume=resume_dir, progress_bar=False, callbacks=[callback], device=device)
         else:
-            cfg = job_config(params, device)
+            cfg = RunRequest.from_dict(params).to_config(device)
             run_dir = run(cfg, out=Path(runs_dir) / job_id, progress_bar=False, callbacks=[callback])
         return {"status": "succeeded", "error": None, "run_dir": str(run_dir)}
     except KeyboardInterrupt:
