@@ -30,9 +30,12 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' local Ray cluster
 
 FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
         "export.formats=[glb]", "export.evaluate=false", "checkpoint_every=20", "preview_every=20"]
@@ -77,7 +80,7 @@ def run_jobs(store, n: int, steps: int, sample=None) -> dict:
 def writer_rate(root: Path, calls: int = 3000) -> dict:
     """The job table's write rate: progress reports (one transaction each, as the dispatcher writes
     them) per second from one thread, against a table of 10,000 jobs."""
-    from threedgen.webui.jobs import JobStore
+    from threedgen.jobs.store import JobStore
 
     store = JobStore(root / "jobs.sqlite", max_queued=100_000)
     ids = store.submit_many([({**params(i, 600), "line": i}, 600) for i in range(10_000)])
@@ -94,8 +97,8 @@ def writer_rate(root: Path, calls: int = 3000) -> dict:
 
 
 def local_run(root: Path, n: int, steps: int) -> dict:
-    from threedgen.webui.jobs import JobStore
-    from threedgen.webui.worker import WorkerPool
+    from threedgen.jobs.store import JobStore
+    from threedgen.jobs.worker import WorkerPool
 
     store = JobStore(root / "state" / "jobs.sqlite", max_queued=1000)
     import psutil
@@ -110,9 +113,10 @@ def local_run(root: Path, n: int, steps: int) -> dict:
 def ray_run(root: Path, n: int, steps: int, nodes: int) -> dict:
     import psutil
     import ray
+    from local_cluster import LocalCluster  # tests/: the tests' local cluster
 
-    from threedgen.webui.cluster import LocalCluster, RayBackend
-    from threedgen.webui.jobs import JobStore
+    from threedgen.jobs.cluster import RayBackend
+    from threedgen.jobs.store import JobStore
 
     with LocalCluster(workers=nodes, cpus=1, object_store_mb=100) as cluster:
         store = JobStore(root / "state" / "jobs.sqlite", max_queued=1000)

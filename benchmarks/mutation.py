@@ -92,11 +92,11 @@ TARGETS: tuple[Target, ...] = (
            ("escape_interpolation", "_escape_all", "_resolve_raw", "parse_overrides", "_check_keys", "_lookup",
             "_explain", "merge", "resolve_request", "load_run_config"), T_CONFIG, "config", 0.35),
     Target("CLI errors and exit codes", "threedgen/cli.py",
-           ("_Parser", "_int_arg", "_cmd_run", "_cmd_export", "_cmd_eval", "_run_flags", "main"),
+           ("_Parser", "_int_arg", "_cmd_run", "_cmd_export", "_cmd_eval", "_request", "main"),
            T_CONFIG + ("tests/test_checkpoints.py",), "CLI"),
     Target("auth", "webui/auth.py", ("*",), T_AUTH, "web", 0.25),
     Target("REST routes", "webui/rest.py", ("*",), T_AUTH, "web"),
-    Target("job table", "webui/jobs.py", ("*",), T_JOBS, "jobs", 0.5),
+    Target("job table", "threedgen/jobs/store.py", ("*",), T_JOBS, "jobs", 0.5),
 )
 
 # Operators: one realistic slip per site (a boundary off by one, a negated test, a swapped
@@ -181,14 +181,14 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     Equivalent("webui/rest.py", "core/NumberReplacer", "if self._verified.get(key, 0.0) > now:",
                "the default stands for a header never verified; a running server's monotonic clock is far above "
                "1 s, so 0, 1 and -1 all read as long expired"),
-    Equivalent("webui/jobs.py", "core/NumberReplacer", "db = sqlite3.connect(self.path, timeout=30, isolation_level=None)",
+    Equivalent("threedgen/jobs/store.py", "core/NumberReplacer", "db = sqlite3.connect(self.path, timeout=30, isolation_level=None)",
                "the next statement sets busy_timeout=30000 on the connection, which replaces this timeout"),
-    Equivalent("webui/jobs.py", "core/NumberReplacer", "restarts: int = 0",
+    Equivalent("threedgen/jobs/store.py", "core/NumberReplacer", "restarts: int = 0",
                "a Job is only built from a table row, whose restarts column always has a value (default 0)"),
-    Equivalent("webui/jobs.py", "core/NumberReplacer",
+    Equivalent("threedgen/jobs/store.py", "core/NumberReplacer",
                """queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]""",
                "the row has one column: [0] and [-1] are the same"),
-    Equivalent("webui/jobs.py", "core/ReplaceComparisonOperator_Lt_LtE", "while time.time() < end:",
+    Equivalent("threedgen/jobs/store.py", "core/ReplaceComparisonOperator_Lt_LtE", "while time.time() < end:",
                "the clock would have to read exactly `end` for one more look to happen"),
     Equivalent("webui/auth.py", "core/NumberReplacer",
                "if not (2 <= n <= 2 ** 20 and n & (n - 1) == 0) or not 1 <= r <= 64 or not 1 <= p <= 16:",

@@ -71,6 +71,8 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' local Ray cluster
+
 # The tests' FAST settings (tests/test_webui.py), without their checkpoint and preview every 5 steps:
 # the defaults (every 200 and 100 steps) as on a real server.
 OVERRIDES = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4",
@@ -466,7 +468,7 @@ def bench(backend: str, args) -> dict:
         if backend == "local":
             settings.devices = ["cpu", "cpu"]  # two jobs at once, as on the two Ray nodes
         else:
-            from threedgen.webui.cluster import LocalCluster
+            from local_cluster import LocalCluster  # tests/: the tests' local cluster
 
             cluster = LocalCluster(workers=2, cpus=1, object_store_mb=100)
             settings.backend, settings.ray_address, settings.runs = "ray", cluster.address, root / "runs"
@@ -482,7 +484,7 @@ def bench(backend: str, args) -> dict:
         slots = min(2, args.queued)
         print(f"[{backend}] {len(ids)} jobs queued; waiting for {slots} to run", file=sys.stderr, flush=True)
         t = time.monotonic()
-        from threedgen.webui.jobs import wait_for
+        from threedgen.jobs.store import wait_for
 
         wait_for(lambda: len(r := ui.store.running()) >= slots and all(j.step >= 1 for j in r), 600)
         first_step_s = time.monotonic() - t

@@ -20,8 +20,8 @@ also multiplied by 0.1 and not divided by the batch; here the project convention
 applies with ``grad_scale`` 1. PlacidDreamer's teacher is SD plus an offline per-prompt
 DreamBooth LoRA and a Zero123 initialisation; none of that is part of the guidance and none is
 used here. The ``auto_BSD`` variant is not implemented. The smoothing direction uses the negative
-prompt; ``configs/priors/stable-diffusion-bsd.yaml`` sets PlacidDreamer's ("unrealistic, blurry,
-low quality."). PlacidDreamer interpolates towards a "left side" or "right side" prompt by the
+prompt; ``configs/priors/text-to-image-bsd.yaml`` (Stable Diffusion, IF) sets PlacidDreamer's
+("unrealistic, blurry, low quality."). PlacidDreamer interpolates towards a "left side" or "right side" prompt by the
 azimuth's sign; here both sides use the one "side" prompt (as LucidDreamer does). The flip is never
 applied for a camera-conditioned prior (a mirrored render is not its camera's view; see
 ``tsm.py``).

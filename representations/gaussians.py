@@ -39,7 +39,7 @@ from threedgen.representations import splatting
 from threedgen.representations.base import RenderOutput, Representation, opacity_at_level
 from threedgen.representations.config import GaussiansConfig
 from threedgen.representations.gaussian_mesh import density_grids, gaussians_surface
-from threedgen.rundir import atomic_path
+from threedgen.rundir import RunFolder, atomic_path
 
 SH_C0 = 0.28209479177387814
 PARAM_NAMES = ("means", "scales", "quats", "opacities", "sh0", "shN")
@@ -217,7 +217,7 @@ class Gaussians(Representation):
         """The standard 3D Gaussian splatting ``splats.ply`` (x y z, f_dc, f_rest, opacity logit,
         log scales, wxyz rotation), through gsplat's exporter."""
         p = {k: v.detach().float().cpu() for k, v in self.params.items()}
-        path = Path(run_dir) / "splats.ply"
+        path = RunFolder(run_dir).splats
         with atomic_path(path) as tmp:
             export_splats(p["means"], p["scales"], p["quats"], p["opacities"], p["sh0"], p["shN"],
                           format="ply", save_to=str(tmp))

@@ -13,8 +13,8 @@ import pytest
 
 from threedgen.cli import main
 from threedgen.errors import UserError
-from threedgen.webui.batch import read_batch, split_line
-from threedgen.webui.jobs import JobStore
+from threedgen.jobs.batch import read_batch, split_line
+from threedgen.jobs.store import JobStore
 
 DEFAULTS = {"guidance": "sds", "representation": "nerf", "prior": "shapes", "steps": None, "seed": 0}
 FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",

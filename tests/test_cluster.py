@@ -17,8 +17,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason='the cluster tests need Ray: pip install "threedgen[cluster]"')
 
-from threedgen.webui.cluster import LocalCluster, RayBackend  # noqa: E402
-from threedgen.webui.jobs import JobStore, wait_for  # noqa: E402
+from local_cluster import LocalCluster  # noqa: E402
+
+from threedgen.jobs.cluster import RayBackend  # noqa: E402
+from threedgen.jobs.store import JobStore, wait_for  # noqa: E402
 
 FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
         "export.formats=[glb,obj,ply]", "export.evaluate=false", "checkpoint_every=5", "preview_every=5"]
@@ -276,7 +278,7 @@ def test_a_node_without_threedgen_fails_the_job_in_one_line():
     import subprocess
     import sys
 
-    import threedgen.webui.cluster_job as cluster_job
+    import threedgen.jobs.cluster_job as cluster_job
 
     code = ("import importlib.util, json, sys\n"
             "spec = importlib.util.spec_from_file_location('shipped', sys.argv[1])\n"

@@ -11,7 +11,7 @@ from threedgen.schedule import schedule_value
 def test_presets_and_layers():
     cfg = build_config(flags={"prompt": "a red cube"})
     assert cfg.guidance.name == "sds" and cfg.representation.name == "nerf" and cfg.prior.name == "shapes"
-    assert cfg.representation.bound == 0.75  # from configs/priors/shapes.yaml
+    assert cfg.representation.bound == 0.75  # from configs/priors/shapes-world.yaml
     assert cfg.guidance.guidance_scale == 7.5
     cfg = build_config(overrides=parse_overrides(["guidance.guidance_scale=20", "camera.elevation_range=[0, 30]",
                                                   "representation.mesh_threshold=null"]),

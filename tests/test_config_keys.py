@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from threedgen.cli import config_keys, main
-from threedgen.config import SECTIONS, merge, preset_files
+from threedgen.config import SECTIONS, merge, preset_files, prior_preset_names
 from threedgen.registry import field_docs
 from threedgen.schema import RunConfig
 
@@ -60,8 +60,9 @@ def test_show_names_each_values_layer(capsys):
     assert lines["steps"].endswith("= 40  # --steps")
     assert lines["guidance.guidance_scale"].endswith("= 9.0  # key=value")
     assert lines["representation.num_points"].endswith("= 1000  # configs/guidance/sds-gaussians.yaml")
-    assert lines["representation.bound"].endswith("= 0.75  # configs/priors/shapes.yaml")
-    assert lines["render.coarse_until"].endswith("= 0.5  # configs/priors/shapes-sds.yaml")
+    assert lines["representation.bound"].endswith("= 0.75  # configs/priors/shapes-world.yaml")
+    assert lines["camera.elevation_range"].endswith("= [-45.0, 65.0]  # configs/priors/shapes.yaml")
+    assert lines["render.coarse_until"].endswith("= 0.5  # configs/priors/shapes-world-sds.yaml")
     assert lines["representation.lr_means"].endswith("= 0.001  # default")
     assert lines["prompt"].endswith('= "a red cube"  # --prompt')
 
@@ -73,20 +74,26 @@ def test_show_checks_what_run_checks(capsys):
     assert "nearest valid keys: representation.num_samples" in capsys.readouterr().err
 
 
+def _combinations():
+    return [(g, r, p) for g in SECTIONS["guidance"] for r in SECTIONS["representation"] for p in SECTIONS["prior"]]
+
+
+def _preset_paths() -> list[str]:
+    return sorted(path.relative_to(ROOT / "configs").as_posix() for path in (ROOT / "configs").rglob("*.yaml"))
+
+
+def _reader_of(relative: str) -> tuple[str, str, str]:
+    """A combination whose run reads the preset file ``relative``."""
+    readers = [c for c in _combinations() if relative in preset_files(*c)]
+    assert readers, f"configs/{relative} is read by no combination of guidance, representation and prior"
+    return readers[0]
+
+
 def test_presets_state_only_what_differs():
     """A preset value equal to the default below it would hide a change of that default."""
-    for path in sorted((ROOT / "configs").rglob("*.yaml")):
-        relative = path.relative_to(ROOT / "configs").as_posix()
-        stem = path.stem
-        g, r, p = "sds", "nerf", "shapes"
-        if relative.startswith("guidance/"):
-            g, _, r = stem.partition("-")
-            r = r or "nerf"
-        elif relative.startswith("representations/"):
-            r = stem
-        elif relative.startswith("priors/"):
-            p = max((n for n in SECTIONS["prior"] if stem == n or stem.startswith(n + "-")), key=len)
-            g = stem[len(p) + 1:] or "sds"
+    for relative in _preset_paths():
+        path = ROOT / "configs" / relative
+        g, r, p = _reader_of(relative)
         defaults = merge(g, r, p, whole_run=False, base={}).cfg
         data = yaml.safe_load(path.read_text()) or {}
 
@@ -103,12 +110,86 @@ def test_presets_state_only_what_differs():
 
 
 def test_preset_files_follow_the_layers():
-    assert preset_files("sds", "gaussians", "shapes") == ["guidance/sds-gaussians.yaml", "priors/shapes.yaml",
-                                                          "priors/shapes-sds.yaml"]
+    assert preset_files("sds", "gaussians", "shapes") == ["guidance/sds-gaussians.yaml", "priors/shapes-world.yaml",
+                                                          "priors/shapes.yaml", "priors/shapes-world-sds.yaml"]
     assert preset_files("vsd", "nerf", "stable-diffusion") == ["representations/nerf.yaml",
-                                                               "priors/stable-diffusion.yaml"]
-    assert preset_files("sds", "nerf", "shapes") == ["representations/nerf.yaml", "priors/shapes.yaml",
-                                                     "priors/shapes-sds.yaml"]
+                                                               "priors/text-to-image.yaml"]
+    assert preset_files("sds", "nerf", "shapes") == ["representations/nerf.yaml", "priors/shapes-world.yaml",
+                                                     "priors/shapes.yaml", "priors/shapes-world-sds.yaml"]
+    assert preset_files("sds", "nerf", "deepfloyd-if") == ["representations/nerf.yaml", "priors/text-to-image.yaml",
+                                                           "priors/deepfloyd-if-sds.yaml"]
+    assert preset_files("bsd", "surfels", "stable-diffusion") == ["priors/text-to-image.yaml",
+                                                                  "priors/text-to-image-bsd.yaml"]
+
+
+def test_prior_presets_follow_the_config_class_hierarchy():
+    """A prior reads its family's presets, then each registered ancestor's, then its own."""
+    assert prior_preset_names("shapes") == ["shapes-world", "shapes"]
+    assert prior_preset_names("shapes-unet") == ["shapes-world", "shapes-unet"]
+    assert prior_preset_names("shapes-unet-camera") == ["shapes-world", "shapes-unet", "shapes-unet-camera"]
+    assert prior_preset_names("stable-diffusion") == ["text-to-image", "stable-diffusion"]
+    assert prior_preset_names("deepfloyd-if") == ["text-to-image", "deepfloyd-if"]
+    for prior in SECTIONS["prior"]:  # the learned teacher with a camera takes the learned teacher's settings
+        names = prior_preset_names(prior)
+        assert names[-1] == prior and len(set(names)) == len(names), names
+
+
+def test_preset_names_cannot_be_read_two_ways():
+    """A family is no prior's name, and no file name means two things (``<a>-<b>.yaml`` is read as
+    one preset name and guidance, or as another preset name, never both)."""
+    names = {n for p in SECTIONS["prior"] for n in prior_preset_names(p)}
+    families = {vars(k).get("family") for e in SECTIONS["prior"].entries() for k in e.config.__mro__} - {None}
+    assert families and not families & set(SECTIONS["prior"]), families
+    meanings: dict[str, set] = {}
+    for name in names:
+        meanings.setdefault(f"{name}.yaml", set()).add((name, None))
+        for g in SECTIONS["guidance"]:
+            meanings.setdefault(f"{name}-{g}.yaml", set()).add((name, g))
+    assert {f: m for f, m in meanings.items() if len(m) > 1} == {}
+
+
+def test_every_preset_file_is_read_and_states_each_setting_once():
+    """No preset file is orphaned, and none restates a value that a file read before it in the
+    same run already sets (a child prior repeating its parent's or its family's setting)."""
+    restated = set()
+    for combo in _combinations():
+        seen: dict[str, tuple[str, object]] = {}
+        for relative in preset_files(*combo):
+            data = yaml.safe_load((ROOT / "configs" / relative).read_text()) or {}
+            for key, value in _flat_yaml(data).items():
+                if key in seen and seen[key][1] == value:
+                    restated.add(f"configs/{relative}: {key} = {value!r}, as configs/{seen[key][0]} already sets")
+                seen[key] = (relative, value)
+    assert not restated, "\n".join(sorted(restated))
+    for relative in _preset_paths():
+        _reader_of(relative)
+        assert yaml.safe_load((ROOT / "configs" / relative).read_text()), f"configs/{relative} states nothing"
+
+
+# Copies that the lookup cannot remove today: representation presets are not found along the
+# representation's class hierarchy (configs/representations/nerf.yaml would then reach nerf-sdf).
+KNOWN_COPIES = {frozenset({"guidance/sds-gaussians.yaml", "guidance/sds-surfels.yaml"})}
+
+
+def test_no_two_preset_files_state_the_same_settings():
+    """Priors that take the same settings share them through their class hierarchy or a family
+    (``PriorConfig.family``), not through copies of a file."""
+    by_content: dict[str, list[str]] = {}
+    for relative in _preset_paths():
+        data = yaml.safe_load((ROOT / "configs" / relative).read_text()) or {}
+        by_content.setdefault(repr(sorted(_flat_yaml(data).items())), []).append(relative)
+    copies = {frozenset(group) for group in by_content.values() if len(group) > 1}
+    assert copies == KNOWN_COPIES, f"preset files with the same settings (comments aside): {copies - KNOWN_COPIES}"
+
+
+def _flat_yaml(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat_yaml(value, f"{prefix}{key}."))
+        else:
+            out[prefix + str(key)] = value
+    return out
 
 
 def _readme_rows():

@@ -250,8 +250,8 @@ def test_a_job_process_is_pinned_to_its_workers_gpu(tmp_path, monkeypatch, resum
     """A web UI worker for cuda:N runs its jobs with only GPU N visible, as cuda:0, also when it
     resumes a job another worker started."""
     from threedgen import runner
-    from threedgen.webui.jobs import JobStore
-    from threedgen.webui.worker import run_job
+    from threedgen.jobs.store import JobStore
+    from threedgen.jobs.worker import run_job
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")  # the server's own restriction
     store = JobStore(tmp_path / "jobs.sqlite")
@@ -357,8 +357,8 @@ def test_kernels_are_never_built_without_cuda(fresh_kernels, monkeypatch):
 
 
 def test_the_web_ui_builds_kernels_before_its_workers_start(tmp_path, monkeypatch):
-    from threedgen.webui.jobs import JobStore
-    from threedgen.webui.worker import WorkerPool
+    from threedgen.jobs.store import JobStore
+    from threedgen.jobs.worker import WorkerPool
 
     order = []
     monkeypatch.setattr(kernels, "prepare", lambda log=None: order.append("prepare") or {})
@@ -403,7 +403,7 @@ def test_doctor_on_a_cuda_machine_without_a_compiler(fake_cuda, monkeypatch):
 
 def test_the_suite_is_pinned_to_the_cpu(monkeypatch):
     from threedgen.devices import resolve_device
-    from threedgen.webui.app import default_devices
+    from threedgen.jobs.backends import default_devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -10,8 +10,8 @@ import sqlite3
 import pytest
 
 from threedgen.errors import UserError
-from threedgen.webui import jobs as jobs_module
-from threedgen.webui.jobs import DOUBLE_SUBMIT_S, JobStore, wait_for
+from threedgen.jobs import store as jobs_module
+from threedgen.jobs.store import DOUBLE_SUBMIT_S, JobStore, wait_for
 
 
 @pytest.fixture

@@ -28,9 +28,11 @@ LAYERS = {
     "threedgen.guidance": 1, "threedgen.representations": 1,
     # 2, training: the LightningModule, callbacks, checkpoints.
     "threedgen.system": 2, "threedgen.callbacks": 2, "threedgen.checkpoints": 2, "threedgen.amortised_system": 2,
+    "threedgen.fingerprints": 2,
     # 3, the app: config merging, run folders, the runner, export, eval, doctor, CLI, web UI.
     "threedgen.config": 3, "threedgen.runs": 3, "threedgen.runner": 3, "threedgen.export": 3,
     "threedgen.amortised": 3, "threedgen.amortised_folder": 3, "threedgen.evaluate": 3, "threedgen.asset_metrics": 3, "threedgen.janus": 3, "threedgen.doctor": 3, "threedgen.cli": 3, "threedgen.__main__": 3,
+    "threedgen.manifest": 3, "threedgen.verify": 3,
     "threedgen.webui": 3, "threedgen": 3,
 }
 # Within layer 1: a prior never imports guidance methods or representations; a representation
@@ -39,7 +41,7 @@ SIBLINGS_APART = [("threedgen.guidance.priors", "threedgen.guidance"), ("threedg
                   ("threedgen.representations", "threedgen.guidance"), ("threedgen.guidance", "threedgen.representations")]
 # The torch-free modules: the CLI's quick paths import only these of the project.
 TORCH_FREE = ["threedgen.cli", "threedgen.amortised_folder", "threedgen.config", "threedgen.schema", "threedgen.registry",
-              "threedgen.guidance.config", "threedgen.representations.config", "threedgen.guidance.priors.config"]
+              "threedgen.guidance.config", "threedgen.representations.config", "threedgen.guidance.priors.config", "threedgen.manifest"]
 
 
 def layer(module: str) -> int:
@@ -89,6 +91,38 @@ def test_function_local_imports_say_why():
                     if not any("#" in lines[i] for i in range(inner.lineno - 1, inner.end_lineno)):
                         missing.append(f"{path.relative_to(ROOT)}:{inner.lineno}")
     assert missing == [], f"function-local imports without a reason comment: {', '.join(sorted(set(missing)))}"
+
+
+# The app wing (layer 3) has an order of its own, top to bottom: the page (Gradio) -> the web
+# service and its routes -> the jobs (table, backends, job processes) -> the runner and the run
+# folder -> the request -> config merging. A module may import its own rank or lower ones.
+APP_WING = {
+    "threedgen.cli": 6, "threedgen.__main__": 6,
+    "threedgen.webui.app": 5,
+    "threedgen.webui.service": 4, "threedgen.webui.rest": 4, "threedgen.webui.auth": 4,
+    "threedgen.jobs": 3,
+    "threedgen.runner": 2, "threedgen.amortised": 2, "threedgen.runs": 2, "threedgen.rundir": 2,
+    "threedgen.request": 1,
+    "threedgen.config": 0,
+}
+
+
+def _wing_rank(module: str):
+    best = max((p for p in APP_WING if module == p or module.startswith(p + ".")), key=len, default=None)
+    return None if best is None else APP_WING[best]
+
+
+def test_the_app_wing_imports_downward_only():
+    wrong = []
+    for module, targets in GRAPH.items():
+        rank = _wing_rank(module)
+        for target, line, _ in targets if rank is not None else ():
+            below = _wing_rank(target)
+            if below is not None and below > rank:
+                wrong.append(f"{module} line {line} imports {target}")
+    assert wrong == [], "the app wing's order is page -> service -> jobs -> runner/run folder -> request -> config: " \
+                        + "; ".join(wrong)
+    assert _wing_rank("threedgen.jobs.worker") == 3 and _wing_rank("threedgen.webui.app") == 5
 
 
 def test_layer_table_is_the_documented_one():

@@ -18,6 +18,7 @@ INTEGER_LIMITS = [
     ("seed", 0, 2 ** 32 - 1, -1, 2 ** 32),
     ("checkpoint_every", 1, MAX_STEPS, 0, MAX_STEPS + 1),
     ("preview_every", 1, MAX_STEPS, 0, MAX_STEPS + 1),
+    ("verify_steps", 0, 1000, -1, 1001),
     ("render.resolution", 8, 1024, 7, 1025),
     ("camera.batch_size", 1, 64, 0, 65),
     ("optimizer.rollback_after", 1, 100_000, 0, 100_001),

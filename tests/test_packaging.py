@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["threedgen", "threedgen.guidance", "threedgen.guidance.priors",
-                                  "threedgen.representations", "threedgen.webui"])
+                                  "threedgen.representations", "threedgen.webui", "threedgen.jobs"])
 def test_import_names(name):
     module = importlib.import_module(name)
     assert module.__name__ == name

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from threedgen.errors import UserError
+from threedgen.jobs.store import JobStore, wait_for
 from threedgen.webui.app import Settings, WebUI, _escape_md, parse_seeds
-from threedgen.webui.jobs import JobStore, wait_for
 
 # Small, fast jobs: every job the tests run gets these server-side settings (`--set`).
 FAST = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
@@ -324,7 +324,7 @@ def test_a_job_whose_server_died_stops_and_is_marked_interrupted(tmp_path):
     its own (as after the server was killed), it stops like Ctrl-C and records `interrupted`."""
     import multiprocessing
 
-    from threedgen.webui.worker import run_job
+    from threedgen.jobs.worker import run_job
 
     store = JobStore(tmp_path / "state" / "jobs.sqlite")
     params = {"prompt": "a red cube", "negative_prompt": "", "guidance": "sds", "representation": "nerf",
@@ -369,7 +369,7 @@ def test_previews_are_named_by_step_and_older_ones_removed(tmp_path):
     the current name); the one before it is removed; the finished run's is the last."""
     from PIL import Image
 
-    from threedgen.webui.worker import latest_preview, publish, publish_preview
+    from threedgen.jobs.worker import latest_preview, publish, publish_preview
 
     src = tmp_path / "latest.png"
     Image.new("RGB", (8, 8), "red").save(src)
@@ -396,7 +396,7 @@ def test_previews_are_named_by_step_and_older_ones_removed(tmp_path):
 
 
 def test_the_training_curve_comes_from_the_run_s_log(tmp_path):
-    from threedgen.webui.app import read_curve
+    from threedgen.webui.service import read_curve
 
     log = tmp_path / "metrics.csv"
     log.write_text("epoch,grad_norm,loss,step,t,vsd_lora_loss\n0,1.5,0.25,9,500,\n0,,,9,,0.1\n0,1.25,0.125,19,400,\n")
@@ -413,9 +413,9 @@ def test_numbers_from_outside_are_ascii_digits_only(monkeypatch):
     superscript passed str.isdigit and then crashed int(); a trailing newline passed the job-id
     pattern's "$"."""
     from threedgen.amortised_folder import launched_rank
+    from threedgen.jobs.cluster import _reachable
+    from threedgen.jobs.store import check_job_id
     from threedgen.schema import is_ascii_integer
-    from threedgen.webui.cluster import _reachable
-    from threedgen.webui.jobs import check_job_id
 
     assert is_ascii_integer("0123") and not any(map(is_ascii_integer, ["", " 1", "1\n", "\u00b2", "\u0663", "-1", "1e3", 5]))
     assert _reachable("localhost:\u00b2", 0.1) == "'localhost:\u00b2' is not host:port"
@@ -482,8 +482,8 @@ def test_a_huge_prompt_is_refused_before_it_is_cleaned():
 def test_a_job_s_traceback_stays_out_of_the_served_outputs(tmp_path, monkeypatch):
     """An unexpected failure's traceback went to ``<outputs>/.<id>.log``, served to every user; it
     now sits beside the runs (under the state folder by default)."""
+    from threedgen.jobs import worker
     from threedgen.request import RunRequest
-    from threedgen.webui import worker
 
     def boom(request, device=None):
         raise RuntimeError("something unexpected")
@@ -505,7 +505,8 @@ def test_an_empty_steps_box_runs_the_preset_s_steps(tmp_path):
     ran 600 steps where `threedgen run` runs the preset's 250. Empty now means the preset's, and
     the box's hint says how many that is for the chosen components."""
     from threedgen.config import resolve_request
-    from threedgen.webui.app import preset_steps, steps_info, validate
+    from threedgen.webui.app import steps_info
+    from threedgen.webui.service import preset_steps, validate
 
     settings = Settings(outputs=tmp_path / "w", state=tmp_path / "s", priors=["shapes", "stable-diffusion"])
     cli_steps = resolve_request("sds", "nerf", "shapes", flags={"prompt": "a red cube", "device": "cpu"})[0].cfg.steps
@@ -546,3 +547,56 @@ def test_old_job_rows_still_read_as_requests():
     cfg = request.to_config("cpu")
     assert (cfg.steps, cfg.seed, cfg.render.resolution, cfg.export.resolution) == (20, 3, 64, 32)
     assert RunRequest.from_dict(request.to_dict()) == request
+
+
+def test_the_service_answers_without_gradio(tmp_path):
+    """The endpoints are plain Python: submit, list, status, cancel and a file lookup work in a
+    process that never imports Gradio (the page alone does)."""
+    code = f"""
+import sys
+from pathlib import Path
+from threedgen.errors import UserError
+from threedgen.webui.service import Service, Settings
+svc = Service(Settings(outputs=Path({str(tmp_path / 'out')!r}), state=Path({str(tmp_path / 'state')!r})))
+[job] = svc.submit("a red cube", "", "sds", "nerf", "shapes", "", "0", "")
+assert svc.jobs()[0]["id"] == job and svc.jobs()[0]["status"] == "queued"
+assert svc.status(job)["max_steps"] == 250 and svc.status(job)["files"] == []
+assert svc.cancel(job) == "cancelled"
+try:
+    svc.file(job, "../../etc/passwd")
+except UserError as exc:
+    print("refused:", exc)
+svc.close()
+print("gradio" in sys.modules, "pandas" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    refused, modules = proc.stdout.strip().splitlines()
+    assert refused.startswith("refused: unknown file kind")
+    assert modules == "False False"
+
+
+def test_a_finished_job_shows_its_recipe_hash_and_verifies(tmp_path):
+    """The job view shows the run's recipe (the manifest's short hash); Verify replays the run's
+    first steps in a child process and records the one-line result in the job's history."""
+    from threedgen.webui.service import Service
+
+    svc = Service(Settings(outputs=tmp_path / "out", state=tmp_path / "state",
+                           overrides=[*FAST, "verify_steps=3"]))
+    [job] = svc.submit("a red cube", "", "sds", "nerf", "shapes", 6, "0", "")
+    with pytest.raises(UserError, match=f"job {job} is queued: only a finished job can be verified"):
+        svc.verify(job)
+    svc.pool.start()
+    try:
+        wait_for(lambda: svc.status(job)["status"] in ("succeeded", "failed"), timeout=300)
+    finally:
+        svc.close()
+    status = svc.status(job)
+    assert status["status"] == "succeeded", status
+    manifest = json.loads((Path(svc.store.get(job).run_dir) / "manifest.json").read_text())
+    assert status["manifest"] == manifest["config_sha256"][:12] and re.fullmatch(r"[0-9a-f]{12}", status["manifest"])
+    report = svc.verify(job)
+    assert report["status"] == "bit-exact" and report["text"].startswith("bit-exact: 3 step(s)"), report
+    assert svc.status(job)["history"][-1]["event"] == "verified"
+    line = WebUI(svc.settings).job_view(job)[0]  # the page over the same state folder
+    assert f"recipe `{status['manifest']}`" in line and "verified: bit\\-exact" in line, line

@@ -38,15 +38,13 @@ from threedgen.checkpoints import choose_checkpoint, read_checkpoint, save_check
 from threedgen.config import RunConfig, load_run_config, to_yaml
 from threedgen.devices import resolve_device
 from threedgen.errors import UserError
-from threedgen.evaluate import evaluate_run
-from threedgen.export import export_run_outputs
 from threedgen.guidance import priors
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.config import PRIORS
 from threedgen.representations.config import PromptGridsConfig
 from threedgen.representations.prompt_grids import PromptGrids, grid_nerf_config
-from threedgen.rundir import atomic_path, atomic_write_text, check_writable, new_run_dir, write_status
-from threedgen.runner import make_trainer
+from threedgen.rundir import RunFolder, atomic_path, atomic_write_text, check_writable, new_run_dir, write_status
+from threedgen.runner import finish_run, make_trainer
 from threedgen.runs import CONFIG_NAME, print_err, quiet_libraries, warn_checkpoint
 from threedgen.schema import clean_prompt
 from threedgen.views import write_image
@@ -115,8 +113,8 @@ def train_amortised(cfg: RunConfig, gen_cfg: PromptGridsConfig, prompts: list[st
               f"{weights_digest(generator)} after step {trainer.global_step}")
     if trainer.is_global_zero:
         generator.eval()
-        (folder / "previews").mkdir(exist_ok=True)
-        write_image(folder / "previews" / "final.png", system.preview_image())
+        RunFolder(folder).previews.mkdir(exist_ok=True)
+        write_image(RunFolder(folder).final_preview, system.preview_image())
         write_status(folder, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps, prompts=len(prompts),
                      processes=trainer.world_size, skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
                      train_seconds=round(time.time() - started, 2))
@@ -187,24 +185,17 @@ class AmortisedModel:
         write_status(run_dir, "running", step=cfg.steps, max_steps=cfg.steps, backends=nerf.backends(),
                      amortised_model=str(self.folder))
         _write_generated_checkpoint(nerf, run_dir, cfg.steps, self.folder)
-        export_started = time.time()
-        summary = export_run_outputs(nerf, cfg, run_dir)
-        export_seconds = time.time() - export_started
-        metrics = None
-        if evaluate and cfg.export.evaluate and PRIORS[cfg.prior.name].config.has_truth:
-            metrics = evaluate_run(run_dir)
-        write_status(run_dir, "succeeded", step=cfg.steps, max_steps=cfg.steps, skipped_steps=0, rollbacks=0,
-                     rolled_back_steps=0, train_seconds=0.0, generate_seconds=round(generate_seconds, 4),
-                     export_seconds=round(export_seconds, 2), total_seconds=round(time.time() - started, 2),
-                     mesh_faces=summary["faces"], mask_iou=None if metrics is None else metrics["mask_iou"],
-                     amortised_model=str(self.folder))
+        finish_run(nerf, cfg, run_dir, started,
+                   evaluate=evaluate and PRIORS[cfg.prior.name].config.has_truth, step=cfg.steps, skipped_steps=0,
+                   rollbacks=0, rolled_back_steps=0, train_seconds=0.0, generate_seconds=round(generate_seconds, 4),
+                   amortised_model=str(self.folder))
         return run_dir
 
 
 def _write_generated_checkpoint(nerf, run_dir: Path, step: int, model: Path) -> Path:
     """``checkpoints/last.ckpt`` holding the generated NeRF as a trained run's would, so that
     ``threedgen export`` and ``threedgen eval`` read it."""
-    path = run_dir / "checkpoints" / "last.ckpt"
+    path = RunFolder(run_dir).last_checkpoint
     path.parent.mkdir(exist_ok=True)
     state = {"state_dict": {f"representation.{k}": v.cpu() for k, v in nerf.state_dict().items()},
              "global_step": int(step), "threedgen": {"generated_by": str(model)}}

@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from threedgen.checkpoints import save_checkpoint
-from threedgen.rundir import write_status
+from threedgen.rundir import RunFolder, write_status
 from threedgen.views import write_image
 
 
@@ -56,10 +56,10 @@ class PreviewCallback(pl.Callback):
         if not trainer.is_global_zero:  # one process writes the run folder
             return
         image = module.preview_image()
-        folder = self.run_dir / "previews"
+        folder = RunFolder(self.run_dir).previews
         folder.mkdir(exist_ok=True)
         write_image(folder / f"step-{step:06d}.png", image)
-        write_image(folder / "latest.png", image)
+        write_image(RunFolder(self.run_dir).latest_preview, image)
         write_status(self.run_dir, "running", step=step, max_steps=self.cfg.steps)
 
 

@@ -21,10 +21,10 @@ from typing import Callable, Optional
 import torch
 
 from threedgen.errors import UserError
-from threedgen.rundir import atomic_path
+from threedgen.rundir import RunFolder, atomic_path
 
-FOLDER = "checkpoints"
-LAST, PREV = "last.ckpt", "prev.ckpt"
+FOLDER = RunFolder.CHECKPOINTS
+LAST, PREV = RunFolder.LAST_CHECKPOINT, RunFolder.PREVIOUS_CHECKPOINT
 
 
 class CorruptCheckpoint(Exception):

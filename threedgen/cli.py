@@ -10,6 +10,7 @@
     threedgen config keys [--guidance G] [--representation R] [--prior P]
     threedgen doctor [--build] [--json]
     threedgen train-prior [--out DIR] [--steps N] [--batch-size N] [--seed N] [--resume] [--export DIR]
+    threedgen verify RUN_DIR [--steps N] [--json]
 
 Bad input prints one line on stderr and exits with code 2. This module imports no torch: help,
 listings, config and input errors answer at once; the commands that work import what they need.
@@ -37,9 +38,12 @@ from threedgen.errors import RunFailed, UserError
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior
 from threedgen.guidance.priors.config import PRIORS
+from threedgen.jobs.backends import BACKENDS
+from threedgen.manifest import add_verify_parser
 from threedgen.registry import field_docs
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.request import DEFAULT_GUIDANCE, DEFAULT_PRIOR, DEFAULT_REPRESENTATION, RunRequest
+from threedgen.rundir import RunFolder
 from threedgen.schema import MAX_STEPS, MESH_FORMATS, TEXTURE_MODES, RunConfig, check_faces, is_ascii_integer
 
 EXIT_USAGE = 2
@@ -119,7 +123,7 @@ def _add_webui(sub) -> None:
 
 def _backend_args(parser: argparse.ArgumentParser) -> None:
     """Where jobs run and where their files live: what `webui` and `batch` share."""
-    parser.add_argument("--backend", choices=["local", "ray"], default="local",
+    parser.add_argument("--backend", choices=list(BACKENDS), default=BACKENDS[0],
                         help="local: one job per GPU of this machine (default); ray: one task per job on a Ray "
                              'cluster (pip install "threedgen[cluster]")')
     parser.add_argument("--ray-address", default="auto", metavar="HOST:PORT",
@@ -210,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(sub)
     _add_train_prior(sub)
     _add_amortised(sub)
+    add_verify_parser(sub, _int_arg)
     return parser
 
 
@@ -284,14 +289,16 @@ def _cmd_run(args) -> int:
         from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
 
         run_dir = run(merged.cfg, out=args.out, progress_bar=not args.no_progress, note=note)
-    status = json.loads((run_dir / "status.json").read_text())
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        m = json.loads(metrics_file.read_text())
-        print(f"mask_iou {m['mask_iou']:.3f}  psnr {m['psnr']:.2f} dB  chamfer {m['chamfer']:.4f}  "
-              f"({status.get('total_seconds', 0):.0f} s)", file=sys.stderr)
+    status, m = RunFolder(run_dir).read_status(), RunFolder(run_dir).read_metrics()
+    if m is not None:
+        print(f"{_score(m)}({status.get('total_seconds', 0):.0f} s)", file=sys.stderr)
     print(run_dir)
     return 0
+
+
+def _score(m: dict) -> str:
+    """An eval's scores as the start of `run`'s and `generate`'s last line on stderr."""
+    return f"mask_iou {m['mask_iou']:.3f}  psnr {m['psnr']:.2f} dB  chamfer {m['chamfer']:.4f}  "
 
 
 def _cmd_export(args) -> int:
@@ -383,16 +390,18 @@ def _cmd_generate(args) -> int:
 
     model = AmortisedModel(args.model, device=args.device)
     run_dir = model.generate(args.prompt, out=args.out, evaluate=not args.no_eval)
-    status = json.loads((run_dir / "status.json").read_text())
-    metrics_file = run_dir / "metrics.json"
-    score = ""
-    if metrics_file.is_file():
-        m = json.loads(metrics_file.read_text())
-        score = f"mask_iou {m['mask_iou']:.3f}  psnr {m['psnr']:.2f} dB  chamfer {m['chamfer']:.4f}  "
+    status, m = RunFolder(run_dir).read_status(), RunFolder(run_dir).read_metrics()
+    score = _score(m) if m is not None else ""
     print(f"{score}generated in {status['generate_seconds'] * 1000:.0f} ms (model loaded in {model.load_seconds:.1f} s, "
           f"export {status['export_seconds']:.1f} s)", file=sys.stderr)
     print(run_dir)
     return 0
+
+
+def _cmd_verify(args) -> int:
+    from threedgen.verify import cmd_verify  # heavy (torch, Lightning): only once the input is good
+
+    return cmd_verify(args)
 
 
 def _cmd_guidance(args) -> int:
@@ -475,7 +484,8 @@ def _cmd_webui(args) -> int:  # pragma: no cover - exercised through a subproces
     warning = logins.check_exposure(args.host, args.auth_file is not None, args.no_auth)
     auth = logins.read_auth(args.auth_file)
 
-    from threedgen.webui.app import Settings, WebUI, default_devices, wait_forever  # heavy (Gradio)
+    from threedgen.jobs.backends import default_devices  # the job machinery: only for this command
+    from threedgen.webui.app import Settings, WebUI, wait_forever  # heavy (Gradio)
 
     devices = default_devices(args.workers)
     if args.priors == "auto":
@@ -514,9 +524,9 @@ def _default_state(state: Optional[str]) -> Path:
 
 
 def _cmd_batch(args) -> int:
-    from threedgen.webui import batch as b  # the job table and batches: only for this command
-    from threedgen.webui.backends import make_backend  # the job table and batches: only for this command
-    from threedgen.webui.jobs import JobStore  # the job table and batches: only for this command
+    from threedgen.jobs import batch as b  # the job table and batches: only for this command
+    from threedgen.jobs.backends import make_backend  # the job table and batches: only for this command
+    from threedgen.jobs.store import JobStore  # the job table and batches: only for this command
 
     state = _default_state(args.state)
     if args.status or args.attach:
@@ -541,45 +551,29 @@ def _cmd_batch(args) -> int:
                   "state": str(state), "report": str(Path(args.report or "batch.json").resolve()), "lines": [n for n, _ in jobs]}
         queued = [({**request.to_dict(), "batch": {"id": record["batch"], "line": n}}, request.steps)
                   for n, request in jobs]
-    devices = None
-    if args.backend == "local":
-        from threedgen.webui.app import default_devices  # the same devices as the web UI's
-
-        devices = default_devices(args.workers)
     runs = Path(args.runs).expanduser().resolve() if args.runs else state / "runs"
-    backend = make_backend(args.backend, store, runs, Path(args.outputs).expanduser().resolve(), devices,
-                           args.ray_address, args.max_restarts)
-    if args.backend == "ray":
-        backend.start()  # join the cluster before queuing: an unreachable address queues nothing
-    if not args.attach:
-        record["ids"] = store.submit_many(queued)
+    backend = make_backend(args.backend, store, runs, Path(args.outputs).expanduser().resolve(),
+                           ray_address=args.ray_address, max_restarts=args.max_restarts, workers=args.workers)
+    if backend.recover():
+        print("threedgen batch: jobs left running by a stopped process are now interrupted", file=sys.stderr)
+    backend.start()  # a cluster is joined before anything is queued: an unreachable address queues nothing
+    if args.attach:
+        backend.reattach(record["ids"])
+    else:
+        record["ids"] = backend.submit(queued)
         b.save_batch(state, record)
         print(f"threedgen batch: queued {len(record['ids'])} job(s) as batch {record['batch']} "
               f"(backend {args.backend}, state {state})", file=sys.stderr, flush=True)
-    elif args.backend == "local":
-        for job in store.many(record["ids"]):
-            if job.status == "interrupted":
-                store.resume(job.id)
-    if args.backend == "local":
-        if store.recover():
-            print("threedgen batch: jobs left running by a stopped process are now interrupted", file=sys.stderr)
-        backend.start()
     report = Path(args.report or record["report"])
     try:
         jobs_done = b.watch(store, record["ids"])
     except KeyboardInterrupt:
-        if args.backend == "local":
-            backend.stop()  # running jobs stop at their next step, keeping their checkpoints
-            hint = ("the running jobs stopped and kept their checkpoints; continue with: threedgen batch --attach"
-                    f" --state {state}")
-        else:
-            hint = ("the jobs stay queued and running on the cluster; watch them with: threedgen batch --status "
-                    f"--state {state} (or --attach, or the web UI with the same --state)")
-        b.write_report(store, record, report)
-        print(f"\nthreedgen batch: stopped watching batch {record['batch']}; {hint}", file=sys.stderr)
-        return 130
-    if args.backend == "local":
         backend.stop()
+        b.write_report(store, record, report)
+        print(f"\nthreedgen batch: stopped watching batch {record['batch']}; {backend.detached_hint(state)}",
+              file=sys.stderr)
+        return 130
+    backend.stop()
     result = b.write_report(store, record, report)
     ok = all(j.status == "succeeded" for j in jobs_done)
     print(f"threedgen batch: {', '.join(f'{n} {s}' for s, n in sorted(result['counts'].items()))}; report {report}",
@@ -603,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
                     "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui, "batch": _cmd_batch,
                     "train-prior": _cmd_train_prior, "train-amortised": _cmd_train_amortised,
-                    "generate": _cmd_generate}
+                    "generate": _cmd_generate, "verify": _cmd_verify}
         return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)

@@ -7,7 +7,9 @@ Layers, later wins (each preset file states only what differs from the layer bel
 2. ``configs/representations/<representation>.yaml``;
 3. ``configs/guidance/<guidance>.yaml``, then ``configs/guidance/<guidance>-<representation>.yaml``
    where one exists;
-4. ``configs/priors/<prior>.yaml``, then ``configs/priors/<prior>-<guidance>.yaml`` where one exists;
+4. ``configs/priors/<name>.yaml``, then ``configs/priors/<name>-<guidance>.yaml``, where they exist,
+   for each of the prior's preset names (``prior_preset_names``: its family and the registered
+   names along its config class's ancestry, most general first, so the more specific file wins);
 5. ``key=value`` overrides, then the CLI's flags (``--prompt``, ``--steps``, ...).
 
 A resumed run starts from its own ``config.yaml`` instead of layers 2-4. ``threedgen config show``
@@ -87,10 +89,27 @@ def _config_text(relative: str) -> Optional[str]:
     return path.read_text() if path.is_file() else None
 
 
+def prior_preset_names(prior: str) -> list[str]:
+    """The names a prior's preset files go by, most general first: for each class of its config's
+    ancestry (``__mro__``, from ``PriorConfig`` down to its own class), the ``family`` that class
+    declares and the name the class is registered under, where it has them. ``shapes-unet-camera``
+    -> ``["shapes-world", "shapes-unet", "shapes-unet-camera"]``: the learned teacher with a camera
+    takes the learned teacher's presets, and both take those of the shapes world."""
+    registered = {entry.config: entry.name for entry in PRIORS.entries()}
+    names: list[str] = []
+    for klass in reversed(PRIORS[prior].config.__mro__):
+        for name in (vars(klass).get("family"), registered.get(klass)):
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
 def preset_files(guidance: str, representation: str, prior: str) -> list[str]:
-    """The preset files a run's layers 2-4 read, in order (those that exist)."""
+    """The preset files a run's layers 2-4 read, in order (those that exist): a later file wins."""
+    priors = prior_preset_names(prior)
     names = [f"representations/{representation}.yaml", f"guidance/{guidance}.yaml",
-             f"guidance/{guidance}-{representation}.yaml", f"priors/{prior}.yaml", f"priors/{prior}-{guidance}.yaml"]
+             f"guidance/{guidance}-{representation}.yaml", *(f"priors/{n}.yaml" for n in priors),
+             *(f"priors/{n}-{guidance}.yaml" for n in priors)]
     return [n for n in names if _config_text(n) is not None]
 
 

@@ -35,7 +35,7 @@ from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance.priors.config import PRIORS
 from threedgen.janus import janus_metrics
-from threedgen.rundir import atomic_write_text
+from threedgen.rundir import RunFolder, atomic_write_text
 from threedgen.runs import load_representation, open_run
 from threedgen.views import render_views
 
@@ -150,7 +150,7 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
         raise UserError(f"prior {cfg.prior.name!r} has no ground truth; `threedgen eval` scores runs of the "
                         "embedded shapes prior only")
     mesh = None
-    for name in ("mesh.glb", "mesh.obj", "mesh.ply"):  # the textured file an artist imports, first
+    for name in (RunFolder(run_dir).mesh(f).name for f in ("glb", "obj", "ply")):  # the textured file first
         if (run_dir / name).is_file():
             mesh = trimesh.load(run_dir / name, force="mesh")
             mesh.apply_scale(1.0 / cfg.export.scale)
@@ -161,7 +161,7 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
     fovy = float(np.mean(cfg.camera.fovy_range))
     metrics = evaluate_representation(representation, truth, distance, fovy, mesh, scale=cfg.export.scale)
     metrics = {"prompt": cfg.prompt, **metrics}
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    atomic_write_text(RunFolder(run_dir).metrics, json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -17,13 +17,13 @@ from trimesh.exchange.obj import export_obj
 
 from threedgen.cameras import orbit
 from threedgen.errors import UserError
-from threedgen.rundir import DISK_ERRORS, atomic_path, atomic_write_text
+from threedgen.rundir import DISK_ERRORS, RunFolder, atomic_path, atomic_write_text
 from threedgen.schema import MESH_FORMATS, TEXTURE_MODES
 from threedgen.texture import bake_texture, unwrap
 from threedgen.views import render_views, write_image
 
-TEXTURE_NAME = "mesh_texture.png"  # the OBJ's base-colour image (the GLB embeds its own copy)
-MTL_NAME = "mesh.mtl"
+TEXTURE_NAME = RunFolder.TEXTURE  # the OBJ's base-colour image (the GLB embeds its own copy)
+MTL_NAME = RunFolder(".").mesh("mtl").name
 OBJECT_NAME = "threedgen"
 MATERIAL_NAME = "threedgen"  # the PBR material, and the OBJ's usemtl/newmtl
 
@@ -164,7 +164,7 @@ def export_meshes(asset: Asset, run_dir: Path, formats=MESH_FORMATS) -> list[Pat
     PNG, or vertex colours) and PLY (always vertex colours: PLY has no texture reference)."""
     written = []
     for fmt in formats:
-        path = Path(run_dir) / f"mesh.{fmt}"
+        path = RunFolder(run_dir).mesh(fmt)
         if fmt == "obj":
             written += _write_obj(asset, path)
             continue
@@ -183,7 +183,7 @@ def export_meshes(asset: Asset, run_dir: Path, formats=MESH_FORMATS) -> list[Pat
 def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
     """mp4 through imageio-ffmpeg; a GIF when no encoder is available."""
 
-    path = Path(run_dir) / "turntable.mp4"
+    path = RunFolder(run_dir).video
     try:
         with atomic_path(path) as tmp:
             with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=7,
@@ -194,8 +194,8 @@ def write_turntable(frames: np.ndarray, run_dir: Path, fps: int = 12) -> Path:
     except Exception as exc:  # no ffmpeg: fall back to GIF
         if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
             raise  # the disk, not the encoder: a GIF would fail the same way
-        print(f"threedgen: mp4 encoder unavailable ({exc}); writing turntable.gif", file=sys.stderr)
-    path = Path(run_dir) / "turntable.gif"
+        print(f"threedgen: mp4 encoder unavailable ({exc}); writing {RunFolder.GIF}", file=sys.stderr)
+    path = RunFolder(run_dir).gif
     with atomic_path(path) as tmp:
         imageio.mimsave(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)  # ms per frame
     return path
@@ -220,8 +220,8 @@ def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolut
         views = frames[::len(frames) // 4]
     else:
         views, _ = render_views(representation, orbit(4, ec.video_elevation, distance, fovy), ec.video_resolution)
-    (Path(run_dir) / "previews").mkdir(exist_ok=True)
-    preview = Path(run_dir) / "previews" / "final.png"
+    preview = RunFolder(run_dir).final_preview
+    preview.parent.mkdir(exist_ok=True)
     # a 2 x 2 grid (front, right / back, left), square, so a viewer shows it large
     write_image(preview, np.concatenate([np.concatenate(list(views[:2]), axis=1),
                                          np.concatenate(list(views[2:]), axis=1)], axis=0))

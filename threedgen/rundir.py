@@ -17,6 +17,7 @@ import time
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from threedgen.errors import UserError
 
@@ -103,6 +104,88 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+class RunFolder:
+    """Every name in a run folder, in one place: no other module spells one. A run folder holds
+    the merged config, the status, the metrics of an eval, the reproducibility manifest and the
+    replay fingerprints, the checkpoints, the previews, Lightning's CSV log and the deliverables
+    (meshes, texture, splats, turntable)."""
+
+    CONFIG = "config.yaml"
+    STATUS = "status.json"
+    METRICS = "metrics.json"
+    MANIFEST = "manifest.json"
+    FINGERPRINTS = "fingerprints.json"
+    CHECKPOINTS = "checkpoints"
+    LAST_CHECKPOINT, PREVIOUS_CHECKPOINT = "last.ckpt", "prev.ckpt"
+    PREVIEWS = "previews"
+    FINAL_PREVIEW, LATEST_PREVIEW = "final.png", "latest.png"
+    LOGS = "logs"  # Lightning's CSVLogger(name=LOGS, version=""): LOGS/CURVE
+    CURVE = "metrics.csv"
+    MESH = "mesh"  # mesh.glb, mesh.obj (+ mesh.mtl), mesh.ply
+    TEXTURE = "mesh_texture.png"  # the OBJ's base-colour image (the GLB embeds its own copy)
+    SPLATS = "splats.ply"
+    VIDEO, GIF = "turntable.mp4", "turntable.gif"
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def _at(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+    config = property(lambda self: self._at(self.CONFIG))
+    status = property(lambda self: self._at(self.STATUS))
+    metrics = property(lambda self: self._at(self.METRICS))
+    manifest = property(lambda self: self._at(self.MANIFEST))
+    fingerprints = property(lambda self: self._at(self.FINGERPRINTS))
+    checkpoints = property(lambda self: self._at(self.CHECKPOINTS))
+    last_checkpoint = property(lambda self: self._at(self.CHECKPOINTS, self.LAST_CHECKPOINT))
+    previews = property(lambda self: self._at(self.PREVIEWS))
+    final_preview = property(lambda self: self._at(self.PREVIEWS, self.FINAL_PREVIEW))
+    latest_preview = property(lambda self: self._at(self.PREVIEWS, self.LATEST_PREVIEW))
+    logs = property(lambda self: self._at(self.LOGS))
+    curve = property(lambda self: self._at(self.LOGS, self.CURVE))
+    texture = property(lambda self: self._at(self.TEXTURE))
+    splats = property(lambda self: self._at(self.SPLATS))
+    video = property(lambda self: self._at(self.VIDEO))
+    gif = property(lambda self: self._at(self.GIF))
+
+    def mesh(self, fmt: str) -> Path:
+        """``mesh.<fmt>``: glb, obj, ply, or mtl (the OBJ's material file)."""
+        return self._at(f"{self.MESH}.{fmt}")
+
+    def public_files(self) -> dict[str, Path]:
+        """The deliverables a user downloads, by kind (the web UI's and the batch's download names)."""
+        return {"glb": self.mesh("glb"), "obj": self.mesh("obj"), "mtl": self.mesh("mtl"), "texture": self.texture,
+                "ply": self.mesh("ply"), "splats": self.splats, "video": self.video, "preview": self.final_preview,
+                "metrics": self.metrics}
+
+    def read_status(self) -> dict:
+        """``status.json`` as a dict; empty when it is missing or unreadable."""
+        return _read_json(self.status)
+
+    def read_metrics(self) -> Optional[dict]:
+        """``metrics.json`` (an eval's scores) as a dict; None when there is none or it is unreadable."""
+        return _read_json(self.metrics) or None
+
+    def step(self) -> int:
+        """The step the status records (0 when it cannot be read)."""
+        try:
+            return int(self.read_status().get("step") or 0)
+        except (TypeError, ValueError):
+            return 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 # Keys of status.json that describe the whole run, not one moment of it: a later write without
 # them keeps the earlier value (previews, failures and interruptions do not lose them).
 RUN_KEYS = ("backends",)
@@ -111,7 +194,7 @@ RUN_KEYS = ("backends",)
 def write_status(run_dir: Path, status: str, **extra) -> None:
     """``status.json``: running / succeeded / failed / interrupted, with the step and timings, and
     the run's ``RUN_KEYS`` from the last write that gave them."""
-    path = Path(run_dir) / "status.json"
+    path = RunFolder(run_dir).status
     missing = [key for key in RUN_KEYS if key not in extra]
     if missing:
         try:

@@ -25,10 +25,12 @@ from threedgen.devices import is_out_of_memory, resolve_device
 from threedgen.errors import RunFailed, UserError
 from threedgen.evaluate import evaluate_run
 from threedgen.export import export_run_outputs
+from threedgen.fingerprints import FingerprintCallback
 from threedgen.guidance import priors
 from threedgen.guidance.config import GUIDANCE
+from threedgen.manifest import write_manifest
 from threedgen.representations.config import REPRESENTATIONS
-from threedgen.rundir import NO_SPACE, atomic_write_text, check_writable, new_run_dir, write_status
+from threedgen.rundir import NO_SPACE, RunFolder, atomic_write_text, check_writable, new_run_dir, write_status
 from threedgen.runs import (
     CONFIG_NAME,
     load_representation,
@@ -41,7 +43,7 @@ from threedgen.runs import (
 )
 from threedgen.system import CameraDataModule, DivergedError, System
 
-__all__ = ["run", "build_components", "make_trainer", "trainer_devices", "load_trained", "load_representation",
+__all__ = ["run", "finish_run", "build_components", "make_trainer", "trainer_devices", "load_trained", "load_representation",
            "quiet_libraries", "open_run", "out_of_memory", "as_run_failure"]
 
 
@@ -70,11 +72,12 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
     CPUs, NCCL on GPUs: the amortised system's multi-process training)."""
     if progress_bar:
         callbacks = [*callbacks, StepProgressBar(label or cfg.prompt)]
+    callbacks = [FingerprintCallback(run_dir, cfg.verify_steps), *callbacks]  # threedgen verify's record
     ddp = devices * nodes > 1
     return pl.Trainer(
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=devices if ddp else trainer_devices(device), num_nodes=nodes, strategy="ddp" if ddp else "auto",
-        logger=CSVLogger(run_dir, name="logs", version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
+        logger=CSVLogger(run_dir, name=RunFolder.LOGS, version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
         callbacks=[SafeCheckpoint(run_dir, cfg.checkpoint_every), PreviewCallback(run_dir, cfg), *callbacks],
         plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
@@ -121,6 +124,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     trainer = None
     try:
         atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
+        write_manifest(cfg, run_dir, device, system.prior, fresh=resume is None)
         write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps,
                      backends=system.representation.backends())
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
@@ -165,18 +169,29 @@ def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, star
         save_checkpoint(trainer, run_dir)
     train_seconds = time.time() - started
     system.representation.eval()
-    summary = export_run_outputs(system.representation, cfg, run_dir)
-    export_seconds = time.time() - started - train_seconds
-    metrics = None
-    if cfg.export.evaluate and system.prior.truth(cfg.prompt) is not None:
-        metrics = evaluate_run(run_dir, system=system)
-    eval_seconds = time.time() - started - train_seconds - export_seconds
-    write_status(run_dir, "succeeded", step=int(trainer.global_step), max_steps=cfg.steps,
-                 skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
-                 rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2),
-                 export_seconds=round(export_seconds, 2), eval_seconds=round(eval_seconds, 2),
-                 total_seconds=round(time.time() - started, 2), mesh_faces=summary["faces"],
-                 mask_iou=None if metrics is None else metrics["mask_iou"])
+    has_truth = system.prior.truth(cfg.prompt) is not None
+    finish_run(system.representation, cfg, run_dir, started, evaluate=has_truth, system=system,
+               step=int(trainer.global_step), skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
+               rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2))
+
+
+def finish_run(representation, cfg: RunConfig, run_dir: Path, started: float, evaluate: bool = True, system=None,
+               **status) -> dict:
+    """What every way of making a representation ends with (an optimised run, an amortised
+    generation, a later stage): the export, the eval where ``evaluate`` (and ``cfg.export.evaluate``)
+    and the prior knows the truth, and ``status.json`` = succeeded with each phase's seconds and
+    the given ``status`` keys. ``system``: the run's own, so the eval reuses its prior. Returns the
+    status written."""
+    export_started = time.time()
+    summary = export_run_outputs(representation, cfg, run_dir)
+    export_seconds = time.time() - export_started
+    metrics = evaluate_run(run_dir, system=system) if evaluate and cfg.export.evaluate else None
+    status = {"max_steps": cfg.steps, **status, "export_seconds": round(export_seconds, 2),
+              "eval_seconds": round(time.time() - export_started - export_seconds, 2),
+              "total_seconds": round(time.time() - started, 2), "mesh_faces": summary["faces"],
+              "mask_iou": None if metrics is None else metrics["mask_iou"]}
+    write_status(run_dir, "succeeded", **status)
+    return status
 
 
 def _try_status(run_dir: Path, status: str, **extra) -> None:

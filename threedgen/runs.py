@@ -18,8 +18,9 @@ from threedgen.config import RunConfig, load_run_config
 from threedgen.devices import resolve_device
 from threedgen.errors import UserError
 from threedgen.representations.config import REPRESENTATIONS
+from threedgen.rundir import RunFolder
 
-CONFIG_NAME = "config.yaml"
+CONFIG_NAME = RunFolder.CONFIG
 
 
 def print_err(*args) -> None:
@@ -55,7 +56,7 @@ def open_run(run_dir: str | Path):
     cfg, run_dir = run_config(run_dir)
     ckpt = choose_checkpoint(run_dir, warn=warn_checkpoint)
     if ckpt is None:
-        raise UserError(f"run {str(run_dir)!r} has no checkpoint yet (checkpoints/last.ckpt)")
+        raise UserError(f"run {str(run_dir)!r} has no checkpoint yet ({RunFolder.CHECKPOINTS}/{RunFolder.LAST_CHECKPOINT})")
     return cfg, run_dir, ckpt
 
 

@@ -29,6 +29,7 @@ def is_ascii_integer(text) -> bool:
 
 
 MAX_STEPS = 1_000_000
+MAX_VERIFY_STEPS = 1000  # fingerprinted steps at most (threedgen verify replays them)
 MESH_FORMATS = ("glb", "obj", "ply")
 TEXTURE_MODES = ("uv", "vertex")
 
@@ -216,6 +217,8 @@ class RunConfig:
     """Steps between checkpoints (a run can resume from the last one)."""
     preview_every: int = 100
     """Steps between preview images in the run folder."""
+    verify_steps: int = 10
+    """Steps fingerprinted for `threedgen verify`: a digest of the parameters and the loss after each of the first N steps (fingerprints.json), and the parameters at step N (0 = off)."""
     guidance: Any = None
     """The guidance method's own section (`threedgen config keys --guidance NAME`)."""
     representation: Any = None
@@ -244,6 +247,7 @@ class RunConfig:
         check_int("seed", self.seed, 0, 2 ** 32 - 1)
         check_int("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
         check_int("preview_every", self.preview_every, 1, MAX_STEPS)
+        check_int("verify_steps", self.verify_steps, 0, MAX_VERIFY_STEPS)
         check_device(self.device)
         for section in (self.camera, self.render, self.loss, self.optimizer, self.export,
                         self.guidance, self.representation, self.prior):

@@ -1,141 +1,46 @@
-"""``threedgen webui``: a Gradio Blocks app over the durable job queue.
+"""``threedgen webui``'s page: the Gradio Blocks layout over the service (``threedgen.webui.service``,
+the endpoints) and the server's launch (login, rate limit, the REST routes).
 
-Every endpoint validates on the server (the API bypasses the form's limits) and answers bad input
-with ``gr.Error`` (one line). Files are looked up by job id and a fixed kind, never by a path from
-the client. Gradio may serve only the outputs folder (``allowed_paths``); the job database and the
-run folders with their checkpoints live in the state folder, outside it.
-
-With ``--amortised MODEL`` the "Instant" tab generates from an amortised model in the server
-process (loaded on first use): run folders in ``<state>/instant/``, deliverables copied to
-``<outputs>/instant/<run>/``.
+Bad input from any endpoint is a ``gr.Error`` (one line, no traceback). Gradio may serve only the
+outputs folder (``allowed_paths``).
 """
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import os
 import re
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from threedgen.amortised_folder import read_meta
-from threedgen.devices import cuda_for_auto
 from threedgen.errors import UserError
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
+from threedgen.jobs.store import Job
 from threedgen.representations.config import REPRESENTATIONS
-from threedgen.request import RunRequest
-from threedgen.schema import MAX_PROMPT_CHARS, clean_prompt, is_ascii_integer
+from threedgen.schema import MAX_PROMPT_CHARS
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, NoUploads, read_auth  # read_auth: re-exported
-from threedgen.webui.backends import make_backend
-from threedgen.webui.jobs import Job, JobStore, check_job_id
 from threedgen.webui.rest import rest_routes
-from threedgen.webui.worker import PUBLIC_NAMES, _run_step, latest_preview, publish
+from threedgen.webui.service import (  # Settings, validate, parse_seeds: re-exported
+    INSTANT_OFF,
+    MAX_SEEDS,
+    RESOLUTIONS,
+    Service,
+    Settings,
+    parse_seeds,
+    preset_steps,
+    validate,
+)
 
-# A local app does not phone home (Gradio's usage analytics and version check), and only the
-# outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.pop("GRADIO_ALLOWED_PATHS", None)
-
-MAX_SEEDS = 8
-RESOLUTIONS = [32, 64, 128, 256, 512]
 TABLE_HEADERS = ["job", "prompt", "guidance", "representation", "seed", "status", "progress", "ETA"]
-
-
-@dataclass
-class Settings:
-    outputs: Path
-    state: Path
-    priors: list[str] = field(default_factory=lambda: ["shapes"])
-    max_steps: int = 20000
-    max_queued: int = 100
-    devices: list[str] = field(default_factory=lambda: ["cpu"])
-    # key=value config settings the server applies to every job (`threedgen webui --set ...`).
-    overrides: list[str] = field(default_factory=list)
-    backend: str = "local"  # local | ray
-    ray_address: str = "auto"
-    runs: Optional[Path] = None  # run folders (default <state>/runs); on a cluster, storage every node mounts
-    max_restarts: int = 3  # automatic resumes of a job whose node died (ray backend)
-    amortised: Optional[Path] = None  # an amortised model folder: the "Instant" tab generates from it
-
-
-def parse_seeds(text) -> list[int]:
-    """``"0"``, ``"0, 1, 2"`` or ``"0-3"`` -> seeds (at most ``MAX_SEEDS``)."""
-    text = str(text if text is not None else "").strip()
-    if not text:
-        return [0]
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"([0-9]{1,10})\s*-\s*([0-9]{1,10})", part)  # \d would take other scripts' digits
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo or hi - lo >= MAX_SEEDS:
-                raise UserError(f"seed range {part!r} must go up and hold at most {MAX_SEEDS} seeds")
-            seeds.extend(range(lo, hi + 1))
-        elif re.fullmatch(r"[0-9]{1,10}", part):
-            seeds.append(int(part))
-        else:
-            raise UserError(f"seeds must be integers like 0 or 0, 1, 2 or 0-3; got {part!r}")
-    if len(seeds) > MAX_SEEDS:
-        raise UserError(f"at most {MAX_SEEDS} seeds per submission; got {len(seeds)}")
-    if any(s > 2 ** 32 - 1 for s in seeds):
-        raise UserError("seeds must be from 0 to 4294967295")
-    return list(dict.fromkeys(seeds))
-
-
-def validate(settings: Settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
-             resolution) -> list[tuple[RunRequest, int]]:
-    """One job's request and its number of steps per seed, each checked exactly as `threedgen run`
-    checks its input. ``steps`` empty (None, "") means the preset's."""
-    if not isinstance(prompt, str) or not isinstance(negative_prompt or "", str):
-        raise UserError("prompt and negative prompt must be text")
-    GUIDANCE[guidance], REPRESENTATIONS[representation]  # unknown names: the registries' own errors
-    if prior not in settings.priors:
-        raise UserError(f"prior {prior!r} is not offered by this server; valid: {', '.join(settings.priors)}")
-    if isinstance(steps, str) and is_ascii_integer(steps.strip()):
-        steps = int(steps)
-    if isinstance(steps, float) and steps.is_integer():
-        steps = int(steps)
-    if steps == "" or (isinstance(steps, str) and not steps.strip()):
-        steps = None
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
-                              or not 1 <= steps <= settings.max_steps):
-        raise UserError(f"steps must be an integer from 1 to {settings.max_steps} (or empty: the preset's)")
-    if resolution not in (None, "") and (not is_ascii_integer(str(resolution)) or int(resolution) not in RESOLUTIONS):
-        raise UserError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}")
-    jobs = []
-    for seed in parse_seeds(seeds):
-        request, cfg = RunRequest(
-            prompt=prompt, negative_prompt=negative_prompt or "", guidance=guidance, representation=representation,
-            prior=prior, steps=steps, seed=seed, resolution=int(resolution) if resolution not in (None, "") else None,
-            overrides=tuple(settings.overrides)).checked()  # every check of `threedgen run`, once
-        if cfg.steps > settings.max_steps:
-            raise UserError(f"the preset runs {cfg.steps} steps, over this server's limit of {settings.max_steps}; "
-                            f"give steps from 1 to {settings.max_steps}")
-        jobs.append((request, cfg.steps))
-    return jobs
 
 
 def steps_info(guidance, representation, prior) -> str:
     """The Steps box's hint: what an empty box runs for these components."""
     steps = preset_steps(guidance, representation, prior)
     return "empty: the preset's" + (f" {steps}" if steps is not None else "") + " steps"
-
-
-def preset_steps(guidance, representation, prior) -> Optional[int]:
-    """The steps a job of these components runs when the form's Steps box is empty (the presets'
-    value, as `threedgen run` would use); None for a combination that does not resolve."""
-    try:
-        return RunRequest(guidance=guidance, representation=representation, prior=prior,
-                          device="cpu").resolve(whole_run=False)[0].cfg.steps
-    except UserError:
-        return None
 
 
 def _fmt_eta(job: Job) -> str:
@@ -174,28 +79,6 @@ def score_line(metrics_path) -> str:
         return ""
 
 
-CURVE_SERIES = ("loss", "grad_norm")
-MAX_CURVE_POINTS = 2000
-
-
-def read_curve(path: Path) -> list[dict]:
-    """``{"step", "value", "series"}`` rows of the loss and gradient norm in a Lightning CSV log
-    (the last ``MAX_CURVE_POINTS`` steps); empty when the file is missing or has no such column."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))[-MAX_CURVE_POINTS:]
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
-    out = []
-    for row in rows:
-        for series in CURVE_SERIES:
-            try:
-                out.append({"step": int(float(row["step"])), "value": float(row[series]), "series": series})
-            except (KeyError, TypeError, ValueError):
-                continue  # a row of other numbers (t, the method's extras) or an empty cell
-    return out
-
-
 def curve_frame(rows: list[dict]):
     """The plot's data: ``step`` as integers and ``value`` as floats even with no rows yet (an empty
     frame's columns are Python objects, which the plot drew as categories: piles of labels that
@@ -208,11 +91,6 @@ def curve_frame(rows: list[dict]):
 
 def _escape_md(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", html.escape(text, quote=True))
-
-
-INSTANT_OFF = ("Instant generation is off on this server: start it with `threedgen webui --amortised MODEL`, "
-               "a model folder trained by `threedgen train-amortised PROMPTS.txt`.")
-INSTANT_FOLDER = "instant"  # <state>/instant: the run folders; <outputs>/instant: their public copies
 
 
 def model_summary(meta: dict, step: Optional[int] = None) -> str:
@@ -242,122 +120,18 @@ def instant_examples(meta: dict, held_out: int = 3, trained: int = 2) -> list[li
     return [[p] for p in new + prompts[:trained]]
 
 
-class WebUI:
+class WebUI(Service):
+    """The page: the service's endpoints laid out with Gradio, and the server that serves them."""
+
     def __init__(self, settings: Settings):
-        self.settings = settings
-        settings.outputs = Path(settings.outputs).expanduser().resolve()
-        settings.state = Path(settings.state).expanduser().resolve()
-        if settings.state == settings.outputs or settings.outputs in settings.state.parents \
-                or settings.state in settings.outputs.parents:
-            raise UserError("--state and --outputs must be separate folders (the outputs folder is served; "
-                            "the state folder holds the job database and checkpoints)")
-        settings.outputs.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(settings.state / "jobs.sqlite", max_queued=settings.max_queued)
-        runs = Path(settings.runs).expanduser().resolve() if settings.runs else settings.state / "runs"
-        self.pool = make_backend(settings.backend, self.store, runs, settings.outputs, settings.devices,
-                                 settings.ray_address, settings.max_restarts)
-        # Local jobs died with the server that ran them; on a cluster the dispatcher reconciles.
-        self.recovered = self.store.recover() if settings.backend == "local" else []
-        # The instant tab's model: its record now (cheap, torch-free), its weights on first use.
-        self.instant_meta: Optional[dict] = None
-        self.instant_step: Optional[int] = None
-        if settings.amortised is not None:
-            settings.amortised, self.instant_meta = read_meta(settings.amortised)
-            self.instant_step = _run_step(settings.amortised) or None
-        self._instant_model = None
-        self._instant_lock = threading.Lock()
-
-    # ---- endpoints (each a plain function of strings; UserError -> gr.Error) -----------------
-    def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
-        jobs = validate(self.settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
-                        resolution)
-        return self.store.submit_many([(request.to_dict(), max_steps) for request, max_steps in jobs])
-
-    def status(self, job_id) -> dict:
-        return self._status(self.store.get(check_job_id(job_id)))
-
-    def jobs(self) -> list[dict]:
-        """The listed jobs (the newest 50), from one read of the table: each job's status without its
-        files and history (``status`` has those), so a poll of the list stays cheap."""
-        return [self._summary(job) for job in self.store.list()]
-
-    @staticmethod
-    def _summary(job: Job) -> dict:
-        return {"id": job.id, "status": job.status, "step": job.step, "max_steps": job.max_steps,
-                "progress": round(job.progress, 4), "eta_seconds": job.eta_seconds, "error": job.error,
-                "prompt": job.params.get("prompt"), "seed": job.params.get("seed"), "node": job.node,
-                "restarts": job.restarts}
-
-    def _status(self, job: Job) -> dict:
-        public = self.settings.outputs / job.id
-        return {**self._summary(job), "history": job.history,
-                "files": sorted(k for k in PUBLIC_NAMES if self._public_file(public, k) is not None)}
-
-    @staticmethod
-    def _public_file(public: Path, kind: str) -> Optional[Path]:
-        """A job's public file of a kind: its fixed name (a GIF for a video without an mp4), the
-        newest step-named preview for ``preview``; None when there is none."""
-        if kind == "preview":
-            return latest_preview(public)
-        path = public / PUBLIC_NAMES[kind]
-        if kind == "video" and not path.is_file():
-            path = path.with_suffix(".gif")
-        return path if path.is_file() else None
-
-    def curve(self, job_id) -> list[dict]:
-        """The selected job's training curve: ``{"step", "value", "series"}`` rows of its loss and
-        gradient norm, read from the run's own log (``logs/metrics.csv``, written by Lightning every
-        ``log_every_n_steps``); empty before the first rows are flushed."""
-        job = self.store.get(check_job_id(job_id))
-        if not job.run_dir:
-            return []
-        return read_curve(Path(job.run_dir) / "logs" / "metrics.csv")
-
-    def file(self, job_id, kind) -> str:
-        """The public file of a job by kind (``glb``, ``obj``, ``mtl``, ``texture``, ``ply``, ``splats``, ``video``,
-        ``preview``, ``metrics``); never a client-supplied path."""
-        job = self.store.get(check_job_id(job_id))
-        if kind not in PUBLIC_NAMES:
-            raise UserError(f"unknown file kind {str(kind)[:40]!r}; valid: {', '.join(PUBLIC_NAMES)}")
-        path = self._public_file(self.settings.outputs / job.id, kind)
-        if path is None:
-            raise UserError(f"job {job.id} has no {kind} file (status: {job.status})")
-        return str(path)
-
-    def cancel(self, job_id) -> str:
-        return self.store.cancel(check_job_id(job_id))
-
-    def resume(self, job_id) -> str:
-        self.store.resume(check_job_id(job_id))
-        return "queued"
+        # A local app does not phone home (Gradio's usage analytics and version check), and only the
+        # outputs folder is served: a GRADIO_ALLOWED_PATHS from the environment would widen that.
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        os.environ.pop("GRADIO_ALLOWED_PATHS", None)
+        super().__init__(settings)
 
     def table(self) -> list[list]:
         return [job_row(j) for j in self.store.list()]
-
-    def instant(self, prompt) -> dict:
-        """Generate ``prompt`` with the amortised model (``--amortised``) at once: the run folder in
-        ``<state>/instant/``, its deliverables copied to ``<outputs>/instant/<run>/``. Bad input (empty,
-        outside the prior's vocabulary, a word the model never saw) is a UserError before anything
-        is written."""
-        s = self.settings
-        if s.amortised is None:
-            raise UserError(INSTANT_OFF.replace("`", ""))
-        clean_prompt(prompt)  # text, at most MAX_PROMPT_CHARS: before the model is loaded
-        with self._instant_lock:  # one load, one generation at a time (the model is shared)
-            if self._instant_model is None:
-                from threedgen.amortised import AmortisedModel  # heavy (torch): only once instant generation is used
-
-                self._instant_model = AmortisedModel(s.amortised)
-            model = self._instant_model
-            cfg = model.check_prompt(prompt)  # the one-line errors, before any folder exists
-            run_dir = model.generate(prompt, s.state / INSTANT_FOLDER)
-        status = json.loads((run_dir / "status.json").read_text())
-        public = s.outputs / INSTANT_FOLDER / run_dir.name
-        kinds = publish(run_dir, public)
-        files = {kind: str(path) for kind in kinds if (path := self._public_file(public, kind)) is not None}
-        return {"run": run_dir.name, "prompt": cfg.prompt, "words": list(cfg.prior.prompt_words(cfg.prompt)),
-                "generate_ms": round(float(status["generate_seconds"]) * 1000, 2),
-                "export_s": status.get("export_seconds"), "mask_iou": status.get("mask_iou"), "files": files}
 
     def instant_view(self, prompt):
         """The instant tab after a click: its line of text, preview, GLB, turntable and downloads."""
@@ -383,6 +157,11 @@ class WebUI:
             line += f" · ETA {int(st['eta_seconds'])} s"
         if st["node"]:
             line += f" · node {_escape_md(st['node'])}"
+        if st.get("manifest"):
+            line += f" · recipe `{st['manifest']}`"
+        verified = [e for e in st["history"] if e.get("event") == "verified"]
+        if verified:
+            line += f"\n\nverified: {_escape_md(str(verified[-1].get('text', '')))}"
         faults = [e for e in st["history"] if e.get("event") == "interrupted"]
         if faults:
             line += "\n\n" + "; ".join(f"interrupted ({_escape_md(str(e.get('reason', '')))}) at "
@@ -419,6 +198,7 @@ class WebUI:
         gr.Button(visible=False).click(guard(self.status), [job_in], api_out, api_name="status")
         gr.Button(visible=False).click(guard(lambda j: {"status": self.cancel(j)}), [job_in], api_out, api_name="cancel")
         gr.Button(visible=False).click(guard(lambda j: {"status": self.resume(j)}), [job_in], api_out, api_name="resume")
+        gr.Button(visible=False).click(guard(self.verify), [job_in], api_out, api_name="verify")
         gr.Button(visible=False).click(guard(lambda: {"jobs": self.jobs()}), None, api_out, api_name="jobs")
         gr.Button(visible=False).click(guard(self.file), [job_in, kind_in], file_out, api_name="download")
         prompt_in = gr.Textbox(visible=False)
@@ -497,6 +277,7 @@ class WebUI:
                             with gr.Row():
                                 cancel = gr.Button("Cancel")
                                 resume = gr.Button("Resume")
+                                verify = gr.Button("Verify")
                             preview = gr.Image(label="Preview (latest step)", type="filepath", interactive=False,
                                                height=300)
                             with gr.Row():
@@ -521,6 +302,7 @@ class WebUI:
             outputs = [jobs, selected, *view, shown]
             cancel.click(act(self.cancel), [selected], outputs, api_visibility="private")
             resume.click(act(self.resume), [selected], outputs, api_visibility="private")
+            verify.click(act(self.verify), [selected], outputs, api_visibility="private")
             timer = gr.Timer(2.0)
             timer.tick(self.refresh, [selected, shown], outputs, api_visibility="private")
             self._api(gr)
@@ -552,7 +334,9 @@ class WebUI:
     def close(self, demo=None) -> None:
         if demo is not None:
             demo.close()
-        self.pool.stop()
+        super().close()
+
+
 
 
 def guard(fn):
@@ -570,21 +354,6 @@ def guard(fn):
     return wrapped
 
 
-def default_devices(workers: Optional[int]) -> list[str]:
-    n = 0
-    if cuda_for_auto():
-        import torch  # heavy: only where a GPU driver exists
-
-        n = torch.cuda.device_count()
-    if n == 0:
-        if workers not in (None, 1):
-            raise UserError("--workers: this machine has no CUDA device; the web UI runs one job at a time on the CPU")
-        return ["cpu"]
-    if workers is not None and not 1 <= workers <= n:
-        raise UserError(f"--workers must be from 1 to {n} (one per GPU)")
-    return [f"cuda:{i}" for i in range(workers or n)]
-
-
 def wait_forever(ui: WebUI, demo) -> None:  # pragma: no cover - interactive
     try:
         while True:
@@ -593,4 +362,4 @@ def wait_forever(ui: WebUI, demo) -> None:  # pragma: no cover - interactive
         ui.close(demo)
 
 
-__all__ = ["WebUI", "Settings", "validate", "parse_seeds", "read_auth", "default_devices"]
+__all__ = ["WebUI", "Settings", "validate", "parse_seeds", "read_auth"]

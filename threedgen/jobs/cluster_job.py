@@ -43,8 +43,8 @@ def run_cluster_job(job_id: str, params: dict, resume_dir, runs_dir: str, head_v
                 "error": f"node {node} runs threedgen {threedgen.__version__} and the head {head_version}; install "
                          "the same version on every node"}
     from threedgen.errors import UserError  # after the version check: the node's own threedgen
+    from threedgen.jobs.worker import ActorReporter, execute_job  # after the version check: the node's own threedgen
     from threedgen.rundir import check_writable  # after the version check: the node's own threedgen
-    from threedgen.webui.worker import ActorReporter, execute_job  # after the version check: the node's own threedgen
 
     try:
         check_writable(Path(runs_dir))

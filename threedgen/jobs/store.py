@@ -6,7 +6,7 @@ failed job can be queued again to resume from its last checkpoint. Jobs left ``r
 that died become ``interrupted`` when the next server starts (``recover``).
 
 On a Ray cluster the table stays the record and a single writer on the head (the dispatcher,
-``threedgen.webui.cluster``) keeps it: it claims queued jobs, records which node runs each, and when a
+``threedgen.jobs.cluster``) keeps it: it claims queued jobs, records which node runs each, and when a
 node dies it marks the job ``interrupted`` and queues it again to resume (``interrupt``), at most
 ``max_restarts`` times; every such event is kept in the job's ``history``.
 """

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 from threedgen.errors import UserError
+from threedgen.jobs.store import Job, JobStore
 from threedgen.request import RunRequest
-from threedgen.rundir import atomic_write_text
-from threedgen.webui.jobs import Job, JobStore
+from threedgen.rundir import RunFolder, atomic_write_text
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_PROMPT_CHARS = 1000
@@ -166,10 +166,7 @@ def load_batch(state: Path, batch_id: Optional[str] = None) -> dict:
 def job_entry(job: Job, line: int) -> dict:
     metrics = None
     if job.status == "succeeded" and job.run_dir:
-        try:
-            metrics = json.loads((Path(job.run_dir) / "metrics.json").read_text())
-        except (OSError, ValueError):
-            metrics = None
+        metrics = RunFolder(job.run_dir).read_metrics()
     p = job.params
     return {"id": job.id, "line": line, "prompt": p.get("prompt"), "guidance": p.get("guidance"),
             "representation": p.get("representation"), "prior": p.get("prior"), "seed": p.get("seed"),

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Optional
 
 from threedgen.errors import UserError
+from threedgen.jobs.base import TableBackend
+from threedgen.jobs.store import JobStore
+from threedgen.jobs.worker import publish, publish_preview
 from threedgen.schema import is_ascii_integer
-from threedgen.webui.jobs import JobStore
-from threedgen.webui.worker import publish, publish_preview
 
 NAMESPACE = "threedgen"
 INSTALL_HINT = 'the ray backend needs Ray: pip install "threedgen[cluster]"'
@@ -102,7 +103,7 @@ class Dispatcher:
                  job_cpus: float = 1.0, cancel_grace_s: float = 10.0, poll_s: float = 0.25):
         import ray  # optional (the cluster extra); in the actor
 
-        from threedgen.webui import cluster_job  # shipped to the nodes by value; in the actor only
+        from threedgen.jobs import cluster_job  # shipped to the nodes by value; in the actor only
 
         ray.cloudpickle.register_pickle_by_value(cluster_job)  # see cluster_job's docstring
         self.config = {"db_path": db_path, "runs_dir": runs_dir, "outputs_dir": outputs_dir,
@@ -266,11 +267,15 @@ class Dispatcher:
         self.store.finish(job_id, status, error=outcome.get("error"), run_dir=outcome.get("run_dir"))
 
 
-class RayBackend:
+class RayBackend(TableBackend):
     """The front ends' side of the Ray backend: join the cluster, start (or find) the dispatcher
     of this job table, and leave it running on ``stop`` (jobs on a cluster are durable)."""
 
     name = "ray"
+
+    def detached_hint(self, state: Path) -> str:
+        return ("the jobs stay queued and running on the cluster; watch them with: threedgen batch --status "
+                f"--state {state} (or --attach, or the web UI with the same --state)")
 
     def __init__(self, store: JobStore, runs_dir: Path, outputs_dir: Path, address: str = "auto",
                  max_restarts: int = 3, job_cpus: float = 1.0, head_version: Optional[str] = None,
@@ -320,77 +325,3 @@ class RayBackend:
                 return
         ray.kill(self.actor, no_restart=True)
         self.actor = None
-
-
-class LocalCluster:
-    """A Ray cluster on this machine, for trying the Ray backend and for the tests and benchmarks:
-    a head without CPUs (it holds the dispatcher) and ``workers`` worker nodes of ``cpus`` CPUs
-    each (``ray.cluster_utils.Cluster``), every session file (logs, sockets, the address file) in
-    one private temporary folder, Ray's token auth off for this process; this process joins it as
-    the driver. ``close`` (or leaving the ``with`` block) shuts it down and removes the folder."""
-
-    ENV = ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_TMPDIR")
-
-    def __init__(self, workers: int = 2, cpus: float = 1, object_store_mb: int = 100):
-        import tempfile  # only for a local cluster
-
-        ray = import_ray()
-        from ray.cluster_utils import Cluster  # optional (the cluster extra)
-
-        self.object_store = object_store_mb * 1024 ** 2
-        self.saved = {k: os.environ.get(k) for k in self.ENV}
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        os.environ.pop("RAY_ADDRESS", None)
-        # Short: Ray's socket paths must fit in 107 bytes.
-        self.temp = tempfile.mkdtemp(prefix="tgray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        os.environ["RAY_TMPDIR"] = self.temp
-        os.makedirs(os.path.join(self.temp, "ray"))
-        self.cluster, self.workers, self.cpus = None, [], cpus
-        try:
-            self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 0, "object_store_memory": self.object_store, "include_dashboard": False,
-                "temp_dir": os.path.join(self.temp, "ray")})
-            for _ in range(workers):
-                self.add_worker()
-            self.cluster.wait_for_nodes()
-            ray.init(address=self.cluster.address, namespace=NAMESPACE, log_to_driver=False, logging_level="warning")
-        except BaseException:
-            self.close()
-            raise
-        self.address = self.cluster.address
-
-    def add_worker(self):
-        node = self.cluster.add_node(num_cpus=self.cpus, object_store_memory=self.object_store)
-        self.workers.append(node)
-        return node
-
-    def kill_worker(self, node) -> None:
-        """The node dies at once (its processes are killed), as a machine that loses power."""
-        self.cluster.remove_node(node, allow_graceful=False)
-        self.workers.remove(node)
-
-    def head_pids(self) -> list[int]:
-        return [info.process.pid for infos in self.cluster.head_node.all_processes.values() for info in infos]
-
-    def close(self) -> None:
-        import shutil  # only for a local cluster
-
-        import ray  # optional (the cluster extra)
-
-        if ray.is_initialized():
-            ray.shutdown()
-        if self.cluster is not None:
-            self.cluster.shutdown()
-            self.cluster = None
-        shutil.rmtree(self.temp, ignore_errors=True)
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-    def __enter__(self) -> "LocalCluster":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -12,7 +12,6 @@ the only folder the web server may serve.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
@@ -27,16 +26,13 @@ from typing import Optional
 
 from threedgen.devices import is_out_of_memory
 from threedgen.errors import RunFailed, UserError
+from threedgen.jobs.base import TableBackend
+from threedgen.jobs.store import JobStore
 from threedgen.request import RunRequest
-from threedgen.rundir import atomic_path
-from threedgen.webui.jobs import JobStore
+from threedgen.rundir import RunFolder, atomic_path
 
-# download name -> file in the run folder
-PUBLIC_FILES = {
-    "glb": "mesh.glb", "obj": "mesh.obj", "mtl": "mesh.mtl", "texture": "mesh_texture.png", "ply": "mesh.ply",
-    "splats": "splats.ply",
-    "video": "turntable.mp4", "preview": "previews/final.png", "metrics": "metrics.json",
-}
+# download kind -> the file's path in a run folder (RunFolder.public_files)
+PUBLIC_FILES = {kind: str(path) for kind, path in RunFolder("").public_files().items()}
 # kind -> name in the job's public folder: the file's own name, except the preview, which is
 # named by its step (``publish_preview``); "preview.png" is the name a folder of an older version has
 PUBLIC_NAMES = {**{kind: Path(path).name for kind, path in PUBLIC_FILES.items()}, "preview": "preview.png"}
@@ -77,23 +73,15 @@ def publish(run_dir: Path, public_dir: Path, kinds=tuple(PUBLIC_FILES)) -> list[
     for kind in kinds:
         src = Path(run_dir) / PUBLIC_FILES[kind]
         if kind == "video" and not src.is_file():
-            src = Path(run_dir) / "turntable.gif"
+            src = RunFolder(run_dir).gif
         if not src.is_file():
             continue
         if kind == "preview":
-            publish_preview(src, public_dir, _run_step(run_dir), final=True)
+            publish_preview(src, public_dir, RunFolder(run_dir).step(), final=True)
         else:
             copy_atomic(src, public_dir / (PUBLIC_NAMES[kind] if src.suffix != ".gif" else src.name))
         done.append(kind)
     return done
-
-
-def _run_step(run_dir: Path) -> int:
-    """The step a run folder's status records (0 when it cannot be read)."""
-    try:
-        return int(json.loads((Path(run_dir) / "status.json").read_text()).get("step") or 0)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0
 
 
 class Reporter:
@@ -127,7 +115,7 @@ class LocalReporter(Reporter):
 
 
 class ActorReporter(Reporter):
-    """A Ray task of the ray backend (``webui/cluster.py``): progress to the head's dispatcher actor;
+    """A Ray task of the ray backend (``threedgen/jobs/cluster.py``): progress to the head's dispatcher actor;
     the dispatcher gone counts as a stop."""
 
     def __init__(self, board, job_id: str, timeout_s: float = 30.0):
@@ -174,7 +162,7 @@ def _progress_callback(reporter: Reporter, every_s: float = 0.5):
             if now - self.last_write < every_s and step != trainer.max_steps:
                 return
             self.last_write = now
-            latest, preview = Path(trainer.default_root_dir) / "previews" / "latest.png", None
+            latest, preview = RunFolder(trainer.default_root_dir).latest_preview, None
             if latest.is_file() and latest.stat().st_mtime != self.preview_mtime:
                 self.preview_mtime, preview = latest.stat().st_mtime, latest
             if reporter.progress(step, trainer.max_steps, self.step_time, None, preview):
@@ -244,11 +232,23 @@ def run_job(db_path: str, job_id: str, runs_dir: str, outputs_dir: str, device: 
     store.finish(job_id, outcome["status"], error=outcome["error"], run_dir=outcome["run_dir"])
 
 
-class WorkerPool:
+class WorkerPool(TableBackend):
     """The local backend: ``len(devices)`` worker threads; each claims queued jobs and runs them in
     child processes."""
 
     name = "local"
+
+    def recover(self) -> list[str]:
+        return self.store.recover()
+
+    def reattach(self, job_ids: list[str]) -> None:
+        for job in self.store.many(job_ids):
+            if job.status == "interrupted":
+                self.store.resume(job.id)
+
+    def detached_hint(self, state: Path) -> str:
+        return ("the running jobs stopped and kept their checkpoints; continue with: threedgen batch --attach"
+                f" --state {state}")
 
     def __init__(self, store: JobStore, runs_dir: Path, outputs_dir: Path, devices: list[str], poll_s: float = 0.5):
         self.store, self.runs_dir, self.outputs_dir = store, Path(runs_dir), Path(outputs_dir)
