@@ -305,6 +305,8 @@ def test_browser_submits_a_prompt_and_sees_the_3d_viewer(server, tmp_path):
             canvas.wait_for(state="visible", timeout=60_000)
             page.wait_for_timeout(5000)  # let the viewer load and draw the mesh
             viewer = canvas.screenshot()
+            # The loss plot, watched from the submit to the end (it starts with no rows): drawn with lines.
+            plot = page.locator(".block", has_text="Loss and gradient norm").last.screenshot()
         finally:
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
@@ -317,6 +319,10 @@ def test_browser_submits_a_prompt_and_sees_the_3d_viewer(server, tmp_path):
     pixels = np.asarray(Image.open(io.BytesIO(viewer)).convert("RGB")).astype(float)
     reddish = (pixels[..., 0] > pixels[..., 1] + 40) & (pixels[..., 0] > pixels[..., 2] + 40)
     assert reddish.mean() > 0.01, "the 3D viewer shows no red cube"
+    lines = np.asarray(Image.open(io.BytesIO(plot)).convert("RGB")).astype(float)
+    for name, colour in (("loss", (31, 119, 180)), ("grad_norm", (255, 127, 14))):  # the plot's color_map
+        near = np.abs(lines - np.array(colour)).max(-1) < 40
+        assert near.sum() > 30, f"the loss plot draws no {name} line ({int(near.sum())} pixels of its colour)"
 
 
 def test_a_job_whose_server_died_stops_and_is_marked_interrupted(tmp_path):

@@ -38,13 +38,20 @@ from threedgen.errors import RunFailed, UserError
 from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors import PRIOR_CHOICES, resolve_prior
 from threedgen.guidance.priors.config import PRIORS
-from threedgen.jobs.backends import BACKENDS
-from threedgen.manifest import add_verify_parser
+from threedgen.jobs import BACKENDS
 from threedgen.registry import field_docs
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.request import DEFAULT_GUIDANCE, DEFAULT_PRIOR, DEFAULT_REPRESENTATION, RunRequest
 from threedgen.rundir import RunFolder
-from threedgen.schema import MAX_STEPS, MESH_FORMATS, TEXTURE_MODES, RunConfig, check_faces, is_ascii_integer
+from threedgen.schema import (
+    MAX_STEPS,
+    MAX_VERIFY_STEPS,
+    MESH_FORMATS,
+    TEXTURE_MODES,
+    RunConfig,
+    check_faces,
+    is_ascii_integer,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -214,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(sub)
     _add_train_prior(sub)
     _add_amortised(sub)
-    add_verify_parser(sub, _int_arg)
+    _add_verify(sub)
     return parser
 
 
@@ -251,6 +258,20 @@ def _add_amortised(sub) -> None:
     g.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
     g.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the model's)")
     g.add_argument("--no-eval", action="store_true", help="skip scoring against the truth")
+
+
+def _add_verify(sub) -> None:
+    v = sub.add_parser(
+        "verify", help="replay a run's first steps here and compare them with what the run recorded",
+        description="Replays the first steps of a run (verify_steps, default 10) from its config.yaml on this "
+                    "machine and compares the parameters after each step with the run's fingerprints.json. "
+                    "Prints one line: bit-exact; within tolerance (with the largest parameter difference); or "
+                    "diverged at a step, with the likely cause from comparing the run's manifest.json with this "
+                    "machine (config, library versions, device, determinism settings). Exit 0, 0, 1.")
+    v.add_argument("run_dir", metavar="RUN_DIR")
+    v.add_argument("--steps", type=_int_arg("--steps", 1, MAX_VERIFY_STEPS), default=None,
+                   help="replay only the first N steps (default: every fingerprinted step)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_train_prior(sub) -> None:

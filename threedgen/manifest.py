@@ -17,7 +17,7 @@ Written once, when a fresh run starts (a resumed run leaves it alone), beside ``
   CPU threads);
 - ``verify``: how many first steps ``fingerprints.json`` covers.
 
-Torch-free at import (the CLI imports :func:`add_verify_parser` from here); ``build_manifest``
+Torch-free at import (the web UI's service reads a manifest's short hash without torch); ``build_manifest``
 imports torch when it runs, inside a run.
 """
 
@@ -42,7 +42,6 @@ from threedgen.config import to_yaml
 from threedgen.errors import UserError
 from threedgen.guidance.priors.config import DiffusionPriorConfig, ShapesPriorConfig
 from threedgen.rundir import RunFolder, atomic_write_text
-from threedgen.schema import MAX_VERIFY_STEPS
 
 MANIFEST_NAME = RunFolder.MANIFEST
 FORMAT = 1
@@ -350,21 +349,3 @@ def read_manifest(run_dir: Path) -> dict:
     if not isinstance(manifest.get("config"), dict) or not isinstance(manifest.get("config_sha256"), str):
         raise UserError(f"{path} has no config or config hash; it cannot be verified")
     return manifest
-
-
-# ---- the CLI (wired into threedgen.cli) -------------------------------------------------------
-
-def add_verify_parser(sub, int_arg) -> None:
-    """``threedgen verify RUN_DIR [--steps N] [--json]`` on the CLI's subparsers; ``int_arg(name,
-    lo, hi)`` is the CLI's checked integer type."""
-    v = sub.add_parser(
-        "verify", help="replay a run's first steps here and compare them with what the run recorded",
-        description="Replays the first steps of a run (verify_steps, default 10) from its config.yaml on this "
-                    "machine and compares the parameters after each step with the run's fingerprints.json. "
-                    "Prints one line: bit-exact; within tolerance (with the largest parameter difference); or "
-                    "diverged at a step, with the likely cause from comparing the run's manifest.json with this "
-                    "machine (config, library versions, device, determinism settings). Exit 0, 0, 1.")
-    v.add_argument("run_dir", metavar="RUN_DIR")
-    v.add_argument("--steps", type=int_arg("--steps", 1, MAX_VERIFY_STEPS), default=None,
-                   help="replay only the first N steps (default: every fingerprinted step)")
-    v.add_argument("--json", action="store_true", help="print the report as JSON")

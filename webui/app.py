@@ -13,6 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from threedgen.errors import UserError
@@ -20,10 +21,12 @@ from threedgen.guidance.config import GUIDANCE
 from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.jobs.store import Job
 from threedgen.representations.config import REPRESENTATIONS
+from threedgen.request import DEFAULT_GUIDANCE, DEFAULT_REPRESENTATION
 from threedgen.schema import MAX_PROMPT_CHARS
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, NoUploads, read_auth  # read_auth: re-exported
 from threedgen.webui.rest import rest_routes
 from threedgen.webui.service import (  # Settings, validate, parse_seeds: re-exported
+    CURVE_SERIES,
     INSTANT_OFF,
     MAX_SEEDS,
     RESOLUTIONS,
@@ -185,7 +188,10 @@ class WebUI(Service):
         key = [job_id, next((r[5] for r in rows if r[0] == job_id), None)]
         if key == shown:
             glb, splats, mp4, files = gr.update(), gr.update(), gr.update(), gr.update()
-        plot = curve_frame(curve)
+        # No rows yet: no plot at all. A plot first drawn from an empty frame took its axes from it
+        # (categories, when the columns were objects) and drew no lines when the rows came; one
+        # that starts from nothing is drawn from its first rows, as after a page reload.
+        plot = curve_frame(curve) if curve else None
         return rows, gr.update(choices=[r[0] for r in rows]), line, image, glb, splats, mp4, files, plot, key
 
     def _api(self, gr) -> None:
@@ -229,10 +235,52 @@ class WebUI(Service):
         make.click(self.instant_view, [prompt], [line, preview, model, video, downloads], api_visibility="private")
         prompt.submit(self.instant_view, [prompt], [line, preview, model, video, downloads], api_visibility="private")
 
+    def _form(self, gr) -> SimpleNamespace:
+        """The job form (inside its column): prompt, components, steps, seeds, resolution."""
+        s = self.settings
+        f = SimpleNamespace()
+        f.prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=MAX_PROMPT_CHARS, info=SHAPES_PROMPT_INFO)
+        gr.Examples(EXAMPLE_PROMPTS, [f.prompt], label="Shapes prior examples")
+        f.negative = gr.Textbox(label="Negative prompt", value="", max_length=MAX_PROMPT_CHARS)
+        f.guidance = gr.Dropdown([(f"{e.name} ({e.summary})", e.name) for e in GUIDANCE.entries()],
+                                 value=DEFAULT_GUIDANCE, label="Guidance")
+        f.representation = gr.Dropdown(REPRESENTATIONS.names(), value=DEFAULT_REPRESENTATION, label="Representation")
+        f.prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
+        f.steps = gr.Number(value=None, label="Steps", precision=0, minimum=1, maximum=s.max_steps,
+                            info=steps_info(DEFAULT_GUIDANCE, DEFAULT_REPRESENTATION, s.priors[0]))
+        f.seeds = gr.Textbox(value="0", label="Seeds", info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
+        f.resolution = gr.Dropdown([str(r) for r in RESOLUTIONS], value=None, label="Render resolution",
+                                   info="empty: the prior's default")
+        f.submit = gr.Button("Generate", variant="primary")
+        f.submitted = gr.JSON(label="Submitted", visible=True)
+        f.values = [f.prompt, f.negative, f.guidance, f.representation, f.prior, f.steps, f.seeds, f.resolution]
+        return f
+
+    def _job_panel(self, gr) -> SimpleNamespace:
+        """The job list and the selected job's view (inside its column)."""
+        v = SimpleNamespace()
+        v.jobs = gr.Dataframe(headers=TABLE_HEADERS, value=self.table(), interactive=False, label="Jobs",
+                              datatype=["str"] * len(TABLE_HEADERS))
+        v.selected = gr.Dropdown(choices=[r[0] for r in self.table()], label="Job", allow_custom_value=False)
+        v.info = gr.Markdown("Select a job.")
+        with gr.Row():
+            v.cancel, v.resume, v.verify = gr.Button("Cancel"), gr.Button("Resume"), gr.Button("Verify")
+        v.preview = gr.Image(label="Preview (latest step)", type="filepath", interactive=False, height=300)
+        with gr.Row():
+            v.video = gr.Video(label="Turntable", interactive=False, height=300)
+            # The series are fixed up front (color_map): a plot first drawn empty keeps the colour
+            # domain it started with, so series that arrive later were never drawn.
+            v.curve = gr.LinePlot(x="step", y="value", color="series", label="Loss and gradient norm", height=300,
+                                  color_map=dict(zip(CURVE_SERIES, ("#1f77b4", "#ff7f0e"))))
+        with gr.Row():
+            v.model = gr.Model3D(label="Mesh (GLB)", interactive=False, height=360)
+            v.splats = gr.Model3D(label="Gaussian splats (PLY; Gaussian jobs)", interactive=False, height=360)
+        v.downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+        v.view = [v.info, v.preview, v.model, v.splats, v.video, v.downloads, v.curve]
+        return v
+
     def blocks(self):
         import gradio as gr  # heavy: only when the page is built
-
-        s = self.settings
 
         def on_submit(*form):
             ids = guard(self.submit)(*form)
@@ -251,60 +299,23 @@ class WebUI(Service):
                 with gr.Tab("Per-prompt job", id="jobs"):
                     with gr.Row():
                         with gr.Column(scale=1):
-                            prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=1000,
-                                                info=SHAPES_PROMPT_INFO)
-                            gr.Examples(EXAMPLE_PROMPTS, [prompt], label="Shapes prior examples")
-                            negative = gr.Textbox(label="Negative prompt", value="", max_length=1000)
-                            guidance = gr.Dropdown([(f"{e.name} ({e.summary})", e.name) for e in GUIDANCE.entries()],
-                                                   value="sds", label="Guidance")
-                            representation = gr.Dropdown(REPRESENTATIONS.names(), value="nerf",
-                                                         label="Representation")
-                            prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
-                            steps = gr.Number(value=None, label="Steps", precision=0, minimum=1, maximum=s.max_steps,
-                                              info=steps_info("sds", "nerf", s.priors[0]))
-                            seeds = gr.Textbox(value="0", label="Seeds",
-                                               info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
-                            resolution = gr.Dropdown([str(r) for r in RESOLUTIONS], value=None,
-                                                     label="Render resolution", info="empty: the prior's default")
-                            submit = gr.Button("Generate", variant="primary")
-                            submitted = gr.JSON(label="Submitted", visible=True)
+                            f = self._form(gr)
                         with gr.Column(scale=2):
-                            jobs = gr.Dataframe(headers=TABLE_HEADERS, value=self.table(), interactive=False,
-                                                label="Jobs", datatype=["str"] * len(TABLE_HEADERS))
-                            selected = gr.Dropdown(choices=[r[0] for r in self.table()], label="Job",
-                                                   allow_custom_value=False)
-                            info = gr.Markdown("Select a job.")
-                            with gr.Row():
-                                cancel = gr.Button("Cancel")
-                                resume = gr.Button("Resume")
-                                verify = gr.Button("Verify")
-                            preview = gr.Image(label="Preview (latest step)", type="filepath", interactive=False,
-                                               height=300)
-                            with gr.Row():
-                                video = gr.Video(label="Turntable", interactive=False, height=300)
-                                curve = gr.LinePlot(x="step", y="value", color="series",
-                                                    label="Loss and gradient norm", height=300)
-                            with gr.Row():
-                                model = gr.Model3D(label="Mesh (GLB)", interactive=False, height=360)
-                                splats = gr.Model3D(label="Gaussian splats (PLY; Gaussian jobs)", interactive=False,
-                                                    height=360)
-                            downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                            v = self._job_panel(gr)
                 with gr.Tab("Instant (amortised model)", id="instant"):
                     self._instant_tab(gr)
-            form = [prompt, negative, guidance, representation, prior, steps, seeds, resolution]
-            view = [info, preview, model, splats, video, downloads, curve]
             shown = gr.State(None)
-            submit.click(on_submit, form, [submitted, jobs, selected], api_name="submit_form", api_visibility="private")
-            for menu in (guidance, representation, prior):  # the Steps box says what empty means for the choice
-                menu.change(lambda g, r, p: gr.update(info=steps_info(g, r, p)), [guidance, representation, prior],
-                            [steps], api_visibility="private")
-            selected.change(self.refresh, [selected], [jobs, selected, *view, shown], api_visibility="private")
-            outputs = [jobs, selected, *view, shown]
-            cancel.click(act(self.cancel), [selected], outputs, api_visibility="private")
-            resume.click(act(self.resume), [selected], outputs, api_visibility="private")
-            verify.click(act(self.verify), [selected], outputs, api_visibility="private")
-            timer = gr.Timer(2.0)
-            timer.tick(self.refresh, [selected, shown], outputs, api_visibility="private")
+            outputs = [v.jobs, v.selected, *v.view, shown]
+            f.submit.click(on_submit, f.values, [f.submitted, v.jobs, v.selected], api_name="submit_form",
+                           api_visibility="private")
+            components = [f.guidance, f.representation, f.prior]
+            for menu in components:  # the Steps box says what empty means for the choice
+                menu.change(lambda g, r, p: gr.update(info=steps_info(g, r, p)), components, [f.steps],
+                            api_visibility="private")
+            v.selected.change(self.refresh, [v.selected], outputs, api_visibility="private")
+            for button, method in ((v.cancel, self.cancel), (v.resume, self.resume), (v.verify, self.verify)):
+                button.click(act(method), [v.selected], outputs, api_visibility="private")
+            gr.Timer(2.0).tick(self.refresh, [v.selected, shown], outputs, api_visibility="private")
             self._api(gr)
         return demo
 

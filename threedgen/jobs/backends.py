@@ -11,10 +11,9 @@ from typing import Optional
 
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import UserError
+from threedgen.jobs import BACKENDS
 from threedgen.jobs.base import Backend
 from threedgen.jobs.store import JobStore
-
-BACKENDS = ("local", "ray")
 
 
 def make_backend(name: str, store: JobStore, runs_dir: Path, outputs_dir: Path, devices: Optional[list[str]] = None,
