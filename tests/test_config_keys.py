@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from threedgen.cli import config_keys, main
-from threedgen.config import SECTIONS, merge, preset_files, prior_preset_names
+from threedgen.config import SECTIONS, flatten, merge, preset_files, prior_preset_names
 from threedgen.registry import field_docs
 from threedgen.schema import RunConfig
 
@@ -156,7 +156,7 @@ def test_every_preset_file_is_read_and_states_each_setting_once():
         seen: dict[str, tuple[str, object]] = {}
         for relative in preset_files(*combo):
             data = yaml.safe_load((ROOT / "configs" / relative).read_text()) or {}
-            for key, value in _flat_yaml(data).items():
+            for key, value in flatten(data).items():
                 if key in seen and seen[key][1] == value:
                     restated.add(f"configs/{relative}: {key} = {value!r}, as configs/{seen[key][0]} already sets")
                 seen[key] = (relative, value)
@@ -177,19 +177,9 @@ def test_no_two_preset_files_state_the_same_settings():
     by_content: dict[str, list[str]] = {}
     for relative in _preset_paths():
         data = yaml.safe_load((ROOT / "configs" / relative).read_text()) or {}
-        by_content.setdefault(repr(sorted(_flat_yaml(data).items())), []).append(relative)
+        by_content.setdefault(repr(sorted(flatten(data).items())), []).append(relative)
     copies = {frozenset(group) for group in by_content.values() if len(group) > 1}
     assert copies == KNOWN_COPIES, f"preset files with the same settings (comments aside): {copies - KNOWN_COPIES}"
-
-
-def _flat_yaml(data: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat_yaml(value, f"{prefix}{key}."))
-        else:
-            out[prefix + str(key)] = value
-    return out
 
 
 def _readme_rows():

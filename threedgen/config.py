@@ -377,16 +377,17 @@ def _plain(value):
 
 def flat(cfg: RunConfig) -> dict[str, Any]:
     """Dotted key -> value of every leaf of a config."""
+    return flatten(_plain(dataclasses.asdict(cfg)))
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of nested mappings (a config's values, a preset file)."""
     out: dict[str, Any] = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v
-
-    walk(_plain(dataclasses.asdict(cfg)), "")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
 
 

@@ -38,7 +38,7 @@ from typing import Any, Optional
 import yaml
 
 import threedgen
-from threedgen.config import to_yaml
+from threedgen.config import flatten, to_yaml
 from threedgen.errors import UserError
 from threedgen.guidance.priors.config import DiffusionPriorConfig, ShapesPriorConfig
 from threedgen.rundir import RunFolder, atomic_write_text
@@ -71,19 +71,9 @@ def config_values(cfg) -> dict:
     return yaml.safe_load(to_yaml(cfg))
 
 
-def flat_values(values: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flat_values(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_changes(before: dict, after: dict) -> list[str]:
     """``key before -> after`` for every dotted key whose value differs (``(none)`` where absent)."""
-    a, b = flat_values(before), flat_values(after)
+    a, b = flatten(before), flatten(after)
     missing = object()
     changes = []
     for key in [*a, *(k for k in b if k not in a)]:
