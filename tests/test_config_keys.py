@@ -120,6 +120,10 @@ def test_preset_files_follow_the_layers():
                                                            "priors/deepfloyd-if-sds.yaml"]
     assert preset_files("bsd", "surfels", "stable-diffusion") == ["priors/text-to-image.yaml",
                                                                   "priors/text-to-image-bsd.yaml"]
+    # A guidance method's file for a representation reaches the ones built on it, and only those.
+    assert preset_files("sds", "surfels", "shapes")[0] == "guidance/sds-gaussians.yaml"
+    assert preset_files("sds", "nerf-sdf", "shapes") == ["priors/shapes-world.yaml", "priors/shapes.yaml",
+                                                         "priors/shapes-world-sds.yaml"]
 
 
 def test_prior_presets_follow_the_config_class_hierarchy():
@@ -166,9 +170,9 @@ def test_every_preset_file_is_read_and_states_each_setting_once():
         assert yaml.safe_load((ROOT / "configs" / relative).read_text()), f"configs/{relative} states nothing"
 
 
-# Copies that the lookup cannot remove today: representation presets are not found along the
-# representation's class hierarchy (configs/representations/nerf.yaml would then reach nerf-sdf).
-KNOWN_COPIES = {frozenset({"guidance/sds-gaussians.yaml", "guidance/sds-surfels.yaml"})}
+# No copies left: a guidance method's file for a representation reaches the representations built
+# on it (sds-gaussians.yaml the surfels).
+KNOWN_COPIES: set = set()
 
 
 def test_no_two_preset_files_state_the_same_settings():

@@ -95,21 +95,30 @@ def prior_preset_names(prior: str) -> list[str]:
     declares and the name the class is registered under, where it has them. ``shapes-unet-camera``
     -> ``["shapes-world", "shapes-unet", "shapes-unet-camera"]``: the learned teacher with a camera
     takes the learned teacher's presets, and both take those of the shapes world."""
-    registered = {entry.config: entry.name for entry in PRIORS.entries()}
+    return ancestry_names(PRIORS, prior)
+
+
+def ancestry_names(registry, name: str) -> list[str]:
+    """For each class of a registered config's ancestry, most general first: the ``family`` the
+    class declares and the name it is registered under, where it has them."""
+    registered = {entry.config: entry.name for entry in registry.entries()}
     names: list[str] = []
-    for klass in reversed(PRIORS[prior].config.__mro__):
-        for name in (vars(klass).get("family"), registered.get(klass)):
-            if name and name not in names:
-                names.append(name)
+    for klass in reversed(registry[name].config.__mro__):
+        for found in (vars(klass).get("family"), registered.get(klass)):
+            if found and found not in names:
+                names.append(found)
     return names
 
 
 def preset_files(guidance: str, representation: str, prior: str) -> list[str]:
-    """The preset files a run's layers 2-4 read, in order (those that exist): a later file wins."""
+    """The preset files a run's layers 2-4 read, in order (those that exist): a later file wins.
+    A guidance method's file for a representation applies along the representation's ancestry
+    (``sds-gaussians.yaml`` to the surfels, built on the 3D Gaussians); the representation's own
+    file only to itself (``nerf.yaml``'s smoothing is not the SDF NeRF's)."""
     priors = prior_preset_names(prior)
     names = [f"representations/{representation}.yaml", f"guidance/{guidance}.yaml",
-             f"guidance/{guidance}-{representation}.yaml", *(f"priors/{n}.yaml" for n in priors),
-             *(f"priors/{n}-{guidance}.yaml" for n in priors)]
+             *(f"guidance/{guidance}-{n}.yaml" for n in ancestry_names(REPRESENTATIONS, representation)),
+             *(f"priors/{n}.yaml" for n in priors), *(f"priors/{n}-{guidance}.yaml" for n in priors)]
     return [n for n in names if _config_text(n) is not None]
 
 
