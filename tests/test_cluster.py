@@ -252,8 +252,11 @@ def test_ctrl_c_on_a_cluster_batch_leaves_the_jobs_running(cluster, tmp_path):
     args = [sys.executable, "-m", "threedgen", "batch", str(f), "--backend", "ray", "--ray-address", cluster.address,
             "--state", str(state), "--outputs", str(tmp_path / "outputs"), "--runs", str(tmp_path / "runs"),
             "--report", str(tmp_path / "batch.json"), *[x for item in FAST for x in ("--set", item)]]
+    # A suite started in the background (`pytest &`) ignores SIGINT, and a child inherits that:
+    # the batch gets the default disposition back, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: (state / "jobs.sqlite").exists() and any(
             j.step >= 3 for j in JobStore(state / "jobs.sqlite").list()), 180)
