@@ -150,9 +150,9 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
         raise UserError(f"prior {cfg.prior.name!r} has no ground truth; `threedgen eval` scores runs of the "
                         "embedded shapes prior only")
     mesh = None
-    for name in (RunFolder(run_dir).mesh(f).name for f in ("glb", "obj", "ply")):  # the textured file first
-        if (run_dir / name).is_file():
-            mesh = trimesh.load(run_dir / name, force="mesh")
+    for path in (RunFolder(run_dir).mesh(f) for f in ("glb", "obj", "ply")):  # the textured file first
+        if path.is_file():
+            mesh = trimesh.load(path, force="mesh")
             mesh.apply_scale(1.0 / cfg.export.scale)
             break
     if mesh is None:

@@ -23,7 +23,7 @@ from threedgen.texture import bake_texture, unwrap
 from threedgen.views import render_views, write_image
 
 TEXTURE_NAME = RunFolder.TEXTURE  # the OBJ's base-colour image (the GLB embeds its own copy)
-MTL_NAME = RunFolder(".").mesh("mtl").name
+MTL_NAME = f"{RunFolder.MESH}.mtl"
 OBJECT_NAME = "threedgen"
 MATERIAL_NAME = "threedgen"  # the PBR material, and the OBJ's usemtl/newmtl
 

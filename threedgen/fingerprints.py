@@ -8,8 +8,8 @@ frozen prior is not part of it), the step's loss and the state's L2 norm, in
 (``checkpoints/verify-step-NNNNNN.pt``), so that a replay can say how far its parameters are from
 the run's and not only that they differ.
 
-Only a fresh run is fingerprinted (a resumed one starts past step 0 and leaves the file alone),
-only in one process, and never an amortised model's training.
+The runner adds it to a fresh run only (a resumed one keeps the file of its start), and
+``threedgen verify`` to its replay.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
 
-from threedgen.amortised_system import AmortisedSystem
 from threedgen.errors import UserError
 from threedgen.rundir import RunFolder, atomic_path, atomic_write_text
 
@@ -100,8 +98,7 @@ def load_state(path: Path) -> Optional[dict]:
 
 
 class FingerprintCallback(pl.Callback):
-    """Fingerprints the first ``steps`` optimizer steps of a fresh run (see the module docstring).
-    ``seconds`` is the time it spent (digests, norms, writes)."""
+    """Fingerprints the first ``steps`` optimizer steps of a fresh run (see the module docstring)."""
 
     def __init__(self, run_dir: Path, steps: int):
         self.run_dir, self.steps = Path(run_dir), int(steps)
@@ -109,20 +106,17 @@ class FingerprintCallback(pl.Callback):
         self.active = False
         self.records: list[dict] = []
         self.state_file: Optional[str] = None
-        self.seconds = 0.0
 
     def on_train_start(self, trainer, module):
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else self.steps
         self.limit = min(self.steps, max_steps)
-        self.active = (self.limit > 0 and trainer.global_step == 0 and trainer.world_size == 1
-                       and not isinstance(module, AmortisedSystem))
-        self.records, self.state_file, self.seconds = [], None, 0.0
+        self.active = self.limit > 0
+        self.records, self.state_file = [], None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
         if not self.active or step == (self.records[-1]["step"] if self.records else 0):
             return  # off, or a step skipped as non-finite (no optimizer step was taken)
-        started = time.perf_counter()
         state = module.state_dict()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         loss = float(loss) if loss is not None else None
@@ -137,12 +131,8 @@ class FingerprintCallback(pl.Callback):
                             "state_dict": {k: v.detach().cpu() if torch.is_tensor(v) else v
                                            for k, v in state.items()}}, str(tmp))
             self.state_file = path.relative_to(self.run_dir).as_posix()
-        self.seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        self._write()  # the file's "seconds" leaves out this write's own (a fraction of a millisecond)
-        self.seconds += time.perf_counter() - started
+        self._write()
 
     def _write(self) -> None:
-        data = {"format": FORMAT, "steps": self.limit, "state": self.state_file,
-                "seconds": round(self.seconds, 6), "records": self.records}
+        data = {"format": FORMAT, "steps": self.limit, "state": self.state_file, "records": self.records}
         atomic_write_text(self.run_dir / FINGERPRINTS_NAME, json.dumps(data, indent=1))

@@ -300,11 +300,8 @@ def build_manifest(cfg, run_dir: Path, device, prior=None) -> dict:
             "verify": {"steps": min(cfg.verify_steps, cfg.steps), "fingerprints": RunFolder.FINGERPRINTS}}
 
 
-def write_manifest(cfg, run_dir: Path, device, prior=None, fresh: bool = True) -> Optional[dict]:
-    """Write ``<run_dir>/manifest.json`` for a fresh run (atomically); a resumed run (``fresh``
-    false) keeps the manifest of its start. Returns what was written (None when nothing was)."""
-    if not fresh:
-        return None
+def write_manifest(cfg, run_dir: Path, device, prior=None) -> dict:
+    """Write ``<run_dir>/manifest.json`` (atomically) for a run starting; returns what was written."""
     manifest = build_manifest(cfg, run_dir, device, prior)
     atomic_write_text(Path(run_dir) / MANIFEST_NAME, json.dumps(manifest, indent=1, ensure_ascii=False))
     return manifest

@@ -72,7 +72,6 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
     CPUs, NCCL on GPUs: the amortised system's multi-process training)."""
     if progress_bar:
         callbacks = [*callbacks, StepProgressBar(label or cfg.prompt)]
-    callbacks = [FingerprintCallback(run_dir, cfg.verify_steps), *callbacks]  # threedgen verify's record
     ddp = devices * nodes > 1
     return pl.Trainer(
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -124,7 +123,9 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     trainer = None
     try:
         atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
-        write_manifest(cfg, run_dir, device, system.prior, fresh=resume is None)
+        if resume is None:  # a resumed run keeps the manifest and fingerprints of its start
+            write_manifest(cfg, run_dir, device, system.prior)
+            callbacks = [FingerprintCallback(run_dir, cfg.verify_steps), *callbacks]  # threedgen verify's record
         write_status(run_dir, "running", step=None if resume else 0, max_steps=cfg.steps,
                      backends=system.representation.backends())
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)

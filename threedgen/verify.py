@@ -18,7 +18,6 @@ still see the run's full ``steps``), recording its own manifest and fingerprints
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -66,9 +65,7 @@ def replay(cfg, steps: int, folder: Path) -> tuple[list[dict], dict, dict]:
     atomic_write_text(folder / CONFIG_NAME, to_yaml(cfg))
     manifest = write_manifest(cfg, folder, device, system.prior)
     recorder = FingerprintCallback(folder, steps)
-    # The run's own recorder (cfg.verify_steps) is off: this one records exactly ``steps`` steps.
-    trainer = make_trainer(dataclasses.replace(cfg, verify_steps=0), folder, device, progress_bar=False,
-                           callbacks=[recorder])
+    trainer = make_trainer(cfg, folder, device, progress_bar=False, callbacks=[recorder])
     trainer.fit_loop.epoch_loop.max_steps = steps  # stop early; the system's schedules keep cfg.steps
     trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), weights_only=True)
     return recorder.records, cpu_state(system), manifest
