@@ -23,12 +23,12 @@ LAYERS = {
     "threedgen.errors": 0, "threedgen.cameras": 0, "threedgen.schedule": 0, "threedgen.noise": 0,
     "threedgen.registry": 0, "threedgen.schema": 0, "threedgen.devices": 0, "threedgen.kernels": 0,
     "threedgen.rundir": 0, "threedgen.meshing": 0, "threedgen.fusion": 0, "threedgen.boxes": 0, "threedgen.modules": 0,
-    "threedgen.views": 0, "threedgen.texture": 0,
+    "threedgen.views": 0, "threedgen.texture": 0, "threedgen.rasterize": 0,
     # 1, components: priors, guidance methods, representations (and their config modules).
     "threedgen.guidance": 1, "threedgen.representations": 1,
     # 2, training: the LightningModule, callbacks, checkpoints.
     "threedgen.system": 2, "threedgen.callbacks": 2, "threedgen.checkpoints": 2, "threedgen.amortised_system": 2,
-    "threedgen.fingerprints": 2,
+    "threedgen.fingerprints": 2, "threedgen.refine": 2,
     # 3, the app: config merging, run folders, the runner, export, eval, doctor, CLI, web UI.
     "threedgen.config": 3, "threedgen.runs": 3, "threedgen.runner": 3, "threedgen.export": 3,
     "threedgen.amortised": 3, "threedgen.amortised_folder": 3, "threedgen.evaluate": 3, "threedgen.asset_metrics": 3, "threedgen.janus": 3, "threedgen.doctor": 3, "threedgen.cli": 3, "threedgen.__main__": 3,

@@ -42,10 +42,11 @@ class StepProgressBar(TQDMProgressBar):
 
 class PreviewCallback(pl.Callback):
     """Saves a two-view preview every ``preview_every`` steps (previews/latest.png too) and the
-    run's status with the step reached."""
+    run's status with the step reached. ``stage`` (a later stage's name, e.g. ``refine``): the
+    previews are named after it and the status says it; ``run_dir`` is the run folder either way."""
 
-    def __init__(self, run_dir: Path, cfg):
-        self.run_dir, self.cfg = Path(run_dir), cfg
+    def __init__(self, run_dir: Path, cfg, stage: str | None = None):
+        self.run_dir, self.cfg, self.stage = Path(run_dir), cfg, stage
         self._last = -1
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -58,9 +59,10 @@ class PreviewCallback(pl.Callback):
         image = module.preview_image()
         folder = RunFolder(self.run_dir).previews
         folder.mkdir(exist_ok=True)
-        write_image(folder / f"step-{step:06d}.png", image)
+        write_image(folder / RunFolder.preview_name(step, self.stage), image)
         write_image(RunFolder(self.run_dir).latest_preview, image)
-        write_status(self.run_dir, "running", step=step, max_steps=self.cfg.steps)
+        write_status(self.run_dir, "running", step=step, max_steps=self.cfg.steps,
+                     **({"stage": self.stage} if self.stage else {}))
 
 
 class SafeCheckpoint(pl.Callback):

@@ -3,6 +3,7 @@
     threedgen run --prompt "a red cube" [--guidance sds] [--representation nerf] [--prior auto]
                   [--steps N] [--seed N] [--out DIR] [key=value ...]
     threedgen run --resume RUN_DIR [--steps N]
+    threedgen refine RUN_DIR [--steps N] [refine.key=value ...]
     threedgen export RUN_DIR [--format glb|obj|ply ...] [--texture uv|vertex] [--faces N] [--resolution N]
     threedgen eval RUN_DIR
     threedgen guidance list
@@ -32,7 +33,7 @@ from threedgen.amortised_folder import (
     read_meta,
     read_prompt_file,
 )
-from threedgen.config import DEFAULT_LAYER, flat, parse_overrides, resolve_request
+from threedgen.config import DEFAULT_LAYER, flat, flatten, parse_overrides, resolve_request
 from threedgen.devices import cuda_for_auto
 from threedgen.errors import RunFailed, UserError
 from threedgen.guidance.config import GUIDANCE
@@ -195,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--refine", action="store_true",
+                     help="after training, refine the exported mesh's texture under the same prior (refine.enabled=true)")
+
+    rf = sub.add_parser("refine", help="refine a finished run's exported mesh under its prior (stage 2)",
+                        description="Optimise the texture (and with refine.geometry=true the vertices) of a run's "
+                                    "exported mesh.glb under the run's prior and guidance, then export and score "
+                                    "it again; prints the run folder as the last line.")
+    rf.add_argument("run_dir", metavar="RUN_DIR")
+    rf.add_argument("--steps", type=_int_arg("--steps", 1, MAX_STEPS), help="refinement steps (refine.steps)")
+    rf.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
+    rf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    rf.add_argument("overrides", nargs="*", metavar="key=value", help="refine.* settings, e.g. refine.loss=guidance")
 
     _add_export(sub)
     ev = sub.add_parser("eval", help="score a run against the truth (shapes prior)")
@@ -298,6 +311,7 @@ def _cmd_run(args) -> int:
                                           ("key=value overrides", args.overrides or None))
                  if value is not None]
         given += [f"--{k}" for k in ("guidance", "representation", "prior") if getattr(args, k) != PARSER_DEFAULTS[k]]
+        given += ["--refine"] if args.refine else []
         if given:
             raise UserError(f"--resume continues a run with its own config (only --steps may change); drop {', '.join(given)}")
         from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
@@ -306,6 +320,8 @@ def _cmd_run(args) -> int:
     else:
         if args.prompt is None:
             raise UserError('--prompt is required, e.g. threedgen run --prompt "a red cube"')
+        if args.refine:
+            args.overrides = list(args.overrides or []) + ["refine.enabled=true"]
         merged, note = _request(args).resolve()
         from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
 
@@ -313,6 +329,23 @@ def _cmd_run(args) -> int:
     status, m = RunFolder(run_dir).read_status(), RunFolder(run_dir).read_metrics()
     if m is not None:
         print(f"{_score(m)}({status.get('total_seconds', 0):.0f} s)", file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def _cmd_refine(args) -> int:
+    overrides = parse_overrides(args.overrides or [])
+    other = [k for k in flatten(overrides) if not k.startswith("refine.")]
+    if other:
+        raise UserError(f"threedgen refine takes refine.* settings only; got {', '.join(other)}")
+    if args.steps is not None:
+        overrides.setdefault("refine", {})["steps"] = args.steps
+    from threedgen.runner import refine_run  # heavy (torch, Lightning): only once the input is good
+
+    run_dir = refine_run(args.run_dir, overrides or None, progress_bar=not args.no_progress, device=args.device)
+    status, m = RunFolder(run_dir).read_status(), RunFolder(run_dir).read_metrics()
+    if m is not None and "error" not in (status.get("refine") or {}):
+        print(f"{_score(m)}({(status.get('refine') or {}).get('seconds', 0):.0f} s refining)", file=sys.stderr)
     print(run_dir)
     return 0
 
@@ -607,7 +640,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         # key=value overrides may come anywhere after `run`, between the flags too
         args, extra = parser.parse_known_args(argv)
-        if args.command in ("run", "config", "train-amortised"):
+        if args.command in ("run", "config", "train-amortised", "refine"):
             args.overrides = list(args.overrides or []) + [e for e in extra if "=" in e and not e.startswith("-")]
             extra = [e for e in extra if "=" not in e or e.startswith("-")]
         if extra:
@@ -618,7 +651,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
                     "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui, "batch": _cmd_batch,
                     "train-prior": _cmd_train_prior, "train-amortised": _cmd_train_amortised,
-                    "generate": _cmd_generate, "verify": _cmd_verify}
+                    "generate": _cmd_generate, "verify": _cmd_verify, "refine": _cmd_refine}
         return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ import trimesh
 from PIL import Image
 from trimesh.exchange.obj import export_obj
 
+from threedgen.asset_metrics import sample_texture
 from threedgen.cameras import orbit
 from threedgen.errors import UserError
 from threedgen.rundir import DISK_ERRORS, RunFolder, atomic_path, atomic_write_text
@@ -130,15 +131,42 @@ def build_asset(surface, texture: str = "uv", texture_size: int = 1024, faces: i
         vmapping, tfaces, uv = unwrap(mesh.vertices, mesh.faces, texture_size)
         positions = np.asarray(mesh.vertices)[vmapping]
         image = bake_texture(positions, tfaces, uv, texture_size, surface.colors, normals[vmapping])
-        material = trimesh.visual.material.PBRMaterial(
-            name=MATERIAL_NAME, baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
-            metallicFactor=0.0, roughnessFactor=0.8)
-        textured = trimesh.Trimesh(positions * scale, tfaces, process=False,
-                                   visual=trimesh.visual.TextureVisuals(uv=uv, material=material))
-        textured.vertex_normals = normals[vmapping]  # the welded mesh's: smooth across chart seams
+        textured = textured_mesh(positions, tfaces, uv, image, normals[vmapping], scale)
     colored.apply_scale(scale)
     colored.vertex_normals = normals
     return Asset(colored, textured, image, float(scale))
+
+
+def textured_mesh(positions: np.ndarray, faces: np.ndarray, uv: np.ndarray, image: np.ndarray,
+                  normals: np.ndarray, scale: float):
+    """The chart mesh the GLB and OBJ hold: ``positions`` (world units) x ``scale``, glTF ``uv``,
+    the PBR material with ``image`` as base colour, and the welded surface's vertex ``normals``
+    (smooth across chart seams)."""
+    material = trimesh.visual.material.PBRMaterial(
+        name=MATERIAL_NAME, baseColorTexture=Image.fromarray(image), baseColorFactor=[255, 255, 255, 255],
+        metallicFactor=0.0, roughnessFactor=0.8)
+    textured = trimesh.Trimesh(np.asarray(positions) * scale, faces, process=False,
+                               visual=trimesh.visual.TextureVisuals(uv=uv, material=material))
+    textured.vertex_normals = normals
+    return textured
+
+
+def mesh_asset(start, scale: float = 1.0) -> Asset:
+    """The asset of a mesh that is exported as it is (a refined mesh, ``MeshStart``-like: surface
+    ``positions``/``faces``, charts ``uv``/``tex_faces``/``vmapping``, ``image``): the surface with
+    vertex colours (the texture at each vertex's UV in one of its charts) and the textured charts."""
+    surface = trimesh.Trimesh(np.asarray(start.positions, np.float64), start.faces, process=False)
+    normals = np.asarray(surface.vertex_normals)
+    vertex_uv = np.zeros((len(surface.vertices), 2), np.float64)
+    vertex_uv[np.asarray(start.vmapping)] = start.uv
+    rgb = (sample_texture(start.image, vertex_uv) * 255).round().astype(np.uint8)
+    surface.visual = trimesh.visual.ColorVisuals(surface, vertex_colors=np.concatenate(
+        [rgb, np.full((len(rgb), 1), 255, np.uint8)], 1))
+    surface.apply_scale(scale)
+    surface.vertex_normals = normals
+    textured = textured_mesh(np.asarray(start.positions)[start.vmapping], start.tex_faces, start.uv, start.image,
+                             normals[start.vmapping], scale)
+    return Asset(surface, textured, start.image, float(scale))
 
 
 def _write_obj(asset: Asset, path: Path) -> list[Path]:
@@ -206,9 +234,13 @@ def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolut
     """Meshes, a turntable and a 4-view preview (2 x 2) for a trained representation (arguments left None
     come from ``cfg.export``)."""
     ec = cfg.export
-    surface = representation.extract_surface(resolution or ec.resolution)
-    asset = build_asset(surface, texture or ec.texture, ec.texture_size, ec.faces if faces is None else faces,
-                        ec.scale)
+    current = getattr(representation, "current", None)
+    if current is not None:  # a mesh (the refinement's): exported as it is, with its own texture
+        asset = mesh_asset(current(), ec.scale)
+    else:
+        surface = representation.extract_surface(resolution or ec.resolution)
+        asset = build_asset(surface, texture or ec.texture, ec.texture_size, ec.faces if faces is None else faces,
+                            ec.scale)
     mesh = asset.mesh
     files = export_meshes(asset, run_dir, formats or ec.formats) + list(representation.export_files(run_dir))
     distance = float(np.mean(cfg.camera.distance_range))

@@ -125,6 +125,15 @@ class RunFolder:
     TEXTURE = "mesh_texture.png"  # the OBJ's base-colour image (the GLB embeds its own copy)
     SPLATS = "splats.ply"
     VIDEO, GIF = "turntable.mp4", "turntable.gif"
+    REFINE = "refine"  # stage 2's own checkpoints and log, and the mesh it started from
+    REFINE_START = "start.npz"
+    FAILED_REFINE = "refine-failed"  # a refinement that failed for good, set aside
+
+    @classmethod
+    def preview_name(cls, step: int, stage: Optional[str] = None) -> str:
+        """A training preview's file name in ``previews/``: ``step-000100.png``, or with the stage
+        (``refine-step-000050.png``) for a later stage's."""
+        return f"{stage + '-' if stage else ''}step-{step:06d}.png"
 
     def __init__(self, path):
         self.path = Path(path)
@@ -151,6 +160,9 @@ class RunFolder:
     splats = property(lambda self: self._at(self.SPLATS))
     video = property(lambda self: self._at(self.VIDEO))
     gif = property(lambda self: self._at(self.GIF))
+    refine = property(lambda self: self._at(self.REFINE))
+    refine_start = property(lambda self: self._at(self.REFINE, self.REFINE_START))
+    failed_refine = property(lambda self: self._at(self.FAILED_REFINE))
 
     def mesh(self, fmt: str) -> Path:
         """``mesh.<fmt>``: glb, obj, ply, or mtl (the OBJ's material file)."""
@@ -188,7 +200,7 @@ def _read_json(path: Path) -> dict:
 
 # Keys of status.json that describe the whole run, not one moment of it: a later write without
 # them keeps the earlier value (previews, failures and interruptions do not lose them).
-RUN_KEYS = ("backends",)
+RUN_KEYS = ("backends", "coarse")  # coarse: stage 1's numbers once a refinement follows it
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:

@@ -8,6 +8,8 @@ truth.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
+from threedgen import refine as refine_stage
 from threedgen.callbacks import PreviewCallback, RunFolderCheckpointIO, SafeCheckpoint, StepProgressBar
 from threedgen.cameras import CameraSampler
 from threedgen.checkpoints import choose_checkpoint, read_checkpoint, save_checkpoint
@@ -43,7 +46,7 @@ from threedgen.runs import (
 )
 from threedgen.system import CameraDataModule, DivergedError, System
 
-__all__ = ["run", "finish_run", "build_components", "make_trainer", "trainer_devices", "load_trained", "load_representation",
+__all__ = ["run", "refine", "refine_run", "finish_run", "build_components", "make_trainer", "trainer_devices", "load_trained", "load_representation",
            "quiet_libraries", "open_run", "out_of_memory", "as_run_failure"]
 
 
@@ -66,20 +69,22 @@ def trainer_devices(device: torch.device):
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_bar: bool = True, callbacks=(),
-                 label: Optional[str] = None, devices: int = 1, nodes: int = 1):
+                 label: Optional[str] = None, devices: int = 1, nodes: int = 1, stage: Optional[str] = None):
     """The Lightning trainer of a run: checkpoints, previews, the CSV log and the progress bar
     (``label``: its text, default the prompt). ``devices`` x ``nodes`` above 1 is DDP (gloo on
-    CPUs, NCCL on GPUs: the amortised system's multi-process training)."""
+    CPUs, NCCL on GPUs: the amortised system's multi-process training). ``stage`` (``refine``): a
+    later stage, whose checkpoints and log go to its own folder in the run folder."""
     if progress_bar:
         callbacks = [*callbacks, StepProgressBar(label or cfg.prompt)]
     ddp = devices * nodes > 1
+    folder = RunFolder(run_dir).refine if stage else run_dir
     return pl.Trainer(
         max_steps=cfg.steps, accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=devices if ddp else trainer_devices(device), num_nodes=nodes, strategy="ddp" if ddp else "auto",
-        logger=CSVLogger(run_dir, name=RunFolder.LOGS, version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
-        callbacks=[SafeCheckpoint(run_dir, cfg.checkpoint_every), PreviewCallback(run_dir, cfg), *callbacks],
+        logger=CSVLogger(folder, name=RunFolder.LOGS, version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
+        callbacks=[SafeCheckpoint(folder, cfg.checkpoint_every), PreviewCallback(run_dir, cfg, stage), *callbacks],
         plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=folder, max_epochs=-1)
 
 
 def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,
@@ -130,9 +135,21 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
                      backends=system.representation.backends())
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
         _fit(trainer, system, cfg, ckpt_path, run_dir)
-        _finish(trainer, system, cfg, run_dir, device, started)
+        refining = cfg.refine.enabled
+        published = refining and resume is not None and RunFolder(run_dir).refine_start.is_file()
+        if published:  # stage 1's asset was published before; the refinement continues
+            coarse = RunFolder(run_dir).read_status().get("coarse") or {}
+        else:
+            coarse = _finish(trainer, system, cfg, run_dir, device, started, final=not refining)
+        if refining:
+            trainers = [trainer]  # refine() adds its own, for the status of an interrupt or a failure
+            try:
+                refine(run_dir, cfg, device, system.prior, system.embeds, coarse, fresh=not published,
+                       progress_bar=progress_bar, trainers=trainers)
+            finally:
+                trainer = trainers[-1]
     except KeyboardInterrupt:
-        _try_status(run_dir, "interrupted", max_steps=cfg.steps,
+        _try_status(run_dir, "interrupted", max_steps=trainer.max_steps if trainer is not None else cfg.steps,
                     step=int(trainer.global_step) if trainer is not None else None)
         raise
     except BaseException as exc:
@@ -159,9 +176,10 @@ def _fit(trainer, system: System, cfg: RunConfig, ckpt_path: Optional[str], run_
         raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
 
 
-def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, started: float) -> None:
+def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, started: float, final: bool = True) -> dict:
     """After training: the last checkpoint, the export, the eval (where the prior has a truth) and
-    the final status with each phase's seconds."""
+    the status with each phase's seconds (succeeded when ``final``, else running: a refinement
+    follows). Returns the status written."""
     # Lightning's teardown moved the module to the CPU; export renders on the run's device.
     system.to(device)
     if not system.state_finite():
@@ -171,18 +189,19 @@ def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, star
     train_seconds = time.time() - started
     system.representation.eval()
     has_truth = system.prior.truth(cfg.prompt) is not None
-    finish_run(system.representation, cfg, run_dir, started, evaluate=has_truth, system=system,
-               step=int(trainer.global_step), skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
-               rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2))
+    return finish_run(system.representation, cfg, run_dir, started, evaluate=has_truth, system=system,
+                      state="succeeded" if final else "running", step=int(trainer.global_step),
+                      skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
+                      rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2))
 
 
 def finish_run(representation, cfg: RunConfig, run_dir: Path, started: float, evaluate: bool = True, system=None,
-               **status) -> dict:
+               state: str = "succeeded", **status) -> dict:
     """What every way of making a representation ends with (an optimised run, an amortised
     generation, a later stage): the export, the eval where ``evaluate`` (and ``cfg.export.evaluate``)
-    and the prior knows the truth, and ``status.json`` = succeeded with each phase's seconds and
-    the given ``status`` keys. ``system``: the run's own, so the eval reuses its prior. Returns the
-    status written."""
+    and the prior knows the truth, and ``status.json`` = ``state`` (succeeded) with each phase's
+    seconds and the given ``status`` keys. ``system``: the run's own, so the eval reuses its prior.
+    Returns the status written."""
     export_started = time.time()
     summary = export_run_outputs(representation, cfg, run_dir)
     export_seconds = time.time() - export_started
@@ -191,8 +210,109 @@ def finish_run(representation, cfg: RunConfig, run_dir: Path, started: float, ev
               "eval_seconds": round(time.time() - export_started - export_seconds, 2),
               "total_seconds": round(time.time() - started, 2), "mesh_faces": summary["faces"],
               "mask_iou": None if metrics is None else metrics["mask_iou"]}
+    write_status(run_dir, state, **status)
+    return status
+
+
+def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, fresh: bool = True,
+           progress_bar: bool = True, trainers: Optional[list] = None) -> dict:
+    """Stage 2 (``threedgen.refine``) on a run folder whose stage-1 asset is published: from
+    ``mesh.glb`` when ``fresh`` (an earlier refinement's folder is replaced), else continuing the
+    refinement's last checkpoint. Ends like stage 1: the refined asset exported and scored, and
+    ``status.json`` succeeded with both stages' steps and seconds (``coarse``: stage 1's status,
+    ``refine``: this stage's). A refinement that fails for good (diverged, or a mesh it cannot
+    refine) leaves stage 1's asset published and says so in ``status.json`` (``refine.error``).
+    ``trainers``: the stage's trainer is appended (the caller's status on an interrupt)."""
+    folder = RunFolder(run_dir)
+    started = time.time()
+    write_status(run_dir, "running", stage=refine_stage.STAGE, step=0, max_steps=cfg.refine.steps, coarse=coarse)
+    try:
+        if fresh:
+            start = refine_stage.load_start(run_dir, cfg)
+            shutil.rmtree(folder.refine, ignore_errors=True)
+            refine_stage.save_start(run_dir, start)
+            ckpt_path = None
+        else:
+            start = refine_stage.read_start(run_dir)
+            chosen = choose_checkpoint(folder.refine, warn=warn_checkpoint, repair=True)
+            ckpt_path = str(chosen) if chosen is not None else None
+        system = refine_stage.build_refine_system(cfg, prior, embeds, start, device)
+        trainer = make_trainer(system.cfg, run_dir, device, progress_bar, label=f"refine: {cfg.prompt}",
+                               stage=refine_stage.STAGE)
+        if trainers is not None:
+            trainers.append(trainer)
+        _fit(trainer, system, system.cfg, ckpt_path, run_dir)
+        system.to(device)
+        if not system.state_finite():
+            raise DivergedError("the refinement diverged: its parameters are not finite")
+        if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
+            save_checkpoint(trainer, folder.refine)
+    except (DivergedError, UserError) as exc:
+        return _keep_coarse(run_dir, coarse, str(exc))
+    train_seconds = time.time() - started
+    system.representation.eval()
+    has_truth = prior.truth(cfg.prompt) is not None
+    before = float(coarse.get("total_seconds") or 0.0)
+    return finish_run(system.representation, cfg, run_dir, started - before, evaluate=has_truth, system=system,
+                      **refine_stage.stage_keys(coarse), coarse=coarse,
+                      refine={"step": int(trainer.global_step), "max_steps": cfg.refine.steps,
+                              "skipped_steps": system.skipped_steps, "rollbacks": system.rollbacks,
+                              "train_seconds": round(train_seconds, 2),
+                              "seconds": round(time.time() - started, 2)})
+
+
+def _keep_coarse(run_dir: Path, coarse: dict, error: str) -> dict:
+    """A refinement that failed for good: stage 1's asset stays the published one, its folder is
+    set aside (so export and eval read stage 1 again) and the status says what happened."""
+    folder = RunFolder(run_dir)
+    if folder.refine.exists():
+        shutil.rmtree(folder.failed_refine, ignore_errors=True)
+        os.replace(folder.refine, folder.failed_refine)
+    message = error.splitlines()[0] if error else "failed"
+    print_err(f"threedgen: the refinement failed ({message}); the stage-1 asset stays the published one")
+    status = {**coarse, "coarse": coarse, "refine": {"error": message}}
+    status.pop("status", None)
+    status.pop("time", None)
     write_status(run_dir, "succeeded", **status)
     return status
+
+
+def refine_run(run_dir: str | Path, flags: Optional[dict] = None, progress_bar: bool = True,
+               device: Optional[str] = None) -> Path:
+    """``threedgen refine RUN_DIR``: stage 2 on a finished run folder (its ``refine.*`` settings
+    from the folder's config, then ``flags``), from the folder's published ``mesh.glb``. The
+    config is saved with the refinement on, so ``threedgen run --resume`` continues it."""
+    quiet_libraries()
+    cfg, run_dir = run_config(run_dir, flags)
+    cfg.refine.enabled = True
+    if device is not None:
+        cfg.device = device
+    status = RunFolder(run_dir).read_status()
+    if status.get("status") != "succeeded":
+        raise UserError(f"run {str(run_dir)!r} has not finished (status {status.get('status') or 'unknown'}); "
+                        f"finish it first: threedgen run --resume {run_dir}")
+    refine_stage.load_start(run_dir, cfg)  # its one-line errors before the prior is built
+    check_writable(run_dir)
+    dev = resolve_device(cfg.device)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    prior = priors.build_prior(cfg.prior, dev)
+    embeds = prior.encode_prompt(cfg.prompt, cfg.negative_prompt)
+    coarse = status.get("coarse") or {k: v for k, v in status.items() if k not in ("status", "time", "refine")}
+    atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
+    trainers: list = []
+    try:
+        refine(run_dir, cfg, dev, prior, embeds, coarse, fresh=True, progress_bar=progress_bar, trainers=trainers)
+    except KeyboardInterrupt:
+        _try_status(run_dir, "interrupted", stage=refine_stage.STAGE, max_steps=cfg.refine.steps, coarse=coarse,
+                    step=int(trainers[-1].global_step) if trainers else None)
+        raise
+    except BaseException as exc:
+        failure = as_run_failure(exc, run_dir, cfg)
+        if failure is None:
+            raise
+        _try_status(run_dir, "failed", error=str(failure), stage=refine_stage.STAGE, coarse=coarse)
+        raise failure from exc
+    return run_dir
 
 
 def _try_status(run_dir: Path, status: str, **extra) -> None:

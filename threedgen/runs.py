@@ -17,6 +17,7 @@ from threedgen.checkpoints import CorruptCheckpoint, choose_checkpoint, read_che
 from threedgen.config import RunConfig, load_run_config
 from threedgen.devices import resolve_device
 from threedgen.errors import UserError
+from threedgen.refine import build_mesh, read_start, refine_config, refined
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.rundir import RunFolder
 
@@ -78,7 +79,12 @@ def load_representation(run_dir: str | Path, device: str | None = None):
     quiet_libraries()
     cfg, run_dir, ckpt = open_run(run_dir)
     dev = resolve_device(device or cfg.device)
-    representation = REPRESENTATIONS[cfg.representation.name].cls(cfg.representation, dev).to(dev)
-    load_state(representation, ckpt, run_dir, dev, prefix="representation.")
+    if refined(run_dir):  # stage 2 ran: its mesh is the run's result
+        folder = RunFolder(run_dir).refine
+        representation = build_mesh(refine_config(cfg), read_start(run_dir), dev)
+        load_state(representation, choose_checkpoint(folder, warn=warn_checkpoint), folder, dev, prefix="representation.")
+    else:
+        representation = REPRESENTATIONS[cfg.representation.name].cls(cfg.representation, dev).to(dev)
+        load_state(representation, ckpt, run_dir, dev, prefix="representation.")
     representation.eval()
     return cfg, representation, run_dir

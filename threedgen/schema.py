@@ -201,6 +201,72 @@ class ExportConfig:
         check_range("export.video_elevation", self.video_elevation, -90, 90)
 
 
+REFINE_LOSSES = ("denoised", "guidance")
+
+
+@dataclass
+class RefineConfig:
+    """Stage 2: the exported mesh refined under the same prior (`threedgen refine`, `--refine`)."""
+
+    enabled: bool = False
+    """Refine the exported mesh after training (`threedgen run --refine`)."""
+    steps: int = 100
+    """Optimisation steps of the refinement."""
+    loss: str = "denoised"
+    """denoised: MSE to the prior's own multi-step denoise of each render from a moderate noise level (DreamGaussian's stage 2); guidance: the run's guidance method."""
+    strength: float = 0.3
+    """denoised: the noise level the denoise starts from, as a fraction of the prior's timesteps."""
+    denoise_steps: int = 3
+    """denoised: DDIM steps from that level down to a clean image."""
+    guidance_scale: float = 7.5
+    """denoised: classifier-free guidance scale of the denoise."""
+    min_step_percent: float = 0.02
+    """guidance: lowest timestep, as a fraction of the prior's."""
+    max_step_percent: float = 0.5
+    """guidance: highest timestep, as a fraction of the prior's."""
+    resolution: int = 0
+    """Render size in pixels (0: render.resolution, the prior's)."""
+    supersample: int = 2
+    """Rays per pixel along each axis (edges antialiased)."""
+    texture_resolution: int = 128
+    """Side of the texture correction's grid, added to the baked texture (bilinear)."""
+    texture_lr: float = 0.01
+    """Learning rate of the texture correction."""
+    geometry: bool = False
+    """Also move the mesh's vertices (per-vertex offsets; the surface stays closed)."""
+    geometry_lr: float = 0.0005
+    """Learning rate of the vertex offsets, world units."""
+    lambda_laplacian: float = 100.0
+    """geometry: weight of the offsets' uniform Laplacian."""
+    lambda_normal: float = 1.0
+    """geometry: weight of 1 - cos between neighbouring faces' normals."""
+
+    def check(self) -> None:
+        check_int("refine.steps", self.steps, 1, MAX_STEPS)
+        if self.loss not in REFINE_LOSSES:
+            raise UserError(f"refine.loss must be one of {', '.join(REFINE_LOSSES)}; got {self.loss!r}")
+        check_range("refine.strength", self.strength, 0.01, 1)
+        check_int("refine.denoise_steps", self.denoise_steps, 1, 100)
+        check_range("refine.guidance_scale", self.guidance_scale, 0, 1000)
+        check_range("refine.min_step_percent", self.min_step_percent, 0, 1)
+        check_range("refine.max_step_percent", self.max_step_percent, 0, 1)
+        if self.min_step_percent > self.max_step_percent:
+            raise UserError(f"refine.min_step_percent ({self.min_step_percent}) is above refine.max_step_percent "
+                            f"({self.max_step_percent})")
+        check_int("refine.resolution", self.resolution, 0, 2048)
+        if 0 < self.resolution < 8:
+            raise UserError(f"refine.resolution must be 0 (the render resolution) or from 8 to 2048; got {self.resolution}")
+        check_int("refine.supersample", self.supersample, 1, 4)
+        check_int("refine.texture_resolution", self.texture_resolution, 4, 4096)
+        check_range("refine.texture_lr", self.texture_lr, 0, 10)
+        check_range("refine.geometry_lr", self.geometry_lr, 0, 1)
+        check_range("refine.lambda_laplacian", self.lambda_laplacian, 0, 1e9)
+        check_range("refine.lambda_normal", self.lambda_normal, 0, 1e9)
+        for name in ("enabled", "geometry"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"refine.{name} must be true or false; got {getattr(self, name)!r}")
+
+
 @dataclass
 class RunConfig:
     prompt: str = ""
@@ -235,6 +301,8 @@ class RunConfig:
     """Adam and divergence handling."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Meshes, textures, turntable and evaluation after training."""
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    """Stage 2: the exported mesh refined under the same prior."""
 
     def check(self, whole_run: bool = True) -> None:
         """Every rule of every section, once. ``whole_run`` adds the prompt (cleaned in place) and
@@ -249,9 +317,11 @@ class RunConfig:
         check_int("preview_every", self.preview_every, 1, MAX_STEPS)
         check_int("verify_steps", self.verify_steps, 0, MAX_VERIFY_STEPS)
         check_device(self.device)
-        for section in (self.camera, self.render, self.loss, self.optimizer, self.export,
+        for section in (self.camera, self.render, self.loss, self.optimizer, self.export, self.refine,
                         self.guidance, self.representation, self.prior):
             section.check()
+        if self.refine.enabled and self.export.texture != "uv":
+            raise UserError("refine.enabled needs export.texture=uv: the refinement optimises the mesh's UV texture")
         scale = getattr(self.guidance, "guidance_scale", 0.0)
         if not (math.isfinite(scale) and scale >= 0):
             raise UserError(f"guidance.guidance_scale must be a finite number >= 0; got {scale}")
