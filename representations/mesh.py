@@ -28,7 +28,7 @@ from scipy.spatial import cKDTree
 
 from threedgen.boxes import box_points
 from threedgen.errors import UserError
-from threedgen.rasterize import barycentrics, interpolate, rasterize, sample_texture
+from threedgen.rasterize import antialias, barycentrics, face_neighbours, interpolate, rasterize, sample_texture
 from threedgen.representations.base import RenderOutput, Representation
 
 
@@ -113,6 +113,7 @@ class TexturedMesh(Representation):
         edges = trimesh.Trimesh(start.positions, start.faces, process=False).edges_unique
         self.register_buffer("edges", torch.as_tensor(np.array(edges), **as_long), **keep)
         self.register_buffer("adjacent", torch.as_tensor(face_adjacency(start.faces), **as_long), **keep)
+        self.register_buffer("neighbours", face_neighbours(self.faces), **keep)  # [F,3]: across each edge
 
     # ---- geometry ---------------------------------------------------------------------------
     def vertices(self) -> torch.Tensor:
@@ -173,6 +174,11 @@ class TexturedMesh(Representation):
         if len(ids):
             rgb = rgb.index_put((mask,), colour)
             depth = depth.index_put((mask,), t[:, None].to(alpha))
+        if self.geometry:  # the silhouette's gradient: edges antialiased analytically
+            nearest = torch.where(mask, depth[..., 0].detach(), torch.full_like(depth[..., 0], float("inf")))
+            both = antialias(torch.cat([rgb, alpha], -1), frags.face, nearest, vertices, self.faces, self.neighbours,
+                             cameras)
+            rgb, alpha = both[..., :3], both[..., 3:]
         if s > 1:
             def pool(x):
                 return torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,42 @@ def test_run_refine_flag_rules(tmp_path, capsys):
                                   "--out", str(tmp_path)])
     assert code == 2 and "refine.enabled needs export.texture=uv" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_web_job_refines_and_its_view_says_which_stage(tmp_path):
+    """A server that refines every job (`threedgen webui --set refine.enabled=true`): the job
+    reports stage 2's progress (its steps become the refinement's) and ends with the refined
+    asset; the job view says when the mesh is being refined and when a refinement failed."""
+    from threedgen.webui.app import WebUI
+    from threedgen.webui.service import Service, Settings
+
+    fast = ["prior.shapes=[cube,torus]", "export.resolution=32", "export.video_frames=4", "export.video_resolution=32",
+            "export.faces=800", "export.texture_size=256", "export.evaluate=false", "checkpoint_every=5",
+            "preview_every=5", "refine.enabled=true", "refine.steps=6"]
+    svc = Service(Settings(outputs=tmp_path / "out", state=tmp_path / "state", overrides=fast))
+    [job] = svc.submit("a red cube", "", "sds", "nerf", "shapes", 8, "0", "")
+    svc.pool.start()
+    try:
+        deadline = time.time() + 300
+        while svc.status(job)["status"] not in ("succeeded", "failed") and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        svc.close()
+    status = svc.status(job)
+    assert status["status"] == "succeeded", status
+    run_dir = svc.store.get(job).run_dir
+    assert run_dir and not run_dir.endswith("refine"), run_dir  # the run folder, not the stage's
+    run = json.loads((Path(run_dir) / "status.json").read_text())
+    assert run["refine"]["step"] == 6 and run["coarse"]["step"] == 8
+    assert status["step"] == 6 and status["max_steps"] == 6  # the last progress reported was stage 2's
+    assert status["stage"] is None and status["refine_error"] is None
+    assert {"glb", "preview"} <= set(status["files"])
+    ui = WebUI(svc.settings)
+    run["status"], run["stage"] = "running", "refine"
+    (Path(run_dir) / "status.json").write_text(json.dumps(run))
+    assert svc.status(job)["stage"] == "refine" and "refining the mesh (stage 2)" in ui.job_view(job)[0]
+    run["status"], run["refine"] = "succeeded", {"error": "diverged: 10 non-finite steps in a row"}
+    run.pop("stage")
+    (Path(run_dir) / "status.json").write_text(json.dumps(run))
+    line = ui.job_view(job)[0]
+    assert "the mesh refinement failed (diverged" in line and "the files are the stage-1 asset" in line, line

@@ -84,7 +84,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
         logger=CSVLogger(folder, name=RunFolder.LOGS, version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
         callbacks=[SafeCheckpoint(folder, cfg.checkpoint_every), PreviewCallback(run_dir, cfg, stage), *callbacks],
         plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=folder, max_epochs=-1)
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
 
 
 def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,
@@ -128,6 +128,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     trainer = None
     try:
         atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
+        stage_callbacks = list(callbacks)  # the caller's (a web job's progress): a refinement reports too
         if resume is None:  # a resumed run keeps the manifest and fingerprints of its start
             write_manifest(cfg, run_dir, device, system.prior)
             callbacks = [FingerprintCallback(run_dir, cfg.verify_steps), *callbacks]  # threedgen verify's record
@@ -145,7 +146,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
             trainers = [trainer]  # refine() adds its own, for the status of an interrupt or a failure
             try:
                 refine(run_dir, cfg, device, system.prior, system.embeds, coarse, fresh=not published,
-                       progress_bar=progress_bar, trainers=trainers)
+                       progress_bar=progress_bar, trainers=trainers, callbacks=stage_callbacks)
             finally:
                 trainer = trainers[-1]
     except KeyboardInterrupt:
@@ -215,14 +216,15 @@ def finish_run(representation, cfg: RunConfig, run_dir: Path, started: float, ev
 
 
 def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, fresh: bool = True,
-           progress_bar: bool = True, trainers: Optional[list] = None) -> dict:
+           progress_bar: bool = True, trainers: Optional[list] = None, callbacks=()) -> dict:
     """Stage 2 (``threedgen.refine``) on a run folder whose stage-1 asset is published: from
     ``mesh.glb`` when ``fresh`` (an earlier refinement's folder is replaced), else continuing the
     refinement's last checkpoint. Ends like stage 1: the refined asset exported and scored, and
     ``status.json`` succeeded with both stages' steps and seconds (``coarse``: stage 1's status,
     ``refine``: this stage's). A refinement that fails for good (diverged, or a mesh it cannot
     refine) leaves stage 1's asset published and says so in ``status.json`` (``refine.error``).
-    ``trainers``: the stage's trainer is appended (the caller's status on an interrupt)."""
+    ``trainers``: the stage's trainer is appended (the caller's status on an interrupt);
+    ``callbacks``: the caller's Lightning callbacks for this stage's trainer (progress reports)."""
     folder = RunFolder(run_dir)
     started = time.time()
     write_status(run_dir, "running", stage=refine_stage.STAGE, step=0, max_steps=cfg.refine.steps, coarse=coarse)
@@ -237,7 +239,7 @@ def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, f
             chosen = choose_checkpoint(folder.refine, warn=warn_checkpoint, repair=True)
             ckpt_path = str(chosen) if chosen is not None else None
         system = refine_stage.build_refine_system(cfg, prior, embeds, start, device)
-        trainer = make_trainer(system.cfg, run_dir, device, progress_bar, label=f"refine: {cfg.prompt}",
+        trainer = make_trainer(system.cfg, run_dir, device, progress_bar, callbacks, label=f"refine: {cfg.prompt}",
                                stage=refine_stage.STAGE)
         if trainers is not None:
             trainers.append(trainer)

@@ -156,6 +156,8 @@ class WebUI(Service):
         files = {k: self.file(job_id, k) for k in st["files"]}
         line = (f"**{st['status']}** · step {st['step']}/{st['max_steps']} · "
                 f"prompt: {_escape_md(st['prompt'] or '')} · seed {st['seed']}")
+        if st.get("stage") == "refine":
+            line += " · refining the mesh (stage 2)"
         if st["eta_seconds"] is not None:
             line += f" · ETA {int(st['eta_seconds'])} s"
         if st["node"]:
@@ -172,6 +174,8 @@ class WebUI(Service):
             line += f" · automatic restarts {st['restarts']}"
         if st["error"]:
             line += f"\n\n{_escape_md(st['error'])}"
+        if st.get("refine_error"):
+            line += f"\n\nthe mesh refinement failed ({_escape_md(st['refine_error'])}); the files are the stage-1 asset"
         if "metrics" in files:
             line += score_line(files["metrics"])
         downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "splats", "video") if k in files]

@@ -205,9 +205,14 @@ class Service:
 
     def _status(self, job: Job) -> dict:
         public = self.settings.outputs / job.id
+        run = RunFolder(job.run_dir).read_status() if job.run_dir else {}
+        refine = run.get("refine") if isinstance(run.get("refine"), dict) else {}
         return {**self._summary(job), "history": job.history,
                 "files": sorted(k for k in PUBLIC_NAMES if self._public_file(public, k) is not None),
-                "manifest": self._manifest_hash(job)}
+                "manifest": self._manifest_hash(job),
+                # stage 2: "refine" while the mesh is refined; its error when it failed for good
+                "stage": run.get("stage") if run.get("status") == "running" else None,
+                "refine_error": refine.get("error")}
 
     @staticmethod
     def _manifest_hash(job: Job) -> Optional[str]:
