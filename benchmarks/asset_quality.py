@@ -10,7 +10,16 @@ of ``--render`` prompts, and ``--montage`` puts them side by side, baseline abov
 
     python benchmarks/asset_quality.py [--baseline /tmp/before] [--prompts ...]
         [--representations nerf nerf-sdf gaussians surfels] [--seeds 0 1]
+        [--refine [--refine-set refine.key=value ...]]
         [--json results.json] [--write BENCHMARKS.md] [--montage docs/asset-quality.png] [-- key=value ...]
+
+With ``--refine`` every run is also refined (stage 2): a copy of its folder goes through
+`threedgen refine COPY [--refine-set ...]` and is scored again, so each cell reads before -> after
+refinement; the time refinement adds is the refined status's ``total_seconds`` minus its coarse
+stage's (the work inside the run, without a second process's start-up), against the coarse
+stage's whole run time. The mean colour of the surface facing up (normal within 25 degrees of +Y)
+and of the sides (within 25 degrees of horizontal) is reported beside the truth's there, and the
+montage gets the refined row.
 
 With several seeds, each (prompt, representation) runs once per seed; the summary gives, per
 representation, the median over prompts and seeds with the range, the cube's flat faces (the share
@@ -25,9 +34,12 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +86,64 @@ def flat_area(mesh_path: Path, degrees: float = FLAT_DEGREES) -> float:
     return float(mesh.area_faces[near_axis].sum() / max(mesh.area_faces.sum(), 1e-12))
 
 
+def region_colours(run_dir: Path, prompt: str, n: int = 20000) -> dict:
+    """Mean RGB of the exported mesh's surface facing up (normal within 25 degrees of +Y) and of
+    its sides (within 25 degrees of horizontal), beside the truth's shaded colour at the same
+    points (the colour a representation should learn there)."""
+    import numpy as np
+    import torch
+    import trimesh
+
+    from threedgen.asset_metrics import surface_colors
+    from threedgen.guidance.priors.shapes.prior import ShapesPrior
+
+    truth = ShapesPrior.truth(prompt)
+    mesh = trimesh.load(run_dir / "mesh.glb", force="mesh")
+    points, faces = trimesh.sample.sample_surface(mesh, n, seed=0)
+    colours = surface_colors(mesh, np.asarray(points), faces)
+    true = truth.shaded_color(torch.as_tensor(np.asarray(points))).numpy()
+    up = np.asarray(mesh.face_normals)[faces][:, 1]
+    out = {}
+    for name, pick in (("top", up >= np.cos(np.radians(25))), ("side", np.abs(up) <= np.sin(np.radians(25)))):
+        if pick.any() and colours is not None:
+            out[name] = {"mesh": [round(float(v), 3) for v in colours[pick].mean(0)],
+                         "truth": [round(float(v), 3) for v in true[pick].mean(0)]}
+    return out
+
+
 def measure(prompt: str, rep: str, out: Path, extra: list[str], env: dict | None, render: bool, size: int,
             seed: int = 0) -> dict:
     row = run_once(prompt, out, ["--representation", rep, "--seed", str(seed), *extra], env=env)
     run_dir = Path(row["run_dir"])
+    return scored(row, run_dir, prompt, rep, seed, render, size)
+
+
+def scored(row: dict, run_dir: Path, prompt: str, rep: str, seed: int, render: bool, size: int) -> dict:
     metrics = score(run_dir)  # this checkout's eval, whichever code made the run
     row.update({k: metrics.get(k) for k in METRICS + ["watertight", "psnr", "height"]}, representation=rep,
-               seed=seed, flat_area=flat_area(run_dir / "mesh.glb"))
+               seed=seed, flat_area=flat_area(run_dir / "mesh.glb"), colours=region_colours(run_dir, prompt))
     row["blender"] = blender(run_dir / "mesh.glb", run_dir, size) if render else None
     return row
+
+
+def refine_once(row: dict, out: Path, settings: list[str], render: bool, size: int) -> dict:
+    """Stage 2 on a copy of a measured run's folder: the refined row (``wall``: the whole
+    `threedgen refine` command; ``added``: the seconds the refinement adds inside a run)."""
+    source = Path(row["run_dir"])
+    run_dir = out / source.parent.name / source.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(source, run_dir)
+    cmd = [sys.executable, "-m", "threedgen", "refine", str(run_dir), "--no-progress", *settings]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"refining {run_dir} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    status = json.loads((run_dir / "status.json").read_text())
+    refined = {"prompt": row["prompt"], "wall": wall, "run_dir": str(run_dir),
+               "added": status["total_seconds"] - status["coarse"]["total_seconds"],
+               "coarse_seconds": status["coarse"]["total_seconds"], "refine_error": status["refine"].get("error")}
+    return scored(refined, run_dir, row["prompt"], row["representation"], row["seed"], render, size)
 
 
 def fmt(value, digits: int) -> str:
@@ -173,8 +234,13 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every row to this file")
     ap.add_argument("--montage", default=None, help="write the Blender renders, baseline above, to this PNG")
     ap.add_argument("--write", default=None, help="append the table to this markdown file")
+    ap.add_argument("--refine", action="store_true", help="also refine every run (stage 2) and score it again")
+    ap.add_argument("--refine-set", action="append", default=[], metavar="refine.key=value",
+                    help="settings of the refinement (repeat for several)")
     ap.add_argument("overrides", nargs="*", help="extra `threedgen run` arguments (after --)")
     args = ap.parse_args()
+    if args.refine and args.baseline:
+        ap.error("--refine compares each run with its own refinement; leave out --baseline")
 
     out = Path(args.out or tempfile.mkdtemp(prefix="threedgen-assets-"))
     env = source_env(Path(args.baseline).resolve()) if args.baseline else None
@@ -188,16 +254,26 @@ def main() -> None:
                 rows.append(measure(prompt, rep, out / "after", args.overrides, None, render, args.size, seed))
                 print(f"{rep} {prompt} seed {seed}: " + ", ".join(f"{k} {fmt(rows[-1][k], 4)}" for k in METRICS),
                       file=sys.stderr)
+                if args.refine:
+                    baseline = baseline if baseline is not None else []
+                    baseline.append(rows[-1])
+                    rows[-1] = refine_once(rows[-1], out / "refined", args.refine_set, render, args.size)
+                    print(f"  refined (+{rows[-1]['added']:.1f} s): " +
+                          ", ".join(f"{k} {fmt(rows[-1][k], 4)}" for k in METRICS), file=sys.stderr)
                 if args.json:
                     Path(args.json).write_text(json.dumps({"after": rows, "before": baseline}, indent=1))
     if args.montage:
         shown = [r for r in rows if r["blender"]]
-        tiles = ([(b, "before") for b in baseline if b["blender"]] if baseline else []) + [(r, "after") for r in shown]
+        first, then = ("coarse", "refined") if args.refine else ("before", "after")
+        tiles = ([(b, first) for b in baseline if b["blender"]] if baseline else []) + [(r, then) for r in shown]
         if tiles:
             montage([t["blender"]["image"] for t, _ in tiles],
                     [f"{t['prompt']} ({t['representation']}), {when}" for t, when in tiles], Path(args.montage),
                     columns=len({t["prompt"] for t in shown}))  # a row per representation
 
+    if args.refine:
+        report("\n".join(refine_lines(rows, baseline, args)), args.write)
+        return
     lines = [f"\n## Asset quality, {datetime.date.today()}\n",
              f"`python benchmarks/asset_quality.py{' --baseline BEFORE' if baseline else ''}` on "
              f"{platform.machine()} ({platform.processor() or 'cpu'}), 2 CPU cores, torch CPU, nothing else running; "
@@ -206,6 +282,43 @@ def main() -> None:
                                             baseline else "") + "\n",
              *spread(rows), "", *table(rows, baseline), "", *summary(rows, baseline), ""]
     report("\n".join(lines), args.write)
+
+
+def refine_lines(rows: list[dict], before: list[dict], args) -> list[str]:
+    """The refinement's report: per representation the medians before and after with their
+    ranges, the time added, and per prompt the colour of the surface facing up and of the sides."""
+    head = ["representation", "stage", "runs", "IoU", "Chamfer", "normal err (deg)", "colour err",
+            "prompts with colour err > 0.10", "watertight", "s added (median; share of the run)"]
+    lines = [f"\n## Mesh refinement (stage 2), {datetime.date.today()}\n",
+             f"`python benchmarks/asset_quality.py --refine {' '.join('--refine-set ' + x for x in args.refine_set)}` "
+             f"on {platform.machine()} ({platform.processor() or 'cpu'}), 2 CPU cores, torch CPU, nothing else running: "
+             "one default `threedgen run` per cell (shapes prior), then `threedgen refine` on a copy of its folder; "
+             "both scored by `threedgen eval` on their `mesh.glb`.\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rep in list(dict.fromkeys(r["representation"] for r in rows)):
+        for stage, group in (("coarse", [b for b in before if b["representation"] == rep]),
+                             ("refined", [r for r in rows if r["representation"] == rep])):
+            cells = []
+            for key, digits in (("mask_iou", 3), ("chamfer", 4), ("normal_error_deg", 1), ("texture_color_error", 3)):
+                vals = [r[key] for r in group if r[key] is not None]
+                cells.append(f"{statistics.median(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})")
+            over = sum((r["texture_color_error"] or 0) > 0.10 for r in group)
+            added = ""
+            if stage == "refined":
+                share = statistics.median(r["added"] / r["coarse_seconds"] for r in group)
+                added = f"{statistics.median(r['added'] for r in group):.1f} ({share:.0%})"
+            lines.append(f"| {rep} | {stage} | {len(group)} | {' | '.join(cells)} | {over} of {len(group)} | "
+                         f"{sum(bool(r['watertight']) for r in group)} of {len(group)} | {added} |")
+    lines += ["", "| representation | prompt | seed | colour err | top: mesh / truth | side: mesh / truth |",
+              "|---|---|---|---|---|---|"]
+    for b, r in zip(before, rows):
+        def region(row, name):
+            c = row["colours"].get(name)
+            return f"{tuple(c['mesh'])} / {tuple(c['truth'])}" if c else "n/a"
+        for stage, row in (("coarse", b), ("refined", r)):
+            lines.append(f"| {row['representation']} | {row['prompt']} ({stage}) | {row['seed']} | "
+                         f"{fmt(row['texture_color_error'], 3)} | {region(row, 'top')} | {region(row, 'side')} |")
+    return lines
 
 
 if __name__ == "__main__":

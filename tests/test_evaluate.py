@@ -84,3 +84,17 @@ def test_view_level_soft_and_sharp():
     assert view_level(np.zeros((8, 8, 8), np.float32), bound) == float("inf")
     # Given the renders' opacity instead (every pixel opaque): a lower level, which covers more.
     assert view_level(soft, bound, alpha=np.ones(len(LEVEL_VIEWS) * LEVEL_RESOLUTION ** 2)) < lv
+
+
+def test_near_ties_take_the_smallest_turn():
+    """A yaw that beats no turn by less than YAW_TIE is noise (a torus scores alike at every yaw):
+    the search keeps the object as it is, and takes the smallest of near-equal turns."""
+    from threedgen.evaluate import YAW_TIE, smallest_turn
+
+    assert smallest_turn({0.0: 0.950, 40.0: 0.955, 90.0: 0.951}) == 0.0
+    assert smallest_turn({0.0: 0.90, 40.0: 0.955, 350.0: 0.952}) == 350.0  # -10 degrees: the smaller turn
+    assert smallest_turn({0.0: 0.90, 40.0: 0.96, 90.0: 0.93}) == 40.0
+    assert smallest_turn({0.0: 0.95 - YAW_TIE * 1.5, 30.0: 0.95}) == 30.0
+    truth = _truth("torus")
+    m = evaluate_representation(TruthRepresentation(truth, yaw=23.0), truth, 2.5, 40.0, size=32)
+    assert m["best_yaw_degrees"] == 0.0 and m["mask_iou"] == m["mask_iou_unaligned"] > 0.99

@@ -74,7 +74,7 @@ def test_a_refined_run_records_both_stages_and_exports_the_refined_mesh(tmp_path
     assert status["step"] == 20 and status["max_steps"] == 20
     assert status["coarse"]["step"] == 20 and status["coarse"]["total_seconds"] > 0
     refine = status["refine"]
-    assert refine["step"] == 12 and refine["max_steps"] == 12 and refine["seconds"] > 0
+    assert refine["step"] == 12 and refine["max_steps"] == 12 and refine["train_seconds"] > 0
     assert status["total_seconds"] >= status["coarse"]["total_seconds"] + refine["train_seconds"] - 0.01
     assert (run_dir / "refine" / "start.npz").is_file()
     assert (run_dir / "refine" / "checkpoints" / "last.ckpt").is_file()

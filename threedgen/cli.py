@@ -345,7 +345,8 @@ def _cmd_refine(args) -> int:
     run_dir = refine_run(args.run_dir, overrides or None, progress_bar=not args.no_progress, device=args.device)
     status, m = RunFolder(run_dir).read_status(), RunFolder(run_dir).read_metrics()
     if m is not None and "error" not in (status.get("refine") or {}):
-        print(f"{_score(m)}({(status.get('refine') or {}).get('seconds', 0):.0f} s refining)", file=sys.stderr)
+        added = float(status.get("total_seconds") or 0) - float((status.get("coarse") or {}).get("total_seconds") or 0)
+        print(f"{_score(m)}({added:.0f} s refining)", file=sys.stderr)
     print(run_dir)
     return 0
 

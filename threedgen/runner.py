@@ -255,12 +255,12 @@ def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, f
     system.representation.eval()
     has_truth = prior.truth(cfg.prompt) is not None
     before = float(coarse.get("total_seconds") or 0.0)
+    # total_seconds: both stages' (stage 1's as it recorded them, then this one's: training, export, eval)
     return finish_run(system.representation, cfg, run_dir, started - before, evaluate=has_truth, system=system,
                       **refine_stage.stage_keys(coarse), coarse=coarse,
                       refine={"step": int(trainer.global_step), "max_steps": cfg.refine.steps,
                               "skipped_steps": system.skipped_steps, "rollbacks": system.rollbacks,
-                              "train_seconds": round(train_seconds, 2),
-                              "seconds": round(time.time() - started, 2)})
+                              "train_seconds": round(train_seconds, 2)})
 
 
 def _keep_coarse(run_dir: Path, coarse: dict, error: str) -> dict:

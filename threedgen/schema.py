@@ -230,7 +230,7 @@ class RefineConfig:
     """Rays per pixel along each axis (edges antialiased)."""
     texture_resolution: int = 128
     """Side of the texture correction's grid, added to the baked texture (bilinear)."""
-    texture_lr: float = 0.01
+    texture_lr: float = 0.005
     """Learning rate of the texture correction."""
     geometry: bool = False
     """Also move the mesh's vertices (per-vertex offsets; the surface stays closed)."""
