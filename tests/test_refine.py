@@ -97,6 +97,13 @@ def test_a_refined_run_records_both_stages_and_exports_the_refined_mesh(tmp_path
     assert glb.visual.kind == "texture" and len(glb.faces) == len(start["faces"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["watertight"] and 0 <= metrics["texture_color_error"] <= 3 ** 0.5
+    # A refined mesh is exported as it is: the field's export options are one-line errors.
+    assert main(["export", str(run_dir), "--texture", "vertex"]) == 2
+    assert main(["export", str(run_dir), "--faces", "500"]) == 2
+    # Resuming a finished, refined run has nothing left to do: nothing is written again.
+    glb = (run_dir / "mesh.glb").stat().st_mtime_ns
+    assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert (run_dir / "mesh.glb").stat().st_mtime_ns == glb and _status(run_dir)["refine"]["step"] == 12
 
 
 def test_refining_moves_the_colour_towards_the_truth(coarse_run, tmp_path, capsys):
@@ -235,6 +242,36 @@ def test_a_refinement_that_diverges_leaves_the_stage_one_asset(coarse_run, tmp_p
     from threedgen.runs import load_representation
 
     assert type(load_representation(run_dir)[1]).__name__ != "TexturedMesh"  # export/eval read stage 1 again
+
+
+def test_a_second_refinement_starts_from_stage_one_and_its_failure_republishes_stage_one(coarse_run, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """Refining again starts from stage 1's asset (the first refinement's start), not from the
+    first refinement's result; when that second refinement fails for good, the files on disk
+    become stage 1's again (they were the first refinement's)."""
+    import threedgen.refine as refine_module
+    from threedgen.guidance.base import GuidanceOutput
+
+    run_dir = _copy(coarse_run, tmp_path)
+    coarse_texture = _texture(run_dir)
+    code, _, err = _main(capsys, ["refine", str(run_dir), "--steps", "10", "--no-progress"])
+    assert code == 0, err[-3000:]
+    start = np.load(run_dir / "refine" / "start.npz")["image"]
+    assert np.array_equal(start, coarse_texture) and not np.array_equal(_texture(run_dir), coarse_texture)
+    code, _, err = _main(capsys, ["refine", str(run_dir), "--steps", "12", "--no-progress"])
+    assert code == 0, err[-3000:]
+    assert np.array_equal(np.load(run_dir / "refine" / "start.npz")["image"], coarse_texture)  # from stage 1 again
+    assert _status(run_dir)["refine"]["step"] == 12 and _status(run_dir)["coarse"]["step"] == 30
+
+    def nan_loss(prior, images, *args, **kwargs):
+        return GuidanceOutput(images.sum() * float("nan"), torch.zeros(()), torch.zeros(1))
+
+    monkeypatch.setattr(refine_module, "denoised_target_loss", nan_loss)
+    code, _, err = _main(capsys, ["refine", str(run_dir), "--steps", "30", "--no-progress"])
+    assert code == 0 and "the refinement failed" in err, err[-3000:]
+    assert np.array_equal(_texture(run_dir), coarse_texture)  # stage 1's asset, exported again
+    status = _status(run_dir)
+    assert "error" in status["refine"] and status["step"] == 30 and "republish" not in status["coarse"]
 
 
 def _unchanged(run_dir):

@@ -4,8 +4,9 @@
   alpha > 0.5. Nothing pins a text-only result's rotation about the vertical axis, so ``mask_iou``
   is taken at the best yaw offset (a 10-degree search refined to 1 degree, on 32x32 renders; the
   score at the yaw found is then taken at 64x64) and ``mask_iou_unaligned`` is reported beside it.
-  Turns within 0.01 IoU of the best are ties, and the smallest wins (``YAW_TIE``): a shape
-  symmetric about +Y is not turned by the renders' noise.
+  In the 10-degree search, turns within 0.01 IoU of the best are ties and the smallest wins
+  (``YAW_TIE``; the 1-degree refinement then takes its best), and a turn that gains less than that
+  over none is not taken: a shape symmetric about +Y is not turned by the renders' noise.
 - **PSNR** of the renders over a white background at the same views (aligned and unaligned).
 - **Chamfer distance** between the exported mesh (rotated by the best yaw) and the truth mesh:
   mean of the two directed mean nearest-neighbour distances over 20,000 surface samples each,
@@ -126,7 +127,7 @@ def evaluate_representation(representation, truth, distance: float, fovy: float,
     best = smallest_turn(coarse)
     fine = {float(best + d): search(float(best + d))[0].mean() for d in range(-5, 6) if d}
     fine[float(best)] = coarse[best]
-    yaw = smallest_turn(fine)
+    yaw = max(fine, key=lambda y: (fine[y], -abs(((y + 180) % 360) - 180)))  # 1-degree steps: the best, not a tie
     iou, ps = full(yaw) if yaw % 360 else (iou0, psnr0)
     if iou0.mean() >= iou.mean() - YAW_TIE:  # no real gain from turning: report the unaligned numbers
         yaw, iou, ps = 0.0, iou0, psnr0

@@ -236,6 +236,9 @@ def export_run_outputs(representation, cfg, run_dir: Path, formats=None, resolut
     ec = cfg.export
     current = getattr(representation, "current", None)
     if current is not None:  # a mesh (the refinement's): exported as it is, with its own texture
+        if resolution is not None or faces is not None or texture not in (None, "uv"):
+            raise UserError("this run's mesh was refined and is exported as it is, with its UV texture: "
+                            "--resolution, --faces and --texture vertex apply to a field's export")
         asset = mesh_asset(current(), ec.scale)
     else:
         surface = representation.extract_surface(resolution or ec.resolution)

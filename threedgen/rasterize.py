@@ -213,6 +213,7 @@ def antialias(color: torch.Tensor, face: torch.Tensor, depth: torch.Tensor, vert
         along, across = (0, 1) if axis == 2 else (1, 0)
         best_offset = torch.zeros(len(cam), device=px.device, dtype=px.dtype)
         best_ok = torch.zeros(len(cam), device=px.device, dtype=torch.bool)
+        best_true = torch.zeros(len(cam), device=px.device, dtype=torch.bool)  # a real silhouette edge
         for k in range(3):  # the first of the front triangle's silhouette edges that the pair's segment crosses
             a_idx = faces[front, k]
             b_idx = faces[front, (k + 1) % 3]
@@ -221,7 +222,8 @@ def antialias(color: torch.Tensor, face: torch.Tensor, depth: torch.Tensor, vert
             # background, any edge of the front triangle: triangles about a pixel across rarely put
             # the silhouette's own triangle under a pixel centre, and the edge the segment leaves the
             # front triangle by moves with the silhouette nearby.
-            silhouette = (other < 0) | ~facing[cam, other.clamp_min(0)] | against_background
+            true_edge = (other < 0) | ~facing[cam, other.clamp_min(0)]
+            silhouette = true_edge | against_background
             va, vb = px[cam, a_idx], px[cam, b_idx]
             ok = silhouette & (vdepth[cam, a_idx] > 0) & (vdepth[cam, b_idx] > 0)
             den = vb[:, across] - va[:, across]
@@ -231,11 +233,16 @@ def antialias(color: torch.Tensor, face: torch.Tensor, depth: torch.Tensor, vert
             offset = cross - mid[:, along]  # past the midpoint towards the second pixel when > 0
             take = ok & (offset.detach().abs() <= 0.5) & ~best_ok
             best_offset = torch.where(take, offset, best_offset)
+            best_true = torch.where(take, true_edge, best_true)
             best_ok = best_ok | take
         if not best_ok.any():
             continue
         keep = best_ok
-        cam, i, j, offset, first_front = cam[keep], i[keep], j[keep], best_offset[keep], first_front[keep]
+        cam, i, j, first_front = cam[keep], i[keep], j[keep], first_front[keep]
+        offset = best_offset[keep].to(color.dtype)
+        # An edge inside the silhouette stands in for it (against the background) for the
+        # gradient only: the image keeps the coverage the rays measured.
+        offset = torch.where(best_true[keep], offset, offset - offset.detach())
         ia = (cam * h + i) * w + j
         ib = ia + (1 if axis == 2 else w)
         ca, cb = flat[ia], flat[ib]

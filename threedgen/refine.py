@@ -40,6 +40,9 @@ def refine_config(cfg):
     stage.render.resolution = rc.resolution or cfg.render.resolution
     stage.render.coarse_resolution = 0
     stage.render.coarse_until = 0.0
+    # The coarse stage's terms on the render's opacity and the field's smoothness: a closed mesh's
+    # coverage is the silhouette itself, which they would only pull inward.
+    stage.loss.lambda_sparsity = stage.loss.lambda_opaque = stage.loss.lambda_smooth = 0.0
     if hasattr(stage.guidance, "min_step_percent"):
         stage.guidance.min_step_percent = rc.min_step_percent
         stage.guidance.max_step_percent = rc.max_step_percent
@@ -80,9 +83,12 @@ def read_start(run_dir: Path) -> MeshStart:
     try:
         with np.load(path) as data:
             return MeshStart.from_arrays(data)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"the refinement's starting mesh {path} cannot be read ({exc}); start the refinement "
-                        f"again: threedgen refine {run_dir}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # damaged bytes fail in many ways (BadZipFile, EOFError, ValueError, KeyError)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the refinement's starting mesh {path} cannot be read ({reason}); remove "
+                        f"{path.parent} and refine again: threedgen refine {run_dir}") from None
 
 
 def build_mesh(cfg, start: MeshStart, device) -> TexturedMesh:
@@ -115,9 +121,11 @@ def build_refine_system(cfg, prior, embeds, start: MeshStart, device) -> RefineS
 
 
 def refined(run_dir: Path) -> bool:
-    """Whether the run folder holds a finished refinement's state (its start and a checkpoint)."""
+    """Whether the run folder's published asset is a finished refinement's (its start, a
+    checkpoint, and a status that records the refinement's end); an interrupted one's is not."""
     folder = RunFolder(run_dir)
-    return folder.refine_start.is_file() and RunFolder(folder.refine).last_checkpoint.is_file()
+    done = "step" in (folder.read_status().get("refine") or {})
+    return done and folder.refine_start.is_file() and RunFolder(folder.refine).last_checkpoint.is_file()
 
 
 def stage_keys(coarse: dict) -> dict:

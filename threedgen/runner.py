@@ -127,6 +127,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     started = time.time()
     trainer = None
     try:
+        earlier = RunFolder(run_dir).read_status() if resume is not None else {}  # before this run's writes
         atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
         stage_callbacks = list(callbacks)  # the caller's (a web job's progress): a refinement reports too
         if resume is None:  # a resumed run keeps the manifest and fingerprints of its start
@@ -137,13 +138,20 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
         trainer = make_trainer(cfg, run_dir, device, progress_bar, callbacks)
         _fit(trainer, system, cfg, ckpt_path, run_dir)
         refining = cfg.refine.enabled
-        published = refining and resume is not None and RunFolder(run_dir).refine_start.is_file()
-        if published:  # stage 1's asset was published before; the refinement continues
-            coarse = RunFolder(run_dir).read_status().get("coarse") or {}
-        else:
+        coarse = earlier.get("coarse") or {}
+        # Stage 1's asset was published and stage 1 did not train further since: the refinement
+        # continues (or, finished, there is nothing left to do).
+        published = (refining and RunFolder(run_dir).refine_start.is_file()
+                     and coarse.get("step") == int(trainer.global_step))
+        if published and earlier.get("status") == "succeeded" and "step" in (earlier.get("refine") or {}):
+            write_status(run_dir, "succeeded", **{k: v for k, v in earlier.items() if k not in ("status", "time")})
+            return run_dir
+        if not published:
             coarse = _finish(trainer, system, cfg, run_dir, device, started, final=not refining)
         if refining:
             trainers = [trainer]  # refine() adds its own, for the status of an interrupt or a failure
+            if device.type == "cuda":
+                system.cpu()  # stage 1's field and guidance leave the GPU to stage 2 (the prior stays)
             try:
                 refine(run_dir, cfg, device, system.prior, system.embeds, coarse, fresh=not published,
                        progress_bar=progress_bar, trainers=trainers, callbacks=stage_callbacks)
@@ -164,8 +172,10 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     return run_dir
 
 
-def _fit(trainer, system: System, cfg: RunConfig, ckpt_path: Optional[str], run_dir: Path) -> None:
-    """The optimisation; Ctrl-C becomes a KeyboardInterrupt that says how to continue."""
+def _fit(trainer, system: System, cfg: RunConfig, ckpt_path: Optional[str], run_dir: Path,
+         resume_hint: Optional[str] = None) -> None:
+    """The optimisation; Ctrl-C becomes a KeyboardInterrupt that says how to continue
+    (``resume_hint``, default ``threedgen run --resume RUN_DIR``)."""
     try:
         trainer.fit(system, datamodule=CameraDataModule(CameraSampler(cfg.camera, cfg.seed)), ckpt_path=ckpt_path,
                     weights_only=True)
@@ -174,7 +184,7 @@ def _fit(trainer, system: System, cfg: RunConfig, ckpt_path: Optional[str], run_
         if not trainer.interrupted:
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise KeyboardInterrupt(f"continue with: threedgen run --resume {run_dir}") from None
+        raise KeyboardInterrupt(f"continue with: {resume_hint or f'threedgen run --resume {run_dir}'}") from None
 
 
 def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, started: float, final: bool = True) -> dict:
@@ -216,7 +226,8 @@ def finish_run(representation, cfg: RunConfig, run_dir: Path, started: float, ev
 
 
 def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, fresh: bool = True,
-           progress_bar: bool = True, trainers: Optional[list] = None, callbacks=()) -> dict:
+           progress_bar: bool = True, trainers: Optional[list] = None, callbacks=(), from_start: bool = False,
+           resume_hint: Optional[str] = None) -> dict:
     """Stage 2 (``threedgen.refine``) on a run folder whose stage-1 asset is published: from
     ``mesh.glb`` when ``fresh`` (an earlier refinement's folder is replaced), else continuing the
     refinement's last checkpoint. Ends like stage 1: the refined asset exported and scored, and
@@ -224,13 +235,18 @@ def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, f
     ``refine``: this stage's). A refinement that fails for good (diverged, or a mesh it cannot
     refine) leaves stage 1's asset published and says so in ``status.json`` (``refine.error``).
     ``trainers``: the stage's trainer is appended (the caller's status on an interrupt);
-    ``callbacks``: the caller's Lightning callbacks for this stage's trainer (progress reports)."""
+    ``callbacks``: the caller's Lightning callbacks for this stage's trainer (progress reports);
+    ``from_start``: a fresh refinement starts from the earlier refinement's start (stage 1's asset)
+    when there is one, not from the published mesh (which may be that refinement's result)."""
     folder = RunFolder(run_dir)
     started = time.time()
     write_status(run_dir, "running", stage=refine_stage.STAGE, step=0, max_steps=cfg.refine.steps, coarse=coarse)
     try:
         if fresh:
-            start = refine_stage.load_start(run_dir, cfg)
+            # From stage 1's asset: the one this refinement's folder started from when it has one
+            # (refining again), else the published mesh (stage 1's, just exported).
+            start = (refine_stage.read_start(run_dir) if from_start and folder.refine_start.is_file()
+                     else refine_stage.load_start(run_dir, cfg))
             shutil.rmtree(folder.refine, ignore_errors=True)
             refine_stage.save_start(run_dir, start)
             ckpt_path = None
@@ -243,17 +259,26 @@ def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, f
                                stage=refine_stage.STAGE)
         if trainers is not None:
             trainers.append(trainer)
-        _fit(trainer, system, system.cfg, ckpt_path, run_dir)
+        _fit(trainer, system, system.cfg, ckpt_path, run_dir, resume_hint=resume_hint)
         system.to(device)
         if not system.state_finite():
             raise DivergedError("the refinement diverged: its parameters are not finite")
         if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
             save_checkpoint(trainer, folder.refine)
     except (DivergedError, UserError) as exc:
-        return _keep_coarse(run_dir, coarse, str(exc))
+        return _keep_coarse(run_dir, cfg, coarse, str(exc))
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rc = cfg.refine
+        return _keep_coarse(run_dir, cfg, coarse, f"out of memory at refine.resolution={rc.resolution or cfg.render.resolution}"
+                            f" with refine.supersample={rc.supersample}; lower those, then: threedgen refine {run_dir}")
     train_seconds = time.time() - started
     system.representation.eval()
     has_truth = prior.truth(cfg.prompt) is not None
+    coarse = {k: v for k, v in coarse.items() if k != "republish"}
     before = float(coarse.get("total_seconds") or 0.0)
     # total_seconds: both stages' (stage 1's as it recorded them, then this one's: training, export, eval)
     return finish_run(system.representation, cfg, run_dir, started - before, evaluate=has_truth, system=system,
@@ -263,16 +288,26 @@ def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, f
                               "train_seconds": round(train_seconds, 2)})
 
 
-def _keep_coarse(run_dir: Path, coarse: dict, error: str) -> dict:
-    """A refinement that failed for good: stage 1's asset stays the published one, its folder is
-    set aside (so export and eval read stage 1 again) and the status says what happened."""
+def _keep_coarse(run_dir: Path, cfg: RunConfig, coarse: dict, error: str) -> dict:
+    """A refinement that failed for good: its folder is set aside, stage 1's asset is the published
+    one (exported again from stage 1's checkpoint when the published files came from an earlier
+    refinement) and the status says what happened."""
     folder = RunFolder(run_dir)
+    message = error.splitlines()[0] if error else "failed"
     if folder.refine.exists():
         shutil.rmtree(folder.failed_refine, ignore_errors=True)
         os.replace(folder.refine, folder.failed_refine)
-    message = error.splitlines()[0] if error else "failed"
+    if coarse.get("republish"):  # the files on disk are an earlier refinement's: stage 1's again
+        _, representation, _ = load_representation(run_dir)
+        export_run_outputs(representation, cfg, run_dir)
+        if cfg.export.evaluate:
+            try:
+                evaluate_run(run_dir)
+            except UserError:  # a prior without a truth: nothing to score
+                pass
     print_err(f"threedgen: the refinement failed ({message}); the stage-1 asset stays the published one")
-    status = {**coarse, "coarse": coarse, "refine": {"error": message}}
+    status = {**{k: v for k, v in coarse.items() if k != "republish"}, "refine": {"error": message}}
+    status["coarse"] = {k: v for k, v in coarse.items() if k != "republish"}
     status.pop("status", None)
     status.pop("time", None)
     write_status(run_dir, "succeeded", **status)
@@ -281,29 +316,49 @@ def _keep_coarse(run_dir: Path, coarse: dict, error: str) -> dict:
 
 def refine_run(run_dir: str | Path, flags: Optional[dict] = None, progress_bar: bool = True,
                device: Optional[str] = None) -> Path:
-    """``threedgen refine RUN_DIR``: stage 2 on a finished run folder (its ``refine.*`` settings
-    from the folder's config, then ``flags``), from the folder's published ``mesh.glb``. The
-    config is saved with the refinement on, so ``threedgen run --resume`` continues it."""
+    """``threedgen refine RUN_DIR``: stage 2 on a run folder whose stage 1 finished (its
+    ``refine.*`` settings from the folder's config, then ``flags``). A refinement that was
+    interrupted (or failed) continues from its last checkpoint when no settings are given;
+    otherwise a fresh one starts from stage 1's asset. The config is saved with the refinement on,
+    so ``threedgen run --resume`` continues it too."""
     quiet_libraries()
     cfg, run_dir = run_config(run_dir, flags)
     cfg.refine.enabled = True
+    cfg.export.texture = "uv"  # the mesh has UVs (load_start refuses one without): the config must say so
     if device is not None:
         cfg.device = device
-    status = RunFolder(run_dir).read_status()
-    if status.get("status") != "succeeded":
+    cfg.check(whole_run=False)
+    folder = RunFolder(run_dir)
+    status = folder.read_status()
+    stage_one_done = status.get("status") == "succeeded" or isinstance(status.get("coarse"), dict)
+    if not stage_one_done:
         raise UserError(f"run {str(run_dir)!r} has not finished (status {status.get('status') or 'unknown'}); "
                         f"finish it first: threedgen run --resume {run_dir}")
-    refine_stage.load_start(run_dir, cfg)  # its one-line errors before the prior is built
+    unfinished = status.get("status") != "succeeded" and status.get("stage") == refine_stage.STAGE
+    fresh = bool(flags) or not (unfinished and folder.refine_start.is_file())
+    if fresh and not folder.refine_start.is_file():
+        refine_stage.load_start(run_dir, cfg)  # its one-line errors before the prior is built
     check_writable(run_dir)
     dev = resolve_device(cfg.device)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    prior = priors.build_prior(cfg.prior, dev)
+    try:
+        prior = priors.build_prior(cfg.prior, dev)
+    except RuntimeError as exc:
+        failure = out_of_memory(exc, cfg, None)
+        if failure is None:
+            raise
+        raise failure from exc
     embeds = prior.encode_prompt(cfg.prompt, cfg.negative_prompt)
-    coarse = status.get("coarse") or {k: v for k, v in status.items() if k not in ("status", "time", "refine")}
+    keys = ("status", "time", "refine", "stage", "coarse", "error")
+    coarse = status.get("coarse") or {k: v for k, v in status.items() if k not in keys}
+    # The published files are an earlier refinement's: a failure must export stage 1 again.
+    coarse = {**coarse, "republish": "step" in (status.get("refine") or {})} if fresh else coarse
     atomic_write_text(run_dir / CONFIG_NAME, to_yaml(cfg))
     trainers: list = []
+    hint = f"threedgen refine {run_dir}"
     try:
-        refine(run_dir, cfg, dev, prior, embeds, coarse, fresh=True, progress_bar=progress_bar, trainers=trainers)
+        refine(run_dir, cfg, dev, prior, embeds, coarse, fresh=fresh, progress_bar=progress_bar, trainers=trainers,
+               from_start=True, resume_hint=hint)
     except KeyboardInterrupt:
         _try_status(run_dir, "interrupted", stage=refine_stage.STAGE, max_steps=cfg.refine.steps, coarse=coarse,
                     step=int(trainers[-1].global_step) if trainers else None)
