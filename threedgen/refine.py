@@ -100,16 +100,12 @@ def build_mesh(cfg, start: MeshStart, device) -> TexturedMesh:
 class RefineSystem(System):
     """The coarse stage's system on a mesh, with the refinement's loss."""
 
-    def step_loss(self, cameras, step: int, max_steps: int):
+    def guide(self, rgb, cameras, step: int, max_steps: int):
         rc = self.cfg.refine
-        size = self.cfg.render.resolution
-        out = self.representation.render(cameras, size, size)
         if rc.loss == "denoised":
-            guided = denoised_target_loss(self.prior, out.rgb, self.embeds, cameras, rc.strength, rc.denoise_steps,
-                                          rc.guidance_scale)
-        else:
-            guided = self.guidance(out.rgb, self.embeds, cameras, step, max_steps)
-        return guided.loss + self.regularizers(out), guided, len(cameras)
+            return denoised_target_loss(self.prior, rgb, self.embeds, cameras, rc.strength, rc.denoise_steps,
+                                        rc.guidance_scale)
+        return super().guide(rgb, cameras, step, max_steps)
 
 
 def build_refine_system(cfg, prior, embeds, start: MeshStart, device) -> RefineSystem:

@@ -191,12 +191,8 @@ def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, star
     """After training: the last checkpoint, the export, the eval (where the prior has a truth) and
     the status with each phase's seconds (succeeded when ``final``, else running: a refinement
     follows). Returns the status written."""
-    # Lightning's teardown moved the module to the CPU; export renders on the run's device.
-    system.to(device)
-    if not system.state_finite():
-        raise DivergedError("diverged: the trained parameters are not finite; nothing was exported")
-    if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
-        save_checkpoint(trainer, run_dir)
+    _final_checkpoint(trainer, system, device, run_dir, "diverged: the trained parameters are not finite; nothing "
+                      "was exported")
     train_seconds = time.time() - started
     system.representation.eval()
     has_truth = system.prior.truth(cfg.prompt) is not None
@@ -204,6 +200,17 @@ def _finish(trainer, system: System, cfg: RunConfig, run_dir: Path, device, star
                       state="succeeded" if final else "running", step=int(trainer.global_step),
                       skipped_steps=system.skipped_steps, rollbacks=system.rollbacks,
                       rolled_back_steps=system.rolled_back_steps, train_seconds=round(train_seconds, 2))
+
+
+def _final_checkpoint(trainer, system: System, device, folder: Path, diverged: str) -> None:
+    """After a stage's training: the system back on the run's device (Lightning's teardown moved
+    it to the CPU), DivergedError(``diverged``) unless its state is finite, and a checkpoint in
+    ``folder`` of the last step when the periodic ones missed it."""
+    system.to(device)
+    if not system.state_finite():
+        raise DivergedError(diverged)
+    if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
+        save_checkpoint(trainer, folder)
 
 
 def finish_run(representation, cfg: RunConfig, run_dir: Path, started: float, evaluate: bool = True, system=None,
@@ -260,11 +267,7 @@ def refine(run_dir: Path, cfg: RunConfig, device, prior, embeds, coarse: dict, f
         if trainers is not None:
             trainers.append(trainer)
         _fit(trainer, system, system.cfg, ckpt_path, run_dir, resume_hint=resume_hint)
-        system.to(device)
-        if not system.state_finite():
-            raise DivergedError("the refinement diverged: its parameters are not finite")
-        if next(c for c in trainer.callbacks if isinstance(c, SafeCheckpoint)).saved_step != trainer.global_step:
-            save_checkpoint(trainer, folder.refine)
+        _final_checkpoint(trainer, system, device, folder.refine, "the refinement diverged: its parameters are not finite")
     except (DivergedError, UserError) as exc:
         return _keep_coarse(run_dir, cfg, coarse, str(exc))
     except RuntimeError as exc:

@@ -110,8 +110,12 @@ class System(pl.LightningModule):
         """(loss, the guidance's output, views) of one step: render -> guidance -> regularisers."""
         size = self.cfg.render.size_at(step, max_steps)
         out = self.representation.render(cameras, size, size)
-        guided = self.guidance(out.rgb, self.embeds, cameras, step, max_steps)
+        guided = self.guide(out.rgb, cameras, step, max_steps)
         return guided.loss + self.regularizers(out), guided, len(cameras)
+
+    def guide(self, rgb: torch.Tensor, cameras: Cameras, step: int, max_steps: int):
+        """The guidance's output on this step's renders (a later stage may judge them otherwise)."""
+        return self.guidance(rgb, self.embeds, cameras, step, max_steps)
 
     def optimise(self, loss: torch.Tensor) -> None:
         """Backward, then every optimizer steps when the loss and every gradient are finite; else
