@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -43,8 +44,9 @@ from threedgen.jobs import BACKENDS
 from threedgen.registry import field_docs
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.request import DEFAULT_GUIDANCE, DEFAULT_PRIOR, DEFAULT_REPRESENTATION, RunRequest
-from threedgen.rundir import RunFolder
+from threedgen.rundir import RunFolder, check_writable
 from threedgen.schema import (
+    MAX_JANUS_RETRIES,
     MAX_STEPS,
     MAX_VERIFY_STEPS,
     MESH_FORMATS,
@@ -160,6 +162,8 @@ def _add_batch(sub) -> None:
     b.add_argument("--seed", type=_int_arg("--seed", 0, 2 ** 32 - 1), default=0, help="seed of every job (default 0)")
     b.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="a config setting applied to every job (repeatable)")
+    b.add_argument("--janus-retry", type=_int_arg("--janus-retry", 0, MAX_JANUS_RETRIES), default=None, metavar="N",
+                   help="every job: up to N more seeds after a failed prior Janus check (janus.retries)")
     b.add_argument("--state", default=None, help="job database folder (default: the web UI's, so it shows the jobs)")
     b.add_argument("--outputs", default="webui-outputs", help="folder of the jobs' public copies (as the web UI's)")
     b.add_argument("--report", default=None, help="where to write the batch's report (default batch.json; "
@@ -168,6 +172,48 @@ def _add_batch(sub) -> None:
     b.add_argument("--max-queue", type=_int_arg("--max-queue", 1, 1_000_000), default=10000,
                    help="jobs a batch may queue at most (default 10000)")
     _backend_args(b)
+
+
+def _float_arg(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"{name} must be a number; got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{name} must be a number above 0; got {text!r}")
+        return value
+
+    return parse
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser("compare", help="every guidance method on one prompt, seeds and budget: one sheet",
+                       description="One job per method x seed through the job backend (local or Ray), the same "
+                                   "prompt, camera sequence and budget for all; writes a comparison folder "
+                                   "(compare.json, sheet.png, report.html) and prints its path as the last line. "
+                                   "Exits 0 only when every run succeeded.")
+    c.add_argument("--prompt", help='what to make, e.g. "a green house"')
+    c.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    c.add_argument("--methods", default="all", help=f"comma-separated methods, or all (default): {', '.join(GUIDANCE)}")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    c.add_argument("--representation", default=PARSER_DEFAULTS["representation"],
+                   help=f"3D representation: {', '.join(REPRESENTATIONS)}")
+    c.add_argument("--prior", default=PARSER_DEFAULTS["prior"], help="as for threedgen run")
+    c.add_argument("--budget-steps", type=_int_arg("--budget-steps", 1, MAX_STEPS), default=None,
+                   help="steps of every run (default: each method's preset)")
+    c.add_argument("--budget-seconds", type=_float_arg("--budget-seconds"), default=None,
+                   help="seconds of training of every run instead (each stops at its preset's steps at most)")
+    c.add_argument("--out", default=None, help="the comparison folder (default comparisons/<prompt>-<time>)")
+    c.add_argument("--attach", default=None, metavar="DIR",
+                   help="follow an unfinished comparison again (local: resume its interrupted runs), then write its sheet")
+    c.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="a config setting applied to every run (repeatable)")
+    c.add_argument("--state", default=None, help="job database folder (default: <comparison folder>/state)")
+    c.add_argument("--workers", type=_int_arg("--workers", 1, 64), default=None, help="local: jobs at once (one per GPU)")
+    c.add_argument("--max-queue", type=_int_arg("--max-queue", 1, 100000), default=100,
+                   help="jobs a comparison may queue at most (default 100)")
+    _backend_args(c)
 
 
 def _add_export(sub) -> None:
@@ -196,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="outputs", help="folder for run folders (default: outputs)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--janus-retry", type=_int_arg("--janus-retry", 0, MAX_JANUS_RETRIES), default=None, metavar="N",
+                     help="after a run the prior's Janus check fails (janus_score_prior above janus.threshold), run the "
+                          "next seed, up to N more times; the best attempt's folder is printed (janus.retries)")
     run.add_argument("--refine", action="store_true",
                      help="after training, refine the exported mesh's texture under the same prior (refine.enabled=true)")
 
@@ -232,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(c)
     _add_webui(sub)
     _add_batch(sub)
+    _add_compare(sub)
     _add_train_prior(sub)
     _add_amortised(sub)
     _add_verify(sub)
@@ -312,6 +362,7 @@ def _cmd_run(args) -> int:
                  if value is not None]
         given += [f"--{k}" for k in ("guidance", "representation", "prior") if getattr(args, k) != PARSER_DEFAULTS[k]]
         given += ["--refine"] if args.refine else []
+        given += ["--janus-retry"] if args.janus_retry is not None else []
         if given:
             raise UserError(f"--resume continues a run with its own config (only --steps may change); drop {', '.join(given)}")
         from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
@@ -322,15 +373,30 @@ def _cmd_run(args) -> int:
             raise UserError('--prompt is required, e.g. threedgen run --prompt "a red cube"')
         if args.refine:
             args.overrides = list(args.overrides or []) + ["refine.enabled=true"]
+        if args.janus_retry is not None:
+            args.overrides = list(args.overrides or []) + [f"janus.retries={args.janus_retry}"]
         merged, note = _request(args).resolve()
-        from threedgen.runner import run  # heavy (torch, Lightning): only once the input is good
+        from threedgen.runner import run_gated  # heavy (torch, Lightning): only once the input is good
 
-        run_dir = run(merged.cfg, out=args.out, progress_bar=not args.no_progress, note=note)
+        run_dir = run_gated(merged.cfg, out=args.out, progress_bar=not args.no_progress, note=note,
+                            report=_say_attempt(merged.cfg))
     status, m = RunFolder(run_dir).read_status(), RunFolder(run_dir).read_metrics()
     if m is not None:
         print(f"{_score(m)}({status.get('total_seconds', 0):.0f} s)", file=sys.stderr)
     print(run_dir)
     return 0
+
+
+def _say_attempt(cfg):
+    """The Janus gate's line on stderr after each attempt."""
+    def say(attempt: dict) -> None:
+        score = attempt["janus_score_prior"]
+        verdict = ("passed" if attempt["passed"] else
+                   f"above {cfg.janus.threshold}" + ("; trying the next seed" if attempt["attempt"] <= cfg.janus.retries
+                                                     else "; no retries left, keeping the best attempt"))
+        print(f"threedgen: Janus gate: attempt {attempt['attempt']} (seed {attempt['seed']}) janus_score_prior "
+              f"{'n/a' if score is None else f'{score:.2f}'}: {verdict}", file=sys.stderr, flush=True)
+    return say
 
 
 def _cmd_refine(args) -> int:
@@ -597,6 +663,8 @@ def _cmd_batch(args) -> int:
             raise UserError("give a batch file (one prompt per line), or --status / --attach")
         if args.batch:
             raise UserError("--batch goes with --status or --attach")
+        if args.janus_retry is not None:
+            args.set = list(args.set) + [f"janus.retries={args.janus_retry}"]
         parse_overrides(list(args.set))  # a malformed --set: one line, before the file is read
         defaults = {"guidance": args.guidance, "representation": args.representation, "prior": args.prior,
                     "steps": args.steps, "seed": args.seed}
@@ -636,6 +704,75 @@ def _cmd_batch(args) -> int:
     return 0 if ok else 1
 
 
+def _cmd_compare(args) -> int:
+    from threedgen import compare as cmp  # the job table and the workbench: only for this command
+    from threedgen.jobs import batch as b  # the job table and batches: only for this command
+    from threedgen.jobs.backends import make_backend  # the job table and batches: only for this command
+    from threedgen.jobs.store import JobStore  # the job table and batches: only for this command
+
+    if args.attach:
+        given = [f for f, v in (("--prompt", args.prompt), ("--out", args.out), ("--budget-steps", args.budget_steps),
+                                ("--budget-seconds", args.budget_seconds), ("--set", args.set or None)) if v]
+        if given:
+            raise UserError(f"--attach follows a comparison as it was planned; drop {', '.join(given)}")
+        folder = Path(args.attach).expanduser().resolve()
+        record = cmp.load(folder)
+        state = Path(record["state_folder"])
+        store = JobStore(state / "jobs.sqlite", max_queued=args.max_queue)
+    else:
+        if args.prompt is None:
+            raise UserError('--prompt is required, e.g. threedgen compare --prompt "a green house" --methods sds,vsd')
+        methods, seeds = cmp.parse_methods(args.methods), cmp.parse_seeds(args.seeds)
+        parse_overrides(list(args.set))  # a malformed --set: one line, before anything is planned
+        if args.budget_steps is not None and args.budget_seconds is not None:
+            raise UserError("give one budget: --budget-steps N or --budget-seconds S, not both")
+        planned = cmp.plan(args.prompt, methods, seeds, args.representation, args.prior, args.budget_steps,
+                           args.budget_seconds, args.negative_prompt or "", tuple(args.set), args.max_queue)
+        folder = Path(args.out or cmp.default_folder(planned[0][2].prompt)).expanduser().resolve()
+        if (folder / cmp.RECORD).exists():
+            raise UserError(f"{folder} already holds a comparison; give another --out, or --attach {folder}")
+        state = Path(args.state).expanduser().resolve() if args.state else folder / "state"
+        folder.mkdir(parents=True, exist_ok=True)
+        check_writable(folder)
+        store = JobStore(state / "jobs.sqlite", max_queued=args.max_queue)
+        record = cmp.new_record(planned[0][2].prompt, planned[0][2].negative_prompt or "", methods, seeds,
+                                args.representation, planned[0][2].prior, args.budget_steps, args.budget_seconds, args.backend,
+                                state, planned)
+    runs = Path(args.runs).expanduser().resolve() if args.runs else folder / "runs"
+    backend = make_backend(args.backend, store, runs, folder / "outputs", ray_address=args.ray_address,
+                           max_restarts=args.max_restarts, workers=args.workers)
+    if backend.recover():
+        print("threedgen compare: jobs left running by a stopped process are now interrupted", file=sys.stderr)
+    backend.start()
+    ids = [r["job"] for r in record["runs"] if r.get("job")]
+    if args.attach:
+        backend.reattach(ids)
+    else:
+        ids = backend.submit([(cmp.job_params(record, m, seed, request), request.steps) for m, seed, request in planned])
+        for run, job_id in zip(record["runs"], ids):
+            run["job"] = job_id
+        cmp.save(folder, record)
+        print(f"threedgen compare: queued {len(ids)} run(s) ({len(record['methods'])} methods x "
+              f"{len(record['seeds'])} seeds, backend {record['backend']}) in {folder}", file=sys.stderr, flush=True)
+    try:
+        b.watch(store, ids)
+    except KeyboardInterrupt:
+        backend.stop()
+        cmp.collect(record, {j.id: j for j in store.many(ids)}, folder)
+        cmp.write_outputs(record, folder)
+        print(f"\nthreedgen compare: stopped; {backend.detached_hint(state)}; the sheet so far is in {folder}; "
+              f"continue with: threedgen compare --attach {folder}", file=sys.stderr)
+        return 130
+    backend.stop()
+    print("threedgen compare: rendering the views and writing the sheet", file=sys.stderr, flush=True)
+    cmp.collect(record, {j.id: j for j in store.many(ids)}, folder)
+    written = cmp.write_outputs(record, folder)
+    print(f"threedgen compare: {cmp.progress_line(record)}; sheet {written['sheet']}, report {written['report']}",
+          file=sys.stderr)
+    print(folder)
+    return 0 if all(r["status"] == "succeeded" for r in record["runs"]) else 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -652,7 +789,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         commands = {"run": _cmd_run, "export": _cmd_export, "eval": _cmd_eval, "guidance": _cmd_guidance,
                     "config": _cmd_config, "doctor": _cmd_doctor, "webui": _cmd_webui, "batch": _cmd_batch,
                     "train-prior": _cmd_train_prior, "train-amortised": _cmd_train_amortised,
-                    "generate": _cmd_generate, "verify": _cmd_verify, "refine": _cmd_refine}
+                    "generate": _cmd_generate, "verify": _cmd_verify, "refine": _cmd_refine,
+                    "compare": _cmd_compare}
         return commands[args.command](args)
     except UserError as exc:
         print(f"threedgen: error: {exc}", file=sys.stderr)

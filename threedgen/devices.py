@@ -56,3 +56,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, (RuntimeError, MemoryError)) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def peak_memory_mb(device) -> float:
+    """The run's peak memory in MiB: on a CUDA device the most torch allocated there; on the CPU
+    the process's peak resident set (Linux and macOS; 0 where neither is known)."""
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        import torch  # heavy: only for a CUDA device
+
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):
+        return 0.0

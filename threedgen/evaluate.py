@@ -21,6 +21,10 @@ For a truth with a front (``has_front``: the shapes prior's house, mug and head,
 and nose are a marker in a reserved colour) it adds the Janus metrics of ``threedgen.janus``
 (``front_markers``, ``janus``, ``janus_view_rate``, ``view_mi``, ``back_front_psnr_gap``; that
 module's docstring defines them), starting from the best yaw found here.
+
+For every run, truth or not (``janus.enabled``), the prior's own Janus check
+(``threedgen.janus_prior``: ``janus_score_prior``, the share of back views the prior calls a
+front); a run of a prior without a truth gets that check alone.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from threedgen.asset_metrics import rotation_y, surface_metrics
 from threedgen.cameras import Cameras
 from threedgen.errors import UserError
 from threedgen.guidance.priors.config import PRIORS
-from threedgen.janus import janus_metrics
+from threedgen.janus import BACK_AZIMUTH, janus_metrics
+from threedgen.janus_prior import janus_prior_metrics
 from threedgen.rundir import RunFolder, atomic_write_text
 from threedgen.runs import load_representation, open_run
 from threedgen.views import render_views
@@ -156,8 +161,12 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
     if system is None:
         cfg = open_run(run_dir)[0]
         if not cfg.prior.has_truth:  # say so before loading anything heavy
-            raise UserError(f"prior {cfg.prior.name!r} has no ground truth; `threedgen eval` scores runs of the "
-                            "embedded shapes prior only")
+            if not cfg.janus.enabled:
+                raise UserError(f"prior {cfg.prior.name!r} has no ground truth and janus.enabled is false: nothing "
+                                "to score (`threedgen eval` scores shapes-prior runs against the truth, any run "
+                                "by the prior's Janus check)")
+            cfg, representation, run_dir = load_representation(run_dir)
+            return prior_check_run(run_dir, cfg, representation)
         cfg, representation, run_dir = load_representation(run_dir)  # the prior is not built
         truth = PRIORS[cfg.prior.name].cls.truth(cfg.prompt)
     else:
@@ -178,11 +187,36 @@ def evaluate_run(run_dir: str | Path, system=None) -> dict:
     fovy = float(np.mean(cfg.camera.fovy_range))
     metrics = evaluate_representation(representation, truth, distance, fovy, mesh, scale=cfg.export.scale)
     metrics = {"prompt": cfg.prompt, **metrics}
+    if cfg.janus.enabled:
+        metrics.update(janus_prior_metrics(representation, cfg, prior=system.prior if system is not None else None))
     atomic_write_text(RunFolder(run_dir).metrics, json.dumps(metrics, indent=1))
     return metrics
 
 
+def prior_check_run(run_dir: Path, cfg, representation, prior=None) -> dict:
+    """A run whose prior has no truth: ``metrics.json`` holds the prior's Janus check alone."""
+    metrics = {"prompt": cfg.prompt, **janus_prior_metrics(representation, cfg, prior=prior)}
+    atomic_write_text(RunFolder(run_dir).metrics, json.dumps(metrics, indent=1))
+    return metrics
+
+
+def format_prior_check(metrics: dict) -> str:
+    """The prior's Janus check as one line (empty when the metrics have none)."""
+    if "janus_score_prior" not in metrics:
+        return ""
+    score = metrics["janus_score_prior"]
+    if score is None:
+        return f"janus_score_prior n/a ({metrics.get('janus_prior_note', 'no judge')})"
+    views = metrics.get("janus_views_prior") or []
+    back = [v for v in views if abs(v["azimuth"]) >= BACK_AZIMUTH]
+    called = ", ".join(f"{v['azimuth']:+.0f}: {v['called']}" for v in back)
+    return (f"janus_score_prior {score:.2f} (back views called front by the prior; {called})  "
+            f"janus_margin_prior {metrics['janus_margin_prior']:+.3f}")
+
+
 def format_table(metrics: dict) -> str:
+    if "views" not in metrics:  # no truth: the prior's check alone
+        return format_prior_check(metrics)
     lines = [f"{'elevation':>9} {'azimuth':>8} {'mask IoU':>9} {'IoU unaligned':>14} {'PSNR':>7}"]
     for v in metrics["views"]:
         lines.append(f"{v['elevation']:9.1f} {v['azimuth']:8.1f} {v['mask_iou']:9.3f} "
@@ -206,4 +240,6 @@ def format_table(metrics: dict) -> str:
                      + f"janus_view_rate {metrics['janus_view_rate']:.2f}  view_mi {metrics['view_mi']:.3f} "
                      f"(truth {metrics['view_mi_truth']:.3f})  back_front_psnr_gap "
                      f"{metrics['back_front_psnr_gap']:+.2f} dB")
+    if format_prior_check(metrics):
+        lines.append(format_prior_check(metrics))
     return "\n".join(lines)

@@ -128,6 +128,7 @@ class RunFolder:
     REFINE = "refine"  # stage 2's own checkpoints and log, and the mesh it started from
     REFINE_START = "start.npz"
     FAILED_REFINE = "refine-failed"  # a refinement that failed for good, set aside
+    JANUS_GATE = "janus_gate.json"  # the Janus gate's attempts (threedgen run --janus-retry)
 
     @classmethod
     def preview_name(cls, step: int, stage: Optional[str] = None) -> str:
@@ -163,6 +164,7 @@ class RunFolder:
     refine = property(lambda self: self._at(self.REFINE))
     refine_start = property(lambda self: self._at(self.REFINE, self.REFINE_START))
     failed_refine = property(lambda self: self._at(self.FAILED_REFINE))
+    janus_gate = property(lambda self: self._at(self.JANUS_GATE))
 
     def mesh(self, fmt: str) -> Path:
         """``mesh.<fmt>``: glb, obj, ply, or mtl (the OBJ's material file)."""

@@ -8,10 +8,13 @@ truth.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -24,13 +27,14 @@ from threedgen.callbacks import PreviewCallback, RunFolderCheckpointIO, SafeChec
 from threedgen.cameras import CameraSampler
 from threedgen.checkpoints import choose_checkpoint, read_checkpoint, save_checkpoint
 from threedgen.config import RunConfig, to_yaml
-from threedgen.devices import is_out_of_memory, resolve_device
+from threedgen.devices import is_out_of_memory, peak_memory_mb, resolve_device
 from threedgen.errors import RunFailed, UserError
-from threedgen.evaluate import evaluate_run
+from threedgen.evaluate import evaluate_run, prior_check_run
 from threedgen.export import export_run_outputs
 from threedgen.fingerprints import FingerprintCallback
 from threedgen.guidance import priors
 from threedgen.guidance.config import GUIDANCE
+from threedgen.janus_prior import gate_passes
 from threedgen.manifest import write_manifest
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.rundir import NO_SPACE, RunFolder, atomic_write_text, check_writable, new_run_dir, write_status
@@ -45,6 +49,7 @@ from threedgen.runs import (
     warn_checkpoint,
 )
 from threedgen.system import CameraDataModule, DivergedError, System
+from threedgen.views import representation_device
 
 __all__ = ["run", "refine", "refine_run", "finish_run", "build_components", "make_trainer", "trainer_devices", "load_trained", "load_representation",
            "quiet_libraries", "open_run", "out_of_memory", "as_run_failure"]
@@ -84,7 +89,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, progress_b
         logger=CSVLogger(folder, name=RunFolder.LOGS, version="", flush_logs_every_n_steps=50), log_every_n_steps=10,
         callbacks=[SafeCheckpoint(folder, cfg.checkpoint_every), PreviewCallback(run_dir, cfg, stage), *callbacks],
         plugins=[RunFolderCheckpointIO()], enable_checkpointing=False, enable_progress_bar=progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1)
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir, max_epochs=-1,
+        max_time=timedelta(seconds=cfg.max_seconds) if cfg.max_seconds and not stage else None)
 
 
 def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: str | Path | None = None,
@@ -172,6 +178,35 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     return run_dir
 
 
+def run_gated(cfg: RunConfig, out: str | Path = "outputs", progress_bar: bool = True, callbacks=(),
+              note: Optional[str] = None, report=None) -> Path:
+    """``run`` behind the Janus gate (``janus.retries`` > 0): after a run whose prior Janus check
+    (``janus_score_prior``) is above ``janus.threshold``, the next seed runs, up to ``retries`` more
+    times. Every attempt keeps its run folder; each holds ``janus_gate.json`` (every attempt so far:
+    seed, folder, score, passed); the result is the best attempt's folder (the first that passed,
+    else the lowest score). ``report(attempt)`` hears of each attempt as it ends."""
+    if not cfg.janus.retries:
+        return run(cfg, out=out, progress_bar=progress_bar, callbacks=callbacks, note=note)
+    attempts: list[dict] = []
+    for k in range(cfg.janus.retries + 1):
+        attempt = copy.deepcopy(cfg)
+        attempt.seed = (cfg.seed + k) % 2 ** 32
+        run_dir = run(attempt, out=out, progress_bar=progress_bar, callbacks=callbacks, note=note if k == 0 else None)
+        score = (RunFolder(run_dir).read_metrics() or {}).get("janus_score_prior")
+        attempts.append({"attempt": k + 1, "seed": attempt.seed, "run_dir": str(run_dir), "janus_score_prior": score,
+                         "passed": gate_passes(score, cfg.janus.threshold)})
+        for earlier in attempts:
+            atomic_write_text(RunFolder(earlier["run_dir"]).janus_gate, json.dumps(
+                {"threshold": cfg.janus.threshold, "retries": cfg.janus.retries, "attempts": attempts}, indent=1))
+        if report is not None:
+            report(attempts[-1])
+        if attempts[-1]["passed"]:
+            break
+    best = min(attempts, key=lambda a: (not a["passed"], a["janus_score_prior"] if a["janus_score_prior"] is not None
+                                        else -1.0, a["attempt"]))
+    return Path(best["run_dir"])
+
+
 def _fit(trainer, system: System, cfg: RunConfig, ckpt_path: Optional[str], run_dir: Path,
          resume_hint: Optional[str] = None) -> None:
     """The optimisation; Ctrl-C becomes a KeyboardInterrupt that says how to continue
@@ -223,11 +258,16 @@ def finish_run(representation, cfg: RunConfig, run_dir: Path, started: float, ev
     export_started = time.time()
     summary = export_run_outputs(representation, cfg, run_dir)
     export_seconds = time.time() - export_started
-    metrics = evaluate_run(run_dir, system=system) if evaluate and cfg.export.evaluate else None
+    metrics = None
+    if evaluate and cfg.export.evaluate:
+        metrics = evaluate_run(run_dir, system=system)
+    elif cfg.export.evaluate and cfg.janus.enabled and system is not None:  # no truth: the prior's Janus check alone
+        metrics = prior_check_run(run_dir, cfg, representation, system.prior)
     status = {"max_steps": cfg.steps, **status, "export_seconds": round(export_seconds, 2),
               "eval_seconds": round(time.time() - export_started - export_seconds, 2),
               "total_seconds": round(time.time() - started, 2), "mesh_faces": summary["faces"],
-              "mask_iou": None if metrics is None else metrics["mask_iou"]}
+              "peak_memory_mb": peak_memory_mb(representation_device(representation)),
+              "mask_iou": None if metrics is None else metrics.get("mask_iou")}
     write_status(run_dir, state, **status)
     return status
 

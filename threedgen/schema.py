@@ -267,6 +267,53 @@ class RefineConfig:
                 raise UserError(f"refine.{name} must be true or false; got {getattr(self, name)!r}")
 
 
+MAX_JANUS_RETRIES = 10
+JUDGES = ("unbiased", "run")
+
+
+@dataclass
+class JanusConfig:
+    """The Janus check from the prior itself (``threedgen.janus_prior``: a diffusion-classifier test of
+    the result's views against the prompt's view tags; no ground truth needed) and the gate on it."""
+
+    enabled: bool = True
+    """Score every finished run (janus_score_prior in metrics.json): the share of its back views the prior calls a front."""
+    judge: str = "unbiased"
+    """unbiased: the run's prior without camera input or view bias, with strict view tags; run: the run's prior as configured (its view tags on)."""
+    views: int = 12
+    """Azimuths the result is rendered at (evenly spaced from the front)."""
+    elevation: float = 15.0
+    """Elevation of those views, degrees."""
+    noise_levels: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    """Noise levels of the test, as fractions of the prior's timesteps."""
+    samples: int = 2
+    """Noise draws per level (the same draws for every view tag)."""
+    margin: float = 0.02
+    """A back view is called a front only when its front-tag error is this fraction below every other tag's."""
+    threshold: float = 0.2
+    """The gate: a run passes when janus_score_prior is at most this."""
+    retries: int = 0
+    """The gate (`--janus-retry N`): after a run that fails the threshold, run the next seed, up to N more times; the best attempt is the run's result."""
+
+    def check(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise UserError(f"janus.enabled must be true or false; got {self.enabled!r}")
+        if self.judge not in JUDGES:
+            raise UserError(f"janus.judge must be one of {', '.join(JUDGES)}; got {self.judge!r}")
+        check_int("janus.views", self.views, 4, 72)
+        check_range("janus.elevation", self.elevation, -60, 60)
+        if not self.noise_levels or len(self.noise_levels) > 10:
+            raise UserError("janus.noise_levels must list 1 to 10 fractions of the prior's timesteps")
+        for level in self.noise_levels:
+            check_range("janus.noise_levels[]", level, 0.02, 0.98)
+        check_int("janus.samples", self.samples, 1, 16)
+        check_range("janus.margin", self.margin, 0, 1)
+        check_range("janus.threshold", self.threshold, 0, 1)
+        check_int("janus.retries", self.retries, 0, MAX_JANUS_RETRIES)
+        if self.retries and not self.enabled:
+            raise UserError("janus.retries needs janus.enabled=true: the gate reads the check's score")
+
+
 @dataclass
 class RunConfig:
     prompt: str = ""
@@ -277,6 +324,8 @@ class RunConfig:
     """Seed of every random draw of the run (cameras, noise, initialisation)."""
     steps: int = 600
     """Optimisation steps."""
+    max_seconds: float = 0.0
+    """Stop training after this many seconds even before `steps` (0: no time limit; `threedgen compare --budget-seconds`)."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     checkpoint_every: int = 200
@@ -303,6 +352,8 @@ class RunConfig:
     """Meshes, textures, turntable and evaluation after training."""
     refine: RefineConfig = field(default_factory=RefineConfig)
     """Stage 2: the exported mesh refined under the same prior."""
+    janus: JanusConfig = field(default_factory=JanusConfig)
+    """The Janus check from the prior and the gate on it."""
 
     def check(self, whole_run: bool = True) -> None:
         """Every rule of every section, once. ``whole_run`` adds the prompt (cleaned in place) and
@@ -316,10 +367,14 @@ class RunConfig:
         check_int("checkpoint_every", self.checkpoint_every, 1, MAX_STEPS)
         check_int("preview_every", self.preview_every, 1, MAX_STEPS)
         check_int("verify_steps", self.verify_steps, 0, MAX_VERIFY_STEPS)
+        check_range("max_seconds", self.max_seconds, 0, 1e7)
         check_device(self.device)
-        for section in (self.camera, self.render, self.loss, self.optimizer, self.export, self.refine,
+        for section in (self.camera, self.render, self.loss, self.optimizer, self.export, self.refine, self.janus,
                         self.guidance, self.representation, self.prior):
             section.check()
+        if self.janus.retries and not self.export.evaluate:
+            raise UserError("janus.retries (--janus-retry) needs export.evaluate=true: the gate reads the check that "
+                            "the eval runs")
         if self.refine.enabled and self.export.texture != "uv":
             raise UserError("refine.enabled needs export.texture=uv: the refinement optimises the mesh's UV texture")
         scale = getattr(self.guidance, "guidance_scale", 0.0)

@@ -149,6 +149,9 @@ class Dispatcher:
     def first_step(self, job_id: str, step: int) -> None:
         self.store.record(job_id, "first step", step=step)
 
+    def event(self, job_id: str, name: str, detail: dict) -> None:
+        self.store.record(job_id, name, **detail)
+
     # ---- the loop ------------------------------------------------------------------------------
     def _public(self, job_id: str) -> Path:
         path = self.outputs_dir / job_id

@@ -96,6 +96,9 @@ class Reporter:
     def first_step(self, step: int) -> None:
         """The job's first optimisation step of this attempt is done (its start-up cost ends here)."""
 
+    def event(self, name: str, **detail) -> None:
+        """An event for the job's history (the Janus gate's attempts)."""
+
 
 class LocalReporter(Reporter):
     """A job process of the local backend: progress straight to the job table, the preview to the
@@ -112,6 +115,9 @@ class LocalReporter(Reporter):
 
     def first_step(self, step: int) -> None:
         self.store.record(self.job_id, "first step", step=step)
+
+    def event(self, name: str, **detail) -> None:
+        self.store.record(self.job_id, name, **detail)
 
 
 class ActorReporter(Reporter):
@@ -135,6 +141,9 @@ class ActorReporter(Reporter):
 
     def first_step(self, step: int) -> None:
         self.board.first_step.remote(self.job_id, step)  # no answer needed
+
+    def event(self, name: str, **detail) -> None:
+        self.board.event.remote(self.job_id, name, detail)  # no answer needed
 
 
 def _progress_callback(reporter: Reporter, every_s: float = 0.5):
@@ -191,7 +200,7 @@ def execute_job(job_id: str, params: dict, resume_dir: Optional[str], runs_dir: 
     """Run one job (a new run, or a resume of ``resume_dir``) as `threedgen run` does; the outcome
     as ``{"status", "error", "run_dir"}``. Shared by the local backend's job process and the Ray
     task, so a job behaves the same wherever it runs."""
-    from threedgen.runner import run  # heavy (torch, Lightning): in the job process only
+    from threedgen.runner import run, run_gated  # heavy (torch, Lightning): in the job process only
 
     callback = _progress_callback(reporter)
     try:
@@ -199,7 +208,8 @@ def execute_job(job_id: str, params: dict, resume_dir: Optional[str], runs_dir: 
             run_dir = run(resume=resume_dir, progress_bar=False, callbacks=[callback], device=device)
         else:
             cfg = RunRequest.from_dict(params).to_config(device)
-            run_dir = run(cfg, out=Path(runs_dir) / job_id, progress_bar=False, callbacks=[callback])
+            run_dir = run_gated(cfg, out=Path(runs_dir) / job_id, progress_bar=False, callbacks=[callback],
+                                report=lambda a: reporter.event("janus attempt", **a))
         return {"status": "succeeded", "error": None, "run_dir": str(run_dir)}
     except KeyboardInterrupt:
         if reporter.cancelled:

@@ -304,8 +304,16 @@ class ShapesPrior(Prior):
         device = x_t.device
         n_colours = len(self.colours)
         log_pi = self.log_view_prior(views, n)
-        # Only the (shape, view) maps some item can weight are read: the union over the batch.
-        view_ids = torch.nonzero(torch.isfinite(log_pi).any(0)).flatten()
+        # Only the (shape, view) maps some item can weight are read: the union over the batch, where
+        # strict view tags (view_tag_strength 1) leave an item the views with its tags only.
+        support = torch.isfinite(log_pi)
+        if float(self.cfg.view_tag_strength) >= 1.0:
+            every_view = torch.arange(support.shape[1], device=device)
+            for i, cnd in enumerate(cond):
+                tags = self.log_tag_weights(cnd.views, every_view)
+                if tags is not None:
+                    support[i] &= torch.isfinite(tags)
+        view_ids = torch.nonzero(support.any(0)).flatten()
         shape_ids = torch.unique(torch.cat([torch.tensor(cnd.objects) // n_colours for cnd in cond])).to(device)
         log_pi = log_pi[:, view_ids]
         maps, gram = self.maps, self.gram  # [S',V',3,HW]: read in place when everything is needed (text-only)
