@@ -51,13 +51,14 @@ def check(run_dir: str, judge: str) -> dict:
     start = time.perf_counter()
     m = janus_prior_metrics(representation, cfg)
     return {"run_dir": run_dir, "judge": judge, "seconds": time.perf_counter() - start,
-            **{k: m[k] for k in ("janus_score_prior", "janus_margin_prior", "janus_confusion_prior")}}
+            **{k: m.get(k) for k in ("janus_score_prior", "janus_margin_prior", "janus_confusion_prior")}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="the Janus benchmark's folder (results.jsonl)")
-    ap.add_argument("--judges", nargs="+", default=["unbiased", "run"], choices=["unbiased", "run"])
+    ap.add_argument("--judges", nargs="+", default=["unbiased", "run"], choices=["unbiased", "run"],
+                    help="the first must be unbiased (the per-cell table's)")
     ap.add_argument("--threshold", type=float, default=0.2)
     ap.add_argument("--write", default=None, help="append the tables to this markdown file")
     args = ap.parse_args()
@@ -73,6 +74,8 @@ def main() -> None:
                 cache[(r["run_dir"], judge)] = c
                 with cache_path.open("a") as f:
                     f.write(json.dumps(c) + "\n")
+                if c["janus_score_prior"] is None:
+                    continue
                 print(f"{r['cell']:<13} {r['object']:<6} seed {r['seed']} judge {judge:<8} score "
                       f"{c['janus_score_prior']:.2f} margin {c['janus_margin_prior']:+.3f} | truth janus {r['janus']} "
                       f"JVR {r['janus_view_rate']:.2f} ({c['seconds']:.1f} s)", file=sys.stderr, flush=True)
@@ -84,7 +87,9 @@ def main() -> None:
              "| judge | truth verdict | Janus by truth | accuracy (score > threshold) | AUC of score | AUC of margin |",
              "|---|---|---|---|---|---|"]
     for judge in args.judges:
-        scored = [(r, cache[(r["run_dir"], judge)]) for r in runs]
+        # A camera-conditioned run's own prior has no view tags: the "run" judge skips it.
+        scored = [(r, cache[(r["run_dir"], judge)]) for r in runs if cache[(r["run_dir"], judge)]["janus_score_prior"]
+                  is not None]
         for verdict in ("janus", "second front", "JVR > 0"):
             labels = [verdicts(r)[verdict] for r, _ in scored]
             scores = [c["janus_score_prior"] for _, c in scored]
@@ -98,7 +103,7 @@ def main() -> None:
     for cell in sorted({r["cell"] for r in runs}):
         for obj in sorted({r["object"] for r in runs if r["cell"] == cell}):
             rs = [r for r in runs if r["cell"] == cell and r["object"] == obj]
-            cs = [cache[(r["run_dir"], args.judges[0])] for r in rs]
+            cs = [cache[(r["run_dir"], "unbiased")] for r in rs]
             lines.append(f"| {cell} | {obj} | {len(rs)} | {sum(bool(r['janus']) for r in rs)} | "
                          f"{statistics.fmean(c['janus_score_prior'] for c in cs):.2f} | "
                          f"{statistics.fmean(c['janus_score_prior'] > args.threshold for c in cs):.2f} | "

@@ -248,17 +248,18 @@ def collect(record: dict, jobs: dict, folder: Path, render: bool = True) -> dict
         if job is None:
             continue
         run.update(status=job.status, error=job.error, step=job.step, max_steps=job.max_steps, run_dir=job.run_dir)
-        if job.status != "succeeded" or not job.run_dir or run.get("values"):
+        if job.status != "succeeded" or not job.run_dir:
             continue
         run_dir = Path(job.run_dir)
-        run["values"] = run_values(run_dir)
-        run["curve"] = loss_curve(run_dir)
-        glb = RunFolder(run_dir).mesh("glb")
-        run["glb"] = str(glb) if glb.is_file() else None
+        if not run.get("values"):
+            run["values"] = run_values(run_dir)
+            run["curve"] = loss_curve(run_dir)
+            glb = RunFolder(run_dir).mesh("glb")
+            run["glb"] = str(glb) if glb.is_file() else None
+            run["views"] = None
         if record["truth"] is None:
             record["truth"] = run["values"].get("mask_iou") is not None
-        run["views"] = None
-        if render:
+        if render and not run.get("views") and not run.get("views_error"):  # once per run, when first asked
             relative = Path("views") / f"{run['method']}-seed{run['seed']}.png"
             try:
                 render_strip(run_dir, folder / relative)

@@ -16,8 +16,9 @@ prior gives the render.
   below both other tags' errors. 0 for an object whose back looks like a back; towards 1 for a
   two-faced one. An object that looks the same from everywhere (a sphere) scores 0: its tags tie,
   and a tie is not a front.
-- ``janus_margin_prior``: the mean over the back views of ``1 - err_front / min(err_side, err_back)``,
-  a continuous version (positive: the back looks more like a front than like a back or a side).
+- ``janus_margin_prior``: the mean over the back views of ``(m - err_front) / (m + err_front)`` with
+  ``m = min(err_side, err_back)``, a continuous version in [-1, 1] (positive: the back looks more
+  like a front than like a back or a side).
 - ``janus_views_prior``: per azimuth, the tag called and the three errors (relative to the least).
 - ``janus_confusion_prior``: counts of (the view's own tag by azimuth, the tag called), front / side
   / back, with the tag thresholds of view-dependent prompting (45 degrees; back beyond 135).
@@ -124,7 +125,8 @@ def score_views(errors: np.ndarray, azimuths, margin: float) -> dict:
     safe = np.maximum(others, 1e-30)
     return {
         "janus_score_prior": float(called_front[back].mean()) if back.any() else None,
-        "janus_margin_prior": float((1.0 - front[back] / safe[back]).mean()) if back.any() else None,
+        "janus_margin_prior": float(((others[back] - front[back]) / (safe[back] + front[back])).mean())
+        if back.any() else None,
         "janus_confusion_prior": {"tags": list(TAGS), "counts": confusion.tolist()},
         "janus_views_prior": [{"azimuth": float(a), "tag": TAGS[own[i]], "called": TAGS[called[i]],
                                "errors": [float(e / best[i]) if best[i] > 0 else 1.0 for e in errors[i]]}

@@ -26,6 +26,7 @@ from threedgen.schema import MAX_PROMPT_CHARS
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, NoUploads, read_auth  # read_auth: re-exported
 from threedgen.webui.rest import rest_routes
 from threedgen.webui.service import (  # Settings, validate, parse_seeds: re-exported
+    BUDGET_KINDS,
     CURVE_SERIES,
     INSTANT_OFF,
     MAX_SEEDS,
@@ -38,6 +39,42 @@ from threedgen.webui.service import (  # Settings, validate, parse_seeds: re-exp
 )
 
 TABLE_HEADERS = ["job", "prompt", "guidance", "representation", "seed", "status", "progress", "ETA"]
+
+
+COMPARE_HEADERS = ["method", "seed", "status", "step", "error", "job"]
+COMPARE_IDLE = "Start a comparison, or reopen a past one."
+
+
+def compare_row(run: dict) -> list:
+    """One run of a comparison in its table (the views' error when the run succeeded but could not
+    be drawn)."""
+    step = f"{run.get('step') or 0}/{run['max_steps']}" if run.get("max_steps") else ""
+    return [run.get("method", ""), str(run.get("seed", "")), run.get("status", ""), step,
+            run.get("error") or run.get("views_error") or "", run.get("job") or ""]
+
+
+def compare_choice(c: dict) -> tuple[str, str]:
+    """A past comparison in the dropdown: ``(label, id)``."""
+    n = len(c["methods"])
+    label = f"{c['id']} · {c['prompt'][:60]} · {n} method{'' if n == 1 else 's'} · {c['state']} · {c['created']}"
+    return label, c["id"]
+
+
+def compare_line(st: dict) -> str:
+    """A comparison's line of text (Markdown, escaped)."""
+    r = st["record"]
+    budget = r.get("budget") or {}
+    words = (f"{budget['seconds']:g} s of training" if budget.get("seconds") is not None
+             else f"{budget.get('steps')} steps")
+    line = (f"**{r.get('state')}** · {_escape_md(st['progress'])} · comparison `{st['id']}` · prompt: "
+            f"{_escape_md(str(r.get('prompt', '')))} · {_escape_md(str(r.get('representation')))}, "
+            f"{_escape_md(str(r.get('prior')))} prior · budget {_escape_md(words)} per run · seeds "
+            f"{_escape_md(', '.join(map(str, r.get('seeds', []))))}")
+    if r.get("state") == "finished" and st.get("sheet") is None:
+        line += " · writing the sheet" if st.get("busy") else ""
+    elif r.get("state") != "finished":
+        line += " · the views and the sheet come once every run has finished"
+    return line
 
 
 def steps_info(guidance, representation, prior) -> str:
@@ -66,11 +103,18 @@ EXAMPLE_PROMPTS = [["a red cube"], ["a blue torus"], ["a green house"], ["a blue
 
 
 def score_line(metrics_path) -> str:
-    """The score of a finished shapes-prior job as one Markdown line (with the Janus metrics when
-    the object has a front); empty when the file cannot be read."""
+    """The score of a finished job as one Markdown line: a shapes-prior job's against the truth
+    (with the Janus metrics when the object has a front), and the prior's Janus check of any job;
+    empty when the file cannot be read."""
     try:
         m = json.loads(Path(metrics_path).read_text())
+        prior = m.get("janus_score_prior")
+        janus = (f"prior's Janus check {float(prior):.2f} (back views it calls a front)" if prior is not None else "")
+        if "mask_iou" not in m:  # a prior without a truth: its Janus check alone
+            return f"\n\n{janus}" if janus else ""
         line = f"\n\nmask IoU {float(m['mask_iou']):.3f} · PSNR {float(m['psnr']):.1f} dB"
+        if janus:
+            line += f" · {janus}"
         if m.get("normal_error_deg") is not None:
             line += (f" · normal error {float(m['normal_error_deg']):.1f}° · height {float(m['height_error']):+.3f} m"
                      f" · {'watertight' if m.get('watertight') else 'not watertight'}")
@@ -147,6 +191,43 @@ class WebUI(Service):
         downloads = [files[k] for k in ("glb", "obj", "mtl", "texture", "ply", "video") if k in files]
         return line, files.get("preview"), files.get("glb"), files.get("video"), downloads
 
+    def compare_choices(self) -> list[tuple[str, str]]:
+        return [compare_choice(c) for c in self.comparisons()]
+
+    def compare_view(self, compare_id, shown=None):
+        """The Compare tab for a comparison: its line of text, the runs' table, the sheet, the downloads
+        (report.html, sheet.png, compare.json; once every run is final), the past comparisons, the
+        timer (ticking while the comparison runs) and what was shown. The sheet, the downloads and the
+        past comparisons are sent only when the comparison or its state changed."""
+        import gradio as gr  # heavy: only once the page exists
+
+        if not compare_id:
+            return (COMPARE_IDLE, [], None, None, gr.update(choices=self.compare_choices()), gr.Timer(active=False),
+                    None)
+        st = guard(self.compare_status)(compare_id)
+        record = st["record"]
+        finished = record.get("state") == "finished"
+        files = [p for p in (st["report"], st["sheet"], st["record_file"]) if p] if finished else None
+        key = [compare_id, record.get("state"), st["sheet"]]
+        sheet = st["sheet"] if finished else None
+        # The list of past comparisons (a read of every record) only when this one started or changed state.
+        menu = gr.update(choices=self.compare_choices(), value=compare_id)
+        if key == shown:
+            sheet, files, menu = gr.update(), gr.update(), gr.update()
+        return (compare_line(st), [compare_row(r) for r in record["runs"]], sheet, files, menu,
+                gr.Timer(active=not finished or st.get("busy") or st["sheet"] is None), key)
+
+    def compare_tick(self, compare_id, shown=None):
+        """The timer's update of the Compare tab: as ``compare_view``, but a comparison that went away
+        (its folder deleted) stops the timer with its line instead of an error every tick."""
+        import gradio as gr  # heavy: only once the page exists
+
+        try:
+            return self.compare_view(compare_id, shown)
+        except gr.Error as exc:
+            return (_escape_md(str(exc.message)), [], None, None, gr.update(choices=self.compare_choices()),
+                    gr.Timer(active=False), None)
+
     # ---- the page ----------------------------------------------------------------------------
     def job_view(self, job_id):
         """The selected job's line of text, preview, GLB, splats, video, downloads and curve rows."""
@@ -213,6 +294,14 @@ class WebUI(Service):
         gr.Button(visible=False).click(guard(self.file), [job_in, kind_in], file_out, api_name="download")
         prompt_in = gr.Textbox(visible=False)
         gr.Button(visible=False).click(guard(self.instant), [prompt_in], api_out, api_name="instant")
+        # The workbench: methods "sds,vsd" or "all", seeds "0,1,2", budget kind "steps" or "seconds".
+        compare_in = [gr.Textbox(visible=False) for _ in range(8)]
+        compare_id_in = gr.Textbox(visible=False)
+        gr.Button(visible=False).click(guard(lambda *a: {"compare": self.compare(*a)}), compare_in, api_out,
+                                       api_name="compare")
+        gr.Button(visible=False).click(guard(self.compare_status), [compare_id_in], api_out, api_name="compare_status")
+        gr.Button(visible=False).click(guard(lambda: {"comparisons": self.comparisons()}), None, api_out,
+                                       api_name="comparisons")
 
     def _instant_tab(self, gr) -> None:
         """The instant tab's contents (inside its ``gr.Tab``): one line without a model."""
@@ -238,6 +327,47 @@ class WebUI(Service):
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
         make.click(self.instant_view, [prompt], [line, preview, model, video, downloads], api_visibility="private")
         prompt.submit(self.instant_view, [prompt], [line, preview, model, video, downloads], api_visibility="private")
+
+    def _compare_tab(self, gr) -> SimpleNamespace:
+        """The Compare tab's contents (inside its ``gr.Tab``): the form, the runs side by side, the
+        sheet and the downloads, and the past comparisons."""
+        s = self.settings
+        c = SimpleNamespace()
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("Every chosen guidance method on the same prompt, seeds and budget: one job per "
+                            "method x seed, then a comparison sheet and report.")
+                c.prompt = gr.Textbox(label="Prompt", value="a red cube", max_length=MAX_PROMPT_CHARS,
+                                      info=SHAPES_PROMPT_INFO)
+                c.negative = gr.Textbox(label="Negative prompt", value="", max_length=MAX_PROMPT_CHARS)
+                c.methods = gr.CheckboxGroup([(f"{e.name} ({e.summary})", e.name) for e in GUIDANCE.entries()],
+                                             value=GUIDANCE.names(), label="Guidance methods", show_select_all=True)
+                c.representation = gr.Dropdown(REPRESENTATIONS.names(), value=DEFAULT_REPRESENTATION,
+                                               label="Representation")
+                c.prior = gr.Dropdown(s.priors, value=s.priors[0], label="Prior")
+                c.seeds = gr.Textbox(value="0", label="Seeds", info="comma-separated, e.g. 0, 1, 2: every method runs "
+                                                                     "each seed")
+                with gr.Row():
+                    c.budget_kind = gr.Radio(list(BUDGET_KINDS), value="steps", label="Budget in")
+                    c.budget_value = gr.Number(value=min(100, s.max_steps), label="Budget per run", minimum=0,
+                                               info=f"steps (1 to {s.max_steps}), or seconds of training (each run "
+                                                    "stops at its preset's steps at most)")
+                c.start = gr.Button("Start comparison", variant="primary")
+            with gr.Column(scale=2):
+                c.selected = gr.Dropdown(choices=self.compare_choices(), value=None, label="Comparison (reopen a "
+                                         "past one)", allow_custom_value=False)
+                c.info = gr.Markdown(COMPARE_IDLE)
+                c.runs = gr.Dataframe(headers=COMPARE_HEADERS, value=[], interactive=False, label="Runs",
+                                      datatype=["str"] * len(COMPARE_HEADERS))
+                c.sheet = gr.Image(label="Comparison sheet", type="filepath", interactive=False)
+                c.downloads = gr.File(label="Downloads (report.html, sheet.png, compare.json)", file_count="multiple",
+                                      interactive=False)
+                c.timer = gr.Timer(2.0, active=False)
+                c.shown = gr.State(None)
+                c.started = gr.State(None)  # the id of the comparison just queued
+        c.values = [c.prompt, c.negative, c.methods, c.representation, c.prior, c.seeds, c.budget_kind, c.budget_value]
+        c.view = [c.info, c.runs, c.sheet, c.downloads, c.selected, c.timer, c.shown]
+        return c
 
     def _form(self, gr) -> SimpleNamespace:
         """The job form (inside its column): prompt, components, steps, seeds, resolution."""
@@ -308,6 +438,8 @@ class WebUI(Service):
                             v = self._job_panel(gr)
                 with gr.Tab("Instant (amortised model)", id="instant"):
                     self._instant_tab(gr)
+                with gr.Tab("Compare", id="compare"):
+                    c = self._compare_tab(gr)
             shown = gr.State(None)
             outputs = [v.jobs, v.selected, *v.view, shown]
             f.submit.click(on_submit, f.values, [f.submitted, v.jobs, v.selected], api_name="submit_form",
@@ -320,6 +452,13 @@ class WebUI(Service):
             for button, method in ((v.cancel, self.cancel), (v.resume, self.resume), (v.verify, self.verify)):
                 button.click(act(method), [v.selected], outputs, api_visibility="private")
             gr.Timer(2.0).tick(self.refresh, [v.selected, shown], outputs, api_visibility="private")
+
+            # Start queues (a bad form: one gr.Error, the panel left as it was), then shows the comparison.
+            c.start.click(guard(self.compare), c.values, [c.started], api_visibility="private").success(
+                self.compare_view, [c.started], c.view, api_visibility="private")
+            c.selected.input(self.compare_view, [c.selected], c.view, api_visibility="private")
+            c.timer.tick(self.compare_tick, [c.selected, c.shown], c.view, api_visibility="private")
+            demo.load(lambda: gr.update(choices=self.compare_choices()), None, [c.selected], api_visibility="private")
             self._api(gr)
         return demo
 

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
+import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from threedgen import compare as cmp
 from threedgen.amortised_folder import read_meta
 from threedgen.errors import UserError
 from threedgen.guidance.config import GUIDANCE
@@ -153,6 +157,40 @@ INSTANT_OFF = ("Instant generation is off on this server: start it with `threedg
                "a model folder trained by `threedgen train-amortised PROMPTS.txt`.")
 INSTANT_FOLDER = "instant"  # <state>/instant: the run folders; <outputs>/instant: their public copies
 
+# <outputs>/comparisons/<id>/: a comparison's record, sheet, report and view strips (served, so they
+# can be downloaded); its runs stay where the backend puts every job's (the state folder's runs).
+COMPARISONS = "comparisons"
+COMPARE_ID = re.compile(r"[0-9a-f]{8}")
+BUDGET_KINDS = ("steps", "seconds")
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # ASCII digits only: float() takes other scripts' too
+
+
+def check_compare_id(compare_id) -> str:
+    """A comparison id (8 lowercase hexadecimal characters) before any path is made of it."""
+    if not isinstance(compare_id, str) or not COMPARE_ID.fullmatch(compare_id):
+        raise UserError("unknown comparison id (a comparison id is 8 hexadecimal characters)")
+    return compare_id
+
+
+def parse_budget(kind, value, max_steps: int) -> tuple[Optional[int], Optional[float]]:
+    """The compare form's budget as ``(budget_steps, budget_seconds)``: steps from 1 to the server's
+    ``max_steps``, or seconds of training above 0 (each run still stops at its preset's steps)."""
+    if kind not in BUDGET_KINDS:
+        raise UserError(f"the budget is counted in steps or seconds; got {str(kind)[:20]!r}")
+    number = value
+    if isinstance(value, str):
+        text = value.strip()
+        number = float(text) if _DECIMAL.fullmatch(text) else None
+    if kind == "steps":
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or not float(number).is_integer() or not 1 <= number <= max_steps:
+            raise UserError(f"the budget must be a whole number of steps from 1 to {max_steps}; "
+                            f"got {str(value)[:20]!r}")
+        return int(number), None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number <= 0:
+        raise UserError(f"the budget must be a number of seconds above 0; got {str(value)[:20]!r}")
+    return None, float(number)
+
 
 
 class Service:
@@ -181,6 +219,8 @@ class Service:
             self.instant_step = RunFolder(settings.amortised).step() or None
         self._instant_model = None
         self._instant_lock = threading.Lock()
+        self._compare_locks: dict[str, threading.Lock] = {}  # one update (and rendering) of a comparison at a time
+        self._compare_locks_lock = threading.Lock()
 
     # ---- endpoints (each a plain function of strings; UserError -> gr.Error) -----------------
     def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
@@ -309,8 +349,157 @@ class Service:
                 "generate_ms": round(float(status["generate_seconds"]) * 1000, 2),
                 "export_s": status.get("export_seconds"), "mask_iou": status.get("mask_iou"), "files": files}
 
+    # ---- the workbench: every guidance method on one prompt (`threedgen compare`) ---------------
+    def compare(self, prompt, negative_prompt, methods, representation, prior, seeds_text, budget_kind,
+                budget_value) -> str:
+        """Queue a comparison: every method in ``methods`` (a list of names, or ``"sds,vsd"`` /
+        ``"all"``) x every seed in ``seeds_text`` (``"0,1,2"``), the same prompt and budget
+        (``budget_kind`` ``steps`` or ``seconds``, ``budget_value`` the number), one job each, all
+        in one submission (all or none). Its id (8 hexadecimal characters); its folder
+        ``<outputs>/comparisons/<id>/`` holds the record at once. Bad input is a one-line UserError
+        before anything is queued or written."""
+        s = self.settings
+        if not isinstance(prompt, str) or not isinstance(negative_prompt or "", str):
+            raise UserError("prompt and negative prompt must be text")
+        if isinstance(methods, (list, tuple)):
+            if not all(isinstance(m, str) for m in methods):
+                raise UserError("methods must be names of guidance methods, such as sds, vsd")
+            methods = list(methods)
+        elif methods is not None and not isinstance(methods, str):
+            raise UserError("methods must be names of guidance methods, such as sds, vsd")
+        try:  # the workbench's own checks, their words without the CLI's flags
+            methods = cmp.parse_methods(methods)
+            seeds = cmp.parse_seeds(seeds_text if isinstance(seeds_text, (str, list)) or seeds_text is None
+                                    else str(seeds_text))
+        except UserError as exc:
+            raise UserError(re.sub(r"--(methods|seeds)\b", r"\1", str(exc))) from None
+        REPRESENTATIONS[representation]  # an unknown name: the registry's own error
+        if not isinstance(prior, str) or prior not in s.priors:
+            raise UserError(f"prior {str(prior)[:40]!r} is not offered by this server; valid: {', '.join(s.priors)}")
+        budget_steps, budget_seconds = parse_budget(budget_kind, budget_value, s.max_steps)
+        queued = self.store.counts().get("queued", 0)
+        room = s.max_queued - queued
+        jobs = len(methods) * len(seeds)
+        if jobs > room:
+            raise UserError(f"{len(methods)} methods x {len(seeds)} seeds is {jobs} jobs; the queue has room for "
+                            f"{max(room, 0)} now ({queued} waiting, at most {s.max_queued}): fewer methods or seeds, "
+                            "or wait for some jobs to finish")
+        planned = cmp.plan(prompt, methods, seeds, representation, prior, budget_steps, budget_seconds,
+                           negative_prompt or "", tuple(s.overrides), max_jobs=room)
+        for method, _, request in planned:
+            if request.steps > s.max_steps:
+                raise UserError(f"{method}: the preset runs {request.steps} steps, over this server's limit of "
+                                f"{s.max_steps}; give a budget of steps from 1 to {s.max_steps}")
+        first = planned[0][2]
+        record = cmp.new_record(first.prompt, first.negative_prompt or "", methods, seeds, representation, first.prior,
+                                budget_steps, budget_seconds, s.backend, s.state, planned)
+        root = s.outputs / COMPARISONS
+        root.mkdir(exist_ok=True)
+        while True:  # a fresh folder of the record's id (another id on the rare clash)
+            folder = root / record["compare"]
+            try:
+                folder.mkdir()
+                break
+            except FileExistsError:
+                record["compare"] = uuid.uuid4().hex[:8]
+        ids: list[str] = []
+        try:
+            ids = self.pool.submit([(cmp.job_params(record, method, seed, request), request.steps)
+                                    for method, seed, request in planned])
+            for run, job_id in zip(record["runs"], ids):
+                run["job"] = job_id
+            cmp.save(folder, record)
+        except BaseException:  # a full queue queued none of them; a record that cannot be written, none stay
+            for job_id in ids:
+                try:
+                    self.pool.cancel(job_id)
+                except UserError:
+                    pass
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return record["compare"]
+
+    def _compare_folder(self, compare_id) -> Path:
+        folder = self.settings.outputs / COMPARISONS / check_compare_id(compare_id)
+        if not (folder / cmp.RECORD).is_file():
+            raise UserError(f"no comparison {compare_id}")
+        return folder
+
+    def compare_status(self, compare_id) -> dict:
+        """A comparison brought up to date from its jobs: ``record`` (``compare.json``'s contents),
+        ``progress`` (one line), ``state`` (queued, running or finished) and, once every run is final,
+        ``sheet`` and ``report`` (their paths; ``record_file`` always). Each run that succeeded is read
+        once; its views are rendered (torch, in this process) once every run is final, and then the
+        sheet and the report are written. ``busy``: another call is updating it (the record as saved)."""
+        folder = self._compare_folder(compare_id)
+        with self._compare_locks_lock:
+            lock = self._compare_locks.setdefault(compare_id, threading.Lock())
+        if not lock.acquire(blocking=False):
+            return self._compare_answer(cmp.load(folder), folder, busy=True)
+        try:
+            record = cmp.load(folder)
+            before = _record_key(record)
+            ids = [r["job"] for r in record["runs"] if r.get("job")]
+            jobs = {job.id: job for job in self.store.many(ids)} if ids else {}
+            statuses = [jobs[r["job"]].status if r.get("job") in jobs else r.get("status") for r in record["runs"]]
+            final = all(status in cmp.FINAL for status in statuses)
+            try:
+                cmp.collect(record, jobs, folder, render=final)
+            except Exception as exc:  # an unexpected rendering failure: the sheet without those views, once
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                for run in record["runs"]:
+                    if run.get("values") and run.get("views") is None and not run.get("views_error"):
+                        run["views_error"] = reason
+                cmp.collect(record, jobs, folder, render=False)
+            changed = _record_key(record) != before
+            from threedgen.compare_report import SHEET  # Pillow: only for a comparison
+
+            if record["state"] == "finished" and (changed or not (folder / SHEET).is_file()):
+                cmp.write_outputs(record, folder)
+            elif changed:
+                cmp.save(folder, record)
+            return self._compare_answer(record, folder)
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _compare_answer(record: dict, folder: Path, busy: bool = False) -> dict:
+        from threedgen.compare_report import REPORT, SHEET  # Pillow: only for a comparison
+
+        done = record.get("state") == "finished"
+        sheet, report = folder / SHEET, folder / REPORT
+        return {"id": folder.name, "record": record, "progress": cmp.progress_line(record),
+                "state": record.get("state"),
+                "sheet": str(sheet) if done and sheet.is_file() else None,
+                "report": str(report) if done and report.is_file() else None,
+                "record_file": str(folder / cmp.RECORD), "busy": busy}
+
+    def comparisons(self, limit: int = 50) -> list[dict]:
+        """The comparisons in the outputs folder, newest first (at most ``limit``): ``id``, ``prompt``,
+        ``methods``, ``state`` (as last saved) and ``created``; a damaged record is left out."""
+        root = self.settings.outputs / COMPARISONS
+        out = []
+        for folder in (root.iterdir() if root.is_dir() else ()):
+            if not COMPARE_ID.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+                continue
+            try:
+                record = cmp.load(folder)
+            except UserError:
+                continue
+            out.append({"id": folder.name, "prompt": str(record.get("prompt", "")),
+                        "methods": list(record.get("methods") or []), "state": record.get("state"),
+                        "created": str(record.get("created") or "")})
+        out.sort(key=lambda c: (c["created"], c["id"]), reverse=True)
+        return out[:limit]
+
     def close(self) -> None:
         self.pool.stop()
 
 
-__all__ = ["Service", "Settings", "validate", "parse_seeds", "preset_steps", "read_curve"]
+def _record_key(record: dict) -> str:
+    """A record's contents less the time it was written: what tells whether it changed."""
+    return json.dumps({k: v for k, v in record.items() if k != "written"}, sort_keys=True, default=str)
+
+
+__all__ = ["Service", "Settings", "validate", "parse_seeds", "preset_steps", "read_curve", "parse_budget",
+           "check_compare_id", "COMPARISONS"]
