@@ -15,6 +15,9 @@ views on fronts. The cells:
 - ``sds``, ``esd``, ``vsd``, ``asd``: the method on the biased prior, NeRF;
 - ``sds-perp-neg``: SDS with Perp-Neg (``prior.perp_neg=true``), NeRF;
 - ``sds-gaussians``: SDS on the biased prior, 3D Gaussians;
+- ``sds-gate``: SDS on the biased prior behind the Janus gate (``--janus-retry 3``: up to three more
+  seeds while the prior's own Janus check fails); the published attempt is scored, and ``attempts``
+  records how many runs it took;
 - ``sds-unbiased``: SDS on the text-only prior without the bias (uniform views, strict view tags),
   NeRF: what the bias adds;
 - ``control``: SDS on the camera-conditioned prior (the default ``camera_kappa``), NeRF.
@@ -58,6 +61,7 @@ CELLS = {
     "vsd": ["--guidance", "vsd"],
     "asd": ["--guidance", "asd"],
     "sds-gaussians": ["--guidance", "sds", "--representation", "gaussians"],
+    "sds-gate": ["--guidance", "sds", "--janus-retry", "3"],
     "sds-unbiased": ["--guidance", "sds"],
     "control": ["--guidance", "sds"],
 }
@@ -85,7 +89,7 @@ def prior_args(cell: str, front_bias: float, tag_strength: float, prior: str = "
     return ["prior.camera_kappa=0", f"prior.front_bias={front_bias}", f"prior.view_tag_strength={tag_strength}"]
 
 
-KEYS = ("front_markers", "janus", "janus_view_rate", "view_mi", "view_mi_truth", "back_front_psnr_gap", "mask_iou",
+KEYS = ("front_markers", "janus_score_prior", "janus", "janus_view_rate", "view_mi", "view_mi_truth", "back_front_psnr_gap", "mask_iou",
         "psnr", "best_yaw_degrees", "janus_yaw_degrees", "front_marker_voxels", "front_marker_voxels_truth")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -113,8 +117,10 @@ def run_one(cell: str, obj: str, seed: int, args, out: Path) -> dict:
                          f"{proc.stderr.strip().splitlines()[-1:]}")
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     m = json.loads((run_dir / "metrics.json").read_text())
+    gate = run_dir / "janus_gate.json"  # the Janus gate's attempts (sds-gate)
+    attempts = len(json.loads(gate.read_text())["attempts"]) if gate.is_file() else 1
     return {"cell": cell, "prior": args.prior, "object": obj, "seed": seed, "steps": args.steps, "wall": wall, "run_dir": str(run_dir),
-            **{k: m.get(k) for k in KEYS}}
+            "attempts": attempts, **{k: m.get(k) for k in KEYS}}
 
 
 def part_sizes(r: dict) -> tuple[float, bool]:

@@ -60,10 +60,12 @@ def main() -> None:
     ap.add_argument("--judges", nargs="+", default=["unbiased", "run"], choices=["unbiased", "run"],
                     help="the first must be unbiased (the per-cell table's)")
     ap.add_argument("--threshold", type=float, default=0.2)
+    ap.add_argument("--cells", nargs="+", default=None, help="only these cells (default: every recorded run)")
     ap.add_argument("--write", default=None, help="append the tables to this markdown file")
     args = ap.parse_args()
     out = Path(args.out)
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    runs = [r for r in runs if args.cells is None or r["cell"] in args.cells]
     cache_path = out / "prior_check.jsonl"
     cache = {(c["run_dir"], c["judge"]): c for c in (json.loads(line) for line in
                                                     (cache_path.read_text().splitlines() if cache_path.exists() else []))}

@@ -215,3 +215,20 @@ def test_the_page_has_a_compare_tab_and_the_api(tmp_path):
         assert line == f"no comparison {compare_id}" and rows == [] and not timer.active
     finally:
         ui.close()
+
+
+def test_the_job_form_takes_janus_retries(tmp_path):
+    """The per-prompt form's Janus retries box becomes janus.retries on the job (the gate of
+    `threedgen run --janus-retry`); empty or 0 adds nothing; anything else is one line."""
+    from threedgen.webui.service import validate
+
+    settings = Settings(outputs=tmp_path / "w", state=tmp_path / "s", overrides=["export.video_frames=4"])
+    [(request, _)] = validate(settings, "a red cube", "", "sds", "nerf", "shapes", 12, "0", "", 2)
+    assert request.overrides == ("export.video_frames=4", "janus.retries=2")
+    assert request.to_config("cpu").janus.retries == 2
+    for none in (None, "", 0, "0", 0.0):
+        [(request, _)] = validate(settings, "a red cube", "", "sds", "nerf", "shapes", 12, "0", "", none)
+        assert request.overrides == ("export.video_frames=4",)
+    for bad in (11, -1, "x", "\u00b2", 1.5, True):
+        with pytest.raises(UserError, match="Janus retries must be an integer from 0 to 10"):
+            validate(settings, "a red cube", "", "sds", "nerf", "shapes", 12, "0", "", bad)

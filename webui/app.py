@@ -22,7 +22,7 @@ from threedgen.guidance.priors.shapes.vocab import FRONT_MARKERS, SHAPES
 from threedgen.jobs.store import Job
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.request import DEFAULT_GUIDANCE, DEFAULT_REPRESENTATION
-from threedgen.schema import MAX_PROMPT_CHARS
+from threedgen.schema import MAX_JANUS_RETRIES, MAX_PROMPT_CHARS
 from threedgen.webui.auth import LoginLimiter, LoginRateLimit, NoUploads, read_auth  # read_auth: re-exported
 from threedgen.webui.rest import rest_routes
 from threedgen.webui.service import (  # Settings, validate, parse_seeds: re-exported
@@ -281,7 +281,7 @@ class WebUI(Service):
 
     def _api(self, gr) -> None:
         """The API: plain values in and out, for gradio_client and scripts (inside the Blocks)."""
-        api_in = [gr.Textbox(visible=False) for _ in range(8)]
+        api_in = [gr.Textbox(visible=False) for _ in range(8)] + [gr.Textbox(value="0", visible=False)]  # 9th: Janus retries
         api_out = gr.JSON(visible=False)
         job_in, kind_in = gr.Textbox(visible=False), gr.Textbox(visible=False)
         file_out = gr.File(visible=False)
@@ -385,9 +385,13 @@ class WebUI(Service):
         f.seeds = gr.Textbox(value="0", label="Seeds", info=f"0, or 0, 1, 2, or 0-3 (at most {MAX_SEEDS})")
         f.resolution = gr.Dropdown([str(r) for r in RESOLUTIONS], value=None, label="Render resolution",
                                    info="empty: the prior's default")
+        f.janus_retry = gr.Number(value=0, label="Janus retries", precision=0, minimum=0, maximum=MAX_JANUS_RETRIES,
+                                  info="after a run the prior's Janus check fails, try the next seed, up to this "
+                                       "many times; the best attempt is the result")
         f.submit = gr.Button("Generate", variant="primary")
         f.submitted = gr.JSON(label="Submitted", visible=True)
-        f.values = [f.prompt, f.negative, f.guidance, f.representation, f.prior, f.steps, f.seeds, f.resolution]
+        f.values = [f.prompt, f.negative, f.guidance, f.representation, f.prior, f.steps, f.seeds, f.resolution,
+                    f.janus_retry]
         return f
 
     def _job_panel(self, gr) -> SimpleNamespace:

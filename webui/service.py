@@ -39,7 +39,7 @@ from threedgen.manifest import manifest_short_hash
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.request import RunRequest
 from threedgen.rundir import RunFolder
-from threedgen.schema import clean_prompt, is_ascii_integer
+from threedgen.schema import MAX_JANUS_RETRIES, clean_prompt, is_ascii_integer
 
 MAX_SEEDS = 8
 RESOLUTIONS = [32, 64, 128, 256, 512]
@@ -88,10 +88,24 @@ def parse_seeds(text) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def parse_retries(value) -> int:
+    """The form's Janus retries: empty is 0; else an integer from 0 to ``MAX_JANUS_RETRIES``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and is_ascii_integer(value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_JANUS_RETRIES:
+        raise UserError(f"Janus retries must be an integer from 0 to {MAX_JANUS_RETRIES}")
+    return value
+
+
 def validate(settings: Settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
-             resolution) -> list[tuple[RunRequest, int]]:
+             resolution, janus_retry=None) -> list[tuple[RunRequest, int]]:
     """One job's request and its number of steps per seed, each checked exactly as `threedgen run`
-    checks its input. ``steps`` empty (None, "") means the preset's."""
+    checks its input. ``steps`` empty (None, "") means the preset's; ``janus_retry``: the Janus
+    gate's retries (``janus.retries``; empty or 0: none)."""
     if not isinstance(prompt, str) or not isinstance(negative_prompt or "", str):
         raise UserError("prompt and negative prompt must be text")
     GUIDANCE[guidance], REPRESENTATIONS[representation]  # unknown names: the registries' own errors
@@ -108,12 +122,14 @@ def validate(settings: Settings, prompt, negative_prompt, guidance, representati
         raise UserError(f"steps must be an integer from 1 to {settings.max_steps} (or empty: the preset's)")
     if resolution not in (None, "") and (not is_ascii_integer(str(resolution)) or int(resolution) not in RESOLUTIONS):
         raise UserError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}")
+    retries = parse_retries(janus_retry)
+    overrides = tuple(settings.overrides) + ((f"janus.retries={retries}",) if retries else ())
     jobs = []
     for seed in parse_seeds(seeds):
         request, cfg = RunRequest(
             prompt=prompt, negative_prompt=negative_prompt or "", guidance=guidance, representation=representation,
             prior=prior, steps=steps, seed=seed, resolution=int(resolution) if resolution not in (None, "") else None,
-            overrides=tuple(settings.overrides)).checked()  # every check of `threedgen run`, once
+            overrides=overrides).checked()  # every check of `threedgen run`, once
         if cfg.steps > settings.max_steps:
             raise UserError(f"the preset runs {cfg.steps} steps, over this server's limit of {settings.max_steps}; "
                             f"give steps from 1 to {settings.max_steps}")
@@ -223,9 +239,10 @@ class Service:
         self._compare_locks_lock = threading.Lock()
 
     # ---- endpoints (each a plain function of strings; UserError -> gr.Error) -----------------
-    def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution):
+    def submit(self, prompt, negative_prompt, guidance, representation, prior, steps, seeds, resolution,
+               janus_retry=None):
         jobs = validate(self.settings, prompt, negative_prompt, guidance, representation, prior, steps, seeds,
-                        resolution)
+                        resolution, janus_retry)
         return self.pool.submit([(request.to_dict(), max_steps) for request, max_steps in jobs])
 
     def status(self, job_id) -> dict:
