@@ -418,8 +418,13 @@ def _cmd_refine(args) -> int:
 
 
 def _score(m: dict) -> str:
-    """An eval's scores as the start of `run`'s and `generate`'s last line on stderr."""
-    return f"mask_iou {m['mask_iou']:.3f}  psnr {m['psnr']:.2f} dB  chamfer {m['chamfer']:.4f}  "
+    """An eval's scores as the start of `run`'s and `generate`'s last line on stderr (a prior
+    without a truth: its Janus check alone)."""
+    prior = m.get("janus_score_prior")
+    janus = f"janus_score_prior {prior:.2f}  " if isinstance(prior, (int, float)) else ""
+    if "mask_iou" not in m:
+        return janus
+    return f"mask_iou {m['mask_iou']:.3f}  psnr {m['psnr']:.2f} dB  chamfer {m['chamfer']:.4f}  " + janus
 
 
 def _cmd_export(args) -> int:
