@@ -50,20 +50,28 @@ def test_run_on_a_tiny_model_folder_writes_meshes(folder_fixture, steps, request
     assert cfg["prior"]["model"] == str(folder)
     assert cfg["prior"]["name"] == ("stable-diffusion" if folder_fixture == "tiny_sd_dir" else "deepfloyd-if")
     assert cfg["camera"]["distance_range"] == [1.5, 2.0]  # the prior's preset overlay applied
-    assert not (run_dir / "metrics.json").exists()  # no truth to score against
+    # No truth to score against: metrics.json holds the prior's own Janus check alone.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "mask_iou" not in metrics and 0.0 <= metrics["janus_score_prior"] <= 1.0
     if folder_fixture == "tiny_sd_dir":
         from threedgen.guidance.priors.diffusion.stable_diffusion import StableDiffusionPrior
 
         def refuse(*args, **kwargs):
-            raise AssertionError("export and eval must not load the diffusion model")
+            raise AssertionError("export must not load the diffusion model")
 
         monkeypatch.setattr(StableDiffusionPrior, "__init__", refuse)
         (run_dir / "mesh.obj").unlink()
         assert main(["export", str(run_dir), "--format", "obj", "--resolution", "32"]) == 0
         assert (run_dir / "mesh.obj").is_file()
+        monkeypatch.undo()
         capsys.readouterr()
+        # eval: no truth, so the prior's own Janus check alone (it loads the model to judge the views)
+        assert main(["eval", str(run_dir)]) == 0
+        assert capsys.readouterr().out.startswith("janus_score_prior ")
+        config = run_dir / "config.yaml"
+        config.write_text(config.read_text().replace("janus:\n  enabled: true", "janus:\n  enabled: false"))
         err = _one_line_error(capsys, main(["eval", str(run_dir)]))
-        assert "prior 'stable-diffusion' has no ground truth" in err
+        assert "prior 'stable-diffusion' has no ground truth and janus.enabled is false" in err
 
 
 @pytest.fixture(scope="module")

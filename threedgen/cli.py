@@ -757,8 +757,9 @@ def _cmd_compare(args) -> int:
         for run, job_id in zip(record["runs"], ids):
             run["job"] = job_id
         cmp.save(folder, record)
-        print(f"threedgen compare: queued {len(ids)} run(s) ({len(record['methods'])} methods x "
-              f"{len(record['seeds'])} seeds, backend {record['backend']}) in {folder}", file=sys.stderr, flush=True)
+        n_methods, n_seeds = len(record["methods"]), len(record["seeds"])
+        print(f"threedgen compare: queued {len(ids)} run(s) ({n_methods} method{'s' * (n_methods != 1)} x {n_seeds} "
+              f"seed{'s' * (n_seeds != 1)}, backend {record['backend']}) in {folder}", file=sys.stderr, flush=True)
     try:
         b.watch(store, ids)
     except KeyboardInterrupt:
