@@ -155,6 +155,14 @@ def test_janus_benchmark_interval_table_and_a_tiny_cell(tmp_path, monkeypatch):
     (again,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert again["run_dir"] == result["run_dir"] and again["front_markers"] == result["front_markers"]
     assert again["view_mi"] == pytest.approx(result["view_mi"]) and "janus_yaw_degrees" in again
+    # The prior's own check on the recorded run (benchmarks/janus_prior_check.py), and its AUC.
+    check = _load("janus_prior_check")
+    assert check.auc([0.9, 0.1, 0.5, 0.5], [True, False, True, False]) == pytest.approx(3.5 / 4)  # a tie counts half
+    assert check.auc([0.3], [True]) is None
+    monkeypatch.setattr("sys.argv", ["janus_prior_check.py", "--out", str(out), "--judges", "unbiased"])
+    check.main()
+    (scored,) = [json.loads(line) for line in (out / "prior_check.jsonl").read_text().splitlines()]
+    assert scored["run_dir"] == result["run_dir"] and 0.0 <= scored["janus_score_prior"] <= 1.0
 
 
 def test_prior_fidelity_scores_samples_against_the_truth(tmp_path, monkeypatch):
