@@ -206,9 +206,9 @@ def render_strip(run_dir: Path, path: Path) -> None:
     """The run's views at ``VIEW_AZIMUTHS`` side by side, one PNG."""
     import numpy as np  # heavy imports: only once a run finished
 
-    from threedgen.cameras import Cameras
-    from threedgen.runs import load_representation
-    from threedgen.views import render_views, write_image
+    from threedgen.cameras import Cameras  # torch: only once a run finished
+    from threedgen.runs import load_representation  # torch: only once a run finished
+    from threedgen.views import render_views, write_image  # torch: only once a run finished
 
     cfg, representation, _ = load_representation(run_dir, device="cpu")
     distance = float(np.mean(cfg.camera.distance_range))
@@ -275,7 +275,7 @@ def collect(record: dict, jobs: dict, folder: Path, render: bool = True) -> dict
 
 def write_outputs(record: dict, folder: Path) -> dict:
     """``compare.json``, then ``sheet.png`` and ``report.html``; the paths written."""
-    from threedgen.compare_report import write_html, write_sheet
+    from threedgen.compare_report import write_html, write_sheet  # Pillow: only when a sheet is written
 
     folder = Path(folder)
     save(folder, record)

@@ -8,6 +8,7 @@ is answered without it, so that the CLI's quick answers (help, listings, input e
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from threedgen.errors import UserError
@@ -66,8 +67,7 @@ def peak_memory_mb(device) -> float:
 
         return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     try:
-        import resource
-        import sys
+        import resource  # Unix only: a failed import is an answer of 0
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)  # bytes on macOS, KiB on Linux

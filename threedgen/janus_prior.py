@@ -40,7 +40,7 @@ import torch
 
 from threedgen.cameras import Cameras, view_tag
 from threedgen.janus import BACK_AZIMUTH
-from threedgen.views import render_views
+from threedgen.views import render_views, representation_device
 
 TAGS = ("front", "side", "back")
 BACK_TAG_AZIMUTH = 135.0  # view-dependent prompting's back tag: beyond 180 - 45 degrees
@@ -139,7 +139,6 @@ def janus_prior_metrics(representation, cfg, prior=None, device=None) -> dict:
     ``prior``: the run's own prior, used when the judge's section equals the run's (a Stable
     Diffusion run is not loaded twice); otherwise the judge is built."""
     from threedgen.guidance.priors import build_prior  # a second prior: only where one is needed
-    from threedgen.views import representation_device
 
     settings = cfg.janus
     judge_cfg = judge_prior_config(cfg.prior, settings.judge)
