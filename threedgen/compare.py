@@ -27,6 +27,7 @@ from typing import Optional
 
 from threedgen.errors import UserError, nearest
 from threedgen.guidance.config import GUIDANCE
+from threedgen.jobs.batch import FINAL
 from threedgen.request import RunRequest
 from threedgen.rundir import RunFolder, atomic_write_text, slugify
 
@@ -37,7 +38,6 @@ VIEW_ELEVATION = 15.0
 VIEW_SIZE = 128
 CURVE_POINTS = 200
 MAX_SEEDS = 100
-FINAL = ("succeeded", "failed", "cancelled", "interrupted")
 # The numbers of a run that the summary takes the mean and spread of: from status.json, then
 # metrics.json (those of a truth, where there is one, and the prior's Janus check).
 STATUS_VALUES = ("wall_seconds", "train_seconds", "steps_per_second", "peak_memory_mb")
@@ -126,11 +126,11 @@ def plan(prompt: str, methods: list[str], seeds: list[int], representation: str,
 def new_record(prompt: str, negative_prompt: str, methods: list[str], seeds: list[int], representation: str,
                prior: str, budget_steps: Optional[int], budget_seconds: Optional[float], backend: str,
                state: Path, planned: list[tuple[str, int, RunRequest]]) -> dict:
-    steps = planned[0][2].steps if planned else None
-    budget = {"steps": budget_steps} if budget_seconds is None else {"seconds": float(budget_seconds), "steps": steps}
+    steps = planned[0][2].steps if planned else None  # the budget's steps, or the preset's
+    budget = {"steps": steps} if budget_seconds is None else {"seconds": float(budget_seconds), "steps": steps}
     return {"format": FORMAT, "compare": uuid.uuid4().hex[:8], "prompt": prompt, "negative_prompt": negative_prompt or "",
             "representation": representation, "prior": prior, "methods": methods, "seeds": seeds,
-            "budget": budget if budget_seconds is not None or budget_steps is not None else {"steps": steps},
+            "budget": budget,
             "backend": backend, "state_folder": str(state), "truth": None, "view_azimuths": list(VIEW_AZIMUTHS),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "state": "queued",
             "runs": [{"method": m, "seed": s, "job": None, "status": "queued"} for m, s, _ in planned], "summary": []}
