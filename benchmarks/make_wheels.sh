@@ -7,18 +7,14 @@
 #   bash benchmarks/make_wheels.sh --list   # print NAME==VERSION of what it would download, and exit
 #   bash benchmarks/make_wheels.sh --check  # check .whl/: each wheel's needs are there or in .whl/
 #
-# The GPU machine (x86-64, Python 3.12, torch 2.11 + CUDA 13, no network) has numpy, scipy, torch,
-# transformers, huggingface_hub, safetensors, tokenizers, peft, pillow, imageio, PyYAML, rich,
-# jaxtyping, ninja, requests, regex, filelock, pytest, ... (PRESENT below) but not the packages in
-# MISSING. Each is downloaded at the version installed in this project's .venv (one version each),
-# for CPython 3.12 on manylinux x86-64 (a pure-Python package comes as py3-none-any), without its
-# dependencies: --check then reads every wheel's Requires-Dist (markers evaluated for Python 3.12 on
-# Linux) and fails if a need is neither PRESENT nor in .whl/ nor NOT_NEEDED.
-#
-# Not carried: importlib-metadata (diffusers asks for it but imports the standard library's
-# importlib.metadata on Python >= 3.8), imageio-ffmpeg (a 30 MB ffmpeg binary; without it the
-# turntable video is written as a GIF), gradio (the web UI only), antlr4-python3-runtime (omegaconf
-# 2.4 vendors it).
+# The GPU machine's package list (benchmarks/gpu_image.txt: on the image, carried, not needed) is read
+# by benchmarks/gpu_image.py. Each carried package is downloaded at the version installed in this
+# project's .venv (one version each), for CPython 3.12 on manylinux x86-64 (a pure-Python package
+# comes as py3-none-any), without its dependencies: --check then reads every wheel's Requires-Dist
+# (markers evaluated for Python 3.12 on Linux) and fails if a need is neither on the image nor in
+# .whl/ nor not-needed, or if the version there (the image's, where gpu_image.txt knows it, or the
+# carried wheel's) is outside the requirement's range. Prebuilt kernels (benchmarks/prebuild_kernels.sh)
+# go in .whl/kernels/ and are left alone here.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,43 +22,20 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 DEST="${WHEEL_DIR:-$ROOT/.whl}"
 LIMIT_MIB=64
 
-MISSING="diffusers gsplat nerfacc trimesh xatlas PyMCubes omegaconf fast-simplification platformdirs"
-# threedgen asks for these, but a run, its tests and the benchmarks do not import them.
-NOT_NEEDED="importlib-metadata imageio-ffmpeg gradio gradio-client"
-# The GPU image's Python packages (its package list, read 2026-11-17).
-PRESENT="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
-build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings
-cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet
-filelock flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
-huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin
-jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities linear-operator lineax
-llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes mpi4py mpmath msgpack
-multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba numba-cuda numpy numpyro
-nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft
-nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py
-nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime onnxscript
-opencv-python-headless optax opt-einsum opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec
-patsy peft pillow pip pluggy portalocker prometheus-client propcache protobuf psutil pyarrow pybind11
-py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock
-pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich sacrebleu
-safetensors scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers
-setuptools shellingham simplejson six sortedcontainers statsmodels sympy tabulate tensorboard
-tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch torchaudio
-torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton typer
-typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"
+GPU_IMAGE=("$PY" "$ROOT/benchmarks/gpu_image.py")
 
 mode=download
 case "${1:-}" in
     "") ;;
     --list) mode=list ;;
     --check) mode=check ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "make_wheels.sh: unknown argument $1 (use --list, --check or nothing)" >&2; exit 2 ;;
 esac
 
-# NAME==VERSION for each missing package, at the version installed in the venv.
+# NAME==VERSION for each carried package, at the version installed in the venv.
 specs() {
-    "$PY" - $MISSING <<'EOF'
+    "$PY" - $("${GPU_IMAGE[@]}" carried) <<'EOF'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -78,46 +51,7 @@ EOF
 }
 
 check() {
-    "$PY" - "$DEST" "$PRESENT" "$NOT_NEEDED" <<'EOF'
-import re
-import sys
-import zipfile
-from email.parser import Parser
-from pathlib import Path
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name, parse_wheel_filename
-
-dest, present, not_needed = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
-ok = {canonicalize_name(n) for n in present + not_needed}
-env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-       "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-       "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
-wheels = sorted(dest.glob("*.whl"))
-names = {}
-for w in wheels:
-    name, ver, _, tags = parse_wheel_filename(w.name)
-    names.setdefault(name, []).append(str(ver))
-    good = any(t.interpreter in ("py3", "cp312") and t.platform in ("any",) or
-               (t.interpreter == "cp312" and re.fullmatch(r"manylinux(1|2010|2014|_2_\d+)_x86_64", t.platform))
-               for t in tags)
-    if not good:
-        sys.exit(f"{w.name}: not a wheel for CPython 3.12 on x86-64 Linux")
-problems = [f"{n}: {len(v)} versions ({', '.join(v)}); pip --no-index takes one" for n, v in names.items() if len(v) > 1]
-for w in wheels:
-    with zipfile.ZipFile(w) as z:
-        meta = next(p for p in z.namelist() if p.endswith(".dist-info/METADATA"))
-        msg = Parser().parsestr(z.read(meta).decode())
-    for line in msg.get_all("Requires-Dist") or []:
-        req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate(env):
-            continue  # an extra, or another Python
-        if canonicalize_name(req.name) not in ok and canonicalize_name(req.name) not in names:
-            problems.append(f"{w.name} needs {req} : not on the GPU machine and not in {dest.name}/")
-if problems:
-    sys.exit("\n".join(problems))
-print(f"check: {len(wheels)} wheels, one version each, every need present or carried")
-EOF
+    "${GPU_IMAGE[@]}" check "$DEST"
 }
 
 if [[ $mode == list ]]; then
@@ -139,9 +73,14 @@ rm -f "$DEST"/*.whl
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d "$DEST" "${SPECS[@]}"
 # threedgen itself, so that the GPU machine installs rather than builds it.
+# (setuptools copies what an earlier build left in build/lib into the wheel: files since removed
+# from the tree would come back, so the build folder goes first)
+rm -rf "$ROOT/build"
 (cd "$ROOT" && "$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$DEST" .)
 check
-total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
+# what a device call carries: the wheels and any prebuilt kernels
+total=$(du -cb "$DEST"/*.whl $(compgen -G "$DEST/kernels/*") | tail -1 | cut -f1)
+[[ -f $DEST/kernels/manifest.json ]] && echo "prebuilt kernels: $(ls "$DEST"/kernels | tr '\n' ' ')"
 echo "wheels in $DEST:"
 (cd "$DEST" && ls -l *.whl | awk '{printf "  %8.1f KiB  %s\n", $5 / 1024, $9}')
 awk -v t="$total" -v l="$LIMIT_MIB" 'BEGIN { printf "total: %.1f MiB (%d bytes), limit %d MiB\n", t / 1048576, t, l }'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -37,6 +38,10 @@ def tiny_cfg(steps=2, extra=(), **flags):
                         flags={"prompt": "a red cube", "steps": steps, **flags})
 
 
+# kernels' own toolkit lookups (fake_cuda replaces them)
+REAL_NVCC, REAL_NVCC_ON_PATH = kernels.nvcc, kernels.nvcc_on_path
+
+
 def _cams(n=2):
     return Cameras.from_angles([20.0] * n, [0.0, 90.0][:n], 2.5, 40.0, (1.0, 1.0, 1.0))
 
@@ -49,11 +54,20 @@ def fresh_kernels():
 
 
 @pytest.fixture
-def fake_cuda(monkeypatch, fresh_kernels):
-    """A machine that reports a CUDA device (tensors still live on the CPU); ``kernels(ok)`` makes
-    gsplat's and nerfacc's kernel modules load (``ok``) or come up empty, as with no nvcc."""
+def fake_cuda(monkeypatch, fresh_kernels, tmp_path):
+    """A machine that reports a CUDA device (tensors still live on the CPU), with a CUDA toolkit on
+    PATH, Python's headers and its own extension folder; ``kernels(ok)`` makes gsplat's and
+    nerfacc's kernel modules load (``ok``) or come up empty, as with no nvcc."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices, "no_gpu_driver", lambda: False)  # a driver, as on a GPU machine
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(kernels, "nvcc", lambda: "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(kernels, "nvcc_on_path", lambda: True)
+    header = tmp_path / "include" / "Python.h"
+    header.parent.mkdir()
+    header.write_text("")
+    monkeypatch.setattr(kernels, "python_header", lambda: header)
     imported = []
 
     def set_kernels(ok: bool, error: Exception | None = None):
@@ -348,6 +362,148 @@ def test_kernels_load_once_under_a_lock(fake_cuda, tmp_path, monkeypatch):
     assert all(s.usable and s.build_seconds is not None for s in statuses.values())
     kernels.prepare()
     assert len(held) == 2  # loaded once per process
+
+
+@pytest.fixture
+def build_here(fake_cuda, monkeypatch):
+    """``fake_cuda``'s machine: ``build_here(effect)`` makes every kernel import call ``effect(name)``
+    (raise to fail) and returns the list of imports made."""
+    imported = []
+
+    def set_effect(effect=None):
+        def fake_import(module):
+            imported.append(module)
+            if effect is not None:
+                effect(module)
+            return types.SimpleNamespace(_C=object())
+
+        monkeypatch.setattr(kernels, "_import_backend", fake_import)
+        return imported
+
+    return set_effect
+
+
+def test_a_stale_torch_lock_is_removed_before_a_build(build_here):
+    """A build killed mid-way leaves torch's FileBaton ``lock`` in the build folder; nerfacc would
+    wait on it for ever. Under threedgen's own lock nobody builds, so it is removed first."""
+    lock = kernels.build_folder("nerfacc") / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    seen = []
+    build_here(lambda module: seen.append(lock.exists()))
+    assert kernels.load("nerfacc").status == "built"
+    assert seen == [False] and not kernels.record_path("nerfacc").exists()  # built: no record left
+
+
+def test_a_failed_build_is_not_tried_again_until_asked(build_here):
+    def fail(module):
+        if module.startswith("gsplat"):
+            raise RuntimeError("Error building extension 'gsplat_cuda'\nnvcc fatal: unsupported gpu architecture")
+
+    imported = build_here(fail)
+    first = kernels.load("gsplat")
+    assert first.status == "unavailable" and "build failed: RuntimeError: Error building extension" in first.detail
+    kernels.forget()  # another process: the next step of gpu_check.sh, a web UI job...
+    again = kernels.load("gsplat")
+    assert imported == ["gsplat.cuda._backend"]  # not compiled for minutes again
+    assert again.status == "unavailable" and again.build_seconds is None
+    assert again.detail.startswith("build failed at ") and "Error building extension 'gsplat_cuda'" in again.detail
+    assert "threedgen doctor --build --retry" in again.detail
+    assert kernels.probe("gsplat").detail == again.detail
+    assert kernels.load("nerfacc").usable  # the other extension is not affected
+    kernels.forget()
+    build_here()  # the compiler is fixed; --retry builds again, and success clears the record
+    assert kernels.load("gsplat", retry=True).status == "built"
+    assert not kernels.record_path("gsplat").exists()
+
+
+def test_a_changed_toolchain_builds_again_after_a_failure(build_here, monkeypatch):
+    imported = build_here(lambda module: (_ for _ in ()).throw(RuntimeError("nvcc fatal")))
+    assert not kernels.load("gsplat").usable
+    kernels.forget()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # another build: the record is not its own
+    build_here()
+    assert kernels.load("gsplat").usable and len(imported) == 2  # built again
+
+
+KILLED_BUILD = """
+import sys, time
+import torch
+from threedgen import kernels
+torch.cuda.is_available = lambda: True
+kernels.nvcc = lambda: "/usr/local/cuda/bin/nvcc"
+kernels.nvcc_on_path = lambda: True
+kernels.python_header = lambda: kernels.Path(sys.argv[1])
+def build_for_ever(module):
+    folder = kernels.build_folder("nerfacc")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lock").write_text("")  # torch's FileBaton, as a real build holds it
+    print("building", file=sys.__stdout__, flush=True)  # threedgen sends a build's stdout to stderr
+    time.sleep(120)
+kernels._import_backend = build_for_ever
+kernels.load("nerfacc")
+"""
+
+
+def test_a_build_killed_by_a_timeout_leaves_no_hang_and_no_rebuild(build_here):
+    """gpu_check.sh runs each step under ``timeout``: a doctor killed while it compiles must not make
+    the next step wait on torch's lock for ever, nor compile again from scratch."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(kernels.python_header())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert proc.stdout.readline().strip() == "building", proc.stderr.read()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert (kernels.build_folder("nerfacc") / "lock").exists()
+    imported = build_here()
+    status = kernels.load("nerfacc")
+    assert imported == [] and status.status == "unavailable"
+    assert f"by process {proc.pid}" in status.detail and "never finished (killed or timed out)" in status.detail
+    kernels.forget()
+    seen = []
+    build_here(lambda module: seen.append((kernels.build_folder("nerfacc") / "lock").exists()))
+    assert kernels.load("nerfacc", retry=True).usable and seen == [False]
+
+
+def test_nvcc_only_under_cuda_home_is_put_on_path_for_nerfacc(fake_cuda, tmp_path, monkeypatch):
+    """nerfacc looks for ``nvcc`` on PATH only; torch (and threedgen's doctor) also take CUDA_HOME."""
+    from threedgen import doctor
+
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "bin" / "nvcc").chmod(0o755)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr("torch.utils.cpp_extension.CUDA_HOME", str(home))
+    monkeypatch.setattr(kernels, "nvcc", REAL_NVCC)  # the real ones, not fake_cuda's
+    monkeypatch.setattr(kernels, "nvcc_on_path", REAL_NVCC_ON_PATH)
+    monkeypatch.delenv("THREEDGEN_DEVICE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    info = doctor.report()
+    assert info["nvcc"] == str(home / "bin" / "nvcc") and info["nvcc_on_path"] is False
+    assert "not on PATH, where nerfacc looks for it" in doctor.format_report(info)
+    assert "not on PATH" in info["extensions"]["nerfacc"]["detail"]
+    seen = []
+    fake_cuda(True)
+    monkeypatch.setattr(kernels, "_import_backend", lambda module: seen.append(shutil.which("nvcc")) or
+                        types.SimpleNamespace(_C=object()))
+    assert kernels.load("nerfacc").usable
+    assert seen == [str(home / "bin" / "nvcc")]
+
+
+def test_no_python_headers_is_reported_not_built(build_here, monkeypatch, tmp_path, capsys):
+    from threedgen import doctor
+
+    imported = build_here()
+    monkeypatch.setattr(kernels, "python_header", lambda: tmp_path / "none" / "Python.h")
+    status = kernels.load("gsplat")
+    assert imported == [] and status.status == "unavailable"
+    assert status.detail.startswith(f"no Python.h at {tmp_path / 'none' / 'Python.h'}")
+    monkeypatch.delenv("THREEDGEN_DEVICE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    info = doctor.report()
+    assert info["python_h"] is None and "Python.h       missing" in doctor.format_report(info)
 
 
 def test_kernels_are_never_built_without_cuda(fresh_kernels, monkeypatch):

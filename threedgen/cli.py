@@ -9,7 +9,7 @@
     threedgen guidance list
     threedgen config show [--guidance G] [--representation R] [--prior P] [key=value ...]
     threedgen config keys [--guidance G] [--representation R] [--prior P]
-    threedgen doctor [--build] [--json]
+    threedgen doctor [--build] [--retry] [--json]
     threedgen train-prior [--out DIR] [--steps N] [--batch-size N] [--seed N] [--resume] [--export DIR]
     threedgen verify RUN_DIR [--steps N] [--json]
 
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Reports the CUDA devices, whether gsplat's and nerfacc's CUDA kernels are "
                                      "built or buildable here, tiny-cuda-nn, and which backends a run would use.")
     doc.add_argument("--build", action="store_true", help="build (once, under a lock) and load the CUDA kernels now")
+    doc.add_argument("--retry", action="store_true",
+                     help="build again although an earlier build failed or was killed (implies --build)")
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
 
     g = sub.add_parser("guidance", help="guidance methods")
@@ -452,7 +454,7 @@ def _cmd_eval(args) -> int:
 def _cmd_doctor(args) -> int:
     from threedgen.doctor import format_report, report  # heavy (torch)
 
-    info = report(build=args.build)
+    info = report(build=args.build, retry=args.retry)
     print(json.dumps(info, indent=1) if args.json else format_report(info))
     return 0
 

@@ -11,15 +11,16 @@ from threedgen import kernels
 from threedgen.devices import resolve_device
 
 
-def report(build: bool = False) -> dict:
+def report(build: bool = False, retry: bool = False) -> dict:
     """The machine's report; ``build`` loads (building once, under the lock) the CUDA kernels
-    rather than only looking for them."""
+    rather than only looking for them; ``retry`` builds again after an earlier failed or killed build."""
     devices = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             devices.append({"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2 ** 30, 1)})
-    extensions = {name: (kernels.load(name) if build else kernels.probe(name)).as_dict() for name in kernels.EXTENSIONS}
+    extensions = {name: (kernels.load(name, retry=retry) if build or retry else kernels.probe(name)).as_dict()
+                  for name in kernels.EXTENSIONS}
     tcnn = importlib.util.find_spec("tinycudann") is not None
     device = resolve_device("auto")
     cuda = device.type == "cuda"
@@ -42,6 +43,8 @@ def report(build: bool = False) -> dict:
         "auto_device": str(device),
         "cuda_devices": devices,
         "nvcc": kernels.nvcc(),
+        "nvcc_on_path": kernels.nvcc_on_path(),
+        "python_h": str(kernels.python_header()) if kernels.python_header().is_file() else None,
         "extensions_folder": str(kernels.extensions_root()),
         "extensions": extensions,
         "tinycudann": {"installed": tcnn,
@@ -60,7 +63,10 @@ def format_report(info: dict) -> str:
     else:
         lines.append("CUDA devices   none (runs use the CPU)")
     lines.append(f"auto device    {info['auto_device']}")
-    lines.append(f"nvcc           {info['nvcc'] or 'not found'}")
+    where = "" if info["nvcc_on_path"] or not info["nvcc"] else " (not on PATH, where nerfacc looks for it: " \
+        "threedgen puts its folder on PATH for its builds; add it to yours for other tools)"
+    lines.append(f"nvcc           {info['nvcc'] or 'not found'}{where}")
+    lines.append(f"Python.h       {info['python_h'] or 'missing (torch cannot build CUDA kernels without this Python headers)'}")
     for name, ext in info["extensions"].items():
         took = f", {ext['build_seconds']} s" if ext.get("build_seconds") is not None else ""
         lines.append(f"{name:<14} {ext['status']}: {ext['detail']}{took}")
