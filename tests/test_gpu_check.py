@@ -336,3 +336,24 @@ def test_prebuilt_kernels_are_unpacked_only_where_they_fit(tmp_path):
     proc = subprocess.run([sys.executable, str(GPU_IMAGE), "unpack-kernels", str(kernels), str(site)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "no prebuilt kernels carried" in proc.stdout
+
+
+def test_the_gpu_doc_matches_the_script():
+    """docs/gpu.md's step table, budget and device commands are the script's."""
+    doc = (ROOT / "docs" / "gpu.md").read_text()
+    script = GPU_CHECK.read_text()
+    table = doc[doc.index("| step | what |"):doc.index("It prints one markdown table")]
+    named = [name.strip() for line in table.splitlines()[2:] if line.startswith("| ")
+             for name in line.split("|")[1].split(",")]
+    assert named == STEPS
+    budget = script.split('BUDGET="${GPU_CHECK_BUDGET_S:-', 1)[1].split("}", 1)[0]
+    assert f"(`GPU_CHECK_BUDGET_S`, {budget} s)" in doc
+    all_steps = script.split('ALL_STEPS="', 1)[1].split('"', 1)[0].split()
+    for command in ("bash benchmarks/gpu_check.sh --work /tmp/gc",
+                    "GPU_CHECK_STEPS=throughput,run-nerf,run-gaussians GPU_CHECK_BUDGET_S=300 bash benchmarks/gpu_check.sh"):
+        assert command in doc
+    assert {"throughput", "run-nerf", "run-gaussians"} <= set(all_steps)
+    tp_default = script.split("GPU_CHECK_TP_STEPS:-", 1)[1].split("}", 1)[0]
+    assert f"{tp_default} timed steps (`GPU_CHECK_TP_STEPS`)" in doc
+    readme = (ROOT / "README.md").read_text()
+    assert f"{budget} s at most" in readme and "GPU_CHECK_STEPS=a,b,..." in readme
