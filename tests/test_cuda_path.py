@@ -393,6 +393,11 @@ def test_a_stale_torch_lock_is_removed_before_a_build(build_here):
     build_here(lambda module: seen.append(lock.exists()))
     assert kernels.load("nerfacc").status == "built"
     assert seen == [False] and not kernels.record_path("nerfacc").exists()  # built: no record left
+    # a module already built: torch still checks the build on load, and would wait on the lock too
+    kernels.forget()
+    kernels.compiled_module("nerfacc").write_bytes(b"")
+    lock.write_text("")
+    assert kernels.load("nerfacc").detail == "loaded" and seen == [False, False]
 
 
 def test_a_failed_build_is_not_tried_again_until_asked(build_here):

@@ -257,15 +257,15 @@ def load(name: str, retry: bool = False) -> KernelStatus:
 def _load_locked(name: str, retry: bool) -> KernelStatus:
     """:func:`load`'s work on a machine with CUDA, under the extension's build lock."""
     put_nvcc_on_path()
+    # A build killed mid-way leaves torch's FileBaton ``lock`` in the build folder, and the next
+    # load (torch checks the build even when the module is there) waits on it for ever: nerfacc
+    # never removes it. We hold the build lock: no threedgen process is building, so it is stale.
+    (build_folder(name) / "lock").unlink(missing_ok=True)
     if compiled_module(name).is_file():
         return _import(name, "built", "loaded")  # a finished build: loaded, not built again
     problem = _toolchain_problem() or (None if retry else _earlier_failure(read_record(name)))
     if problem is not None:
         return KernelStatus(name, "unavailable", problem)
-    # A build killed mid-way leaves torch's FileBaton ``lock`` in the build folder, and a later
-    # build waits on it for ever (nerfacc never removes it). We hold the build lock: no threedgen
-    # process is building, so the file is stale.
-    (build_folder(name) / "lock").unlink(missing_ok=True)
     _write_record(name, "building")
     status = _import(name, "built", "built and loaded")
     if status.usable:
