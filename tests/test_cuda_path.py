@@ -422,6 +422,22 @@ def test_a_failed_build_is_not_tried_again_until_asked(build_here):
     assert not kernels.record_path("gsplat").exists()
 
 
+def test_prebuilt_kernels_load_with_no_compiler_and_no_build(build_here, monkeypatch):
+    """benchmarks/prebuild_kernels.sh's modules (gsplat.csrc, nerfacc.csrc): the doctor says
+    prebuilt, and they load without nvcc, Python.h or a build record."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("gsplat.csrc", "nerfacc.csrc") else real(name, *a))
+    monkeypatch.setattr(kernels, "nvcc", lambda: None)
+    imported = build_here()
+    assert kernels.probe("gsplat").status == "prebuilt"
+    status = kernels.load("gsplat")
+    assert status.status == "prebuilt" and status.usable and imported == ["gsplat.cuda._backend"]
+    assert not kernels.record_path("gsplat").exists()
+
+
 def test_a_changed_toolchain_builds_again_after_a_failure(build_here, monkeypatch):
     imported = build_here(lambda module: (_ for _ in ()).throw(RuntimeError("nvcc fatal")))
     assert not kernels.load("gsplat").usable
