@@ -35,7 +35,7 @@ class NeRFConfig(RepresentationConfig):
     field: str = "auto"
     """Field: 'grid' (dense voxel grids, the CPU default), 'hash' (hash grid + MLP, the CUDA default; tiny-cuda-nn when importable), or 'auto'."""
     sampler: str = "auto"
-    """Sampler: 'dense' (stratified, any device), 'occgrid' (nerfacc occupancy grid, CUDA), 'auto'."""
+    """Sampler: 'dense' (stratified, any device), 'occgrid' (nerfacc occupancy grid, CUDA), 'auto'. A run records the one it used here (export and eval render with it; an occgrid run is rendered with 'dense' where nerfacc's kernels do not run)."""
     density_resolution: int = 64
     """Dense density grid size along each axis."""
     color_resolution: int = 32

@@ -30,6 +30,8 @@ from threedgen.representations.base import RenderOutput, Representation, opacity
 from threedgen.representations.config import NeRFConfig
 from threedgen.representations.fields import DenseGridField, HashGridField
 
+OCC_EVERY = 16  # steps between updates of nerfacc's occupancy grid (its examples' and its default)
+
 
 class EmptySpaceGrid(torch.nn.Module):
     """Which cells of a ``res^3`` grid over ``[-bound, bound]^3`` hold density: a cell is occupied
@@ -45,6 +47,8 @@ class EmptySpaceGrid(torch.nn.Module):
         self.register_buffer("value", torch.zeros(res ** 3))
         self.register_buffer("built", torch.zeros((), dtype=torch.bool))
         self.register_buffer("occupied", torch.ones(res ** 3, dtype=torch.bool), persistent=False)
+        # The occupied cells' bounding box [lower; upper]: a buffer, so that it moves with the module.
+        self.register_buffer("box", torch.zeros(2, 3), persistent=False)
         self.fresh = False
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -99,6 +103,9 @@ class NeRF(Representation):
         cuda = device.type == "cuda"
         self.field_kind = cfg.field if cfg.field != "auto" else ("hash" if cuda else "grid")
         self.sampler_kind, self.fallbacks = kernels.choose("nerfacc", "sampler", cfg.sampler, "occgrid", "dense", device)
+        # Record the sampler chosen, as the hash backend below: config.yaml keeps it, so that export,
+        # eval and a resume use the one the run trained with (occgrid's checkpoint has its grid).
+        cfg.sampler = self.sampler_kind
         if self.field_kind == "grid":
             self.field = DenseGridField(cfg.bound, cfg.density_resolution, cfg.color_resolution)
         else:
@@ -230,8 +237,14 @@ class NeRF(Representation):
             self._update_occgrid(step)
 
     def _update_occgrid(self, step: int) -> None:
-        self.estimator.update_every_n_steps(
-            step, occ_eval_fn=lambda x: self.density(x) * self.cfg.render_step_size, occ_thre=0.01)
+        estimator = self.estimator
+        estimator.update_every_n_steps(
+            step, occ_eval_fn=lambda x: self.density(x) * self.cfg.render_step_size, occ_thre=0.01, n=OCC_EVERY)
+        if step % OCC_EVERY == 0 and not bool(estimator.binaries.any()):
+            # nerfacc marks a cell occupied above min(mean, occ_thre): on a uniform field the mean
+            # may round above every cell, leaving nothing to sample (no graph, nothing to learn).
+            # Every cell occupied instead: the march then samples the whole box.
+            estimator.binaries.fill_(True)
 
     # ---- optimisation and export ---------------------------------------------------------
     def parameter_groups(self) -> list[dict]:

@@ -71,7 +71,17 @@ class PromptGrids(Representation):
         self.basis_color = torch.nn.Parameter(torch.zeros(k, 3 * c ** 3))
         nerf = NeRF(self.nerf_cfg, device)
         hold(self, "_renderer", _Render(nerf))  # its own grids are never used: each prompt's replace them
-        self.to(device)
+        self.to(device)  # the renderer too (``_apply``): its empty-space grid's buffers are used as they are
+
+    def _apply(self, fn, recurse=True):
+        """``to``/``cuda``/``cpu``/... move the held renderer with the generator: it is not a
+        submodule (not saved, not counted), but its buffers (the empty-space grid) take part in
+        every render on the generator's device."""
+        super()._apply(fn, recurse)
+        renderer = self.__dict__.get("_renderer")
+        if renderer is not None:
+            renderer._apply(fn, recurse)
+        return self
 
     def codes(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit density and colour codes ``[P,K]`` each, for prompt vectors ``[P,D]``."""
@@ -122,7 +132,8 @@ class PromptGrids(Representation):
         """A per-prompt ``NeRF`` (dense grids, configured by ``nerf_cfg``) holding the grids
         generated for one prompt vector ``[D]``: render, export and evaluate it like a trained run's."""
         density, color = self.grids(vector.view(1, -1))
-        nerf = NeRF(nerf_cfg, self.mean_density.device)
+        device = self.mean_density.device
+        nerf = NeRF(nerf_cfg, device).to(device)  # NeRF(cfg, device) chooses by the device; .to places it
         nerf.field.density.copy_(density[0])
         nerf.field.color.copy_(color[0])
         return nerf.eval()

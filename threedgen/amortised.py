@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,7 +47,7 @@ from threedgen.representations.prompt_grids import PromptGrids, grid_nerf_config
 from threedgen.rundir import RunFolder, atomic_path, atomic_write_text, check_writable, new_run_dir, write_status
 from threedgen.runner import finish_run, make_trainer
 from threedgen.runs import CONFIG_NAME, print_err, quiet_libraries, warn_checkpoint
-from threedgen.schema import clean_prompt
+from threedgen.schema import clean_prompt, is_ascii_integer
 from threedgen.views import write_image
 
 
@@ -57,6 +58,18 @@ def weights_digest(module: torch.nn.Module) -> str:
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def process_device(device: torch.device, devices: int = 1, nodes: int = 1, env=None) -> torch.device:
+    """This process's device for training on ``devices`` x ``nodes``: ``device`` itself, except
+    under DDP on GPUs (more than one process), where each process takes the GPU of its local rank
+    (``LOCAL_RANK``, set by Lightning's launcher and by torchrun; 0 in the process that launches
+    the others), as Lightning places each rank's module: the prior and the generator are built
+    there, not on GPU 0. ``env``: the environment (default ``os.environ``)."""
+    if device.type != "cuda" or devices * nodes <= 1:
+        return device
+    value = (os.environ if env is None else env).get("LOCAL_RANK", "0")
+    return torch.device("cuda", int(value) if is_ascii_integer(value) else 0)
 
 
 def train_amortised(cfg: RunConfig, gen_cfg: PromptGridsConfig, prompts: list[str], folder: str | Path,
@@ -82,7 +95,9 @@ def train_amortised(cfg: RunConfig, gen_cfg: PromptGridsConfig, prompts: list[st
         folder = check_writable(folder)
     if hasattr(cfg.prior, "keep_text_encoder"):
         cfg.prior.keep_text_encoder = True  # every prompt is encoded, not one
-    device = resolve_device(cfg.device)
+    device = process_device(resolve_device(cfg.device), devices, nodes)
+    if device.type == "cuda" and devices * nodes > 1:
+        torch.cuda.set_device(device)  # this process's GPU before anything (the prior, NCCL) lands on GPU 0
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     prior = priors.build_prior(cfg.prior, device)

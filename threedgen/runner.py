@@ -36,6 +36,7 @@ from threedgen.guidance import priors
 from threedgen.guidance.config import GUIDANCE
 from threedgen.janus_prior import gate_passes
 from threedgen.manifest import write_manifest
+from threedgen.memory import check_training_memory
 from threedgen.representations.config import REPRESENTATIONS
 from threedgen.rundir import NO_SPACE, RunFolder, atomic_write_text, check_writable, new_run_dir, write_status
 from threedgen.runs import (
@@ -45,7 +46,9 @@ from threedgen.runs import (
     open_run,
     print_err,
     quiet_libraries,
+    read_state,
     run_config,
+    sampler_here,
     warn_checkpoint,
 )
 from threedgen.system import CameraDataModule, DivergedError, System
@@ -116,6 +119,7 @@ def run(cfg: Optional[RunConfig] = None, out: str | Path = "outputs", resume: st
     if device is not None and resume is None:
         cfg.device = device
     device = resolve_device(cfg.device)
+    check_training_memory(cfg, device)  # a render that cannot fit the GPU: refused before the prior is built
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if resume is None:
         check_writable(Path(out))  # before any folder is made or the prior is built
@@ -461,7 +465,9 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     quiet_libraries()
     cfg, run_dir, ckpt = open_run(run_dir)
     dev = resolve_device(device or cfg.device)
+    state = read_state(ckpt, run_dir, dev)
+    cfg.representation, state = sampler_here(cfg.representation, state, dev, prefix="representation.")
     system = build_components(cfg, dev)
-    load_state(system, ckpt, run_dir, dev)
+    load_state(system, ckpt, run_dir, dev, state=state)
     system.eval()
     return cfg, system, run_dir

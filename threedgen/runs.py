@@ -6,13 +6,16 @@ is ``threedgen.rundir``'s job.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from threedgen import kernels
 from threedgen.checkpoints import CorruptCheckpoint, choose_checkpoint, read_checkpoint
 from threedgen.config import RunConfig, load_run_config
 from threedgen.devices import resolve_device
@@ -61,16 +64,57 @@ def open_run(run_dir: str | Path):
     return cfg, run_dir, ckpt
 
 
-def load_state(module: torch.nn.Module, ckpt: Path, run_dir: Path, device, prefix: str = "") -> None:
+def read_state(ckpt: Path, run_dir: Path, device, prefix: str = "") -> dict:
+    """The checkpoint's state dict (its keys under ``prefix``, without it), or a one-line UserError."""
     try:
         state = read_checkpoint(ckpt, run_dir, map_location=device)["state_dict"]
-        if prefix:
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        module.load_state_dict(state)
     except (CorruptCheckpoint, RuntimeError, KeyError) as exc:
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise
-        raise UserError(f"checkpoint {str(ckpt)!r} cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
+        _cannot_load(ckpt, exc)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
+
+
+def load_state(module: torch.nn.Module, ckpt: Path, run_dir: Path, device, prefix: str = "",
+               state: dict | None = None) -> None:
+    """``module`` with the checkpoint's weights (``state``: already read by ``read_state``)."""
+    if state is None:
+        state = read_state(ckpt, run_dir, device, prefix)
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        _cannot_load(ckpt, exc)
+
+
+def _cannot_load(ckpt: Path, exc: BaseException) -> NoReturn:
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise exc
+    raise UserError(f"checkpoint {str(ckpt)!r} cannot be loaded ({str(exc).splitlines()[0][:200]})") from None
+
+
+ESTIMATOR = "estimator."  # the state of nerfacc's occupancy grid, in a NeRF trained with the occgrid sampler
+
+
+def sampler_here(rep_cfg, state: dict, device, prefix: str = ""):
+    """The representation's config to build a trained NeRF with here, and its ``state`` to load:
+    the sampler the run trained with (``representation.sampler`` as it recorded it; a run that
+    recorded ``auto``, before the sampler was recorded, trained with ``occgrid`` exactly when its
+    checkpoint holds the occupancy grid). Where that is ``occgrid`` and nerfacc's kernels do not
+    run (the CPU, or a GPU without them), the dense sampler renders the same field instead, said
+    on stderr: the occupancy grid (a cache of where the density is) is left out of the state.
+    Other representations are returned as they are."""
+    if getattr(rep_cfg, "sampler", None) not in ("auto", "occgrid"):
+        return rep_cfg, state
+    has_grid = any(k.startswith(prefix + ESTIMATOR) for k in state)
+    trained = rep_cfg.sampler if rep_cfg.sampler != "auto" else ("occgrid" if has_grid else "dense")
+    rep_cfg = copy.deepcopy(rep_cfg)  # the run's own config stays as it recorded it
+    device = torch.device(device)
+    if trained == "dense" or (device.type == "cuda" and kernels.usable("nerfacc")):
+        rep_cfg.sampler = trained
+        return rep_cfg, state
+    why = "on the CPU" if device.type != "cuda" else f"here ({kernels.load('nerfacc').detail})"
+    print_err(f"threedgen: this run trained with nerfacc's occupancy-grid sampler, whose CUDA kernels do not run "
+              f"{why}; rendering it with the dense sampler ({rep_cfg.num_samples} samples a ray) instead")
+    rep_cfg.sampler = "dense"
+    return rep_cfg, {k: v for k, v in state.items() if not k.startswith(prefix + ESTIMATOR)}
 
 
 def load_representation(run_dir: str | Path, device: str | None = None):
@@ -84,7 +128,8 @@ def load_representation(run_dir: str | Path, device: str | None = None):
         representation = build_mesh(refine_config(cfg), read_start(run_dir), dev)
         load_state(representation, choose_checkpoint(folder, warn=warn_checkpoint), folder, dev, prefix="representation.")
     else:
-        representation = REPRESENTATIONS[cfg.representation.name].cls(cfg.representation, dev).to(dev)
-        load_state(representation, ckpt, run_dir, dev, prefix="representation.")
+        rep_cfg, state = sampler_here(cfg.representation, read_state(ckpt, run_dir, dev, "representation."), dev)
+        representation = REPRESENTATIONS[cfg.representation.name].cls(rep_cfg, dev).to(dev)
+        load_state(representation, ckpt, run_dir, dev, state=state)
     representation.eval()
     return cfg, representation, run_dir

@@ -125,7 +125,10 @@ class System(pl.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if not loss.requires_grad:
+            loss = self._without_graph(loss)
+        if loss.requires_grad:
+            self.manual_backward(loss)
         if self._finite(loss):
             # Lightning counts a global step per wrapper step() call: the first optimizer steps
             # through its wrapper (one count per training step), the others directly (the same
@@ -140,6 +143,17 @@ class System(pl.LightningModule):
             self._bad_in_a_row += 1
             if self._bad_in_a_row >= self.cfg.optimizer.rollback_after:
                 self.roll_back(f"{self._bad_in_a_row} non-finite steps in a row at step {step}")
+
+    def _without_graph(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss with no graph (an empty render: nothing sampled, so nothing to differentiate) as
+        a skipped step: a graph over every trained parameter whose gradients are NaN, so that the
+        step is skipped and counted as a non-finite one is, and under DDP every process's averaged
+        gradient is NaN too (all skip together; a process that left out its backward would hang
+        the others)."""
+        trained = [p.sum().float() for p in self.parameters() if p.requires_grad]
+        if not trained:
+            return loss.detach() * float("nan")
+        return loss.detach() + float("nan") * torch.stack(trained).sum()
 
     def log_step(self, guided, n: int) -> None:
         """The step's numbers to the logger and the progress bar."""

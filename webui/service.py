@@ -133,8 +133,20 @@ def validate(settings: Settings, prompt, negative_prompt, guidance, representati
         if cfg.steps > settings.max_steps:
             raise UserError(f"the preset runs {cfg.steps} steps, over this server's limit of {settings.max_steps}; "
                             f"give steps from 1 to {settings.max_steps}")
+        check_gpu_memory(settings, cfg)
         jobs.append((request, cfg.steps))
     return jobs
+
+
+def check_gpu_memory(settings: Settings, cfg) -> None:
+    """On the local backend with GPUs: a NeRF whose training render cannot fit the smallest of
+    them (a job may land on any) is the one-line UserError the job would fail with, at once. (The
+    Ray backend's GPUs are elsewhere: there the job fails with it.)"""
+    gpus = [d for d in settings.devices if d.startswith("cuda")] if settings.backend == "local" else []
+    if gpus:
+        from threedgen import memory  # heavy (torch): only on a CUDA server, whose workers imported it already
+
+        memory.check_training_memory(cfg, min(gpus, key=memory.device_memory))
 
 
 def preset_steps(guidance, representation, prior) -> Optional[int]:
