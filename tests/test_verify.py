@@ -84,12 +84,24 @@ def test_the_first_steps_are_fingerprinted(run_dir):
 
 
 def test_the_config_hash_names_the_recipe(run_dir):
-    """Same config, same hash (whatever the folder); another seed, another hash."""
+    """Same config, same hash (whatever the folder); another seed, another hash. The recipe is the
+    config as the run resolved and recorded it in config.yaml: ``representation.sampler: auto``
+    is recorded as the sampler it chose (``dense`` on a CPU), so the unresolved config differs
+    there and only there."""
     from test_bad_inputs import tiny_cfg
 
+    from threedgen.config import load_run_config, to_yaml
+
+    recorded = load_run_config(run_dir / "config.yaml")
+    same = build_manifest(recorded, run_dir.parent / "elsewhere", "cpu")
+    manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
+    assert same["config_sha256"] == manifest["config_sha256"]
     cfg = tiny_cfg(steps=STEPS, extra=[f"verify_steps={VERIFY_STEPS}"])
-    same = build_manifest(cfg, run_dir.parent / "elsewhere", "cpu")
-    assert same["config_sha256"] == json.loads((run_dir / MANIFEST_NAME).read_text())["config_sha256"]
+    fresh = build_manifest(cfg, run_dir, "cpu")
+    assert fresh["config"]["representation"]["sampler"] == "auto" and same["config"]["representation"]["sampler"] == "dense"
+    cfg.representation.sampler = "dense"
+    assert to_yaml(cfg) == to_yaml(recorded)
+    assert build_manifest(cfg, run_dir, "cpu")["config_sha256"] == manifest["config_sha256"]
     cfg.seed = 1
     assert build_manifest(cfg, run_dir, "cpu")["config_sha256"] != same["config_sha256"]
 
