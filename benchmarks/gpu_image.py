@@ -44,21 +44,30 @@ MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platf
            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
 
 
-def read_list(path: Path = LIST) -> dict[str, dict[str, str | None]]:
-    """``{"image": {name: version or None}, "carry": {...}, "not-needed": {...}}`` (canonical names)."""
-    sections: dict[str, dict[str, str | None]] = {}
+def _entries(path: Path):
+    """(section, name as spelled, version or None) for each package line of gpu_image.txt."""
     current = None
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
+            current = line[1:-1]
+            yield current, None, None
             continue
         if current is None:
             raise SystemExit(f"{path}: {raw!r} comes before any [section]")
         name, _, ver = line.partition("==")
-        current[canonicalize_name(name)] = ver or None
+        yield current, name, ver or None
+
+
+def read_list(path: Path = LIST) -> dict[str, dict[str, str | None]]:
+    """``{"image": {name: version or None}, "carry": {...}, "not-needed": {...}}`` (canonical names)."""
+    sections: dict[str, dict[str, str | None]] = {}
+    for section, name, ver in _entries(path):
+        entries = sections.setdefault(section, {})
+        if name is not None:
+            entries[canonicalize_name(name)] = ver
     missing = {"image", "carry", "not-needed"} - set(sections)
     if missing:
         raise SystemExit(f"{path}: no [{'], ['.join(sorted(missing))}] section")
@@ -67,14 +76,7 @@ def read_list(path: Path = LIST) -> dict[str, dict[str, str | None]]:
 
 def carried(path: Path = LIST) -> list[str]:
     """The carried packages, as gpu_image.txt spells them (make_wheels.sh downloads these)."""
-    names, current = [], None
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line.startswith("["):
-            current = line
-        elif line and current == "[carry]":
-            names.append(line.partition("==")[0])
-    return names
+    return [name for section, name, _ in _entries(path) if section == "carry" and name is not None]
 
 
 def check(folder: Path, path: Path = LIST) -> list[str]:
